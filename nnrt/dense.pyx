@@ -1,0 +1,180 @@
+# cython: language_level=3
+"""Core fully connected layer: Y = X @ W + b.
+
+Derivation (docs/derivations.md):
+  dW = X.T @ dY          each sample adds its outer product x_i^T dy_i
+  db = dY.sum(axis=0)    the bias's local derivative is a ones vector
+  dX = dY @ W.T
+GEMMs run through scipy.linalg.cython_blas with the GIL released; the bias is
+added by seeding the output with b and calling GEMM with beta = 1.
+"""
+
+import numpy as np
+cimport numpy as cnp
+from libc.string cimport memcpy
+
+from cython cimport floating
+
+from nnrt.blas cimport gemm_rm
+from nnrt.layer cimport Layer, reuse_buffer
+
+cnp.import_array()
+
+
+cdef void dense_forward(const floating* X, const floating* W, const floating* b,
+                        floating* Y, int batch, int n_in, int n_out,
+                        bint use_bias) noexcept nogil:
+    cdef int i
+    cdef floating beta = 0
+    if use_bias:
+        # Y starts as b broadcast over rows; GEMM then adds X @ W into it.
+        for i in range(batch):
+            memcpy(&Y[i * n_out], b, n_out * sizeof(floating))
+        beta = 1
+    gemm_rm(False, False, batch, n_out, n_in, 1, X, n_in, W, n_out, beta, Y, n_out)
+
+
+cdef void dense_backward(const floating* X, const floating* W, const floating* dY,
+                         floating* dX, floating* dW, floating* db,
+                         int batch, int n_in, int n_out, bint use_bias) noexcept nogil:
+    cdef int i, j
+    cdef const floating* row
+    # dW = X.T @ dY  (overwrites: beta = 0)
+    gemm_rm(True, False, n_in, n_out, batch, 1, X, n_in, dY, n_out, 0, dW, n_out)
+    if use_bias:
+        # NOTE: db sums dY over the batch axis: every sample adds to the same bias.
+        for j in range(n_out):
+            db[j] = 0
+        for i in range(batch):
+            row = &dY[i * n_out]
+            for j in range(n_out):
+                db[j] += row[j]
+    if dX != NULL:
+        # dX = dY @ W.T
+        gemm_rm(False, True, batch, n_in, n_out, 1, dY, n_out, W, n_out, 0, dX, n_in)
+
+
+cdef class Dense(Layer):
+    """Fully connected layer ``Y = X @ W + b`` (registry name ``dense``).
+
+    weight has shape (in_features, out_features), bias (out_features,);
+    both start uniform in ±1/sqrt(in_features), as torch's nn.Linear.
+    """
+
+    def __init__(self, in_features, out_features):
+        in_features = _check_width(in_features, "in_features", type(self).__name__)
+        out_features = _check_width(out_features, "out_features", type(self).__name__)
+        self.in_features = in_features
+        self.out_features = out_features
+        self.use_bias = True
+        self.dtype = np.float64
+        self.W = np.zeros((in_features, out_features), dtype=np.float64)
+        self.dW = np.zeros((in_features, out_features), dtype=np.float64)
+        self.b = np.zeros((out_features,), dtype=np.float64)
+        self.db = np.zeros((out_features,), dtype=np.float64)
+        self.reset_parameters(np.random.default_rng(0))
+
+    def reset_parameters(self, rng):
+        """Draw weight (then bias) uniform in ±1/sqrt(in_features) from ``rng``."""
+        bound = 1.0 / np.sqrt(self.in_features)
+        self.W[...] = rng.uniform(-bound, bound, size=(self.in_features, self.out_features))
+        if self.use_bias:
+            self.b[...] = rng.uniform(-bound, bound, size=(self.out_features,))
+
+    cpdef dict params(self):
+        if self.use_bias:
+            return {"weight": self.W, "bias": self.b}
+        return {"weight": self.W}
+
+    cpdef dict grads(self):
+        if self.use_bias:
+            return {"weight": self.dW, "bias": self.db}
+        return {"weight": self.dW}
+
+    cpdef dict config(self):
+        return {"in_features": self.in_features, "out_features": self.out_features}
+
+    cpdef object to_dtype(self, object dtype):
+        self.dtype = dtype
+        dt = self._dtype
+        self.W = np.ascontiguousarray(self.W, dtype=dt)
+        self.dW = np.ascontiguousarray(self.dW, dtype=dt)
+        self.b = np.ascontiguousarray(self.b, dtype=dt)
+        self.db = np.ascontiguousarray(self.db, dtype=dt)
+        self._X = self._Y_train = self._Y_eval = self._dX = None
+        return self
+
+    cdef void _forward_kernel(self, cnp.ndarray X, cnp.ndarray Y) noexcept:
+        cdef int batch = <int>cnp.PyArray_DIM(X, 0)
+        cdef int n_in = <int>cnp.PyArray_DIM(X, 1)
+        cdef int n_out = <int>cnp.PyArray_DIM(Y, 1)
+        cdef bint use_bias = self.use_bias
+        if cnp.PyArray_TYPE(X) == cnp.NPY_FLOAT32:
+            with nogil:
+                dense_forward(<float*>cnp.PyArray_DATA(X), <float*>cnp.PyArray_DATA(self.W),
+                              <float*>cnp.PyArray_DATA(self.b), <float*>cnp.PyArray_DATA(Y),
+                              batch, n_in, n_out, use_bias)
+        else:
+            with nogil:
+                dense_forward(<double*>cnp.PyArray_DATA(X), <double*>cnp.PyArray_DATA(self.W),
+                              <double*>cnp.PyArray_DATA(self.b), <double*>cnp.PyArray_DATA(Y),
+                              batch, n_in, n_out, use_bias)
+
+    cdef void _backward_kernel(self, cnp.ndarray X, cnp.ndarray dY, cnp.ndarray dX) noexcept:
+        cdef int batch = <int>cnp.PyArray_DIM(X, 0)
+        cdef int n_in = <int>cnp.PyArray_DIM(X, 1)
+        cdef int n_out = <int>cnp.PyArray_DIM(dY, 1)
+        cdef bint use_bias = self.use_bias
+        if cnp.PyArray_TYPE(X) == cnp.NPY_FLOAT32:
+            with nogil:
+                dense_backward(<float*>cnp.PyArray_DATA(X), <float*>cnp.PyArray_DATA(self.W),
+                               <float*>cnp.PyArray_DATA(dY),
+                               <float*>cnp.PyArray_DATA(dX) if dX is not None else NULL,
+                               <float*>cnp.PyArray_DATA(self.dW),
+                               <float*>cnp.PyArray_DATA(self.db),
+                               batch, n_in, n_out, use_bias)
+        else:
+            with nogil:
+                dense_backward(<double*>cnp.PyArray_DATA(X), <double*>cnp.PyArray_DATA(self.W),
+                               <double*>cnp.PyArray_DATA(dY),
+                               <double*>cnp.PyArray_DATA(dX) if dX is not None else NULL,
+                               <double*>cnp.PyArray_DATA(self.dW),
+                               <double*>cnp.PyArray_DATA(self.db),
+                               batch, n_in, n_out, use_bias)
+
+    cpdef object forward(self, object X, bint training=False):
+        cdef cnp.ndarray Xa = self.prepare_input(X)
+        cdef cnp.ndarray Y
+        if training:
+            Y = reuse_buffer(self._Y_train, cnp.PyArray_DIM(Xa, 0), self.out_features,
+                             self._typenum)
+            self._Y_train = Y
+            self._X = Xa
+        else:
+            Y = reuse_buffer(self._Y_eval, cnp.PyArray_DIM(Xa, 0), self.out_features,
+                             self._typenum)
+            self._Y_eval = Y
+        self._forward_kernel(Xa, Y)
+        return Y
+
+    cpdef object backward(self, object dY):
+        if self._X is None:
+            raise self._no_forward_error()
+        cdef cnp.ndarray X = <cnp.ndarray>self._X
+        cdef cnp.ndarray dYa = self.prepare_grad(dY, <cnp.ndarray>self._Y_train)
+        cdef cnp.ndarray dX = reuse_buffer(self._dX, cnp.PyArray_DIM(X, 0), self.in_features,
+                                           self._typenum)
+        self._dX = dX
+        self._backward_kernel(X, dYa, dX)
+        return dX
+
+
+def _check_width(value, name, owner):
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"{owner}: {name} must be a positive int, got {value!r}")
+    if value <= 0 or value > 2**31 - 1:
+        raise ValueError(f"{owner}: {name} must be a positive int, got {value!r}")
+    return int(value)
+
+
+check_width = _check_width
