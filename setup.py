@@ -56,9 +56,9 @@ extensions = [
     ext("nnrt.dense", "nnrt/dense.pyx"),
     # ext("nnrt._kernels", "nnrt/_kernels.pyx"),
     # built-in plugins (cimport nnrt's .pxd files as a third party would)
-    # ext("nnrt_plugins._sigmoid", "plugins/_sigmoid.pyx"),
-    # ext("nnrt_plugins._batchnorm", "plugins/_batchnorm.pyx"),
-    # ext("nnrt_plugins._dense_nobias", "plugins/_dense_nobias.pyx"),
+    ext("nnrt_plugins._sigmoid", "plugins/_sigmoid.pyx"),
+    ext("nnrt_plugins._batchnorm", "plugins/_batchnorm.pyx"),
+    ext("nnrt_plugins._dense_nobias", "plugins/_dense_nobias.pyx"),
     # compiled part of the test suite (collected through tests/test_cython_suite.py)
     # ext("nnrt_cytests._cy_layer_tests", "tests/cython/_cy_layer_tests.pyx"),
 ]

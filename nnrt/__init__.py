@@ -1,0 +1,80 @@
+"""nnrt: a small, fast neural-network runtime for the CPU.
+
+A Cython core runs dense forward/backward passes; every other layer type
+arrives as a pluggy plugin (entry-point group ``nnrt``).
+
+    import nnrt
+    net = nnrt.Sequential([nnrt.layer("dense", 4, 8), nnrt.layer("sigmoid"),
+                           nnrt.layer("dense", 8, 2)], seed=0)
+"""
+
+from __future__ import annotations
+
+import sys
+import types
+from typing import TYPE_CHECKING, Any
+
+from nnrt import layer as _layer_module
+from nnrt.dense import Dense
+from nnrt.hookspecs import hookimpl, hookspec
+from nnrt.layer import ABI_VERSION, Layer, check_abi
+from nnrt.network import Sequential
+from nnrt.registry import PluginError, PluginWarning, registry
+
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ABI_VERSION",
+    "Dense",
+    "Layer",
+    "PluginError",
+    "PluginWarning",
+    "Sequential",
+    "available_layers",
+    "check_abi",
+    "hookimpl",
+    "hookspec",
+    "layer",
+    "losses",
+    "optim",
+    "register_plugin",
+    "testing",
+]
+
+
+def available_layers() -> dict[str, str]:
+    """Map each registered layer name to the name of the plugin that provides it."""
+    return {name: entry.plugin for name, entry in sorted(registry.layers().items())}
+
+
+def register_plugin(plugin: object, name: str | None = None) -> str:
+    """Register a plugin (module or object with ``@nnrt.hookimpl`` functions) now.
+
+    Its pluggy name is ``name``, else the object's ``__name__``, else its class
+    name; returns that name. Errors name the plugin; nothing of a failed plugin
+    stays registered.
+    """
+    return registry.register_plugin(plugin, name)
+
+
+if TYPE_CHECKING:
+
+    def layer(name: str, *args: Any, **kwargs: Any) -> Layer:
+        """Build the layer registered as ``name``."""
+        ...
+
+else:
+
+    class _CallableLayerModule(types.ModuleType):
+        """``nnrt.layer`` is both the module holding ``Layer`` (for ``from
+        nnrt.layer import Layer`` and Cython's ``cimport``) and the factory
+        ``nnrt.layer(name, *args, **kwargs)``."""
+
+        def __call__(self, name: str, *args: Any, **kwargs: Any) -> Layer:
+            """Build the layer registered as ``name``; unknown names raise KeyError
+            listing the registered ones."""
+            return registry.make(name, *args, **kwargs)
+
+    _layer_module.__class__ = _CallableLayerModule
+    layer = sys.modules["nnrt.layer"]

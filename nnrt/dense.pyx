@@ -62,16 +62,21 @@ cdef class Dense(Layer):
     """
 
     def __init__(self, in_features, out_features):
+        self._setup(in_features, out_features, True)
+
+    def _setup(self, in_features, out_features, bint use_bias):
+        """Allocate float64 parameters and draw them from the default seed (0)."""
         in_features = _check_width(in_features, "in_features", type(self).__name__)
         out_features = _check_width(out_features, "out_features", type(self).__name__)
         self.in_features = in_features
         self.out_features = out_features
-        self.use_bias = True
+        self.use_bias = use_bias
         self.dtype = np.float64
         self.W = np.zeros((in_features, out_features), dtype=np.float64)
         self.dW = np.zeros((in_features, out_features), dtype=np.float64)
-        self.b = np.zeros((out_features,), dtype=np.float64)
-        self.db = np.zeros((out_features,), dtype=np.float64)
+        # without a bias, b/db stay 1-element placeholders the kernels never read
+        self.b = np.zeros((out_features if use_bias else 1,), dtype=np.float64)
+        self.db = np.zeros((out_features if use_bias else 1,), dtype=np.float64)
         self.reset_parameters(np.random.default_rng(0))
 
     def reset_parameters(self, rng):

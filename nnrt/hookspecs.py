@@ -1,0 +1,47 @@
+"""The hook interface between nnrt and its plugins (pluggy project name ``"nnrt"``).
+
+A plugin is a module (or any object) with functions marked ``@nnrt.hookimpl``
+whose names and argument names match the specs below. Installed plugins are
+found through the setuptools entry-point group ``nnrt``; ``nnrt.register_plugin``
+adds one at run time. Each spec's docstring is its documentation.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Protocol
+
+import pluggy
+
+if TYPE_CHECKING:
+    from nnrt.layer import Layer
+
+PROJECT_NAME = "nnrt"
+
+hookspec = pluggy.HookspecMarker(PROJECT_NAME)
+hookimpl = pluggy.HookimplMarker(PROJECT_NAME)
+
+
+class RegisterLayer(Protocol):
+    """The callback handed to ``nnrt_register_layers``."""
+
+    def __call__(self, name: str, cls: type[Layer], /) -> None: ...
+
+
+@hookspec
+def nnrt_register_layers(register: RegisterLayer) -> None:
+    """Add layer types to the registry.
+
+    Call ``register(name, cls)`` once per layer type, where ``name`` is the
+    registry key users type (``nnrt.layer(name, ...)``; letters, digits, ``_``,
+    ``-`` and ``.``) and ``cls`` is a subclass of ``nnrt.Layer``. Registration
+    validates each class at once: a non-Layer class, a name another plugin
+    already registered (the error names both plugins) or a class that does not
+    override ``forward`` and ``backward`` raises an error naming this plugin.
+    Return nothing.
+
+    Example::
+
+        @nnrt.hookimpl
+        def nnrt_register_layers(register):
+            register("tanh", Tanh)
+    """

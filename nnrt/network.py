@@ -1,0 +1,248 @@
+"""``Sequential``: a stack of layers run in order.
+
+The network casts every layer to one dtype at construction, so its first
+layer's ``prepare_input`` is the single validation/cast point for the input;
+layers after it receive C-contiguous arrays of the right dtype from their
+predecessor. Outputs of Python plugin layers are checked (type, rank, batch,
+dtype) so that a broken plugin is named instead of crashing a kernel.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Mapping
+from typing import Any, overload
+
+import numpy as np
+
+from nnrt.layer import Layer
+
+__all__ = ["Sequential"]
+
+_FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+
+
+def _check_dtype(dtype: Any) -> np.dtype:
+    try:
+        dt = np.dtype(dtype)
+    except TypeError as exc:
+        raise TypeError(f"Sequential: dtype must be 'float32' or 'float64', got {dtype!r}") from exc
+    if dt not in _FLOAT_DTYPES:
+        raise TypeError(f"Sequential: dtype must be 'float32' or 'float64', got {dtype!r}")
+    return dt
+
+
+class Sequential:
+    """A network of layers applied in order.
+
+    ``Sequential(layers, seed=0, dtype="float32")`` keeps the given layer
+    objects (``net[i] is layers[i]``), re-initialises every layer that has
+    ``reset_parameters(rng)`` from one generator seeded with ``seed`` (in
+    layer order), and casts all parameters and buffers to ``dtype``.
+    """
+
+    def __init__(
+        self, layers: Iterable[Layer], seed: int | None = 0, dtype: Any = "float32"
+    ) -> None:
+        layers = list(layers)
+        if not layers:
+            raise ValueError("Sequential: needs at least one layer")
+        for i, layer in enumerate(layers):
+            if not isinstance(layer, Layer):
+                raise TypeError(
+                    f"Sequential: layer {i} is {type(layer).__name__} {layer!r:.60}, "
+                    f"not an nnrt.Layer (build layers with nnrt.layer(name, ...))"
+                )
+        if len({id(layer) for layer in layers}) != len(layers):
+            raise ValueError("Sequential: the same layer object appears twice")
+        self.layers: list[Layer] = layers
+        self.dtype: np.dtype = _check_dtype(dtype)
+        self.seed = seed
+        self._check_widths()
+        rng = np.random.default_rng(seed)
+        for layer in layers:
+            reset = getattr(layer, "reset_parameters", None)
+            if callable(reset):
+                reset(rng)
+        for layer in layers:
+            layer.to_dtype(self.dtype)
+        self._python_layers = [
+            i for i, layer in enumerate(layers) if type(layer).__module__ and _is_python_layer(layer)
+        ]
+        self._last_out: Any = None
+        self._run_network_checks()
+
+    # --------------------------------------------------------------- structure
+    def _check_widths(self) -> None:
+        width: int | None = None
+        prev: tuple[int, Layer] | None = None
+        for i, layer in enumerate(self.layers):
+            n_in = layer.in_features
+            if n_in is not None and width is not None and n_in != width:
+                assert prev is not None
+                raise ValueError(
+                    f"Sequential: layer {i} {layer!r} expects {n_in} input features, but "
+                    f"layer {prev[0]} {prev[1]!r} produces {width}"
+                )
+            if layer.out_features is not None:
+                width = layer.out_features
+            elif n_in is not None:
+                width = n_in
+            prev = (i, layer)
+
+    def _run_network_checks(self) -> None:
+        from nnrt.registry import registry
+
+        hook = getattr(registry.pm.hook, "nnrt_check_network", None)
+        if hook is not None:
+            registry.ensure_loaded()
+            hook(net=self)
+
+    @property
+    def in_features(self) -> int | None:
+        for layer in self.layers:
+            if layer.in_features is not None:
+                return int(layer.in_features)
+        return None
+
+    @property
+    def out_features(self) -> int | None:
+        for layer in reversed(self.layers):
+            if layer.out_features is not None:
+                return int(layer.out_features)
+            if layer.in_features is not None:
+                return int(layer.in_features)
+        return None
+
+    def __len__(self) -> int:
+        return len(self.layers)
+
+    @overload
+    def __getitem__(self, index: int) -> Layer: ...
+
+    @overload
+    def __getitem__(self, index: slice) -> list[Layer]: ...
+
+    def __getitem__(self, index: int | slice) -> Layer | list[Layer]:
+        return self.layers[index]
+
+    def __iter__(self) -> Iterator[Layer]:
+        return iter(self.layers)
+
+    def __repr__(self) -> str:
+        inner = "".join(f"\n  ({i}): {layer!r}" for i, layer in enumerate(self.layers))
+        return f"Sequential(dtype={self.dtype.name}, seed={self.seed!r}){inner}"
+
+    # ----------------------------------------------------------------- compute
+    def forward(self, X: Any, training: bool = False) -> np.ndarray:
+        """Run every layer in order; returns a buffer the next call may reuse."""
+        training = bool(training)
+        out = X
+        i = 0
+        try:
+            for i, layer in enumerate(self.layers):
+                out = layer.forward(out, training)
+        except (ValueError, TypeError) as exc:
+            raise type(exc)(f"Sequential layer {i}: {exc}") from exc
+        if self._python_layers:
+            self._check_output(out)
+        self._last_out = out
+        return out  # type: ignore[no-any-return]
+
+    def __call__(self, X: Any) -> np.ndarray:
+        return self.forward(X, training=False)
+
+    def backward(self, dY: Any) -> np.ndarray:
+        """Back-propagate ``dY`` (gradient of the loss w.r.t. the output); returns dX.
+
+        Overwrites every parameter gradient.
+        """
+        grad = dY
+        i = len(self.layers) - 1
+        try:
+            for i in range(len(self.layers) - 1, -1, -1):
+                grad = self.layers[i].backward(grad)
+        except (ValueError, TypeError) as exc:
+            raise type(exc)(f"Sequential layer {i}: {exc}") from exc
+        return grad  # type: ignore[no-any-return]
+
+    def _check_output(self, out: Any) -> None:
+        if not isinstance(out, np.ndarray) or out.ndim != 2 or out.dtype != self.dtype:
+            raise TypeError(
+                f"Sequential: the network's output is {_describe(out)}, expected a 2-D "
+                f"{self.dtype} array; a Python plugin layer returned something else"
+            )
+
+    # ------------------------------------------------------------------- state
+    def _named(self, member: str) -> dict[str, np.ndarray]:
+        out: dict[str, np.ndarray] = {}
+        for i, layer in enumerate(self.layers):
+            for name, arr in getattr(layer, member)().items():
+                out[f"{i}.{name}"] = arr
+        return out
+
+    def params(self) -> dict[str, np.ndarray]:
+        """Live trainable arrays, keyed ``"<index>.<name>"``."""
+        return self._named("params")
+
+    def grads(self) -> dict[str, np.ndarray]:
+        """Live gradient arrays, same keys and shapes as ``params()``."""
+        return self._named("grads")
+
+    def buffers(self) -> dict[str, np.ndarray]:
+        """Live non-trained state (e.g. BatchNorm running statistics)."""
+        return self._named("buffers")
+
+    def zero_grad(self) -> None:
+        for g in self.grads().values():
+            g.fill(0)
+
+    def state_dict(self) -> dict[str, np.ndarray]:
+        """Copies of every parameter and buffer, keyed ``"<index>.<name>"``."""
+        state = {k: v.copy() for k, v in self.params().items()}
+        state.update({k: v.copy() for k, v in self.buffers().items()})
+        return state
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Copy arrays into the live parameters and buffers, checking keys and shapes.
+
+        All keys are checked before anything is written, so a bad dict leaves
+        the network unchanged.
+        """
+        live = self.params()
+        live.update(self.buffers())
+        missing = sorted(set(live) - set(state))
+        unexpected = sorted(set(state) - set(live))
+        if missing or unexpected:
+            raise KeyError(
+                f"Sequential.load_state_dict: missing keys {missing}, unexpected keys {unexpected}"
+            )
+        arrays = {}
+        for key, target in live.items():
+            value = np.asarray(state[key])
+            if value.dtype.kind not in "fiub":
+                raise TypeError(
+                    f"Sequential.load_state_dict: {key!r} has non-numeric dtype {value.dtype}"
+                )
+            if value.shape != target.shape:
+                raise ValueError(
+                    f"Sequential.load_state_dict: {key!r} has shape {value.shape}, "
+                    f"the network expects {target.shape}"
+                )
+            arrays[key] = value
+        for key, value in arrays.items():
+            np.copyto(live[key], value, casting="unsafe")
+
+
+def _is_python_layer(layer: Layer) -> bool:
+    """True when forward is implemented in Python (a plugin we must double-check)."""
+    for klass in type(layer).__mro__:
+        if "forward" in vars(klass):
+            fwd = vars(klass)["forward"]
+            return hasattr(fwd, "__code__")
+    return False
+
+
+def _describe(x: Any) -> str:
+    if isinstance(x, np.ndarray):
+        return f"an array of shape {x.shape} dtype {x.dtype}"
+    return f"a {type(x).__name__}"

@@ -1,0 +1,303 @@
+"""The layer registry: pluggy plugin manager, entry-point loading, validation.
+
+Installed plugins are found through the entry-point group ``nnrt`` and loaded
+on first use, each in its own try/except: one that fails to import (or
+whose hook fails) is reported with a ``PluginWarning`` naming it, and the
+others keep working. ``register_plugin`` adds a plugin at run time and raises
+instead of warning.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata as ilm
+import os
+import re
+import threading
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import pluggy
+
+from nnrt import hookspecs
+from nnrt.layer import Layer
+
+__all__ = [
+    "PluginError",
+    "PluginWarning",
+    "PluginInfo",
+    "LayerEntry",
+    "Registry",
+    "registry",
+]
+
+ENTRY_POINT_GROUP = "nnrt"
+DISABLE_ENV = "NNRT_DISABLE_PLUGINS"
+_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_.\-]*$")
+_REQUIRED_OVERRIDES = ("forward", "backward")
+_REQUIRED_MEMBERS = ("forward", "backward", "params", "grads", "buffers", "config")
+
+
+class PluginWarning(UserWarning):
+    """An installed plugin could not be loaded; the message names it and why."""
+
+
+class PluginError(Exception):
+    """A plugin broke the hook contract (bad hook signature, return value, class)."""
+
+
+@dataclass
+class LayerEntry:
+    """One registered layer type."""
+
+    name: str
+    cls: type[Layer]
+    plugin: str
+    dist: str | None = None
+
+
+@dataclass
+class PluginInfo:
+    """What `nnrt plugins` shows for one plugin."""
+
+    name: str
+    status: str  # "ok", "failed: <reason>", "disabled"
+    source: str  # "entry point <value>" or "registered at run time"
+    dist: str | None = None
+    version: str | None = None
+    layers: list[str] = field(default_factory=list)
+
+
+def _plugin_default_name(plugin: object) -> str:
+    name = getattr(plugin, "__name__", None)
+    if isinstance(name, str) and name:
+        return name
+    return type(plugin).__name__
+
+
+def _defines(cls: type, member: str) -> bool:
+    """True if a class between ``cls`` and Layer (exclusive) defines ``member``."""
+    for klass in cls.__mro__:
+        if klass is Layer:
+            return False
+        if member in vars(klass):
+            return True
+    return False
+
+
+class Registry:
+    """Holds the plugin manager and the name → layer class table."""
+
+    def __init__(self) -> None:
+        self.pm = pluggy.PluginManager(hookspecs.PROJECT_NAME)
+        self.pm.add_hookspecs(hookspecs)
+        self._layers: dict[str, LayerEntry] = {}
+        self._plugins: dict[str, PluginInfo] = {}
+        self._loaded = False
+        self._lock = threading.RLock()
+
+    # ----------------------------------------------------------------- loading
+    def ensure_loaded(self) -> None:
+        if self._loaded:
+            return
+        with self._lock:
+            if self._loaded:
+                return
+            self._loaded = True
+            from nnrt import _core_plugin
+
+            info = PluginInfo(name="nnrt", status="ok", source="nnrt core")
+            self._plugins["nnrt"] = info
+            self._register(_core_plugin, "nnrt", "nnrt", info)
+            self._load_entry_points()
+
+    def _load_entry_points(self) -> None:
+        disabled = {
+            s.strip() for s in os.environ.get(DISABLE_ENV, "").split(",") if s.strip()
+        }
+        for ep in ilm.entry_points(group=ENTRY_POINT_GROUP):
+            dist = getattr(ep, "dist", None)
+            dist_name = dist.metadata["Name"] if dist is not None else None
+            version = dist.version if dist is not None else None
+            info = PluginInfo(
+                name=ep.name,
+                status="ok",
+                source=f"entry point {ep.value}",
+                dist=dist_name,
+                version=version,
+            )
+            if ep.name in self._plugins:
+                # the same entry point seen twice (e.g. duplicate dist-info): first wins
+                continue
+            self._plugins[ep.name] = info
+            if ep.name in disabled:
+                info.status = f"disabled ({DISABLE_ENV})"
+                continue
+            try:
+                plugin = ep.load()
+                self._register(plugin, ep.name, dist_name, info)
+            except Exception as exc:
+                info.status = f"failed: {type(exc).__name__}: {exc}"
+                where = f" (from {dist_name} {version})" if dist_name else ""
+                warnings.warn(
+                    f"nnrt plugin {ep.name!r}{where} failed to load and was skipped: "
+                    f"{type(exc).__name__}: {exc}",
+                    PluginWarning,
+                    stacklevel=3,
+                )
+
+    # ------------------------------------------------------------ registration
+    def register_plugin(self, plugin: object, name: str | None = None) -> str:
+        """Register ``plugin`` (a module or object with hookimpls) now; return its name.
+
+        Raises PluginError/TypeError/ValueError naming the plugin if it breaks
+        the contract; nothing of a failed plugin stays registered.
+        """
+        self.ensure_loaded()
+        with self._lock:
+            if self.pm.is_registered(plugin):
+                existing = self.pm.get_name(plugin)
+                assert existing is not None
+                return existing
+            pname = name if name is not None else _plugin_default_name(plugin)
+            info = PluginInfo(name=pname, status="ok", source="registered at run time")
+            self._register(plugin, pname, None, info)
+            self._plugins[pname] = info
+            return pname
+
+    def _register(self, plugin: object, pname: str, dist: str | None, info: PluginInfo) -> None:
+        if self.pm.get_plugin(pname) is not None:
+            raise ValueError(f"an nnrt plugin named {pname!r} is already registered")
+        try:
+            self.pm.register(plugin, name=pname)
+        except pluggy.PluginValidationError as exc:
+            raise PluginError(f"nnrt plugin {pname!r} has an invalid hook: {exc}") from exc
+        try:
+            self._check_hooknames(plugin, pname)
+            staged = self._collect_layers(plugin, pname, dist)
+        except BaseException:
+            self.pm.unregister(plugin)
+            raise
+        self._layers.update(staged)
+        info.layers = sorted(staged)
+
+    def _check_hooknames(self, plugin: object, pname: str) -> None:
+        # pluggy accepts a hookimpl whose name matches no spec; a typo like
+        # "nnrt_register_layer" would then silently do nothing.
+        for hookcaller in self.pm.get_hookcallers(plugin) or []:
+            if hookcaller.spec is None:
+                raise PluginError(
+                    f"nnrt plugin {pname!r} implements unknown hook {hookcaller.name!r}; "
+                    f"known hooks: {sorted(self._spec_names())}"
+                )
+
+    def _spec_names(self) -> list[str]:
+        return [n for n in dir(hookspecs) if n.startswith("nnrt_")]
+
+    def _collect_layers(
+        self, plugin: object, pname: str, dist: str | None
+    ) -> dict[str, LayerEntry]:
+        staged: dict[str, LayerEntry] = {}
+
+        def register(name: str, cls: type[Layer], /) -> None:
+            self._validate_layer(pname, name, cls)
+            clash = self._layers.get(name) or staged.get(name)
+            if clash is not None:
+                raise ValueError(
+                    f"nnrt plugin {pname!r} registers layer name {name!r}, which plugin "
+                    f"{clash.plugin!r} already registered ({clash.cls.__module__}."
+                    f"{clash.cls.__qualname__}); pick another name"
+                )
+            staged[name] = LayerEntry(name=name, cls=cls, plugin=pname, dist=dist)
+
+        for impl in self.pm.hook.nnrt_register_layers.get_hookimpls():
+            if impl.plugin is not plugin:
+                continue
+            kwargs: dict[str, Any] = {"register": register}
+            try:
+                result = impl.function(*[kwargs[a] for a in impl.argnames])
+            except (PluginError, TypeError, ValueError):
+                raise
+            except Exception as exc:
+                raise PluginError(
+                    f"nnrt plugin {pname!r}: its nnrt_register_layers hook raised "
+                    f"{type(exc).__name__}: {exc}"
+                ) from exc
+            if result is not None:
+                raise PluginError(
+                    f"nnrt plugin {pname!r}: nnrt_register_layers must return None and call "
+                    f"register(name, cls) for each layer; it returned {type(result).__name__} "
+                    f"{result!r:.80}"
+                )
+        return staged
+
+    @staticmethod
+    def _validate_layer(pname: str, name: object, cls: object) -> None:
+        if not isinstance(name, str) or not _NAME_RE.match(name):
+            raise ValueError(
+                f"nnrt plugin {pname!r}: layer name must be a non-empty identifier-like "
+                f"string (letters, digits, '_', '-', '.'), got {name!r}"
+            )
+        if not isinstance(cls, type):
+            raise TypeError(
+                f"nnrt plugin {pname!r}: register({name!r}, cls) needs a class, "
+                f"got {type(cls).__name__} {cls!r:.80}"
+            )
+        if not issubclass(cls, Layer):
+            raise TypeError(
+                f"nnrt plugin {pname!r}: layer {name!r} class {cls.__qualname__} is not a "
+                f"subclass of nnrt.Layer"
+            )
+        missing = [m for m in _REQUIRED_OVERRIDES if not _defines(cls, m)]
+        if missing:
+            raise TypeError(
+                f"nnrt plugin {pname!r}: layer {name!r} class {cls.__qualname__} does not "
+                f"implement {', '.join(missing)}"
+            )
+        broken = [m for m in _REQUIRED_MEMBERS if not callable(getattr(cls, m, None))]
+        if broken:
+            raise TypeError(
+                f"nnrt plugin {pname!r}: layer {name!r} class {cls.__qualname__} has "
+                f"non-callable {', '.join(broken)}"
+            )
+
+    # ------------------------------------------------------------------ lookup
+    def layers(self) -> dict[str, LayerEntry]:
+        self.ensure_loaded()
+        return dict(self._layers)
+
+    def plugins(self) -> dict[str, PluginInfo]:
+        self.ensure_loaded()
+        return dict(self._plugins)
+
+    def get(self, name: str) -> LayerEntry:
+        self.ensure_loaded()
+        try:
+            return self._layers[name]
+        except KeyError:
+            known = ", ".join(sorted(self._layers)) or "(none: no plugins loaded)"
+            raise KeyError(
+                f"unknown nnrt layer {name!r}; registered layers: {known}. "
+                f"Is the plugin that provides it installed (nnrt plugins)?"
+            ) from None
+
+    def name_of(self, cls: type) -> str | None:
+        """The registry name under which ``cls`` was registered, if any."""
+        self.ensure_loaded()
+        for entry in self._layers.values():
+            if entry.cls is cls:
+                return entry.name
+        return None
+
+    def make(self, name: str, *args: Any, **kwargs: Any) -> Layer:
+        return self.get(name).cls(*args, **kwargs)
+
+    def call_hook(self, hook: str, **kwargs: Any) -> list[Any]:
+        """Call hook ``hook`` of every plugin (for hooks beyond layer registration)."""
+        self.ensure_loaded()
+        caller: Callable[..., list[Any]] = getattr(self.pm.hook, hook)
+        return caller(**kwargs)
+
+
+registry = Registry()

@@ -1,0 +1,99 @@
+# cython: language_level=3
+"""Logistic sigmoid as a compiled plugin layer.
+
+  s = 1 / (1 + exp(-x))        computed from exp(-|x|) so no input overflows
+  ds/dx = s * (1 - s)          backward reads the cached *output* s
+"""
+
+import numpy as np
+cimport numpy as cnp
+from libc.math cimport exp, expf
+
+from cython cimport floating
+
+from nnrt.layer cimport Layer, NNRT_ABI_VERSION, reuse_buffer
+
+from nnrt.layer import check_abi
+
+cnp.import_array()
+check_abi(NNRT_ABI_VERSION, __name__)
+
+
+cdef inline floating csigmoid(floating x) noexcept nogil:
+    # exp of a non-positive number only: never overflows, any finite x is fine
+    cdef floating z
+    if floating is float:
+        z = expf(-x if x >= 0 else x)
+    else:
+        z = exp(-x if x >= 0 else x)
+    if x >= 0:
+        return 1 / (1 + z)
+    return z / (1 + z)
+
+
+cdef void sigmoid_forward(const floating* X, floating* S, Py_ssize_t n) noexcept nogil:
+    cdef Py_ssize_t i
+    for i in range(n):
+        S[i] = csigmoid(X[i])
+
+
+cdef void sigmoid_backward(const floating* S, const floating* dY, floating* dX,
+                           Py_ssize_t n) noexcept nogil:
+    # dX = dY * s * (1 - s), from the cached output s
+    cdef Py_ssize_t i
+    for i in range(n):
+        dX[i] = dY[i] * S[i] * (1 - S[i])
+
+
+cdef class Sigmoid(Layer):
+    """Element-wise logistic sigmoid (registry name ``sigmoid``); keeps the width."""
+
+    cdef object _S_train, _S_eval, _dX
+
+    def __init__(self):
+        self.in_features = None
+        self.out_features = None
+
+    cpdef object to_dtype(self, object dtype):
+        self.dtype = dtype
+        self._S_train = self._S_eval = self._dX = None
+        return self
+
+    cpdef object forward(self, object X, bint training=False):
+        cdef cnp.ndarray Xa = self.prepare_input(X)
+        cdef int t = cnp.PyArray_TYPE(Xa)
+        cdef cnp.ndarray S
+        if training:
+            S = reuse_buffer(self._S_train, cnp.PyArray_DIM(Xa, 0), cnp.PyArray_DIM(Xa, 1), t)
+            self._S_train = S
+        else:
+            S = reuse_buffer(self._S_eval, cnp.PyArray_DIM(Xa, 0), cnp.PyArray_DIM(Xa, 1), t)
+            self._S_eval = S
+        cdef Py_ssize_t n = cnp.PyArray_SIZE(Xa)
+        if t == cnp.NPY_FLOAT32:
+            with nogil:
+                sigmoid_forward(<float*>cnp.PyArray_DATA(Xa), <float*>cnp.PyArray_DATA(S), n)
+        else:
+            with nogil:
+                sigmoid_forward(<double*>cnp.PyArray_DATA(Xa), <double*>cnp.PyArray_DATA(S), n)
+        return S
+
+    cpdef object backward(self, object dY):
+        if self._S_train is None:
+            raise self._no_forward_error()
+        cdef cnp.ndarray S = <cnp.ndarray>self._S_train
+        cdef cnp.ndarray dYa = self.prepare_grad(dY, S)
+        cdef int t = cnp.PyArray_TYPE(S)
+        cdef cnp.ndarray dX = reuse_buffer(self._dX, cnp.PyArray_DIM(S, 0),
+                                           cnp.PyArray_DIM(S, 1), t)
+        self._dX = dX
+        cdef Py_ssize_t n = cnp.PyArray_SIZE(S)
+        if t == cnp.NPY_FLOAT32:
+            with nogil:
+                sigmoid_backward(<float*>cnp.PyArray_DATA(S), <float*>cnp.PyArray_DATA(dYa),
+                                 <float*>cnp.PyArray_DATA(dX), n)
+        else:
+            with nogil:
+                sigmoid_backward(<double*>cnp.PyArray_DATA(S), <double*>cnp.PyArray_DATA(dYa),
+                                 <double*>cnp.PyArray_DATA(dX), n)
+        return dX
