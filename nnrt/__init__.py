@@ -20,12 +20,22 @@ from nnrt.hookspecs import hookimpl, hookspec
 from nnrt.layer import ABI_VERSION, Layer, check_abi
 from nnrt.network import Sequential
 from nnrt.registry import PluginError, PluginWarning, registry
-
+from nnrt.training import Callback, EarlyStopping, History, LambdaCallback, TrainingState
+from nnrt.warnings import BiasBeforeBatchNormWarning, NetworkWarning, TrainingWarning
 
 __version__ = "0.1.0"
 
 __all__ = [
     "ABI_VERSION",
+    "BiasBeforeBatchNormWarning",
+    "Callback",
+    "EarlyStopping",
+    "History",
+    "LambdaCallback",
+    "NetworkWarning",
+    "TrainingState",
+    "TrainingWarning",
+    "load",
     "Dense",
     "Layer",
     "PluginError",
@@ -78,3 +88,14 @@ else:
 
     _layer_module.__class__ = _CallableLayerModule
     layer = sys.modules["nnrt.layer"]
+
+
+def load(path: Any) -> Sequential:
+    """Read a network written by ``Sequential.save`` (see ``nnrt.io.load``)."""
+    from nnrt.io import load as _load
+
+    return _load(path)
+
+
+# submodules named in __all__ (imported last: they import nnrt's classes above)
+from nnrt import losses, optim, testing  # noqa: E402

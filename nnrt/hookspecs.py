@@ -14,6 +14,7 @@ import pluggy
 
 if TYPE_CHECKING:
     from nnrt.layer import Layer
+    from nnrt.network import Sequential
 
 PROJECT_NAME = "nnrt"
 
@@ -44,4 +45,28 @@ def nnrt_register_layers(register: RegisterLayer) -> None:
         @nnrt.hookimpl
         def nnrt_register_layers(register):
             register("tanh", Tanh)
+    """
+
+
+@hookspec
+def nnrt_check_network(net: Sequential) -> None:
+    """Inspect a network when it is built and warn about likely mistakes.
+
+    ``Sequential`` calls this hook once, at the end of its construction, with
+    the finished network (``net.layers``, ``net.dtype``; layers are already
+    cast). An implementation looks at the layers it knows (e.g. by
+    ``isinstance`` or ``nnrt.registry.registry.name_of(type(layer))``) and
+    emits a Python warning (a subclass of ``nnrt.NetworkWarning``; use
+    ``nnrt.warnings.warn_user(message, category)`` so that the warning points
+    at the user's line) for a combination that works but is probably not what
+    the user wants. It must not modify the network, must not raise for a
+    valid network, and returns nothing.
+
+    Example (the batchnorm plugin)::
+
+        @nnrt.hookimpl
+        def nnrt_check_network(net):
+            for i in range(1, len(net)):
+                if isinstance(net[i], BatchNorm) and "bias" in net[i - 1].params():
+                    warn_user("... use dense_nobias ...", BiasBeforeBatchNormWarning)
     """

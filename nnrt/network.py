@@ -232,6 +232,60 @@ class Sequential:
         for key, value in arrays.items():
             np.copyto(live[key], value, casting="unsafe")
 
+    # ------------------------------------------------- training, files, inference
+    # Thin wrappers: the work is in nnrt.training, nnrt.io and nnrt.fold.
+    def fit(self, X: Any, y: Any, **kwargs: Any) -> Any:
+        """Train on (X, y) with mini-batches; returns a ``nnrt.History``.
+
+        ``fit(X, y, loss="softmax_cross_entropy", optimizer=None, epochs=1,
+        batch_size=32, shuffle=True, validation=None, validation_split=None,
+        callbacks=None, progress=None, seed=None)``. ``loss`` is a name from
+        ``nnrt.losses.LOSSES`` or a callable ``(Y, target) -> (loss, dY)``;
+        ``optimizer`` an instance (default ``nnrt.optim.Adam(self)``). Rows are
+        shuffled with a generator seeded from the network's seed (or ``seed``),
+        so the same seed gives bit-identical weights. NaN/Inf in X or y raise
+        ValueError before training; a non-finite loss raises FloatingPointError
+        and leaves the weights that gave the last finite loss. A final
+        mini-batch of one sample is skipped (one ``nnrt.TrainingWarning``)
+        when the network has BatchNorm. ``progress`` (tqdm bar) defaults to on
+        when stderr is a terminal. See ``nnrt.training.fit``.
+        """
+        from nnrt.training import fit
+
+        return fit(self, X, y, **kwargs)
+
+    def predict(self, X: Any, batch_size: int | None = None) -> np.ndarray:
+        """Scores (samples, out_features) in eval mode, in batches; a new array."""
+        from nnrt.training import predict
+
+        return predict(self, X, batch_size=batch_size)
+
+    def predict_classes(self, X: Any, batch_size: int | None = None) -> np.ndarray:
+        """Class labels: argmax of ``predict`` (``score > 0`` for one output)."""
+        from nnrt.training import predict_classes
+
+        return predict_classes(self, X, batch_size=batch_size)
+
+    def evaluate(
+        self, X: Any, y: Any, loss: Any = None, batch_size: int | None = None
+    ) -> dict[str, float]:
+        """``{"loss": ..., "accuracy": ...}`` in eval mode (accuracy for integer labels)."""
+        from nnrt.training import evaluate
+
+        return evaluate(self, X, y, loss=loss, batch_size=batch_size)
+
+    def save(self, path: Any) -> None:
+        """Write the architecture and every parameter/buffer to exactly ``path`` (.npz), atomically."""
+        from nnrt.io import save
+
+        save(self, path)
+
+    def fold_batchnorm(self) -> Sequential:
+        """A new eval-only network with each dense/dense_nobias + batchnorm pair folded into one dense."""
+        from nnrt.fold import fold_batchnorm
+
+        return fold_batchnorm(self)
+
 
 def _is_python_layer(layer: Layer) -> bool:
     """True when forward is implemented in Python (a plugin we must double-check)."""
