@@ -14,9 +14,6 @@ from nnrt.hookspecs import RegisterLayer, hookimpl
 from nnrt.warnings import BiasBeforeBatchNormWarning, warn_user
 
 if TYPE_CHECKING:
-    from nnrt.layer import Layer
-
-    from nnrt.hookspecs import OnnxExportContext
     from nnrt.network import Sequential
 
 __all__ = ["BatchNorm", "nnrt_check_network", "nnrt_register_layers"]
