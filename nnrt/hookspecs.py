@@ -8,7 +8,8 @@ adds one at run time. Each spec's docstring is its documentation.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Protocol
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any, Protocol
 
 import pluggy
 
@@ -69,4 +70,51 @@ def nnrt_check_network(net: Sequential) -> None:
             for i in range(1, len(net)):
                 if isinstance(net[i], BatchNorm) and "bias" in net[i - 1].params():
                     warn_user("... use dense_nobias ...", BiasBeforeBatchNormWarning)
+    """
+
+
+class OnnxExportContext(Protocol):
+    """What ``nnrt.onnx.export`` hands to ``nnrt_onnx_export`` (see ``nnrt.onnx.ExportContext``).
+
+    A plugin builds its part of the graph through this object, so it never
+    needs to import ``onnx`` itself.
+    """
+
+    #: numpy dtype of the network (float32 or float64); initializers are cast to it
+    dtype: Any
+    #: opset version of the default ONNX domain being written
+    opset: int
+    #: index of the layer being exported in the network
+    index: int
+
+    def add_initializer(self, name: str, array: Any, /) -> str:
+        """Store ``array`` (cast to ``dtype``) as a graph constant; return its unique name."""
+        ...
+
+    def add_node(
+        self, op_type: str, inputs: Sequence[str], /, n_outputs: int = 1, **attrs: Any
+    ) -> list[str]:
+        """Append an ONNX node of the default domain; return its (fresh) output names."""
+        ...
+
+
+@hookspec(firstresult=True)
+def nnrt_onnx_export(layer: Layer, input: str, ctx: OnnxExportContext) -> str | None:
+    """Write ``layer`` (evaluation mode) into the ONNX graph being exported.
+
+    ``input`` is the name of the tensor holding the layer's input, shape
+    (batch, features) in the network's dtype. A plugin that recognises the
+    layer (check its exact class) adds initializers and nodes through ``ctx``
+    and returns the name of the tensor holding the layer's output; otherwise
+    it returns ``None`` so that the next plugin is asked (first non-None
+    result wins). A layer no plugin claims makes ``nnrt.onnx.export`` raise
+    an error naming the layer and its plugin.
+
+    Example::
+
+        @nnrt.hookimpl
+        def nnrt_onnx_export(layer, input, ctx):
+            if type(layer) is not Tanh:
+                return None
+            return ctx.add_node("Tanh", [input])[0]
     """

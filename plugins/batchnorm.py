@@ -14,9 +14,12 @@ from nnrt.hookspecs import RegisterLayer, hookimpl
 from nnrt.warnings import BiasBeforeBatchNormWarning, warn_user
 
 if TYPE_CHECKING:
+    from nnrt.layer import Layer
+
+    from nnrt.hookspecs import OnnxExportContext
     from nnrt.network import Sequential
 
-__all__ = ["BatchNorm", "nnrt_check_network", "nnrt_register_layers"]
+__all__ = ["BatchNorm", "nnrt_check_network", "nnrt_onnx_export", "nnrt_register_layers"]
 
 
 @hookimpl
@@ -40,3 +43,22 @@ def nnrt_check_network(net: Sequential) -> None:
             f"(see help(nnrt.BiasBeforeBatchNormWarning))",
             BiasBeforeBatchNormWarning,
         )
+
+
+@hookimpl
+def nnrt_onnx_export(layer: Layer, input: str, ctx: OnnxExportContext) -> str | None:
+    """ONNX: ``BatchNormalization`` in inference mode (running statistics)."""
+    if type(layer) is not BatchNorm:
+        return None
+    p, b = layer.params(), layer.buffers()
+    scale = ctx.add_initializer("gamma", p["gamma"])
+    bias = ctx.add_initializer("beta", p["beta"])
+    mean = ctx.add_initializer("running_mean", b["running_mean"])
+    var = ctx.add_initializer("running_var", b["running_var"])
+    cfg = layer.config()
+    return ctx.add_node(
+        "BatchNormalization",
+        [input, scale, bias, mean, var],
+        epsilon=float(cfg["eps"]),
+        momentum=1.0 - float(cfg["momentum"]),
+    )[0]

@@ -1,11 +1,29 @@
 """Plugin: the logistic sigmoid ``sigmoid``."""
 
-from nnrt.hookspecs import RegisterLayer, hookimpl
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
 from nnrt_plugins._sigmoid import Sigmoid
 
-__all__ = ["Sigmoid", "nnrt_register_layers"]
+from nnrt.hookspecs import RegisterLayer, hookimpl
+
+if TYPE_CHECKING:
+    from nnrt.layer import Layer
+
+    from nnrt.hookspecs import OnnxExportContext
+
+__all__ = ["Sigmoid", "nnrt_onnx_export", "nnrt_register_layers"]
 
 
 @hookimpl
 def nnrt_register_layers(register: RegisterLayer) -> None:
     register("sigmoid", Sigmoid)
+
+
+@hookimpl
+def nnrt_onnx_export(layer: Layer, input: str, ctx: OnnxExportContext) -> str | None:
+    """ONNX: ``Sigmoid``."""
+    if type(layer) is not Sigmoid:
+        return None
+    return ctx.add_node("Sigmoid", [input])[0]
