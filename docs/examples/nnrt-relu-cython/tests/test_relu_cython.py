@@ -10,14 +10,14 @@ import json
 import pathlib
 import types
 
-import numpy as np
-import pytest
-
 import nnrt
 import nnrt.losses
 import nnrt.optim
 import nnrt.testing
+import numpy as np
+import pytest
 from nnrt.registry import registry
+
 from nnrt_relu_cython import LeakyReLU, ReLU
 from nnrt_relu_cython import _relu as relu_module
 

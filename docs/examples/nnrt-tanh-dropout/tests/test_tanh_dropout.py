@@ -6,14 +6,14 @@ found through the installed entry point, not imported by hand.
 
 from __future__ import annotations
 
-import numpy as np
-import pytest
-
 import nnrt
 import nnrt.losses
 import nnrt.optim
 import nnrt.testing
+import numpy as np
+import pytest
 from nnrt.registry import registry
+
 from nnrt_tanh_dropout import Dropout, Tanh
 
 
