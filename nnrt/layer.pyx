@@ -164,6 +164,7 @@ cdef class Layer:
             if (cnp.PyArray_NDIM(arr) == 2
                     and (t == self._typenum or (self._typenum < 0 and _is_float_typenum(t)))
                     and cnp.PyArray_IS_C_CONTIGUOUS(arr) and cnp.PyArray_ISALIGNED(arr)
+                    and cnp.PyArray_ISNOTSWAPPED(arr)
                     and cnp.PyArray_DIM(arr, 0) > 0
                     and (self.in_features is None
                          or cnp.PyArray_DIM(arr, 1) == <Py_ssize_t>self.in_features)
@@ -229,6 +230,7 @@ cdef class Layer:
             if (cnp.PyArray_NDIM(arr) == 2
                     and cnp.PyArray_TYPE(arr) == cnp.PyArray_TYPE(like)
                     and cnp.PyArray_IS_C_CONTIGUOUS(arr) and cnp.PyArray_ISALIGNED(arr)
+                    and cnp.PyArray_ISNOTSWAPPED(arr)
                     and cnp.PyArray_DIM(arr, 0) == cnp.PyArray_DIM(like, 0)
                     and cnp.PyArray_DIM(arr, 1) == cnp.PyArray_DIM(like, 1)
                     and type(arr) is np.ndarray):
