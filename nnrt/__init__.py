@@ -15,8 +15,10 @@ import types
 from typing import TYPE_CHECKING, Any
 
 from nnrt import layer as _layer_module
+from nnrt.config import show_config
 from nnrt.dense import Dense
 from nnrt.hookspecs import hookimpl, hookspec
+from nnrt.interop import from_torch
 from nnrt.layer import ABI_VERSION, Layer, check_abi
 from nnrt.network import Sequential
 from nnrt.registry import PluginError, PluginWarning, registry
@@ -43,12 +45,14 @@ __all__ = [
     "Sequential",
     "available_layers",
     "check_abi",
+    "from_torch",
     "hookimpl",
     "hookspec",
     "layer",
     "losses",
     "optim",
     "register_plugin",
+    "show_config",
     "testing",
 ]
 

@@ -173,6 +173,19 @@ cdef class Dense(Layer):
         self._backward_kernel(X, dYa, dX)
         return dX
 
+    def backward_params(self, dY):
+        """Like ``backward`` but only writes the parameter gradients; returns None.
+
+        ``Sequential.backward(dY, input_grad=False)`` calls it on the first layer,
+        whose dX = dY @ W.T nobody needs.
+        """
+        if self._X is None:
+            raise self._no_forward_error()
+        cdef cnp.ndarray X = <cnp.ndarray>self._X
+        cdef cnp.ndarray dYa = self.prepare_grad(dY, <cnp.ndarray>self._Y_train)
+        self._backward_kernel(X, dYa, None)
+        return None
+
 
 def _check_width(value, name, owner):
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):

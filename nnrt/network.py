@@ -286,6 +286,12 @@ class Sequential:
 
         return fold_batchnorm(self)
 
+    def to_torch(self) -> Any:
+        """A ``torch.nn.Sequential`` holding a copy of the weights (see ``nnrt.interop.to_torch``)."""
+        from nnrt.interop import to_torch
+
+        return to_torch(self)
+
 
 def _is_python_layer(layer: Layer) -> bool:
     """True when forward is implemented in Python (a plugin we must double-check)."""

@@ -1,0 +1,513 @@
+"""Benchmark: one training step and one inference forward of nnrt against torch and numpy.
+
+    python benchmarks/run.py            # full run (a few minutes)
+    python benchmarks/run.py --quick    # < 90 s
+    python benchmarks/run.py --json results.json --threads 1 --configs tiny,small
+
+The network: hidden blocks [dense_nobias -> batchnorm -> sigmoid] plus a final
+dense layer, float32. A training step is forward (training mode), softmax
+cross-entropy (mean), backward (no gradient for the input), plain SGD update;
+inference is one forward in eval mode.
+
+Contenders, all from the same initial weights (nnrt's, seed 0):
+  nnrt    the library under test
+  numpy   a plain-numpy textbook implementation (benchmarks/reference.py)
+  torch   torch eager on the CPU, when importable ("not installed" otherwise)
+  floor   only the GEMMs the step needs, through numpy: forward X @ W for every
+          dense layer, dW = X.T @ dY for every one, dX = dY @ W.T for all but
+          the first (the input needs no gradient); inference: forward GEMMs only
+
+Before timing, nnrt (in float64) must match the numpy reference: loss, every
+parameter gradient, the updated parameters and the running statistics, to
+rtol 1e-9 (plus an atol of 1e-12 of each array's largest entry, for entries
+that cancel to ~0). The run aborts otherwise.
+
+Timing: BLAS thread counts are the same for every contender (``--threads``,
+default 1: set through threadpoolctl for both OpenBLAS copies, numpy's and
+scipy's, and torch.set_num_threads). Each BLAS copy is warmed with a large
+GEMM first. Contenders are interleaved in rounds (the order rotates); each
+timed sample is a loop of n calls preceded by an untimed pre-roll of the same
+contender (with threaded BLAS, idle OpenBLAS workers spin for ~0.1 s after a
+call and would slow the next contender). Reported: median and min/max of the
+per-call sample times, and ratios of medians from this one run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+from threadpoolctl import threadpool_info, threadpool_limits
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from reference import Floor, NumpyMLP  # noqa: E402
+
+import nnrt  # noqa: E402
+import nnrt.losses  # noqa: E402
+import nnrt.optim  # noqa: E402
+
+try:
+    import torch
+except ImportError:  # torch is optional
+    torch = None
+
+CONFIGS: dict[str, tuple[int, list[int]]] = {
+    "tiny": (32, [64, 64, 64, 10]),
+    "small": (64, [784, 128, 128, 10]),
+    "medium": (256, [784, 512, 512, 10]),
+    "large": (1024, [1024, 1024, 1024, 1024, 10]),
+}
+# targets on the training step (inference at least as good): nnrt/torch, nnrt/floor
+TARGETS: dict[str, dict[str, float]] = {
+    "tiny": {"torch": 0.20},
+    "small": {"torch": 0.50},
+    "medium": {"torch": 0.90},
+    "large": {"torch": 0.95, "floor": 1.10},
+}
+LR = 0.01
+CONTENDERS = ("nnrt", "numpy", "torch", "floor")
+
+
+# ------------------------------------------------------------------ networks
+def build_nnrt(sizes: list[int], dtype: str) -> nnrt.Sequential:
+    layers: list[nnrt.Layer] = []
+    for a, b in zip(sizes[:-2], sizes[1:-1], strict=False):
+        layers += [
+            nnrt.layer("dense_nobias", a, b),
+            nnrt.layer("batchnorm", b),
+            nnrt.layer("sigmoid"),
+        ]
+    layers.append(nnrt.layer("dense", sizes[-2], sizes[-1]))
+    return nnrt.Sequential(layers, seed=0, dtype=dtype)
+
+
+def build_torch(state: dict[str, np.ndarray], sizes: list[int], dtype: Any) -> Any:
+    mods: list[Any] = []
+    for a, b in zip(sizes[:-2], sizes[1:-1], strict=False):
+        mods += [torch.nn.Linear(a, b, bias=False), torch.nn.BatchNorm1d(b), torch.nn.Sigmoid()]
+    mods.append(torch.nn.Linear(sizes[-2], sizes[-1]))
+    model = torch.nn.Sequential(*mods).to(dtype)
+    with torch.no_grad():
+        for i, m in enumerate(mods):
+            if isinstance(m, torch.nn.Linear):
+                m.weight.copy_(torch.from_numpy(state[f"{i}.weight"].T.copy()))
+                if m.bias is not None:
+                    m.bias.copy_(torch.from_numpy(state[f"{i}.bias"]))
+            elif isinstance(m, torch.nn.BatchNorm1d):
+                m.weight.copy_(torch.from_numpy(state[f"{i}.gamma"]))
+                m.bias.copy_(torch.from_numpy(state[f"{i}.beta"]))
+                m.running_mean.copy_(torch.from_numpy(state[f"{i}.running_mean"]))
+                m.running_var.copy_(torch.from_numpy(state[f"{i}.running_var"]))
+    return model
+
+
+def make_data(batch: int, sizes: list[int], dtype: Any) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(1)
+    X = rng.standard_normal((batch, sizes[0])).astype(dtype)
+    y = rng.integers(0, sizes[-1], size=batch).astype(np.int64)
+    return X, y
+
+
+# ------------------------------------------------------------- correctness
+def _close(name: str, got: np.ndarray, want: np.ndarray, cfg: str) -> None:
+    got = np.asarray(got, dtype=np.float64)
+    want = np.asarray(want, dtype=np.float64)
+    atol = 1e-12 * float(np.max(np.abs(want))) if want.size else 0.0
+    if got.shape != want.shape or not np.allclose(got, want, rtol=1e-9, atol=atol):
+        err = (
+            np.max(np.abs(got - want) / (np.abs(want) + atol + 1e-300))
+            if got.shape == want.shape
+            else None
+        )
+        raise SystemExit(
+            f"FLOAT64 CHECK FAILED [{cfg}] {name}: nnrt differs from the numpy reference "
+            f"(shapes {got.shape} vs {want.shape}, max relative error {err})"
+        )
+
+
+def check_float64(cfg: str, batch: int, sizes: list[int]) -> dict[str, Any]:
+    """nnrt in float64 against the numpy reference; exits on any mismatch."""
+    n_hidden = len(sizes) - 2
+    net = build_nnrt(sizes, "float64")
+    ref = NumpyMLP(net.state_dict(), n_hidden, np.float64)
+    X, y = make_data(batch, sizes, np.float64)
+    opt = nnrt.optim.SGD(net, lr=LR)
+    checked = 0
+    for step in range(2):  # two steps: the second starts from updated weights
+        out = net.forward(X, training=True)
+        loss, dY = nnrt.losses.softmax_cross_entropy(out, y)
+        ref_loss, ref_dY = ref.softmax_cross_entropy(ref.forward(X, True), y)
+        _close(f"step {step} loss", np.array(loss), np.array(ref_loss), cfg)
+        _close(f"step {step} dY", dY, ref_dY, cfg)
+        # full backward (returns dX) and the input_grad=False opt-out must agree
+        dX = net.backward(dY)
+        full = {k: v.copy() for k, v in net.grads().items()}
+        ref_dX = ref.backward(ref_dY, input_grad=True)
+        assert ref_dX is not None
+        _close(f"step {step} dX", dX, ref_dX, cfg)
+        none = net.backward(dY, input_grad=False)
+        if none is not None:
+            raise SystemExit(f"[{cfg}] backward(dY, input_grad=False) returned {type(none)}")
+        grads = net.grads()
+        for k, g in grads.items():
+            _close(f"step {step} grad {k}", g, ref.g[k], cfg)
+            _close(f"step {step} grad {k} (input_grad=False vs full)", g, full[k], cfg)
+            checked += 1
+        opt.step()
+        ref.sgd(LR)
+        for k, v in net.state_dict().items():
+            _close(f"step {step} updated {k}", v, ref.p[k], cfg)
+    out_eval = net.forward(X, training=False)
+    _close("eval forward", out_eval, ref.forward(X, False), cfg)
+    result: dict[str, Any] = {"passed": True, "arrays_checked": checked}
+    if torch is not None:
+        # torch from the same weights, as a sanity check of the contenders' setup
+        model = build_torch(build_nnrt(sizes, "float64").state_dict(), sizes, torch.float64)
+        lt = torch.nn.functional.cross_entropy(model(torch.from_numpy(X)), torch.from_numpy(y))
+        ref2 = NumpyMLP(build_nnrt(sizes, "float64").state_dict(), n_hidden, np.float64)
+        l2, _ = ref2.softmax_cross_entropy(ref2.forward(X, True), y)
+        if not np.isclose(float(lt), l2, rtol=1e-9):
+            raise SystemExit(f"[{cfg}] torch loss {float(lt)} != numpy reference {l2}")
+        result["torch_loss_matches"] = True
+    return result
+
+
+# ---------------------------------------------------------------- contenders
+Fn = Callable[[], Any]
+
+
+def make_contenders(batch: int, sizes: list[int]) -> dict[str, dict[str, Any]]:
+    """name -> {"train": fn, "infer": fn, "before_train": fn, "before_infer": fn}."""
+    n_hidden = len(sizes) - 2
+    X, y = make_data(batch, sizes, np.float32)
+    net = build_nnrt(sizes, "float32")
+    state = net.state_dict()
+    out: dict[str, dict[str, Any]] = {}
+
+    opt = nnrt.optim.SGD(net, lr=LR)
+    sce = nnrt.losses.softmax_cross_entropy
+
+    def nnrt_train() -> None:
+        logits = net.forward(X, training=True)
+        _, dY = sce(logits, y)
+        net.backward(dY, input_grad=False)
+        opt.step()
+
+    def nnrt_infer() -> None:
+        net.forward(X, training=False)
+
+    out["nnrt"] = {"train": nnrt_train, "infer": nnrt_infer}
+
+    ref = NumpyMLP(state, n_hidden, np.float32)
+    out["numpy"] = {
+        "train": lambda: ref.train_step(X, y, LR),
+        "infer": lambda: ref.forward(X, False),
+    }
+
+    if torch is not None:
+        model = build_torch(state, sizes, torch.float32)
+        topt = torch.optim.SGD(model.parameters(), lr=LR)
+        Xt = torch.from_numpy(X)
+        yt = torch.from_numpy(y)
+        ce = torch.nn.functional.cross_entropy
+
+        def torch_train() -> None:
+            loss = ce(model(Xt), yt)
+            topt.zero_grad()
+            loss.backward()
+            topt.step()
+
+        def torch_infer() -> None:
+            with torch.inference_mode():
+                model(Xt)
+
+        out["torch"] = {
+            "train": torch_train,
+            "infer": torch_infer,
+            "before_train": model.train,
+            "before_infer": model.eval,
+        }
+
+    fl = Floor(sizes, batch, np.float32)
+    out["floor"] = {"train": fl.step, "infer": fl.infer}
+    return out
+
+
+def _loop(fn: Fn, n: int) -> float:
+    t0 = time.perf_counter()
+    for _ in range(n):
+        fn()
+    return (time.perf_counter() - t0) / n
+
+
+def calibrate(fn: Fn, target_s: float) -> int:
+    fn()
+    t = _loop(fn, 1)
+    if t < target_s / 20:
+        t = _loop(fn, max(1, int(target_s / 20 / max(t, 1e-7))))
+    return max(1, int(round(target_s / max(t, 1e-9))))
+
+
+def time_config(cfg: str, rounds: int, sample_s: float, threads: int) -> dict[str, Any]:
+    batch, sizes = CONFIGS[cfg]
+    cons = make_contenders(batch, sizes)
+    results: dict[str, Any] = {}
+    for mode in ("train", "infer"):
+        names = list(cons)
+        for name in names:
+            before = cons[name].get(f"before_{mode}")
+            if before is not None:
+                before()
+        ns = {name: calibrate(cons[name][mode], sample_s) for name in names}
+        samples: dict[str, list[float]] = {name: [] for name in names}
+        for r in range(rounds):
+            order = names[r % len(names) :] + names[: r % len(names)]
+            for name in order:
+                fn = cons[name][mode]
+                n = ns[name]
+                # untimed pre-roll: a quarter of a sample, and >= 0.15 s with threaded BLAS
+                pre = max(1, n // 4)
+                t0 = time.perf_counter()
+                for _ in range(pre):
+                    fn()
+                if threads > 1:
+                    while time.perf_counter() - t0 < 0.15:
+                        fn()
+                samples[name].append(_loop(fn, n))
+        res: dict[str, Any] = {}
+        for name in CONTENDERS:
+            if name not in samples:
+                res[name] = None
+                continue
+            s = np.array(samples[name])
+            res[name] = {
+                "median_us": float(np.median(s) * 1e6),
+                "min_us": float(s.min() * 1e6),
+                "max_us": float(s.max() * 1e6),
+                "calls_per_sample": ns[name],
+                "samples": len(s),
+            }
+        med = {k: v["median_us"] for k, v in res.items() if v is not None}
+        res["ratios"] = {
+            f"nnrt/{k}": (med["nnrt"] / med[k] if k in med else None)
+            for k in ("torch", "numpy", "floor")
+        }
+        results[mode] = res
+    results["batch"] = batch
+    results["sizes"] = sizes
+    return results
+
+
+# -------------------------------------------------------------------- report
+def machine_info(threads: int) -> dict[str, Any]:
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    blas = [
+        {
+            "api": d.get("internal_api"),
+            "version": d.get("version"),
+            "architecture": d.get("architecture"),
+            "threads": d.get("num_threads"),
+            "library": os.path.basename(d.get("filepath", "")),
+        }
+        for d in threadpool_info()
+    ]
+    info: dict[str, Any] = {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "python": platform.python_version(),
+        "numpy": np.__version__,
+        "nnrt": nnrt.__version__,
+        "torch": torch.__version__ if torch is not None else "not installed",
+        "threads": threads,
+        "blas": blas,
+        "env": {
+            k: os.environ[k]
+            for k in (
+                "OPENBLAS_CORETYPE",
+                "OPENBLAS_L2_SIZE",
+                "OMP_NUM_THREADS",
+                "OPENBLAS_NUM_THREADS",
+            )
+            if k in os.environ
+        },
+    }
+    if torch is not None:
+        info["torch_threads"] = torch.get_num_threads()
+    return info
+
+
+def _fmt_t(us: float) -> str:
+    if us >= 10000:
+        return f"{us / 1000:.1f} ms"
+    if us >= 1000:
+        return f"{us / 1000:.2f} ms"
+    return f"{us:.0f} µs"
+
+
+def format_table(results: dict[str, Any]) -> str:
+    lines = []
+    head = (
+        "| config | mode | nnrt | numpy | torch | floor | nnrt/torch | nnrt/numpy "
+        "| nnrt/floor | target |"
+    )
+    lines.append(head)
+    lines.append("|" + "---|" * 10)
+    for cfg, res in results["configs"].items():
+        b, sizes = res["batch"], res["sizes"]
+        label = f"{cfg} b{b} {'→'.join(map(str, sizes))}"
+        for mode in ("train", "infer"):
+            r = res[mode]
+            cells = []
+            for name in CONTENDERS:
+                v = r[name]
+                cells.append(
+                    "not installed"
+                    if v is None
+                    else f"{_fmt_t(v['median_us'])} ({_fmt_t(v['min_us'])}–{_fmt_t(v['max_us'])})"
+                )
+            ratios = []
+            for k in ("torch", "numpy", "floor"):
+                v = r["ratios"][f"nnrt/{k}"]
+                ratios.append("not installed" if v is None else f"{v:.3f}")
+            tgt = TARGETS[cfg]
+            target = ", ".join(f"/{k} ≤ {t:.2f}" for k, t in tgt.items())
+            verdict = []
+            for k, t in tgt.items():
+                v = r["ratios"][f"nnrt/{k}"]
+                if v is not None:
+                    verdict.append("ok" if v <= t else "MISSED")
+            target += " " + ("/".join(verdict) if verdict else "n/a")
+            step = "train step" if mode == "train" else "inference"
+            lines.append(
+                f"| {label} | {step} | "
+                + " | ".join(cells)
+                + " | "
+                + " | ".join(ratios)
+                + f" | {target} |"
+            )
+    return "\n".join(lines)
+
+
+def warm_blas() -> None:
+    """One large GEMM through each BLAS copy (numpy's, scipy's, torch's)."""
+    import scipy.linalg.blas as sblas
+
+    a = np.random.default_rng(0).standard_normal((1024, 1024)).astype(np.float32)
+    for _ in range(2):
+        a @ a
+        sblas.sgemm(1.0, a, a)
+        if torch is not None:
+            t = torch.from_numpy(a)
+            t @ t
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="fewer, shorter rounds (< 90 s)")
+    ap.add_argument("--json", metavar="PATH", help="write the results as JSON")
+    ap.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="BLAS and torch threads for every contender (default 1)",
+    )
+    ap.add_argument(
+        "--configs",
+        default=",".join(CONFIGS),
+        help="comma-separated subset of " + ",".join(CONFIGS),
+    )
+    ap.add_argument("--rounds", type=int, help="override the number of rounds")
+    args = ap.parse_args(argv)
+    cfgs = [c.strip() for c in args.configs.split(",") if c.strip()]
+    for c in cfgs:
+        if c not in CONFIGS:
+            ap.error(f"unknown config {c!r}; known: {', '.join(CONFIGS)}")
+
+    t_start = time.perf_counter()
+    threadpool_limits(args.threads)
+    nnrt.set_num_threads(args.threads)
+    if torch is not None:
+        torch.set_num_threads(args.threads)
+
+    info = machine_info(args.threads)
+    print(
+        f"machine: {info['cpu']}, {info['cores']} cores; python {info['python']}, "
+        f"numpy {info['numpy']}, torch {info['torch']}, nnrt {info['nnrt']}"
+    )
+    for b in info["blas"]:
+        print(
+            f"  {b['api']} {b['version']} ({b['architecture']}) {b['library']}: "
+            f"{b['threads']} threads"
+        )
+    print(
+        f"threads: BLAS {args.threads}, torch "
+        f"{info.get('torch_threads', 'n/a')}; env {info['env'] or '{}'}"
+    )
+
+    print("float64 check (nnrt vs numpy reference, rtol 1e-9) ...", flush=True)
+    checks = {c: check_float64(c, *CONFIGS[c]) for c in cfgs}
+    print(
+        "  passed: "
+        + ", ".join(f"{c} ({v['arrays_checked']} gradient arrays)" for c, v in checks.items())
+    )
+
+    warm_blas()
+    results: dict[str, Any] = {
+        "machine": info,
+        "quick": args.quick,
+        "checks": checks,
+        "configs": {},
+    }
+    for c in cfgs:
+        if args.rounds:
+            rounds = args.rounds
+        elif args.quick:
+            rounds = 5 if c != "large" else 3
+        else:
+            rounds = 15 if c != "large" else 9
+        sample_s = 0.02 if args.quick else 0.05
+        t0 = time.perf_counter()
+        results["configs"][c] = time_config(c, rounds, sample_s, args.threads)
+        r = results["configs"][c]
+        print(
+            f"{c}: {rounds} rounds in {time.perf_counter() - t0:.1f} s; train nnrt/torch "
+            f"{_fmt_ratio(r['train']['ratios']['nnrt/torch'])}, nnrt/floor "
+            f"{_fmt_ratio(r['train']['ratios']['nnrt/floor'])}",
+            flush=True,
+        )
+    results["seconds"] = time.perf_counter() - t_start
+    print()
+    print(format_table(results))
+    print(
+        f"\ntotal {results['seconds']:.0f} s; times are medians per call (min–max over "
+        f"samples); ratios are of medians from this run"
+    )
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump(results, fh, indent=2)
+        print(f"wrote {args.json}")
+    return 0
+
+
+def _fmt_ratio(v: float | None) -> str:
+    return "n/a" if v is None else f"{v:.3f}"
+
+
+if __name__ == "__main__":
+    sys.exit(main())
