@@ -21,6 +21,7 @@ from nnrt.hookspecs import hookimpl, hookspec
 from nnrt.interop import from_torch
 from nnrt.layer import ABI_VERSION, Layer, check_abi
 from nnrt.network import Sequential
+from nnrt.perf import get_num_threads, profile, set_num_threads
 from nnrt.registry import PluginError, PluginWarning, registry
 from nnrt.training import Callback, EarlyStopping, History, LambdaCallback, TrainingState
 from nnrt.warnings import BiasBeforeBatchNormWarning, NetworkWarning, TrainingWarning
@@ -46,12 +47,15 @@ __all__ = [
     "available_layers",
     "check_abi",
     "from_torch",
+    "get_num_threads",
     "hookimpl",
     "hookspec",
     "layer",
     "losses",
     "optim",
+    "profile",
     "register_plugin",
+    "set_num_threads",
     "show_config",
     "testing",
 ]

@@ -151,19 +151,42 @@ class Sequential:
     def __call__(self, X: Any) -> np.ndarray:
         return self.forward(X, training=False)
 
-    def backward(self, dY: Any) -> np.ndarray:
+    def backward(self, dY: Any, input_grad: bool = True) -> np.ndarray | None:
         """Back-propagate ``dY`` (gradient of the loss w.r.t. the output); returns dX.
 
-        Overwrites every parameter gradient.
+        Overwrites every parameter gradient. With ``input_grad=False`` the
+        gradient with respect to the network's input is not computed (a
+        training step does not need it: this saves the first layer's
+        ``dY @ W.T`` and every layer in front of the first trainable one) and
+        ``None`` is returned; parameter gradients are the same.
         """
         grad = dY
-        i = len(self.layers) - 1
+        layers = self.layers
+        stop = 0 if input_grad else self._first_trainable()
+        i = len(layers) - 1
         try:
-            for i in range(len(self.layers) - 1, -1, -1):
-                grad = self.layers[i].backward(grad)
+            for i in range(len(layers) - 1, stop, -1):
+                grad = layers[i].backward(grad)
+            if stop >= len(layers):
+                return None
+            i = stop
+            if input_grad:
+                return layers[stop].backward(grad)  # type: ignore[no-any-return]
+            params_only = getattr(layers[stop], "backward_params", None)
+            if params_only is not None:
+                params_only(grad)
+            else:
+                layers[stop].backward(grad)
         except (ValueError, TypeError) as exc:
             raise type(exc)(f"Sequential layer {i}: {exc}") from exc
-        return grad  # type: ignore[no-any-return]
+        return None
+
+    def _first_trainable(self) -> int:
+        """Index of the first layer with parameters (``len(self)`` when none has any)."""
+        for i, layer in enumerate(self.layers):
+            if layer.params():
+                return i
+        return len(self.layers)
 
     def _check_output(self, out: Any) -> None:
         if not isinstance(out, np.ndarray) or out.ndim != 2 or out.dtype != self.dtype:
