@@ -1,0 +1,7 @@
+"""``python -m nnrt``: the ``nnrt`` command."""
+
+import sys
+
+from nnrt.cli import main
+
+sys.exit(main())
