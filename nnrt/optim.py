@@ -1,0 +1,397 @@
+"""Optimizers: SGD, Adam, AdamW with torch's update rules.
+
+An optimizer takes anything with ``params()`` and ``grads()`` returning dicts of
+live ndarrays with matching keys (a ``Sequential`` or a single ``Layer``) and
+resolves that list once, at construction. ``step()`` reads the gradients the
+last ``backward`` wrote (``backward`` overwrites them, so ``zero_grad`` is never
+needed first) and updates every parameter in place, so arrays keep their
+identity.
+
+NOTE: because the arrays are resolved once, rebuilding the network or casting
+it (``Sequential(dtype=...)``, ``layer.to_dtype(...)``, which replace the
+arrays) after creating an optimizer leaves the optimizer updating the old
+arrays: create a new optimizer after such a change.
+
+Steps allocate nothing parameter-sized after the first one: state (momentum,
+moments) and scratch buffers are allocated lazily, in each parameter's dtype,
+and every later update runs numpy ufuncs with ``out=``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any, Protocol
+
+import numpy as np
+
+__all__ = ["SGD", "Adam", "AdamW", "Optimizer"]
+
+
+class HasParams(Protocol):
+    """What an optimizer needs from a network: live parameter and gradient arrays."""
+
+    def params(self) -> Mapping[str, np.ndarray]: ...
+
+    def grads(self) -> Mapping[str, np.ndarray]: ...
+
+
+def _check_real(name: str, value: Any, owner: str) -> float:
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.number)):
+        raise TypeError(f"{owner}: {name} must be a real number, got {value!r}")
+    value = float(value)
+    if math.isnan(value):
+        raise ValueError(f"{owner}: {name} must not be NaN")
+    return value
+
+
+def _check_nonneg(name: str, value: Any, owner: str) -> float:
+    v = _check_real(name, value, owner)
+    if not v >= 0.0 or math.isinf(v):
+        raise ValueError(f"{owner}: invalid {name} {value!r}: must be finite and >= 0")
+    return v
+
+
+def _check_beta(name: str, value: Any, owner: str) -> float:
+    v = _check_real(name, value, owner)
+    if not 0.0 <= v < 1.0:
+        raise ValueError(f"{owner}: invalid {name} {value!r}: must be in [0, 1)")
+    return v
+
+
+def _resolve(net: HasParams, owner: str) -> tuple[list[str], list[np.ndarray], list[np.ndarray]]:
+    try:
+        params = net.params()
+        grads = net.grads()
+    except AttributeError as exc:
+        raise TypeError(
+            f"{owner}: expected a network or layer with params() and grads(), "
+            f"got {type(net).__name__}"
+        ) from exc
+    if set(params) != set(grads):
+        raise ValueError(
+            f"{owner}: params() and grads() keys differ: {sorted(params)} vs {sorted(grads)}"
+        )
+    if not params:
+        raise ValueError(f"{owner}: {type(net).__name__} has no parameters to optimize")
+    names = list(params)
+    ps = [params[k] for k in names]
+    gs = [grads[k] for k in names]
+    for k, p, g in zip(names, ps, gs, strict=True):
+        if not isinstance(p, np.ndarray) or not isinstance(g, np.ndarray):
+            raise TypeError(f"{owner}: parameter {k!r} and its gradient must be numpy arrays")
+        if p.dtype.kind != "f" or p.dtype != g.dtype or p.shape != g.shape:
+            raise ValueError(
+                f"{owner}: parameter {k!r} (shape {p.shape} dtype {p.dtype}) and its "
+                f"gradient (shape {g.shape} dtype {g.dtype}) must be float arrays of the "
+                f"same shape and dtype"
+            )
+        if not p.flags.writeable:
+            raise ValueError(f"{owner}: parameter {k!r} is read-only")
+    return names, ps, gs
+
+
+class Optimizer:
+    """Base class: holds the resolved parameters, their gradients and per-parameter state.
+
+    Subclasses define ``_state_keys`` (the names of their per-parameter state
+    arrays), ``hyperparams()``, ``_set_hyperparams(**hp)`` (validating) and
+    ``_update(i, p, g)``.
+    """
+
+    _state_keys: tuple[str, ...] = ()
+
+    def __init__(self, net: HasParams) -> None:
+        self._names, self._params, self._grads = _resolve(net, type(self).__name__)
+        n = len(self._params)
+        # per-parameter state arrays (allocated at the first step) and scratch buffers
+        self.state: dict[str, dict[str, np.ndarray]] = {k: {} for k in self._names}
+        self._scratch: list[list[np.ndarray]] = [[] for _ in range(n)]
+        self.step_count = 0
+
+    # ----------------------------------------------------------------- public
+    def step(self) -> None:
+        """Apply one update to every parameter, in place, from the current gradients."""
+        self.step_count += 1
+        for i in range(len(self._params)):
+            self._update(i, self._params[i], self._grads[i])
+
+    def zero_grad(self) -> None:
+        """Fill every gradient with zeros, in place."""
+        for g in self._grads:
+            g.fill(0)
+
+    def hyperparams(self) -> dict[str, Any]:
+        """The hyper-parameters, as constructor keyword arguments."""
+        raise NotImplementedError
+
+    def state_dict(self) -> dict[str, Any]:
+        """Copies of the optimizer state: type, hyper-parameters, step count, state arrays."""
+        return {
+            "type": type(self).__name__,
+            "hyperparams": self.hyperparams(),
+            "step": self.step_count,
+            "state": {k: {s: a.copy() for s, a in st.items()} for k, st in self.state.items()},
+        }
+
+    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
+        """Load what ``state_dict()`` returned (from an optimizer over the same parameters).
+
+        Checks the optimizer type, parameter names, state names and shapes, and
+        casts the arrays to each parameter's dtype.
+        """
+        owner = type(self).__name__
+        kind = state_dict.get("type", owner)
+        if kind != owner:
+            raise ValueError(f"{owner}.load_state_dict: got the state of a {kind} optimizer")
+        state = state_dict.get("state", {})
+        unknown = set(state) - set(self.state)
+        if unknown:
+            raise KeyError(f"{owner}.load_state_dict: unknown parameters {sorted(unknown)}")
+        new_state: dict[str, dict[str, np.ndarray]] = {k: {} for k in self._names}
+        for name, p in zip(self._names, self._params, strict=True):
+            for key, arr in state.get(name, {}).items():
+                if key not in self._state_keys:
+                    raise KeyError(
+                        f"{owner}.load_state_dict: unknown state {key!r} for {name!r} "
+                        f"(expected {list(self._state_keys)})"
+                    )
+                arr = np.asarray(arr)
+                if arr.shape != p.shape:
+                    raise ValueError(
+                        f"{owner}.load_state_dict: state {key!r} of {name!r} has shape "
+                        f"{arr.shape}, the parameter has shape {p.shape}"
+                    )
+                new_state[name][key] = np.array(arr, dtype=p.dtype, order="C")
+        step = state_dict.get("step", 0)
+        if isinstance(step, bool) or not isinstance(step, (int, np.integer)) or step < 0:
+            raise ValueError(f"{owner}.load_state_dict: step must be an int >= 0, got {step!r}")
+        if "hyperparams" in state_dict:
+            self._set_hyperparams(**state_dict["hyperparams"])
+        self.state = new_state
+        self.step_count = int(step)
+
+    def __repr__(self) -> str:
+        hp = ", ".join(f"{k}={v!r}" for k, v in self.hyperparams().items())
+        return f"{type(self).__name__}({len(self._params)} params, {hp})"
+
+    # -------------------------------------------------------------- internals
+    def _set_hyperparams(self, **hp: Any) -> None:
+        raise NotImplementedError
+
+    def _update(self, i: int, p: np.ndarray, g: np.ndarray) -> None:
+        raise NotImplementedError
+
+    def _state(self, i: int, key: str, zeros: bool) -> tuple[np.ndarray, bool]:
+        """State array ``key`` of parameter ``i`` and whether it was just created."""
+        st = self.state[self._names[i]]
+        arr = st.get(key)
+        if arr is not None:
+            return arr, False
+        p = self._params[i]
+        arr = np.zeros_like(p, order="C") if zeros else np.empty_like(p, order="C")
+        st[key] = arr
+        return arr, True
+
+    def _buf(self, i: int, j: int) -> np.ndarray:
+        """Scratch buffer ``j`` of parameter ``i`` (its shape and dtype), made once."""
+        bufs = self._scratch[i]
+        while len(bufs) <= j:
+            bufs.append(np.empty_like(self._params[i], order="C"))
+        return bufs[j]
+
+
+class SGD(Optimizer):
+    """Stochastic gradient descent with momentum, as ``torch.optim.SGD``.
+
+    d = g + weight_decay * p
+    b = d at the first step, then momentum * b + (1 - dampening) * d
+    d = d + momentum * b if nesterov, else b          (when momentum > 0)
+    p -= lr * d
+    """
+
+    _state_keys = ("momentum_buffer",)
+
+    def __init__(
+        self,
+        net: HasParams,
+        lr: float,
+        momentum: float = 0.0,
+        weight_decay: float = 0.0,
+        nesterov: bool = False,
+        dampening: float = 0.0,
+    ) -> None:
+        super().__init__(net)
+        self._set_hyperparams(
+            lr=lr,
+            momentum=momentum,
+            weight_decay=weight_decay,
+            nesterov=nesterov,
+            dampening=dampening,
+        )
+
+    def _set_hyperparams(self, **hp: Any) -> None:
+        owner = type(self).__name__
+        lr = _check_nonneg("lr", hp["lr"], owner)
+        momentum = _check_nonneg("momentum", hp["momentum"], owner)
+        weight_decay = _check_nonneg("weight_decay", hp["weight_decay"], owner)
+        dampening = _check_real("dampening", hp["dampening"], owner)
+        nesterov = hp["nesterov"]
+        if not isinstance(nesterov, (bool, np.bool_)):
+            raise TypeError(f"{owner}: nesterov must be a bool, got {nesterov!r}")
+        if nesterov and (momentum <= 0.0 or dampening != 0.0):
+            raise ValueError(
+                f"{owner}: nesterov momentum requires momentum > 0 and dampening = 0, "
+                f"got momentum={momentum!r}, dampening={dampening!r}"
+            )
+        self.lr = lr
+        self.momentum = momentum
+        self.weight_decay = weight_decay
+        self.nesterov = bool(nesterov)
+        self.dampening = dampening
+
+    def hyperparams(self) -> dict[str, Any]:
+        return {
+            "lr": self.lr,
+            "momentum": self.momentum,
+            "weight_decay": self.weight_decay,
+            "nesterov": self.nesterov,
+            "dampening": self.dampening,
+        }
+
+    def _update(self, i: int, p: np.ndarray, g: np.ndarray) -> None:
+        d = g
+        if self.weight_decay != 0.0:
+            # d = g + wd * p  (the gradient array itself is left untouched)
+            d = np.multiply(p, self.weight_decay, out=self._buf(i, 0))
+            np.add(g, d, out=d)
+        tmp = self._buf(i, 1)
+        if self.momentum != 0.0:
+            buf, fresh = self._state(i, "momentum_buffer", zeros=False)
+            if fresh:
+                # NOTE: as torch, the buffer starts as the first (decayed) gradient, not 0.
+                np.copyto(buf, d)
+            else:
+                np.multiply(buf, self.momentum, out=buf)
+                if self.dampening != 0.0:
+                    buf += np.multiply(d, 1.0 - self.dampening, out=tmp)
+                else:
+                    buf += d
+            if self.nesterov:
+                np.multiply(buf, self.momentum, out=tmp)
+                d = np.add(d, tmp, out=tmp)
+            else:
+                d = buf
+        p -= np.multiply(d, self.lr, out=tmp)
+
+
+class _AdamBase(Optimizer):
+    """Adam's moment updates; subclasses choose where the weight decay goes."""
+
+    _state_keys = ("exp_avg", "exp_avg_sq")
+    _decoupled = False
+
+    def __init__(
+        self,
+        net: HasParams,
+        lr: float,
+        betas: tuple[float, float],
+        eps: float,
+        weight_decay: float,
+    ) -> None:
+        super().__init__(net)
+        self._set_hyperparams(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
+
+    def _set_hyperparams(self, **hp: Any) -> None:
+        owner = type(self).__name__
+        lr = _check_nonneg("lr", hp["lr"], owner)
+        betas = hp["betas"]
+        if not isinstance(betas, (tuple, list)) or len(betas) != 2:
+            raise TypeError(f"{owner}: betas must be a pair (beta1, beta2), got {betas!r}")
+        beta1 = _check_beta("betas[0]", betas[0], owner)
+        beta2 = _check_beta("betas[1]", betas[1], owner)
+        eps = _check_nonneg("eps", hp["eps"], owner)
+        weight_decay = _check_nonneg("weight_decay", hp["weight_decay"], owner)
+        self.lr = lr
+        self.betas = (beta1, beta2)
+        self.eps = eps
+        self.weight_decay = weight_decay
+
+    def hyperparams(self) -> dict[str, Any]:
+        return {
+            "lr": self.lr,
+            "betas": self.betas,
+            "eps": self.eps,
+            "weight_decay": self.weight_decay,
+        }
+
+    def _update(self, i: int, p: np.ndarray, g: np.ndarray) -> None:
+        beta1, beta2 = self.betas
+        lr, wd = self.lr, self.weight_decay
+        tmp = self._buf(i, 0)
+        if wd != 0.0:
+            if self._decoupled:
+                # AdamW: p *= 1 - lr * wd, before the moment update
+                p *= 1.0 - lr * wd
+            else:
+                # Adam: L2 added to the gradient, g = g + wd * p
+                g = np.add(g, np.multiply(p, wd, out=self._buf(i, 1)), out=self._buf(i, 1))
+        m, _ = self._state(i, "exp_avg", zeros=True)
+        v, _ = self._state(i, "exp_avg_sq", zeros=True)
+        # m = lerp(m, g, 1 - beta1) = m + (1 - beta1) (g - m), as torch's lerp_
+        w = 1.0 - beta1
+        if w < 0.5:
+            np.subtract(g, m, out=tmp)
+            tmp *= w
+            m += tmp
+        else:
+            # torch's lerp for weight >= 0.5: g - (g - m) (1 - w)
+            np.subtract(g, m, out=tmp)
+            tmp *= 1.0 - w
+            np.subtract(g, tmp, out=m)
+        # v = beta2 v + (1 - beta2) g g
+        v *= beta2
+        np.multiply(g, 1.0 - beta2, out=tmp)
+        tmp *= g
+        v += tmp
+        t = self.step_count
+        bias_correction1 = 1.0 - beta1**t
+        bias_correction2 = 1.0 - beta2**t
+        step_size = lr / bias_correction1
+        # denom = sqrt(v) / sqrt(bc2) + eps;  p -= step_size * m / denom
+        np.sqrt(v, out=tmp)
+        tmp /= math.sqrt(bias_correction2)
+        tmp += self.eps
+        np.divide(m, tmp, out=tmp)
+        tmp *= step_size
+        p -= tmp
+
+
+class Adam(_AdamBase):
+    """Adam, as ``torch.optim.Adam``: weight decay is L2 added to the gradient."""
+
+    def __init__(
+        self,
+        net: HasParams,
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+    ) -> None:
+        super().__init__(net, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
+
+
+class AdamW(_AdamBase):
+    """AdamW, as ``torch.optim.AdamW``: decoupled weight decay ``p *= 1 - lr * wd``."""
+
+    _decoupled = True
+
+    def __init__(
+        self,
+        net: HasParams,
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 1e-2,
+    ) -> None:
+        super().__init__(net, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
