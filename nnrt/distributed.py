@@ -1,0 +1,852 @@
+"""Data-parallel training over MPI (optional extra ``nnrt[mpi]``: mpi4py + an MPI library).
+
+Launch one process per rank, e.g. ``mpirun -n 4 python train.py`` (or
+``python -m nnrt.distributed -n 4 train.py``, which adds the flags this
+machine needs); docs/distributed.md has the commands, a hostfile example and
+measurements.
+
+Model (as torch's DistributedDataParallel):
+
+- Every rank holds the same network. :func:`fit` (or :class:`DistributedTrainer`)
+  broadcasts rank 0's parameters and buffers first, so ranks may build it
+  with different seeds.
+- Every rank walks the same sequence of *global* batches (same seed, same
+  permutation) and computes only its shard of each: rows
+  ``np.array_split(batch, size)[rank]``.
+- After the backward pass, ONE ``Allreduce`` (sum) over a single preallocated
+  flat buffer carries every parameter gradient (plus the loss, plus averaged
+  BatchNorm running statistics). Nothing is sent per parameter.
+- Scaling. A mean-reduced loss gives ``dY`` with ``1/N_local``; the update on
+  the global batch needs ``1/N_global``. So each rank multiplies ``dY`` by
+  ``N_local / N_global`` *before* its backward pass; backward is linear in
+  ``dY``, so every gradient (weights, and the bias, which is a batch sum) is
+  then that shard's exact share and the allreduced sum is the single-process
+  gradient of the global batch, also when the shards are of unequal size.
+  Scaling ``dY`` (not the gradients afterwards) also keeps
+  :class:`SyncBatchNorm`'s cross-rank backward sums consistent.
+- Every rank then runs the same optimizer step on the same gradients, so the
+  parameters stay identical without further messages. Only rank 0 writes
+  checkpoints and shows progress.
+
+BatchNorm across ranks:
+
+- ``batchnorm`` (not synchronised): each rank normalises its shard with the
+  shard's own mean and variance, so the result depends on the number of ranks
+  (as torch's ``BatchNorm1d`` under DDP). The running statistics are averaged
+  over ranks in the gradient allreduce: each rank's running buffers are the
+  mean of the ranks' updated ones (torch instead broadcasts rank 0's).
+- ``sync_batchnorm`` (:class:`SyncBatchNorm`, as torch's ``SyncBatchNorm``):
+  mean and variance over the *global* batch (float64: allreduce of count and
+  sum -> mean, then of the sum of squared deviations -> variance) and the
+  backward pass through those global statistics (allreduce of ``sum(dy)`` and
+  ``sum(dy * xhat)``). With it, training on ``k`` ranks equals single-process
+  training with ``batchnorm`` on the global batches (up to rounding). Three
+  small allreduces per layer and step. In one process (no MPI) it is exactly a
+  ``batchnorm``.
+
+Dead or stuck ranks: ``mpirun`` aborts the job when a rank dies. Against a
+rank that hangs (or a launcher that does not abort), every collective of a
+:class:`Communicator` with a ``timeout`` raises :class:`DistributedError`
+after that many seconds and aborts the job (``MPI_Abort``) instead of waiting
+forever; the default timeout is ``NNRT_MPI_TIMEOUT`` seconds (600 when unset;
+``0`` disables it and uses blocking calls).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import shutil
+import sys
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from nnrt.layer import Layer
+
+__all__ = [
+    "Communicator",
+    "DistributedError",
+    "DistributedHistory",
+    "DistributedTrainer",
+    "LocalCommunicator",
+    "SyncBatchNorm",
+    "convert_sync_batchnorm",
+    "default_communicator",
+    "fit",
+    "global_batches",
+    "mpirun_command",
+    "shard_bounds",
+]
+
+_DEFAULT_TIMEOUT = 600.0
+
+
+class DistributedError(RuntimeError):
+    """A collective operation failed or timed out (a rank died or hangs)."""
+
+
+def _env_timeout() -> float | None:
+    raw = os.environ.get("NNRT_MPI_TIMEOUT")
+    if raw is None or raw == "":
+        return _DEFAULT_TIMEOUT
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ValueError(f"NNRT_MPI_TIMEOUT must be a number of seconds, got {raw!r}") from None
+    return None if value <= 0 else value
+
+
+# ---------------------------------------------------------------------------- communicators
+class LocalCommunicator:
+    """A communicator of one rank: every collective is the identity (no MPI needed)."""
+
+    rank = 0
+    size = 1
+
+    def __init__(self) -> None:
+        self.allreduce_seconds = 0.0
+        self.allreduce_calls = 0
+
+    def allreduce_sum(self, buf: np.ndarray, what: str = "allreduce") -> np.ndarray:
+        return buf
+
+    def bcast(self, buf: np.ndarray, root: int = 0, what: str = "broadcast") -> np.ndarray:
+        return buf
+
+    def barrier(self) -> None:
+        pass
+
+    def reset_stats(self) -> None:
+        self.allreduce_seconds = 0.0
+        self.allreduce_calls = 0
+
+    def __repr__(self) -> str:
+        return "LocalCommunicator(rank=0, size=1)"
+
+
+class Communicator:
+    """A thin wrapper around an mpi4py communicator (``MPI.COMM_WORLD`` by default).
+
+    Collectives work in place on C-contiguous numpy buffers (no pickling).
+    With ``timeout`` (seconds; default from ``NNRT_MPI_TIMEOUT``, 600 when
+    unset, ``None``/``0`` for blocking calls) they run as non-blocking
+    operations polled until done; when the time runs out a
+    :class:`DistributedError` naming the operation, the rank and the buffer is
+    raised (after ``MPI_Abort`` of the job unless ``abort_on_timeout=False``),
+    so a dead or stuck peer fails the job instead of hanging it.
+    ``allreduce_seconds`` / ``allreduce_calls`` count the time spent in
+    allreduce (for benchmarks).
+    """
+
+    def __init__(
+        self,
+        comm: Any = None,
+        timeout: float | None | str = "env",
+        abort_on_timeout: bool = True,
+    ) -> None:
+        try:
+            from mpi4py import MPI
+        except ImportError as exc:  # pragma: no cover - depends on the environment
+            raise ImportError(
+                "nnrt.distributed needs mpi4py and an MPI library: "
+                "apt-get install openmpi-bin libopenmpi-dev && pip install 'nnrt[mpi]'"
+            ) from exc
+        self._MPI = MPI
+        self.comm = MPI.COMM_WORLD if comm is None else comm
+        self.rank: int = self.comm.Get_rank()
+        self.size: int = self.comm.Get_size()
+        if timeout == "env":
+            self.timeout = _env_timeout()
+        elif timeout is None or float(timeout) <= 0:
+            self.timeout = None
+        else:
+            self.timeout = float(timeout)
+        self.abort_on_timeout = abort_on_timeout
+        self.allreduce_seconds = 0.0
+        self.allreduce_calls = 0
+
+    def __repr__(self) -> str:
+        return f"Communicator(rank={self.rank}, size={self.size}, timeout={self.timeout})"
+
+    def reset_stats(self) -> None:
+        self.allreduce_seconds = 0.0
+        self.allreduce_calls = 0
+
+    @staticmethod
+    def _check_buffer(buf: np.ndarray, what: str) -> None:
+        if not isinstance(buf, np.ndarray) or not buf.flags.c_contiguous or not buf.flags.writeable:
+            raise TypeError(f"{what}: needs a writeable C-contiguous ndarray, got {type(buf)}")
+
+    def _wait(self, req: Any, what: str, buf: np.ndarray) -> None:
+        assert self.timeout is not None
+        deadline = time.perf_counter() + self.timeout
+        spin_until = time.perf_counter() + 0.002
+        pause = 1e-5
+        # NOTE: Test() drives MPI progress; spin for a couple of milliseconds
+        # (the usual case), then back off to sleeps of up to 5 ms so a long
+        # wait does not burn a core.
+        while not req.Test():
+            now = time.perf_counter()
+            if now > deadline:
+                msg = (
+                    f"nnrt.distributed: {what} on rank {self.rank} of {self.size} timed out "
+                    f"after {self.timeout:g} s (buffer shape {buf.shape} dtype {buf.dtype}): "
+                    f"another rank died or stopped taking part; aborting the job"
+                )
+                print(msg, file=sys.stderr, flush=True)
+                if self.abort_on_timeout:
+                    self.comm.Abort(3)
+                raise DistributedError(msg)
+            if now > spin_until:
+                time.sleep(pause)
+                pause = min(pause * 2, 5e-3)
+
+    def allreduce_sum(self, buf: np.ndarray, what: str = "allreduce") -> np.ndarray:
+        """Sum ``buf`` over all ranks, in place; returns ``buf``."""
+        self._check_buffer(buf, what)
+        t0 = time.perf_counter()
+        MPI = self._MPI
+        try:
+            if self.timeout is None:
+                self.comm.Allreduce(MPI.IN_PLACE, buf, op=MPI.SUM)
+            else:
+                self._wait(self.comm.Iallreduce(MPI.IN_PLACE, buf, op=MPI.SUM), what, buf)
+        except MPI.Exception as exc:
+            raise DistributedError(
+                f"nnrt.distributed: {what} failed on rank {self.rank} of {self.size} "
+                f"(buffer shape {buf.shape} dtype {buf.dtype}): {exc}"
+            ) from exc
+        self.allreduce_seconds += time.perf_counter() - t0
+        self.allreduce_calls += 1
+        return buf
+
+    def bcast(self, buf: np.ndarray, root: int = 0, what: str = "broadcast") -> np.ndarray:
+        """Overwrite ``buf`` on every rank with rank ``root``'s, in place; returns ``buf``."""
+        self._check_buffer(buf, what)
+        MPI = self._MPI
+        try:
+            if self.timeout is None:
+                self.comm.Bcast(buf, root=root)
+            else:
+                self._wait(self.comm.Ibcast(buf, root=root), what, buf)
+        except MPI.Exception as exc:
+            raise DistributedError(
+                f"nnrt.distributed: {what} failed on rank {self.rank} of {self.size}: {exc}"
+            ) from exc
+        return buf
+
+    def barrier(self) -> None:
+        if self.timeout is None:
+            self.comm.Barrier()
+        else:
+            self._wait(self.comm.Ibarrier(), "barrier", np.empty(0))
+
+
+AnyComm = Communicator | LocalCommunicator
+
+_default: AnyComm | None = None
+
+
+def _launched_by_mpi() -> bool:
+    env = os.environ
+    return any(
+        k in env for k in ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK", "MPI_LOCALNRANKS")
+    )
+
+
+def default_communicator() -> AnyComm:
+    """``Communicator()`` over ``MPI.COMM_WORLD`` when this process was started by an MPI
+    launcher (or mpi4py's MPI is already imported), else a :class:`LocalCommunicator`.
+
+    Created once and cached.
+    """
+    global _default
+    if _default is None:
+        if _launched_by_mpi() or "mpi4py.MPI" in sys.modules:
+            _default = Communicator()
+        else:
+            _default = LocalCommunicator()
+    return _default
+
+
+# ---------------------------------------------------------------------------- SyncBatchNorm
+class SyncBatchNorm(Layer):
+    """BatchNorm whose training statistics cover the global batch of all ranks
+    (registry name ``sync_batchnorm``; as ``torch.nn.SyncBatchNorm``).
+
+    Same constructor, parameters (``gamma``, ``beta``), buffers
+    (``running_mean``, ``running_var``) and eval behaviour as ``batchnorm``.
+    In training, per feature and in float64:
+
+      N, S   = allreduce(n_local, sum_i x_i)          mean = S / N
+      Q      = allreduce(sum_i (x_i - mean)^2)        var  = Q / N  (biased; running: Q/(N-1))
+      xhat   = (x - mean) / sqrt(var + eps);  y = gamma * xhat + beta
+    backward, with G1, G2 = allreduce(sum_i dy_i, sum_i dy_i * xhat_i):
+      dx     = gamma / sqrt(var + eps) * (dy - G1 / N - xhat * G2 / N)
+      dbeta, dgamma = this rank's sum_i dy_i and sum_i dy_i * xhat_i
+    (the shard's share: the trainer's gradient allreduce adds them up).
+
+    ``comm`` is the communicator (``None``: :func:`default_communicator` at the
+    first training forward, which is a one-rank no-op outside MPI; the trainer
+    sets its own). Every rank must call forward/backward in step with the
+    others. A global batch of one sample raises ValueError on every rank.
+    """
+
+    def __init__(self, num_features: int, momentum: float = 0.1, eps: float = 1e-5) -> None:
+        super().__init__()
+        if (
+            isinstance(num_features, (bool, np.bool_))
+            or not isinstance(num_features, (int, np.integer))
+            or num_features <= 0
+        ):
+            raise ValueError(
+                f"SyncBatchNorm: num_features must be a positive int, got {num_features!r}"
+            )
+        momentum = float(momentum)
+        eps = float(eps)
+        if not 0.0 <= momentum <= 1.0:
+            raise ValueError(f"SyncBatchNorm: momentum must be in [0, 1], got {momentum!r}")
+        if not eps > 0.0:
+            raise ValueError(f"SyncBatchNorm: eps must be > 0, got {eps!r}")
+        n = int(num_features)
+        self.num_features = n
+        self.in_features = n
+        self.out_features = n
+        self.momentum = momentum
+        self.eps = eps
+        self.comm: AnyComm | None = None
+        self.dtype = np.float64
+        self.gamma = np.ones(n)
+        self.beta = np.zeros(n)
+        self.dgamma = np.zeros(n)
+        self.dbeta = np.zeros(n)
+        self.running_mean = np.zeros(n)
+        self.running_var = np.ones(n)
+        self._reset_cache()
+
+    def _reset_cache(self) -> None:
+        n = self.num_features
+        # float64 message buffers: [count, sum x], [sum sq dev], [sum dy, sum dy*xhat]
+        self._msg_stats = np.zeros(n + 1, dtype=np.float64)
+        self._msg_var = np.zeros(n, dtype=np.float64)
+        self._msg_grad = np.zeros(2 * n, dtype=np.float64)
+        self._xhat: np.ndarray | None = None  # float64 (batch, n), cached for backward
+        self._invstd = np.zeros(n, dtype=np.float64)
+        self._count = 0.0
+        self._Y: np.ndarray | None = None
+        self._Y_train: np.ndarray | None = None
+        self._dX: np.ndarray | None = None
+        self._tmp: np.ndarray | None = None
+
+    def reset_parameters(self, rng: Any = None) -> None:
+        """gamma = 1, beta = 0, running_mean = 0, running_var = 1 (no randomness)."""
+        self.gamma[...] = 1
+        self.beta[...] = 0
+        self.running_mean[...] = 0
+        self.running_var[...] = 1
+
+    def params(self) -> dict[str, np.ndarray]:
+        return {"gamma": self.gamma, "beta": self.beta}
+
+    def grads(self) -> dict[str, np.ndarray]:
+        return {"gamma": self.dgamma, "beta": self.dbeta}
+
+    def buffers(self) -> dict[str, np.ndarray]:
+        return {"running_mean": self.running_mean, "running_var": self.running_var}
+
+    def config(self) -> dict[str, Any]:
+        return {"num_features": self.num_features, "momentum": self.momentum, "eps": self.eps}
+
+    def to_dtype(self, dtype: Any) -> SyncBatchNorm:
+        self.dtype = dtype
+        dt = self.dtype
+        for name in ("gamma", "beta", "dgamma", "dbeta", "running_mean", "running_var"):
+            setattr(self, name, np.ascontiguousarray(getattr(self, name), dtype=dt))
+        self._reset_cache()
+        return self
+
+    @staticmethod
+    def _buffer(old: np.ndarray | None, shape: tuple[int, ...], dtype: Any) -> np.ndarray:
+        if old is not None and old.shape == shape and old.dtype == dtype:
+            return old
+        return np.empty(shape, dtype=dtype)
+
+    def forward(self, X: Any, training: bool = False) -> np.ndarray:
+        Xa = self.prepare_input(X)
+        n, f = Xa.shape
+        g64 = self.gamma.astype(np.float64, copy=False)
+        b64 = self.beta.astype(np.float64, copy=False)
+        if not training:
+            scale = g64 / np.sqrt(self.running_var.astype(np.float64) + self.eps)
+            shift = b64 - self.running_mean.astype(np.float64) * scale
+            Y = self._buffer(self._Y, (n, f), Xa.dtype)
+            self._Y = Y
+            tmp = self._buffer(self._tmp, (n, f), np.float64)
+            self._tmp = tmp
+            np.multiply(Xa, scale, out=tmp)
+            np.add(tmp, shift, out=tmp)
+            np.copyto(Y, tmp, casting="same_kind")
+            return Y
+        comm = self.comm
+        if comm is None:
+            comm = self.comm = default_communicator()
+        stats = self._msg_stats
+        stats[0] = n
+        np.sum(Xa, axis=0, dtype=np.float64, out=stats[1:])
+        comm.allreduce_sum(stats, what=f"{self!r} forward: batch sum")
+        N = float(stats[0])
+        if N < 2:
+            raise ValueError(
+                f"{self!r}: training needs more than 1 sample per global batch to compute "
+                f"a batch variance, got {int(N)} (local shape {Xa.shape} dtype {Xa.dtype})"
+            )
+        mean = stats[1:] / N
+        # NOTE: two passes (mean first, then squared deviations) keep the variance
+        # exact where E[x^2] - E[x]^2 would cancel.
+        xhat = self._buffer(self._xhat, (n, f), np.float64)
+        self._xhat = xhat
+        np.subtract(Xa, mean, out=xhat)
+        var = self._msg_var
+        np.einsum("ij,ij->j", xhat, xhat, out=var)
+        comm.allreduce_sum(var, what=f"{self!r} forward: sum of squared deviations")
+        var /= N
+        np.divide(1.0, np.sqrt(var + self.eps), out=self._invstd)
+        xhat *= self._invstd
+        self._count = N
+        Y = self._buffer(self._Y_train, (n, f), Xa.dtype)
+        self._Y_train = Y
+        tmp = self._buffer(self._tmp, (n, f), np.float64)
+        self._tmp = tmp
+        np.multiply(xhat, g64, out=tmp)
+        np.add(tmp, b64, out=tmp)
+        np.copyto(Y, tmp, casting="same_kind")
+        m = self.momentum
+        rm = self.running_mean
+        rv = self.running_var
+        rm[...] = (1 - m) * rm.astype(np.float64) + m * mean
+        rv[...] = (1 - m) * rv.astype(np.float64) + m * var * (N / (N - 1))
+        return Y
+
+    def backward(self, dY: Any) -> np.ndarray:
+        if self._Y_train is None or self._xhat is None:
+            raise self._no_forward_error()
+        dy = self.prepare_grad(dY, self._Y_train)
+        xhat = self._xhat
+        n, f = xhat.shape
+        comm = self.comm
+        assert comm is not None
+        msg = self._msg_grad
+        np.sum(dy, axis=0, dtype=np.float64, out=msg[:f])
+        tmp = self._buffer(self._tmp, (n, f), np.float64)
+        self._tmp = tmp
+        np.multiply(dy, xhat, out=tmp)
+        np.sum(tmp, axis=0, out=msg[f:])
+        # NOTE: the parameter gradients are this shard's sums; the trainer's
+        # gradient allreduce adds the shards up (adding them here too would
+        # count them twice).
+        np.copyto(self.dbeta, msg[:f], casting="same_kind")
+        np.copyto(self.dgamma, msg[f:], casting="same_kind")
+        comm.allreduce_sum(msg, what=f"{self!r} backward: sums of dy and dy*xhat")
+        N = self._count
+        k = self.gamma.astype(np.float64) * self._invstd
+        # dx = gamma * invstd * (dy - G1/N - xhat * G2/N)
+        np.multiply(xhat, msg[f:] / N, out=tmp)
+        np.subtract(dy, tmp, out=tmp)
+        tmp -= msg[:f] / N
+        tmp *= k
+        dX = self._buffer(self._dX, (n, f), dy.dtype)
+        self._dX = dX
+        np.copyto(dX, tmp, casting="same_kind")
+        return dX
+
+
+def convert_sync_batchnorm(net: Any) -> Any:
+    """A new ``Sequential`` with every ``batchnorm`` replaced by a :class:`SyncBatchNorm`
+    (same config, parameters and buffers); the other layers are the same objects."""
+    from nnrt.network import Sequential
+    from nnrt_plugins.batchnorm import BatchNorm
+
+    state = net.state_dict()
+    layers = [
+        SyncBatchNorm(**layer.config()) if isinstance(layer, BatchNorm) else layer
+        for layer in net.layers
+    ]
+    new = Sequential(layers, seed=net.seed, dtype=net.dtype)
+    new.load_state_dict(state)
+    return new
+
+
+# ---------------------------------------------------------------------------- batching
+def shard_bounds(n: int, size: int, rank: int) -> tuple[int, int]:
+    """Rows ``[lo, hi)`` of a global batch of ``n`` that ``rank`` of ``size`` computes
+    (``np.array_split``: the first ``n % size`` ranks get one row more)."""
+    q, r = divmod(n, size)
+    lo = rank * q + min(rank, r)
+    return lo, lo + q + (1 if rank < r else 0)
+
+
+def global_batches(
+    n: int, batch_size: int, epochs: int, seed: int | None, shuffle: bool = True
+) -> Iterator[tuple[int, np.ndarray]]:
+    """The ``(epoch, indices)`` of every global batch, identical on every rank.
+
+    One generator ``np.random.default_rng(seed)``; each epoch draws
+    ``rng.permutation(n)`` (``np.arange(n)`` without shuffling) and cuts it into
+    consecutive batches of ``batch_size`` (the last one may be shorter).
+    """
+    rng = np.random.default_rng(seed)
+    for epoch in range(epochs):
+        order = rng.permutation(n) if shuffle else np.arange(n)
+        for start in range(0, n, batch_size):
+            yield epoch, order[start : start + batch_size]
+
+
+# ---------------------------------------------------------------------------- training
+@dataclass
+class DistributedHistory:
+    """Per-epoch records: ``history["loss"]`` (mean global-batch loss), ``"val_loss"``."""
+
+    history: dict[str, list[float]] = field(default_factory=dict)
+    epochs: int = 0
+    steps: int = 0
+    skipped_batches: int = 0
+
+
+def _has_local_batchnorm(net: Any) -> bool:
+    try:
+        from nnrt_plugins.batchnorm import BatchNorm
+    except ImportError:  # pragma: no cover
+        return False
+    return any(isinstance(layer, BatchNorm) for layer in net.layers)
+
+
+class DistributedTrainer:
+    """Data-parallel training of one ``Sequential`` on every rank of ``comm``.
+
+    ``DistributedTrainer(net, optimizer, loss="softmax_cross_entropy", comm=None)``
+    broadcasts rank 0's parameters and buffers, points every
+    :class:`SyncBatchNorm` at ``comm`` and preallocates the flat message buffer
+    (every gradient, then one slot for the loss, then the float buffers of
+    layers that are not :class:`SyncBatchNorm`, in the network's dtype).
+    ``step(X_local, y_local, n_global)`` runs one global step;
+    :meth:`fit` runs epochs. The optimizer must be built on ``net`` (it is
+    stepped identically on every rank).
+    """
+
+    def __init__(
+        self,
+        net: Any,
+        optimizer: Any,
+        loss: str | Callable[[Any, Any], tuple[float, np.ndarray]] = "softmax_cross_entropy",
+        comm: AnyComm | None = None,
+    ) -> None:
+        from nnrt.losses import get_loss
+
+        self.net = net
+        self.optimizer = optimizer
+        self.loss_fn = get_loss(loss)
+        self.comm: AnyComm = default_communicator() if comm is None else comm
+        self.rank = self.comm.rank
+        self.size = self.comm.size
+        for layer in net.layers:
+            if isinstance(layer, SyncBatchNorm):
+                layer.comm = self.comm
+        dtype = np.dtype(net.dtype)
+        self._grads = list(net.grads().values())
+        sync_ids = {
+            i for i, layer in enumerate(net.layers) if isinstance(layer, SyncBatchNorm)
+        }
+        self._avg_buffers = [
+            arr
+            for key, arr in net.buffers().items()
+            if int(key.split(".", 1)[0]) not in sync_ids and arr.dtype.kind == "f"
+        ]
+        n_grad = sum(g.size for g in self._grads)
+        n_buf = sum(b.size for b in self._avg_buffers)
+        self._loss_slot = n_grad
+        self.flat = np.zeros(n_grad + 1 + n_buf, dtype=dtype)
+        self._grad_views = self._views(self.flat, 0, self._grads)
+        self._buf_views = self._views(self.flat, n_grad + 1, self._avg_buffers)
+        self.allreduce_seconds = 0.0
+        self.broadcast_state()
+
+    @staticmethod
+    def _views(flat: np.ndarray, start: int, arrays: Sequence[np.ndarray]) -> list[np.ndarray]:
+        out = []
+        for a in arrays:
+            out.append(flat[start : start + a.size].reshape(a.shape))
+            start += a.size
+        return out
+
+    def broadcast_state(self) -> None:
+        """Copy rank 0's parameters and buffers to every rank (one broadcast)."""
+        if self.size == 1:
+            return
+        arrays = list(self.net.params().values()) + list(self.net.buffers().values())
+        by_dtype: dict[np.dtype, list[np.ndarray]] = {}
+        for a in arrays:
+            by_dtype.setdefault(a.dtype, []).append(a)
+        for dt, group in by_dtype.items():
+            flat = np.concatenate([a.ravel() for a in group]).astype(dt, copy=False)
+            self.comm.bcast(flat, root=0, what="broadcast of the initial parameters")
+            for a, v in zip(group, self._views(flat, 0, group), strict=True):
+                np.copyto(a, v)
+
+    def step(self, X_local: np.ndarray, y_local: np.ndarray, n_global: int) -> float:
+        """One global step on this rank's shard; returns the global batch's mean loss."""
+        n_local = int(X_local.shape[0])
+        Y = self.net.forward(X_local, training=True)
+        loss, dY = self.loss_fn(Y, y_local)
+        # NOTE: dY carries 1/n_local (mean-reduced loss); the global mean needs
+        # 1/n_global, so scale before backward: every gradient then is this
+        # shard's exact share of the global-batch gradient.
+        share = n_local / n_global
+        if share != 1.0:
+            dY = np.multiply(dY, share, out=dY if dY.flags.writeable else None)
+        self.net.backward(dY)
+        flat = self.flat
+        for view, g in zip(self._grad_views, self._grads, strict=True):
+            np.copyto(view, g)
+        flat[self._loss_slot] = loss * share
+        if self._buf_views:
+            inv = 1.0 / self.size
+            for view, b in zip(self._buf_views, self._avg_buffers, strict=True):
+                np.multiply(b, inv, out=view)
+        t0 = time.perf_counter()
+        self.comm.allreduce_sum(flat, what="gradient allreduce")
+        self.allreduce_seconds += time.perf_counter() - t0
+        for view, g in zip(self._grad_views, self._grads, strict=True):
+            np.copyto(g, view)
+        for view, b in zip(self._buf_views, self._avg_buffers, strict=True):
+            np.copyto(b, view)
+        self.optimizer.step()
+        return float(flat[self._loss_slot])
+
+    def evaluate_loss(self, X: Any, y: Any, batch_size: int = 1024) -> float:
+        """Mean loss over ``(X, y)`` (eval mode), each rank computing a shard; all get it."""
+        n = len(X)
+        acc = np.zeros(2, dtype=np.float64)
+        lo, hi = shard_bounds(n, self.size, self.rank)
+        for start in range(lo, hi, batch_size):
+            stop = min(start + batch_size, hi)
+            loss, _ = self.loss_fn(self.net.forward(X[start:stop], training=False), y[start:stop])
+            acc[0] += loss * (stop - start)
+            acc[1] += stop - start
+        self.comm.allreduce_sum(acc, what="validation loss allreduce")
+        return float(acc[0] / acc[1])
+
+    def fit(
+        self,
+        X: Any,
+        y: Any,
+        *,
+        epochs: int = 1,
+        batch_size: int = 32,
+        shuffle: bool = True,
+        seed: int | None = None,
+        validation_data: tuple[Any, Any] | None = None,
+        checkpoint: str | os.PathLike[str] | None = None,
+        verbose: bool = True,
+    ) -> DistributedHistory:
+        """Train for ``epochs`` over ``(X, y)``; ``batch_size`` is the GLOBAL batch.
+
+        Every rank passes the same ``X``/``y`` (a ``np.load(..., mmap_mode="r")``
+        array keeps each rank's memory at its shards) and computes rows
+        ``shard_bounds(len(batch), size, rank)`` of each global batch from
+        :func:`global_batches` (``seed`` default: the network's seed). A batch
+        too small to give every rank a row (or, with ``batchnorm``, two rows)
+        is skipped on every rank. After each epoch rank 0 saves ``checkpoint``
+        (``net.save``) and updates the progress bar.
+        """
+        if len(X) != len(y):
+            raise ValueError(f"fit: X has {len(X)} rows but y has {len(y)}")
+        if isinstance(batch_size, bool) or int(batch_size) < 1:
+            raise ValueError(f"fit: batch_size must be a positive int, got {batch_size!r}")
+        batch_size = int(batch_size)
+        n = len(X)
+        min_rows = 2 if _has_local_batchnorm(self.net) else 1
+        min_global = max(self.size * min_rows, 2 if self._has_sync_bn() else 1)
+        if seed is None:
+            seed = self.net.seed
+        hist = DistributedHistory(history={"loss": []})
+        if validation_data is not None:
+            hist.history["val_loss"] = []
+        steps_per_epoch = math.ceil(n / batch_size)
+        bar = self._progress(epochs * steps_per_epoch, verbose)
+        total = 0.0
+        count = 0
+        current = 0
+        try:
+            for epoch, idx in global_batches(n, batch_size, epochs, seed, shuffle):
+                if epoch != current:
+                    self._end_epoch(hist, total, count, validation_data, checkpoint, bar)
+                    total, count, current = 0.0, 0, epoch
+                if len(idx) < min_global:
+                    hist.skipped_batches += 1
+                    if bar is not None:
+                        bar.update(1)
+                    continue
+                lo, hi = shard_bounds(len(idx), self.size, self.rank)
+                rows = np.sort(idx[lo:hi])
+                loss = self.step(np.asarray(X[rows]), np.asarray(y[rows]), len(idx))
+                total += loss
+                count += 1
+                hist.steps += 1
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix(epoch=epoch + 1, loss=f"{loss:.4f}", refresh=False)
+            if epochs > 0:
+                self._end_epoch(hist, total, count, validation_data, checkpoint, bar)
+        finally:
+            if bar is not None:
+                bar.close()
+        return hist
+
+    def _has_sync_bn(self) -> bool:
+        return any(isinstance(layer, SyncBatchNorm) for layer in self.net.layers)
+
+    def _progress(self, total: int, verbose: bool) -> Any:
+        if self.rank != 0 or not verbose:
+            return None
+        from tqdm.auto import tqdm
+
+        return tqdm(total=total, desc=f"fit on {self.size} ranks", unit="step", leave=True)
+
+    def _end_epoch(
+        self,
+        hist: DistributedHistory,
+        total: float,
+        count: int,
+        validation_data: tuple[Any, Any] | None,
+        checkpoint: str | os.PathLike[str] | None,
+        bar: Any,
+    ) -> None:
+        hist.epochs += 1
+        hist.history["loss"].append(total / count if count else float("nan"))
+        if validation_data is not None:
+            hist.history["val_loss"].append(self.evaluate_loss(*validation_data))
+        if checkpoint is not None and self.rank == 0:
+            self.net.save(os.fspath(checkpoint))
+        if bar is not None:
+            bar.set_postfix(epoch=hist.epochs, loss=f"{hist.history['loss'][-1]:.4f}")
+
+
+def fit(
+    net: Any,
+    X: Any,
+    y: Any,
+    *,
+    loss: str | Callable[[Any, Any], tuple[float, np.ndarray]] = "softmax_cross_entropy",
+    optimizer: Any = None,
+    epochs: int = 1,
+    batch_size: int = 32,
+    shuffle: bool = True,
+    seed: int | None = None,
+    validation_data: tuple[Any, Any] | None = None,
+    checkpoint: str | os.PathLike[str] | None = None,
+    verbose: bool = True,
+    comm: AnyComm | None = None,
+) -> DistributedHistory:
+    """Data-parallel ``fit`` over all ranks of ``comm`` (default: MPI.COMM_WORLD under
+    ``mpirun``, else one process). ``batch_size`` is the global batch;
+    ``optimizer`` defaults to ``nnrt.optim.Adam(net)``. See :class:`DistributedTrainer`."""
+    if optimizer is None:
+        from nnrt.optim import Adam
+
+        optimizer = Adam(net)
+    trainer = DistributedTrainer(net, optimizer, loss=loss, comm=comm)
+    return trainer.fit(
+        X,
+        y,
+        epochs=epochs,
+        batch_size=batch_size,
+        shuffle=shuffle,
+        seed=seed,
+        validation_data=validation_data,
+        checkpoint=checkpoint,
+        verbose=verbose,
+    )
+
+
+# ---------------------------------------------------------------------------- launcher
+def mpirun_command(
+    n: int,
+    argv: Sequence[str],
+    hostfile: str | None = None,
+    mpirun: str = "mpirun",
+    extra: Sequence[str] = (),
+) -> list[str]:
+    """The ``mpirun`` command line that starts ``argv`` on ``n`` ranks.
+
+    Adds ``--oversubscribe`` (more ranks than cores is allowed) and, for root
+    (containers), ``--allow-run-as-root``; with a ``hostfile`` the ranks are
+    spread over its machines. Open MPI flags; other MPIs take ``extra`` only.
+    """
+    cmd = [mpirun, "-n", str(int(n))]
+    is_openmpi = _is_openmpi(mpirun)
+    if is_openmpi:
+        cmd.append("--oversubscribe")
+        if hasattr(os, "geteuid") and os.geteuid() == 0:
+            cmd.append("--allow-run-as-root")
+    if hostfile is not None:
+        cmd += ["--hostfile", os.fspath(hostfile)]
+    cmd += list(extra)
+    cmd += list(argv)
+    return cmd
+
+
+def _is_openmpi(mpirun: str) -> bool:
+    import subprocess
+
+    path = shutil.which(mpirun)
+    if path is None:
+        return True
+    try:
+        out = subprocess.run(
+            [path, "--version"], capture_output=True, text=True, timeout=20, check=False
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return True
+    return "Open MPI" in (out.stdout + out.stderr) or "OpenRTE" in (out.stdout + out.stderr)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m nnrt.distributed -n 2 [--hostfile H] script.py [args...]``: run
+    ``python script.py args`` on ``n`` ranks via mpirun with this machine's flags."""
+    parser = argparse.ArgumentParser(
+        prog="python -m nnrt.distributed",
+        description="Run a Python training script on several MPI ranks.",
+    )
+    parser.add_argument("-n", "--np", type=int, default=2, help="number of ranks (default 2)")
+    parser.add_argument("--hostfile", help="MPI hostfile listing the machines")
+    parser.add_argument("--timeout", type=float, help="NNRT_MPI_TIMEOUT for the ranks (s)")
+    parser.add_argument("--dry-run", action="store_true", help="print the command only")
+    parser.add_argument("script", help="Python script (or -m module) to run")
+    parser.add_argument("args", nargs=argparse.REMAINDER)
+    ns = parser.parse_args(argv)
+    target = ["-m", *ns.args] if ns.script == "-m" else [ns.script, *ns.args]
+    cmd = mpirun_command(ns.np, [sys.executable, *target], hostfile=ns.hostfile)
+    if ns.timeout is not None:
+        os.environ["NNRT_MPI_TIMEOUT"] = str(ns.timeout)
+        if _is_openmpi("mpirun"):
+            cmd[1:1] = ["-x", "NNRT_MPI_TIMEOUT"]
+    print(" ".join(cmd), flush=True)
+    if ns.dry_run:
+        return 0
+    if shutil.which(cmd[0]) is None:
+        print(
+            "mpirun not found: install Open MPI (apt-get install openmpi-bin libopenmpi-dev)",
+            file=sys.stderr,
+        )
+        return 127
+    os.execvp(cmd[0], cmd)
+    return 0  # pragma: no cover
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(main())
