@@ -265,3 +265,61 @@ def test_sequential_error_names_the_failing_layer_index():
     with pytest.raises(ValueError, match="layer 0") as info:
         net.forward(np.ones((B, F + 2)))
     assert "(6, 8)" in str(info.value)
+
+
+# ------------------------------------- returned buffers fed back in (aliasing)
+# Outputs may be reused buffers (DESIGN.md), and a caller may pass one straight
+# back in: y = f(f(x)). The layer must not write its output over that input.
+@pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
+@pytest.mark.parametrize("view", [False, True], ids=["same", "view"])
+def test_dense_output_fed_back_as_input(training, view, rng):
+    layer = nnrt.layer("dense", 3, 3)
+    W, b = layer.params()["weight"].copy(), layer.params()["bias"].copy()
+    X = rng.standard_normal((4, 3))
+    Y = layer.forward(X, training=training)
+    Y_in = Y[:] if view else Y
+    Y_saved = Y.copy()
+    Z = layer.forward(Y_in, training=training)
+    assert_allclose(Z, Y_saved @ W + b, rtol=1e-13, atol=1e-14)
+    if training:
+        dY = rng.standard_normal((4, 3))
+        dX = layer.backward(dY)
+        assert_allclose(layer.grads()["weight"], Y_saved.T @ dY, rtol=1e-13, atol=1e-14)
+        assert_allclose(dX, dY @ W.T, rtol=1e-13, atol=1e-14)
+
+
+def test_dense_gradient_fed_back_as_gradient(rng):
+    layer = nnrt.layer("dense", 3, 3)
+    W = layer.params()["weight"].copy()
+    X = rng.standard_normal((4, 3))
+    layer.forward(X, training=True)
+    dX = layer.backward(rng.standard_normal((4, 3)))
+    dX_saved = dX.copy()
+    dX2 = layer.backward(dX)
+    assert_allclose(dX2, dX_saved @ W.T, rtol=1e-13, atol=1e-14)
+    assert_allclose(layer.grads()["weight"], X.T @ dX_saved, rtol=1e-13, atol=1e-14)
+
+
+@pytest.mark.parametrize("name,args", [("batchnorm", (3,)), ("sigmoid", ())])
+def test_elementwise_layer_output_fed_back_as_input(name, args, rng):
+    X = rng.standard_normal((5, 3)) * 2 + 1
+    dY = rng.standard_normal((5, 3))
+    layer, ref = nnrt.layer(name, *args), nnrt.layer(name, *args)
+    Y = layer.forward(X, training=True)
+    Y_saved = Y.copy()
+    ref.forward(X, training=True)
+    Z_ref = ref.forward(Y_saved, training=True).copy()
+    dX_ref = ref.backward(dY).copy()
+    assert_allclose(layer.forward(Y, training=True), Z_ref, rtol=1e-13, atol=1e-14)
+    assert_allclose(layer.backward(dY), dX_ref, rtol=1e-13, atol=1e-14)
+    for k, g in layer.grads().items():
+        assert_allclose(g, ref.grads()[k], rtol=1e-13, atol=1e-14, err_msg=k)
+
+
+def test_sequential_output_fed_back_as_input(rng):
+    net = nnrt.Sequential([nnrt.layer("dense", 3, 3)], seed=2, dtype="float64")
+    W, b = net.params()["0.weight"], net.params()["0.bias"]
+    X = rng.standard_normal((4, 3))
+    Y = net(X)
+    expected = (X @ W + b) @ W + b
+    assert_allclose(net(Y), expected, rtol=1e-13, atol=1e-14)
