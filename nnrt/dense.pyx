@@ -21,6 +21,20 @@ from nnrt.layer cimport Layer, reuse_buffer
 cnp.import_array()
 
 
+cdef inline object _unaliased(object buf, cnp.ndarray src):
+    # NOTE: callers may feed a returned buffer straight back in (y = f(f(x))); a
+    # buffer that overlaps the input is not reused, or the output would overwrite it.
+    cdef char* p
+    cdef char* q
+    if buf is None:
+        return None
+    p = <char*>cnp.PyArray_DATA(<cnp.ndarray>buf)
+    q = <char*>cnp.PyArray_DATA(src)
+    if p < q + cnp.PyArray_NBYTES(src) and q < p + cnp.PyArray_NBYTES(<cnp.ndarray>buf):
+        return None
+    return buf
+
+
 cdef void dense_forward(const floating* X, const floating* W, const floating* b,
                         floating* Y, int batch, int n_in, int n_out,
                         bint use_bias) noexcept nogil:
@@ -151,13 +165,13 @@ cdef class Dense(Layer):
         cdef cnp.ndarray Xa = self.prepare_input(X)
         cdef cnp.ndarray Y
         if training:
-            Y = reuse_buffer(self._Y_train, cnp.PyArray_DIM(Xa, 0), self.out_features,
-                             self._typenum)
+            Y = reuse_buffer(_unaliased(self._Y_train, Xa), cnp.PyArray_DIM(Xa, 0),
+                             self.out_features, self._typenum)
             self._Y_train = Y
             self._X = Xa
         else:
-            Y = reuse_buffer(self._Y_eval, cnp.PyArray_DIM(Xa, 0), self.out_features,
-                             self._typenum)
+            Y = reuse_buffer(_unaliased(self._Y_eval, Xa), cnp.PyArray_DIM(Xa, 0),
+                             self.out_features, self._typenum)
             self._Y_eval = Y
         self._forward_kernel(Xa, Y)
         return Y
@@ -167,8 +181,8 @@ cdef class Dense(Layer):
             raise self._no_forward_error()
         cdef cnp.ndarray X = <cnp.ndarray>self._X
         cdef cnp.ndarray dYa = self.prepare_grad(dY, <cnp.ndarray>self._Y_train)
-        cdef cnp.ndarray dX = reuse_buffer(self._dX, cnp.PyArray_DIM(X, 0), self.in_features,
-                                           self._typenum)
+        cdef cnp.ndarray dX = reuse_buffer(_unaliased(self._dX, dYa), cnp.PyArray_DIM(X, 0),
+                                           self.in_features, self._typenum)
         self._dX = dX
         self._backward_kernel(X, dYa, dX)
         return dX

@@ -35,6 +35,20 @@ cnp.import_array()
 check_abi(NNRT_ABI_VERSION, __name__)
 
 
+cdef inline object _unaliased(object buf, cnp.ndarray src):
+    # NOTE: callers may feed a returned buffer straight back in (y = f(f(x))); a
+    # buffer that overlaps the input is not reused, or the output would overwrite it.
+    cdef char* p
+    cdef char* q
+    if buf is None:
+        return None
+    p = <char*>cnp.PyArray_DATA(<cnp.ndarray>buf)
+    q = <char*>cnp.PyArray_DATA(src)
+    if p < q + cnp.PyArray_NBYTES(src) and q < p + cnp.PyArray_NBYTES(<cnp.ndarray>buf):
+        return None
+    return buf
+
+
 cdef void bn_batch_stats(const floating* X, Py_ssize_t n, Py_ssize_t f,
                          double* mean, double* var) noexcept nogil:
     # two passes over the rows, float64 accumulators, row-major friendly
@@ -213,7 +227,8 @@ cdef class BatchNorm(Layer):
                     f"{self!r}: training needs more than 1 sample per batch to compute "
                     f"a batch variance, got shape {(<object>Xa).shape} dtype {Xa.dtype}"
                 )
-            Y = reuse_buffer(self._Y_train, n, f, self._typenum)
+            # the cached X must survive this forward: never write Y over it
+            Y = reuse_buffer(_unaliased(self._Y_train, Xa), n, f, self._typenum)
             self._Y_train = Y
             self._X = Xa
             if self._typenum == cnp.NPY_FLOAT32:
