@@ -323,3 +323,13 @@ def test_sequential_output_fed_back_as_input(rng):
     Y = net(X)
     expected = (X @ W + b) @ W + b
     assert_allclose(net(Y), expected, rtol=1e-13, atol=1e-14)
+
+
+@pytest.mark.parametrize("which", list(LAYERS))
+def test_too_many_elements_is_a_value_error_not_a_crash(which):
+    # a zero-stride view: 2**31+ elements without the memory; C ints would overflow
+    factory, name, _ = LAYERS[which]
+    X = np.broadcast_to(np.zeros((1, F)), (2**31 // F + 1, F))
+    with pytest.raises(ValueError) as info:
+        factory().forward(X, training=False)
+    assert name in str(info.value) and str(X.shape) in str(info.value)
