@@ -144,7 +144,9 @@ class LambdaCallback(Callback):
 
 
 class EarlyStopping(Callback):
-    """Stop when ``monitor`` has not improved for ``patience`` epochs.
+    """Stop after ``patience`` epochs in a row in which ``monitor`` did not improve.
+
+    ``patience=0`` stops at the first epoch without improvement.
 
     ``monitor`` is a history key (``"val_loss"`` by default; ``"loss"``,
     ``"val_accuracy"``, ...). ``mode`` is ``"min"``, ``"max"`` or ``"auto"``
@@ -212,7 +214,7 @@ class EarlyStopping(Callback):
                 self._best_state = state.net.state_dict()
             return
         self._wait += 1
-        if self._wait > self.patience:
+        if self._wait >= self.patience:
             self.stopped_epoch = epoch
             state.stop_training = True
 
