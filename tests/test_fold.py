@@ -1,0 +1,121 @@
+"""fold_batchnorm: the folded network equals the unfolded one in eval mode."""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+
+import nnrt
+from nnrt.registry import registry
+
+TOL = {"float32": 1e-6, "float64": 1e-12}
+
+
+def _randomise_bn(net: nnrt.Sequential, rng: np.random.Generator) -> None:
+    """Non-trivial gamma, beta and running statistics for every batchnorm."""
+    state = net.state_dict()
+    for key, value in state.items():
+        if key.endswith(("gamma", "running_var")):
+            state[key] = rng.uniform(0.5, 2.0, size=value.shape)
+        elif key.endswith(("beta", "running_mean")):
+            state[key] = rng.normal(scale=0.5, size=value.shape)
+    net.load_state_dict(state)
+
+
+def _names(net: nnrt.Sequential) -> list[str | None]:
+    return [registry.name_of(type(layer)) for layer in net.layers]
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_folded_network_matches_eval_network(dtype: str) -> None:
+    rng = np.random.default_rng(3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", nnrt.BiasBeforeBatchNormWarning)
+        net = nnrt.Sequential(
+            [
+                nnrt.layer("dense", 10, 16),  # with bias
+                nnrt.layer("batchnorm", 16),
+                nnrt.layer("sigmoid"),
+                nnrt.layer("dense_nobias", 16, 8),
+                nnrt.layer("batchnorm", 8, eps=1e-3),
+                nnrt.layer("sigmoid"),
+                nnrt.layer("dense", 8, 4),
+            ],
+            seed=2,
+            dtype=dtype,
+        )
+    _randomise_bn(net, rng)
+    X = rng.normal(size=(50, 10))
+    before = net.state_dict()
+    expected = net.predict(X)
+    folded = net.fold_batchnorm()
+    assert "batchnorm" not in _names(folded)
+    assert _names(folded) == ["dense", "sigmoid", "dense", "sigmoid", "dense"]
+    assert folded.dtype == np.dtype(dtype)
+    got = folded.predict(X)
+    assert got.dtype == np.dtype(dtype)
+    np.testing.assert_allclose(got, expected, rtol=0, atol=TOL[dtype])
+    # the original network is untouched and shares no layers with the folded one
+    after = net.state_dict()
+    assert all(np.array_equal(before[k], after[k]) for k in before)
+    assert not {id(a) for a in net.layers} & {id(b) for b in folded.layers}
+
+
+def test_folded_weights_follow_the_formula() -> None:
+    """W' = W * s, b' = (b - mean) * s + beta with s = gamma / sqrt(var + eps)."""
+    rng = np.random.default_rng(4)
+    net = nnrt.Sequential(
+        [nnrt.layer("dense_nobias", 3, 5), nnrt.layer("batchnorm", 5, eps=0.01)],
+        seed=0,
+        dtype="float64",
+    )
+    _randomise_bn(net, rng)
+    st = net.state_dict()
+    s = st["1.gamma"] / np.sqrt(st["1.running_var"] + 0.01)
+    folded = net.fold_batchnorm().state_dict()
+    np.testing.assert_allclose(folded["0.weight"], st["0.weight"] * s, rtol=1e-14)
+    np.testing.assert_allclose(
+        folded["0.bias"], -st["1.running_mean"] * s + st["1.beta"], rtol=1e-14, atol=1e-15
+    )
+
+
+def test_batchnorm_not_after_dense_is_kept() -> None:
+    rng = np.random.default_rng(5)
+    net = nnrt.Sequential(
+        [
+            nnrt.layer("dense_nobias", 4, 6),
+            nnrt.layer("sigmoid"),
+            nnrt.layer("batchnorm", 6),
+            nnrt.layer("dense", 6, 2),
+        ],
+        seed=0,
+        dtype="float64",
+    )
+    _randomise_bn(net, rng)
+    folded = net.fold_batchnorm()
+    assert _names(folded) == ["dense_nobias", "sigmoid", "batchnorm", "dense"]
+    X = rng.normal(size=(9, 4))
+    np.testing.assert_allclose(folded.predict(X), net.predict(X), rtol=0, atol=1e-12)
+
+
+def test_folding_a_trained_network_and_saving_it(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    rng = np.random.default_rng(6)
+    X = rng.normal(size=(80, 5))
+    y = (X[:, 0] > 0).astype(np.int64)
+    net = nnrt.Sequential(
+        [
+            nnrt.layer("dense_nobias", 5, 8),
+            nnrt.layer("batchnorm", 8),
+            nnrt.layer("sigmoid"),
+            nnrt.layer("dense", 8, 2),
+        ],
+        seed=1,
+    )
+    net.fit(X, y, epochs=3, batch_size=16, progress=False)
+    folded = net.fold_batchnorm()
+    np.testing.assert_allclose(folded.predict(X), net.predict(X), rtol=0, atol=1e-6)
+    folded.save(tmp_path / "folded.npz")
+    again = nnrt.load(tmp_path / "folded.npz")
+    assert np.array_equal(again.predict(X), folded.predict(X))
