@@ -8,15 +8,15 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+import numpy as np
 from nnrt_plugins._batchnorm import BatchNorm
 
 from nnrt.hookspecs import RegisterLayer, hookimpl
 from nnrt.warnings import BiasBeforeBatchNormWarning, warn_user
 
 if TYPE_CHECKING:
-    from nnrt.layer import Layer
-
     from nnrt.hookspecs import OnnxExportContext
+    from nnrt.layer import Layer
     from nnrt.network import Sequential
 
 __all__ = ["BatchNorm", "nnrt_check_network", "nnrt_onnx_export", "nnrt_register_layers"]
@@ -54,11 +54,18 @@ def nnrt_onnx_export(layer: Layer, input: str, ctx: OnnxExportContext) -> str | 
     scale = ctx.add_initializer("gamma", p["gamma"])
     bias = ctx.add_initializer("beta", p["beta"])
     mean = ctx.add_initializer("running_mean", b["running_mean"])
-    var = ctx.add_initializer("running_var", b["running_var"])
     cfg = layer.config()
+    eps = float(cfg["eps"])
+    # NOTE: ONNX stores the epsilon attribute as float32; the rounding (~5e-11
+    # for 1e-3) is moved into running_var so that var + epsilon is exact in a
+    # float64 graph too.
+    eps32 = float(np.float32(eps))
+    var = ctx.add_initializer(
+        "running_var", np.asarray(b["running_var"], dtype=np.float64) + (eps - eps32)
+    )
     return ctx.add_node(
         "BatchNormalization",
         [input, scale, bias, mean, var],
-        epsilon=float(cfg["eps"]),
+        epsilon=eps32,
         momentum=1.0 - float(cfg["momentum"]),
     )[0]
