@@ -434,7 +434,10 @@ class SyncBatchNorm(Layer):
 
     def backward(self, dY: Any) -> np.ndarray:
         if self._Y_train is None or self._xhat is None:
-            raise self._no_forward_error()
+            raise RuntimeError(
+                f"{self!r}: backward() called before forward(X, training=True); "
+                f"backward uses the activations cached by the last training forward"
+            )
         dy = self.prepare_grad(dY, self._Y_train)
         xhat = self._xhat
         n, f = xhat.shape
@@ -468,8 +471,9 @@ class SyncBatchNorm(Layer):
 def convert_sync_batchnorm(net: Any) -> Any:
     """A new ``Sequential`` with every ``batchnorm`` replaced by a :class:`SyncBatchNorm`
     (same config, parameters and buffers); the other layers are the same objects."""
-    from nnrt.network import Sequential
     from nnrt_plugins.batchnorm import BatchNorm
+
+    from nnrt.network import Sequential
 
     state = net.state_dict()
     layers = [
@@ -558,9 +562,7 @@ class DistributedTrainer:
                 layer.comm = self.comm
         dtype = np.dtype(net.dtype)
         self._grads = list(net.grads().values())
-        sync_ids = {
-            i for i, layer in enumerate(net.layers) if isinstance(layer, SyncBatchNorm)
-        }
+        sync_ids = {i for i, layer in enumerate(net.layers) if isinstance(layer, SyncBatchNorm)}
         self._avg_buffers = [
             arr
             for key, arr in net.buffers().items()
