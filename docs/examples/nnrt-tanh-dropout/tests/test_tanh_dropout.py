@@ -6,6 +6,8 @@ found through the installed entry point, not imported by hand.
 
 from __future__ import annotations
 
+from typing import Any
+
 import nnrt
 import nnrt.losses
 import nnrt.optim
@@ -40,7 +42,7 @@ def test_check_layer(factory: object) -> None:
 
 def test_check_layer_catches_a_wrong_derivative() -> None:
     class BadTanh(Tanh):
-        def backward(self, dY: object) -> np.ndarray:  # forgot the square
+        def backward(self, dY: Any) -> np.ndarray:  # forgot the square
             assert self._Y is not None
             return self.prepare_grad(dY, self._Y) * (1.0 - self._Y)
 

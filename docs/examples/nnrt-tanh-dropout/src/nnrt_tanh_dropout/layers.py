@@ -35,7 +35,7 @@ class Tanh(nnrt.Layer):
 
     def forward(self, X: Any, training: bool = False) -> np.ndarray:
         Xa = self.prepare_input(X)  # C-contiguous 2-D array of self.dtype, validated
-        Y = np.tanh(Xa)
+        Y: np.ndarray = np.tanh(Xa)
         if training:
             self._Y = Y  # backward needs the output of the last *training* forward
         return Y
@@ -44,7 +44,8 @@ class Tanh(nnrt.Layer):
         if self._Y is None:
             raise RuntimeError(f"{self!r}: backward() called before forward(X, training=True)")
         g = self.prepare_grad(dY, self._Y)  # shape and dtype of the cached output
-        return g * (1.0 - self._Y * self._Y)
+        dX: np.ndarray = g * (1.0 - self._Y * self._Y)
+        return dX
 
     def config(self) -> dict[str, Any]:
         return {}
@@ -100,9 +101,11 @@ class Dropout(nnrt.Layer):
         scale *= 1.0 / (1.0 - self.p)
         self._scale = scale
         self.step[0] = (t + 1) % _STEP_WRAP
-        return Xa * scale
+        Y: np.ndarray = Xa * scale
+        return Y
 
     def backward(self, dY: Any) -> np.ndarray:
         if self._scale is None:
             raise RuntimeError(f"{self!r}: backward() called before forward(X, training=True)")
-        return self.prepare_grad(dY, self._scale) * self._scale
+        dX: np.ndarray = self.prepare_grad(dY, self._scale) * self._scale
+        return dX
