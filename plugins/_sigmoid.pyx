@@ -15,6 +15,10 @@ from nnrt.layer cimport Layer, NNRT_ABI_VERSION, reuse_buffer
 
 from nnrt.layer import check_abi
 
+cdef extern from "nnrt/_vmath.h" nogil:
+    # vectorisable float32 sigmoid (polynomial exp; see the header)
+    void nnrt_sigmoidf_array(const float* x, float* s, Py_ssize_t n)
+
 cnp.import_array()
 check_abi(NNRT_ABI_VERSION, __name__)
 
@@ -33,6 +37,9 @@ cdef inline floating csigmoid(floating x) noexcept nogil:
 
 cdef void sigmoid_forward(const floating* X, floating* S, Py_ssize_t n) noexcept nogil:
     cdef Py_ssize_t i
+    if floating is float:
+        nnrt_sigmoidf_array(X, S, n)
+        return
     for i in range(n):
         S[i] = csigmoid(X[i])
 
