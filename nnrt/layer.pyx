@@ -18,6 +18,20 @@ cnp.import_array()
 
 ABI_VERSION = NNRT_ABI_VERSION
 
+cdef extern from *:
+    """
+    #ifdef NNRT_DEBUG_BUILD
+    #define NNRT_DEBUG_BUILD_FLAG 1
+    #else
+    #define NNRT_DEBUG_BUILD_FLAG 0
+    #endif
+    """
+    int NNRT_DEBUG_BUILD_FLAG
+
+# True when compiled with NNRT_DEBUG_BUILD=1 (setup.py: boundscheck, wraparound and
+# initializedcheck on, -O0 -g); tests/debug_build.sh checks it.
+DEBUG_BUILD = bool(NNRT_DEBUG_BUILD_FLAG)
+
 # Largest element count a kernel may index with a C int (BLAS takes int).
 cdef Py_ssize_t _MAX_ELEMENTS = 2147483647
 
@@ -175,15 +189,18 @@ cdef class Layer:
 
     def _prepare_slow(self, X):
         if not isinstance(X, np.ndarray):
-            if isinstance(X, (list, tuple)) or np.isscalar(X):
+            try:
                 X = np.asarray(X)
-            else:
-                try:
-                    X = np.asarray(X)
-                except Exception as exc:
-                    raise TypeError(
-                        f"{self!r}: expected a 2-D numeric array, got {_describe_array(X)}"
-                    ) from exc
+            except ValueError as exc:  # e.g. a ragged list of lists
+                raise ValueError(
+                    f"{self!r}: expected a 2-D numeric array (shape (batch, "
+                    f"{self.in_features if self.in_features is not None else 'features'}), "
+                    f"a float dtype), got {_describe_array(X)} that numpy cannot convert: {exc}"
+                ) from exc
+            except Exception as exc:
+                raise TypeError(
+                    f"{self!r}: expected a 2-D numeric array, got {_describe_array(X)}"
+                ) from exc
         kind = X.dtype.kind
         if kind not in "fiub":
             raise TypeError(
