@@ -15,7 +15,6 @@ import types
 from typing import TYPE_CHECKING, Any
 
 from nnrt import layer as _layer_module
-from nnrt.config import show_config
 from nnrt.dense import Dense
 from nnrt.hookspecs import hookimpl, hookspec
 from nnrt.interop import from_torch
@@ -96,6 +95,14 @@ else:
 
     _layer_module.__class__ = _CallableLayerModule
     layer = sys.modules["nnrt.layer"]
+
+
+def show_config(file: Any = None, *, as_json: bool = False) -> None:
+    """Print what to paste into a bug report: nnrt version and ABI, BLAS libraries
+    and threads, build flags, plugins (see ``nnrt.config``; also ``nnrt info``)."""
+    from nnrt.config import show_config as _show_config
+
+    _show_config(file, as_json=as_json)
 
 
 def load(path: Any) -> Sequential:
