@@ -6,6 +6,7 @@ differences); torch is an extra oracle used only when it is installed.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from typing import Any
 
@@ -73,3 +74,23 @@ def fd_grad() -> Callable[[Callable[[], float], np.ndarray, float], np.ndarray]:
         return g
 
     return _fd
+
+
+# ---- hypothesis profiles (reliability suite, tests/test_fuzz_api.py; docs/reliability.md)
+# "ci": 300 examples for the main fuzz test (others run a fraction), the default when
+# CI=true; "long": 10^4, by hand with `pytest --hypothesis-profile=long`.
+try:
+    from hypothesis import HealthCheck
+    from hypothesis import settings as _hyp_settings
+except ImportError:  # hypothesis is in the [test] extra
+    pass
+else:
+    _hyp_common: dict[str, Any] = {
+        "deadline": None,  # shared CI machines: timing varies
+        "suppress_health_check": [HealthCheck.too_slow, HealthCheck.data_too_large],
+        "print_blob": True,
+    }
+    _hyp_settings.register_profile("ci", max_examples=300, **_hyp_common)
+    _hyp_settings.register_profile("long", max_examples=10_000, **_hyp_common)
+    if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+        _hyp_settings.load_profile("ci")
