@@ -26,6 +26,11 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+try:  # fused Cython kernel (nnrt/_kernels.pyx); None where the extension is not built
+    from nnrt._kernels import softmax_cross_entropy as _fused_sce
+except ImportError:  # pragma: no cover
+    _fused_sce = None
+
 __all__ = [
     "LOSSES",
     "LossFn",
@@ -95,6 +100,12 @@ def softmax_cross_entropy(logits: Any, labels: Any) -> tuple[float, FloatArray]:
     ``torch.nn.functional.cross_entropy(logits, labels)``. Returns ``(loss, dY)``
     with ``dY = (softmax(logits) - onehot(labels)) / batch``.
     """
+    if _fused_sce is not None:
+        # one C pass for float32/float64 C-contiguous logits and int64 labels; None
+        # for anything else (the numpy path below handles and validates it)
+        fused = _fused_sce(logits, labels)
+        if fused is not None:
+            return fused  # type: ignore[no-any-return]
     fn = "softmax_cross_entropy"
     x = _as_float(logits, fn, "logits")
     if x.ndim != 2:

@@ -14,6 +14,8 @@ from typing import Any, overload
 
 import numpy as np
 
+from nnrt._kernels import backward_chain as _backward_chain
+from nnrt._kernels import forward_chain as _forward_chain
 from nnrt.layer import Layer
 
 __all__ = ["Sequential"]
@@ -135,14 +137,9 @@ class Sequential:
     # ----------------------------------------------------------------- compute
     def forward(self, X: Any, training: bool = False) -> np.ndarray:
         """Run every layer in order; returns a buffer the next call may reuse."""
-        training = bool(training)
-        out = X
-        i = 0
-        try:
-            for i, layer in enumerate(self.layers):
-                out = layer.forward(out, training)
-        except (ValueError, TypeError) as exc:
-            raise type(exc)(f"Sequential layer {i}: {exc}") from exc
+        # NOTE: one compiled loop over the layers (nnrt/_kernels.pyx): compiled layers
+        # are called through the C vtable; errors come back prefixed with the index.
+        out = _forward_chain(self.layers, X, bool(training))
         if self._python_layers:
             self._check_output(out)
         self._last_out = out
@@ -160,33 +157,23 @@ class Sequential:
         ``dY @ W.T`` and every layer in front of the first trainable one) and
         ``None`` is returned; parameter gradients are the same.
         """
-        grad = dY
-        layers = self.layers
         stop = 0 if input_grad else self._first_trainable()
-        i = len(layers) - 1
-        try:
-            for i in range(len(layers) - 1, stop, -1):
-                grad = layers[i].backward(grad)
-            if stop >= len(layers):
-                return None
-            i = stop
-            if input_grad:
-                return layers[stop].backward(grad)  # type: ignore[no-any-return]
-            params_only = getattr(layers[stop], "backward_params", None)
-            if params_only is not None:
-                params_only(grad)
-            else:
-                layers[stop].backward(grad)
-        except (ValueError, TypeError) as exc:
-            raise type(exc)(f"Sequential layer {i}: {exc}") from exc
-        return None
+        return _backward_chain(self.layers, dY, stop, bool(input_grad))  # type: ignore[no-any-return]
 
     def _first_trainable(self) -> int:
         """Index of the first layer with parameters (``len(self)`` when none has any)."""
-        for i, layer in enumerate(self.layers):
+        layers = self.layers
+        key = tuple(map(id, layers))
+        cached = self.__dict__.get("_first_trainable_cache")
+        if cached is not None and cached[0] == key:
+            return int(cached[1])
+        first = len(layers)
+        for i, layer in enumerate(layers):
             if layer.params():
-                return i
-        return len(self.layers)
+                first = i
+                break
+        self.__dict__["_first_trainable_cache"] = (key, first)
+        return first
 
     def _check_output(self, out: Any) -> None:
         if not isinstance(out, np.ndarray) or out.ndim != 2 or out.dtype != self.dtype:

@@ -25,6 +25,11 @@ from typing import Any, Protocol
 
 import numpy as np
 
+try:  # fused Cython update over all parameters (nnrt/_kernels.pyx)
+    from nnrt._kernels import sgd_step as _fused_sgd_step
+except ImportError:  # pragma: no cover
+    _fused_sgd_step = None
+
 __all__ = ["SGD", "Adam", "AdamW", "Optimizer"]
 
 
@@ -258,6 +263,36 @@ class SGD(Optimizer):
             "nesterov": self.nesterov,
             "dampening": self.dampening,
         }
+
+    def step(self) -> None:
+        """Apply one update to every parameter, in place (one fused C loop when possible)."""
+        if _fused_sgd_step is not None:
+            bufs: list[np.ndarray] | None = None
+            fresh: list[bool] | None = None
+            if self.momentum != 0.0:
+                pairs = [
+                    self._state(i, "momentum_buffer", zeros=False) for i in range(len(self._params))
+                ]
+                bufs = [b for b, _ in pairs]
+                fresh = [f for _, f in pairs]
+            if _fused_sgd_step(
+                self._params,
+                self._grads,
+                bufs,
+                self.lr,
+                self.momentum,
+                self.dampening,
+                self.weight_decay,
+                self.nesterov,
+                fresh,
+            ):
+                self.step_count += 1
+                return
+            if fresh is not None:  # undo the lazily created buffers: the fallback makes them
+                for name, f in zip(self._names, fresh, strict=True):
+                    if f:
+                        del self.state[name]["momentum_buffer"]
+        super().step()
 
     def _update(self, i: int, p: np.ndarray, g: np.ndarray) -> None:
         d = g

@@ -1,0 +1,232 @@
+# cython: language_level=3
+"""Fused kernels behind the Python API: softmax cross-entropy and the SGD update.
+
+Each entry point takes plain ndarrays, checks in C that they are what the
+kernel expects (dtype, contiguity, shapes) and returns ``None`` when they are
+not, so the caller falls back to its numpy implementation, which raises the
+proper, descriptive errors. No memoryviews (their set-up costs ~1 µs a call);
+raw pointers from ``PyArray_DATA``; kernels are single-threaded.
+"""
+
+import numpy as np
+cimport numpy as cnp
+from libc.math cimport exp, log
+
+from cython cimport floating
+
+cnp.import_array()
+
+
+cdef inline bint _plain(object a, int ndim) noexcept:
+    # a C-contiguous, aligned, writeable-or-not base ndarray of rank ndim
+    if type(a) is not np.ndarray:
+        return False
+    cdef cnp.ndarray arr = <cnp.ndarray>a
+    return (cnp.PyArray_NDIM(arr) == ndim and cnp.PyArray_IS_C_CONTIGUOUS(arr)
+            and cnp.PyArray_ISALIGNED(arr) and cnp.PyArray_ISNOTSWAPPED(arr))
+
+
+# ------------------------------------------------------- softmax cross-entropy
+cdef int softmax_ce_kernel(const floating* x, const cnp.int64_t* y, floating* dY,
+                           Py_ssize_t n, Py_ssize_t c, double* loss) noexcept nogil:
+    # l_i = logsumexp(x_i) - x_i[y_i];  dY = (softmax(x) - onehot(y)) / n
+    # Computed in float64 per row (shifted by the row max), written in the dtype.
+    # Returns the index of the first out-of-range label, or -1.
+    cdef Py_ssize_t i, j
+    cdef const floating* xr
+    cdef floating* dr
+    cdef double m, s, e, inv_n = 1.0 / n, total = 0
+    cdef cnp.int64_t label
+    for i in range(n):
+        label = y[i]
+        if label < 0 or label >= c:
+            return <int>i
+        xr = &x[i * c]
+        dr = &dY[i * c]
+        m = xr[0]
+        for j in range(1, c):
+            if xr[j] > m:
+                m = xr[j]
+        s = 0
+        for j in range(c):
+            s += exp(xr[j] - m)
+        total += log(s) - (xr[label] - m)
+        s = inv_n / s
+        for j in range(c):
+            dr[j] = <floating>(exp(xr[j] - m) * s)
+        dr[label] = <floating>(dr[label] - inv_n)
+    loss[0] = total * inv_n
+    return -1
+
+
+def softmax_cross_entropy(object logits, object labels):
+    """``(loss, dY)`` for float32/float64 C-contiguous 2-D logits and int64 labels.
+
+    Returns ``None`` for anything else (other dtypes, layouts, shapes, NaN-free
+    is not checked) and for out-of-range labels: the numpy implementation then
+    handles (or rejects) the input.
+    """
+    if not _plain(logits, 2) or not _plain(labels, 1):
+        return None
+    cdef cnp.ndarray x = <cnp.ndarray>logits
+    cdef cnp.ndarray y = <cnp.ndarray>labels
+    cdef int t = cnp.PyArray_TYPE(x)
+    cdef int ty = cnp.PyArray_TYPE(y)
+    if (t != cnp.NPY_FLOAT32 and t != cnp.NPY_FLOAT64) or ty != cnp.NPY_INT64:
+        return None
+    cdef Py_ssize_t n = cnp.PyArray_DIM(x, 0), c = cnp.PyArray_DIM(x, 1)
+    if n == 0 or c == 0 or cnp.PyArray_DIM(y, 0) != n:
+        return None
+    cdef cnp.ndarray dY = cnp.PyArray_EMPTY(2, cnp.PyArray_DIMS(x), t, 0)
+    cdef double loss = 0
+    cdef int bad
+    if t == cnp.NPY_FLOAT32:
+        with nogil:
+            bad = softmax_ce_kernel(<float*>cnp.PyArray_DATA(x), <cnp.int64_t*>cnp.PyArray_DATA(y),
+                                    <float*>cnp.PyArray_DATA(dY), n, c, &loss)
+    else:
+        with nogil:
+            bad = softmax_ce_kernel(<double*>cnp.PyArray_DATA(x),
+                                    <cnp.int64_t*>cnp.PyArray_DATA(y),
+                                    <double*>cnp.PyArray_DATA(dY), n, c, &loss)
+    if bad >= 0:
+        return None
+    return loss, dY
+
+
+# ------------------------------------------------------------------------ SGD
+cdef void sgd_kernel(floating* p, const floating* g, floating* buf, Py_ssize_t n,
+                     floating lr, floating momentum, floating one_minus_dampening,
+                     floating wd, bint nesterov, bint fresh) noexcept nogil:
+    # torch.optim.SGD, element by element in the parameter's dtype:
+    #   d = g + wd p;  buf = d (first step) or momentum buf + (1 - dampening) d
+    #   d = d + momentum buf (nesterov) or buf;  p -= lr d
+    cdef Py_ssize_t i
+    cdef floating d, b
+    if buf == NULL and wd == 0:
+        for i in range(n):
+            p[i] -= g[i] * lr
+        return
+    for i in range(n):
+        d = g[i]
+        if wd != 0:
+            d = d + p[i] * wd
+        if buf != NULL:
+            if fresh:
+                b = d
+            elif one_minus_dampening != 1:
+                b = buf[i] * momentum + d * one_minus_dampening
+            else:
+                b = buf[i] * momentum + d
+            buf[i] = b
+            if nesterov:
+                d = d + b * momentum
+            else:
+                d = b
+        p[i] -= d * lr
+
+
+def sgd_step(list params, list grads, object bufs, double lr, double momentum,
+             double dampening, double weight_decay, bint nesterov, object fresh):
+    """Update every parameter in place; ``bufs`` is None (no momentum) or a list of
+    momentum buffers, ``fresh`` a list of bools (buffer just created: it becomes d).
+
+    Returns False, changing nothing, when an array is not a C-contiguous
+    float32/float64 ndarray matching its parameter (the caller falls back).
+    """
+    cdef Py_ssize_t k, m = len(params)
+    cdef cnp.ndarray p, g, b
+    cdef int t
+    if len(grads) != m or (bufs is not None and (len(bufs) != m or len(fresh) != m)):
+        return False
+    for k in range(m):
+        if type(params[k]) is not np.ndarray or type(grads[k]) is not np.ndarray:
+            return False
+        p = <cnp.ndarray>params[k]
+        if not _plain(p, cnp.PyArray_NDIM(p)) or not _plain(grads[k], cnp.PyArray_NDIM(p)):
+            return False
+        g = <cnp.ndarray>grads[k]
+        t = cnp.PyArray_TYPE(p)
+        if ((t != cnp.NPY_FLOAT32 and t != cnp.NPY_FLOAT64) or cnp.PyArray_TYPE(g) != t
+                or cnp.PyArray_SIZE(g) != cnp.PyArray_SIZE(p)
+                or not cnp.PyArray_ISWRITEABLE(p)):
+            return False
+        if bufs is not None:
+            if type(bufs[k]) is not np.ndarray or not _plain(bufs[k], cnp.PyArray_NDIM(p)):
+                return False
+            b = <cnp.ndarray>bufs[k]
+            if cnp.PyArray_TYPE(b) != t or cnp.PyArray_SIZE(b) != cnp.PyArray_SIZE(p):
+                return False
+    cdef void* bp
+    cdef bint fr
+    cdef Py_ssize_t n
+    for k in range(m):
+        p = <cnp.ndarray>params[k]
+        g = <cnp.ndarray>grads[k]
+        n = cnp.PyArray_SIZE(p)
+        bp = NULL
+        fr = False
+        if bufs is not None:
+            bp = cnp.PyArray_DATA(<cnp.ndarray>bufs[k])
+            fr = bool(fresh[k])
+        if cnp.PyArray_TYPE(p) == cnp.NPY_FLOAT32:
+            with nogil:
+                sgd_kernel(<float*>cnp.PyArray_DATA(p), <float*>cnp.PyArray_DATA(g),
+                           <float*>bp, n, <float>lr, <float>momentum, <float>(1.0 - dampening),
+                           <float>weight_decay, nesterov, fr)
+        else:
+            with nogil:
+                sgd_kernel(<double*>cnp.PyArray_DATA(p), <double*>cnp.PyArray_DATA(g),
+                           <double*>bp, n, lr, momentum, 1.0 - dampening, weight_decay,
+                           nesterov, fr)
+    return True
+
+
+# ----------------------------------------------------------- network runner
+from nnrt.layer cimport Layer
+
+
+def forward_chain(list layers, object X, bint training):
+    """``Sequential.forward`` without returning to Python between layers.
+
+    Compiled layers are called through the C vtable (Python subclasses still
+    dispatch to their Python ``forward``). An error is re-raised as the same
+    type, prefixed with the layer's index.
+    """
+    cdef Py_ssize_t i = 0, m = len(layers)
+    cdef Layer layer
+    out = X
+    try:
+        for i in range(m):
+            layer = <Layer>layers[i]
+            out = layer.forward(out, training)
+    except (ValueError, TypeError) as exc:
+        raise type(exc)(f"Sequential layer {i}: {exc}") from exc
+    return out
+
+
+def backward_chain(list layers, object dY, Py_ssize_t stop, bint input_grad):
+    """``Sequential.backward``: layers ``len-1 .. stop``; the last one (``stop``) only
+    writes its parameter gradients when ``input_grad`` is false and it has
+    ``backward_params``. Returns dX, or None when ``input_grad`` is false."""
+    cdef Py_ssize_t i = len(layers) - 1
+    cdef Layer layer
+    grad = dY
+    try:
+        while i > stop:
+            layer = <Layer>layers[i]
+            grad = layer.backward(grad)
+            i -= 1
+        if stop >= len(layers):
+            return None
+        layer = <Layer>layers[stop]
+        if input_grad:
+            return layer.backward(grad)
+        params_only = getattr(layer, "backward_params", None)
+        if params_only is not None:
+            params_only(grad)
+        else:
+            layer.backward(grad)
+    except (ValueError, TypeError) as exc:
+        raise type(exc)(f"Sequential layer {i}: {exc}") from exc
+    return None
