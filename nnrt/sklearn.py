@@ -397,7 +397,7 @@ class MLPClassifier(ClassifierMixin, _BaseMLP):
     def predict(self, X: Any) -> np.ndarray:
         """The most probable class label of each sample."""
         idx = np.argmax(self._logits(X), axis=1)
-        return self.classes_[idx]  # type: ignore[no-any-return]
+        return self.classes_[idx]
 
 
 class MLPRegressor(RegressorMixin, _BaseMLP):

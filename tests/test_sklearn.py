@@ -106,7 +106,9 @@ def test_one_training_step_matches_torch() -> None:
     torch = pytest.importorskip("torch")
     X, y = load_iris(return_X_y=True)
     n = len(X)
-    params = dict(hidden=(5,), optimizer="sgd", lr=0.3, momentum=0.0, batch_size=n, random_state=4)
+    params: dict[str, Any] = dict(
+        hidden=(5,), optimizer="sgd", lr=0.3, momentum=0.0, batch_size=n, random_state=4
+    )
     start = MLPClassifier(epochs=0, **params).fit(X, y)  # initial weights, no step
     model = start.net_.to_torch()
     model.train()
@@ -125,7 +127,7 @@ def test_one_training_step_matches_torch() -> None:
 
 def test_partial_fit_continues_like_fit() -> None:
     X, y = load_iris(return_X_y=True)
-    full = dict(hidden=(6,), batch_size=len(X), random_state=2)
+    full: dict[str, Any] = dict(hidden=(6,), batch_size=len(X), random_state=2)
     fitted = MLPClassifier(epochs=3, **full).fit(X, y)
     inc = MLPClassifier(**full)
     with pytest.raises(ValueError, match="classes must be passed"):
@@ -216,7 +218,7 @@ def test_hidden_spec_with_layer_names_and_float32() -> None:
 
 def test_bad_parameters_raise_at_fit() -> None:
     X, y = load_iris(return_X_y=True)
-    for params, exc in [
+    cases: list[tuple[dict[str, Any], type[Exception]]] = [
         ({"optimizer": "lbfgs"}, ValueError),
         ({"epochs": -1}, ValueError),
         ({"batch_size": 0}, ValueError),
@@ -225,7 +227,8 @@ def test_bad_parameters_raise_at_fit() -> None:
         ({"hidden": 8}, TypeError),
         ({"hidden": (8.5,)}, TypeError),
         ({"hidden": ("no_such_layer",)}, KeyError),
-    ]:
+    ]
+    for params, exc in cases:
         est = MLPClassifier(**params)  # construction never validates
         with pytest.raises(exc):
             clone(est).fit(X, y)
