@@ -116,7 +116,7 @@ setup(
     package_dir={"nnrt": "nnrt", "nnrt_plugins": "plugins", "nnrt_cytests": "tests/cython"},
     package_data={
         "nnrt": ["*.pxd", "*.pyi", "py.typed", "data/*"],
-        "nnrt_plugins": ["*.pxd", "*.pyi"],
+        "nnrt_plugins": ["*.pxd", "*.pyi", "py.typed"],
     },
     ext_modules=cythonize(
         extensions,

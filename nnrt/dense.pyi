@@ -1,15 +1,20 @@
 """Type stub for the compiled ``nnrt.dense`` module (``dense.pyx``)."""
 
-from typing import Any
-
 import numpy as np
 
 from nnrt.layer import Layer
 
 class Dense(Layer):
+    """Fully connected layer ``Y = X @ W + b`` (registry name ``dense``)."""
+
     use_bias: bool
     in_features: int
     out_features: int
     def __init__(self, in_features: int, out_features: int) -> None: ...
-    def reset_parameters(self, rng: np.random.Generator) -> None: ...
-    def backward_params(self, dY: Any) -> None: ...
+    def reset_parameters(self, rng: np.random.Generator) -> None:
+        """Draw weight (then bias) uniform in ±1/sqrt(in_features) from ``rng``."""
+    def backward_params(self, dY: np.ndarray) -> None:
+        """Like ``backward`` but only writes the parameter gradients (no dX)."""
+
+def check_width(value: object, name: str, owner: str) -> int:
+    """``value`` as a positive int, else TypeError/ValueError naming ``owner`` and ``name``."""
