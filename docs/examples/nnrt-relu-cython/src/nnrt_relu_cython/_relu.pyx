@@ -10,7 +10,6 @@ vtable, and the element loops run without the GIL.
                                                     for slope >= 0, y > 0 <=> x > 0)
 """
 
-import numpy as np
 cimport numpy as cnp
 from cython cimport floating
 
