@@ -213,6 +213,22 @@ def _member_header(
             header_end = fh.tell()
     except (ValueError, KeyError, EOFError, OSError, zipfile.BadZipFile, zlib.error) as exc:
         raise _err(path, f"entry {key!r} is corrupt or truncated: {exc}") from exc
+    # The zip directory's sizes are not trusted (they bound what is allocated later): a
+    # member must be stored, as save writes it (deflate could inflate ~1000x), and fit in
+    # the file on disk.
+    if info.compress_type != zipfile.ZIP_STORED:
+        raise _err(
+            path,
+            f"entry {key!r} is compressed (zip method {info.compress_type}); nnrt model "
+            f"files store their arrays uncompressed (write them with net.save)",
+        )
+    disk = os.path.getsize(path)
+    if info.compress_size != info.file_size or info.header_offset + info.file_size > disk:
+        raise _err(
+            path,
+            f"entry {key!r}: the zip directory claims {info.file_size} bytes, but the file "
+            f"holds {disk} bytes; the file is corrupt or forged",
+        )
     if dtype.hasobject:
         raise _err(
             path,
