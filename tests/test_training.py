@@ -305,13 +305,14 @@ def test_early_stopping_stops_and_restores_best_weights() -> None:
 def test_early_stopping_with_no_progress_and_missing_key() -> None:
     X, y = _blobs()
     net = _mlp(bn=False)
-    # lr = 0: the loss never changes, so it never improves after the first epoch
+    # lr = 0: the loss never changes (up to summation order: min_delta), so it never
+    # improves after the first epoch
     hist = net.fit(
         X,
         y,
         optimizer=nnrt.optim.SGD(net, lr=0.0),
         epochs=20,
-        callbacks=[nnrt.EarlyStopping(monitor="loss", patience=3)],
+        callbacks=[nnrt.EarlyStopping(monitor="loss", patience=3, min_delta=1e-6)],
         progress=False,
     )
     assert len(hist.epoch) == 1 + 3
