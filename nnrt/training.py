@@ -24,11 +24,14 @@ once per ``fit``; forward outputs are buffers the next call reuses, so
 
 from __future__ import annotations
 
+import functools
 import math
 import sys
+import threading
+import weakref
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
 
 import numpy as np
 
@@ -367,7 +370,57 @@ class _Snapshot:
             np.copyto(dst, src)
 
 
+# ---------------------------------------------------------------- thread safety
+# Layers reuse their output buffers (BatchNorm its scratch too) and the kernels
+# release the GIL, so two threads inside forward() of one network would overwrite
+# each other's results. predict/evaluate/fit hold a per-network re-entrant lock
+# (callbacks may predict inside fit); a second fit on a network that is already
+# training raises instead of waiting. Locks live in a weak dictionary, not on the
+# network, so copying or pickling a network is unaffected. (docs/reliability.md)
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
+_LOCKS: weakref.WeakKeyDictionary[Any, tuple[Any, Any]] = weakref.WeakKeyDictionary()
+_LOCKS_GUARD = threading.Lock()
+
+
+def network_locks(net: Sequential) -> tuple[Any, Any]:
+    """``(inference RLock, training Lock)`` of ``net``, created on first use."""
+    with _LOCKS_GUARD:
+        locks = _LOCKS.get(net)
+        if locks is None:
+            locks = _LOCKS[net] = (threading.RLock(), threading.Lock())
+        return locks
+
+
+def _serialised(exclusive: bool) -> Callable[[Callable[_P, _R]], Callable[_P, _R]]:
+    """Run the function holding its network's lock; ``exclusive``: refuse a second fit."""
+
+    def deco(fn: Callable[_P, _R]) -> Callable[_P, _R]:
+        @functools.wraps(fn)
+        def wrapper(*args: _P.args, **kwargs: _P.kwargs) -> _R:
+            net = args[0] if args else kwargs["net"]
+            lock, training = network_locks(net)  # type: ignore[arg-type]
+            if exclusive and not training.acquire(blocking=False):
+                raise RuntimeError(
+                    f"{fn.__name__}: this network is already being trained (by another "
+                    f"thread, or from a callback of its own fit); training one network "
+                    f"from two threads at once would corrupt its weights. Wait for the "
+                    f"first fit, or train a copy (save it and nnrt.load the file)."
+                )
+            try:
+                with lock:
+                    return fn(*args, **kwargs)
+            finally:
+                if exclusive:
+                    training.release()
+
+        return wrapper
+
+    return deco
+
+
 # ---------------------------------------------------------------- inference
+@_serialised(exclusive=False)
 def predict(net: Sequential, X: Any, batch_size: int | None = None) -> np.ndarray:
     """Scores (samples, out_features) of ``net`` in eval mode, computed in batches.
 
@@ -394,6 +447,7 @@ def predict_classes(net: Sequential, X: Any, batch_size: int | None = None) -> n
     return scores.argmax(axis=1).astype(np.int64)
 
 
+@_serialised(exclusive=False)
 def evaluate(
     net: Sequential,
     X: Any,
@@ -432,6 +486,7 @@ def evaluate(
 
 
 # ---------------------------------------------------------------- training
+@_serialised(exclusive=True)
 def fit(
     net: Sequential,
     X: Any,
