@@ -105,7 +105,7 @@ def softmax_cross_entropy(logits: Any, labels: Any) -> tuple[float, FloatArray]:
         # for anything else (the numpy path below handles and validates it)
         fused = _fused_sce(logits, labels)
         if fused is not None:
-            return fused  # type: ignore[no-any-return]
+            return fused
     fn = "softmax_cross_entropy"
     x = _as_float(logits, fn, "logits")
     if x.ndim != 2:

@@ -143,7 +143,7 @@ class Sequential:
         if self._python_layers:
             self._check_output(out)
         self._last_out = out
-        return out  # type: ignore[no-any-return]
+        return out
 
     def __call__(self, X: Any) -> np.ndarray:
         return self.forward(X, training=False)
@@ -158,21 +158,21 @@ class Sequential:
         ``None`` is returned; parameter gradients are the same.
         """
         stop = 0 if input_grad else self._first_trainable()
-        return _backward_chain(self.layers, dY, stop, bool(input_grad))  # type: ignore[no-any-return]
+        return _backward_chain(self.layers, dY, stop, bool(input_grad))
 
     def _first_trainable(self) -> int:
         """Index of the first layer with parameters (``len(self)`` when none has any)."""
         layers = self.layers
-        key = tuple(map(id, layers))
+        # cached for the current layer list (compared element by element: no allocation)
         cached = self.__dict__.get("_first_trainable_cache")
-        if cached is not None and cached[0] == key:
+        if cached is not None and cached[0] == layers:
             return int(cached[1])
         first = len(layers)
         for i, layer in enumerate(layers):
             if layer.params():
                 first = i
                 break
-        self.__dict__["_first_trainable_cache"] = (key, first)
+        self.__dict__["_first_trainable_cache"] = (list(layers), first)
         return first
 
     def _check_output(self, out: Any) -> None:

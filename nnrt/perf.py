@@ -14,11 +14,12 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
 
-__all__ = ["get_num_threads", "profile", "set_num_threads"]
+__all__ = ["LayerProfile", "Profile", "get_num_threads", "profile", "set_num_threads"]
 
 
 def _blas_controller() -> Any:
@@ -48,17 +49,253 @@ def get_num_threads() -> int:
     if not infos:
         return 1
     for info in infos:
-        if "scipy.libs" in info.get("filepath", "") or "scipy" in info.get("prefix", ""):
+        if "scipy" in info.get("filepath", "").replace("scipy_openblas", ""):
             return int(info["num_threads"])
     return int(max(info["num_threads"] for info in infos))
 
 
-def _now() -> float:
-    return time.perf_counter()
+@dataclass
+class LayerProfile:
+    """Median seconds per call for one layer of a profiled network.
+
+    ``forward``/``backward`` are the layer's calls from Python (dispatch,
+    validation and kernel); ``update`` is the optimizer's update of this
+    layer's parameters. ``*_dispatch`` is the fixed per-call part: the same
+    call on a 2-row batch (what does not scale with the batch: Python call,
+    validation, buffer management, BLAS call set-up), capped at the full
+    call; ``*_kernel`` is the rest.
+    """
+
+    index: int
+    name: str
+    forward: float
+    backward: float
+    update: float
+    forward_dispatch: float
+    backward_dispatch: float
+
+    @property
+    def forward_kernel(self) -> float:
+        return self.forward - self.forward_dispatch
+
+    @property
+    def backward_kernel(self) -> float:
+        return self.backward - self.backward_dispatch
+
+    @property
+    def total(self) -> float:
+        return self.forward + self.backward + self.update
 
 
-Timer = Callable[[], float]
+@dataclass
+class Profile:
+    """What ``nnrt.profile`` measured; ``str(profile)`` is a table.
+
+    ``total`` is the median time of the whole step as a user runs it
+    (``forward``, loss, ``backward(input_grad=False)``, ``optimizer.step()``;
+    only ``forward(training=False)`` when profiling inference); the per-layer
+    times and ``loss`` are measured one call at a time, so their sum
+    (``layer_sum``) is close to but not exactly ``total``.
+    """
+
+    layers: list[LayerProfile]
+    loss: float
+    total: float
+    batch: int
+    training: bool
+    repeat: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def layer_sum(self) -> float:
+        return sum(r.total for r in self.layers) + self.loss
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain dict (seconds), JSON-able."""
+        rows = []
+        for r in self.layers:
+            row = asdict(r)
+            row["forward_kernel"] = r.forward_kernel
+            row["backward_kernel"] = r.backward_kernel
+            rows.append(row)
+        return {
+            "batch": self.batch,
+            "training": self.training,
+            "repeat": self.repeat,
+            "total": self.total,
+            "loss": self.loss,
+            "layer_sum": self.layer_sum,
+            "layers": rows,
+        }
+
+    def __str__(self) -> str:
+        def us(t: float) -> str:
+            return f"{t * 1e6:10.1f}"
+
+        mode = "training step" if self.training else "inference forward"
+        head = (
+            f"nnrt.profile: {mode}, batch {self.batch}, median of {self.repeat} runs (µs)\n"
+            f"{'#':>3} {'layer':<14}{'forward':>10}{'(disp)':>10}{'backward':>10}"
+            f"{'(disp)':>10}{'update':>10}{'total':>10}"
+        )
+        lines = [head]
+        for r in self.layers:
+            lines.append(
+                f"{r.index:>3} {r.name:<14}{us(r.forward)}{us(r.forward_dispatch)}"
+                f"{us(r.backward)}{us(r.backward_dispatch)}{us(r.update)}{us(r.total)}"
+            )
+        if self.training:
+            lines.append(f"    {'loss':<14}{'':>50}{us(self.loss)}")
+        lines.append(f"    {'sum of parts':<14}{'':>50}{us(self.layer_sum)}")
+        lines.append(f"    {'measured step':<14}{'':>50}{us(self.total)}")
+        return "\n".join(lines)
 
 
-def profile(net: Any, X: Any, y: Any = None, **kwargs: Any) -> Any:
-    raise NotImplementedError
+def _median_time(fn: Callable[[], Any], repeat: int) -> float:
+    times = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return float(np.median(times))
+
+
+def profile(
+    net: Any,
+    X: Any,
+    y: Any = None,
+    loss: Any = "softmax_cross_entropy",
+    optimizer: Any = None,
+    repeat: int = 20,
+    warmup: int = 3,
+) -> Profile:
+    """Time a training step (``y`` given) or an inference forward (``y=None``) layer by layer.
+
+    Returns a :class:`Profile`: per layer the forward, backward and optimizer
+    update times, each call split into dispatch (fixed per-call cost) and
+    kernel; the loss; and the measured time of the whole step. ``optimizer``
+    defaults to ``SGD(net, lr=0.0)`` (the update runs, nothing changes).
+    The network's parameters and buffers are restored afterwards; a given
+    optimizer's state is not (it takes ``warmup + repeat`` extra steps).
+    """
+    from nnrt import losses, optim
+
+    if isinstance(repeat, bool) or not isinstance(repeat, int) or repeat < 1:
+        raise ValueError(f"profile: repeat must be a positive int, got {repeat!r}")
+    if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
+        raise ValueError(f"profile: warmup must be an int >= 0, got {warmup!r}")
+    training = y is not None
+    saved = net.state_dict()
+    layers = list(net.layers)
+    try:
+        Xa = net.layers[0].prepare_input(X) if layers else np.asarray(X)
+        batch = int(Xa.shape[0])
+        rows_2 = min(2, batch)
+        loss_fn = losses.get_loss(loss) if training else None
+        opt = optimizer
+        if training and opt is None:
+            opt = optim.SGD(net, lr=0.0)
+
+        # inputs of every layer and gradients arriving at every layer
+        ins: list[np.ndarray] = []
+        h: Any = Xa
+        for layer in layers:
+            ins.append(h)
+            h = np.array(layer.forward(h, training), copy=True)
+        grads_in: list[np.ndarray | None] = [None] * len(layers)
+        loss_time = 0.0
+        if training:
+            assert loss_fn is not None
+            out = net.forward(Xa, training=True)
+            loss_time = _median_time(lambda: loss_fn(out, y), repeat)
+            _, g = loss_fn(out, y)
+            g = np.array(g, copy=True)
+            for i in range(len(layers) - 1, -1, -1):
+                grads_in[i] = g
+                if i > 0:
+                    layers[i].forward(ins[i], True)
+                    g = np.array(layers[i].backward(g), copy=True)
+        first = net._first_trainable() if training else len(layers)
+
+        def step() -> None:
+            if training:
+                assert loss_fn is not None
+                out = net.forward(Xa, training=True)
+                _, dY = loss_fn(out, y)
+                net.backward(dY, input_grad=False)
+                opt.step()
+            else:
+                net.forward(Xa, training=False)
+
+        for _ in range(warmup):
+            step()
+        total = _median_time(step, repeat)
+
+        results = []
+        for i, layer in enumerate(layers):
+            x_i = ins[i]
+            fwd = _time_layer_forward(layer, x_i, training, repeat, warmup)
+            fwd2 = _time_layer_forward(layer, np.array(x_i[:rows_2]), training, repeat, warmup)
+            bwd = bwd2 = upd = 0.0
+            if training and i >= first:
+                g_i = grads_in[i]
+                assert g_i is not None
+                params_only = i == first and hasattr(layer, "backward_params")
+                bwd = _time_layer_backward(layer, x_i, g_i, params_only, repeat, warmup)
+                bwd2 = _time_layer_backward(
+                    layer,
+                    np.array(x_i[:rows_2]),
+                    np.array(g_i[:rows_2]),
+                    params_only,
+                    repeat,
+                    warmup,
+                )
+                if layer.params():
+                    layer.forward(x_i, True)
+                    layer.backward(g_i)
+                    lopt = optim.SGD(layer, lr=0.0) if optimizer is None else None
+                    if lopt is not None:
+                        for _ in range(warmup):
+                            lopt.step()
+                        upd = _median_time(lopt.step, repeat)
+            results.append(
+                LayerProfile(
+                    index=i,
+                    name=type(layer).__name__,
+                    forward=fwd,
+                    backward=bwd,
+                    update=upd,
+                    forward_dispatch=min(fwd2, fwd),
+                    backward_dispatch=min(bwd2, bwd),
+                )
+            )
+        if training and optimizer is not None:
+            # a user's optimizer updates all layers at once: attribute by parameter count
+            t_opt = _median_time(opt.step, repeat)
+            sizes = [sum(p.size for p in layer.params().values()) for layer in layers]
+            n_all = max(1, sum(sizes))
+            for r, size in zip(results, sizes, strict=True):
+                r.update = t_opt * size / n_all
+        # leave the layers' buffers sized for the real batch again
+        net.forward(Xa, training=training)
+        return Profile(results, loss_time, total, batch, training, repeat)
+    finally:
+        net.load_state_dict(saved)
+
+
+def _time_layer_forward(
+    layer: Any, x: np.ndarray, training: bool, repeat: int, warmup: int
+) -> float:
+    for _ in range(max(1, warmup)):
+        layer.forward(x, training)
+    return _median_time(lambda: layer.forward(x, training), repeat)
+
+
+def _time_layer_backward(
+    layer: Any, x: np.ndarray, g: np.ndarray, params_only: bool, repeat: int, warmup: int
+) -> float:
+    layer.forward(x, True)
+    fn = layer.backward_params if params_only else layer.backward
+    for _ in range(max(1, warmup)):
+        fn(g)
+    return _median_time(lambda: fn(g), repeat)
