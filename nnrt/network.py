@@ -68,7 +68,9 @@ class Sequential:
         for layer in layers:
             layer.to_dtype(self.dtype)
         self._python_layers = [
-            i for i, layer in enumerate(layers) if type(layer).__module__ and _is_python_layer(layer)
+            i
+            for i, layer in enumerate(layers)
+            if type(layer).__module__ and _is_python_layer(layer)
         ]
         self._last_out: Any = None
         self._run_network_checks()
@@ -95,9 +97,28 @@ class Sequential:
         from nnrt.registry import registry
 
         hook = getattr(registry.pm.hook, "nnrt_check_network", None)
-        if hook is not None:
-            registry.ensure_loaded()
+        if hook is None:
+            return
+        registry.ensure_loaded()
+        impls = hook.get_hookimpls()
+        if any(getattr(h, "hookwrapper", False) or getattr(h, "wrapper", False) for h in impls):
             hook(net=self)
+            return
+        # one implementation at a time, in pluggy's order (last registered first), so
+        # that one that raises is named; warnings (even turned into errors) pass through
+        for impl in reversed(impls):
+            try:
+                impl.function(*[self if a == "net" else None for a in impl.argnames])
+            except Warning:
+                raise
+            except Exception as exc:
+                from nnrt.registry import PluginError
+
+                raise PluginError(
+                    f"nnrt plugin {impl.plugin_name!r}: its nnrt_check_network hook raised "
+                    f"{type(exc).__name__}: {exc} (checking a network of "
+                    f"{', '.join(type(layer).__name__ for layer in self.layers)})"
+                ) from exc
 
     @property
     def in_features(self) -> int | None:
@@ -139,6 +160,8 @@ class Sequential:
         """Run every layer in order; returns a buffer the next call may reuse."""
         # NOTE: one compiled loop over the layers (nnrt/_kernels.pyx): compiled layers
         # are called through the C vtable; errors come back prefixed with the index.
+        if self._python_layers:  # Python plugin layers: check what each one returns
+            return self._forward_checked(X, bool(training))
         out = _forward_chain(self.layers, X, bool(training))
         if self._python_layers:
             self._check_output(out)
@@ -158,6 +181,8 @@ class Sequential:
         ``None`` is returned; parameter gradients are the same.
         """
         stop = 0 if input_grad else self._first_trainable()
+        if self._python_layers:
+            return self._backward_checked(dY, stop, bool(input_grad))
         return _backward_chain(self.layers, dY, stop, bool(input_grad))
 
     def _first_trainable(self) -> int:
@@ -174,6 +199,82 @@ class Sequential:
                 break
         self.__dict__["_first_trainable_cache"] = (list(layers), first)
         return first
+
+    # ------------------------------------------- networks with Python plugin layers
+    # A Python layer's result is checked before the next layer (maybe a compiled
+    # kernel) sees it, so that a broken plugin is named instead of the layer after it.
+    def _forward_checked(self, X: Any, training: bool) -> np.ndarray:
+        python = set(self._python_layers)
+        shapes: list[tuple[int, ...] | None] = []
+        out = X
+        i = 0
+        try:
+            for i, layer in enumerate(self.layers):
+                shape = _shape2(out)
+                shapes.append(shape)
+                result = layer.forward(out, training)
+                if i in python:
+                    cols = layer.out_features if layer.out_features is not None else None
+                    if cols is None and shape is not None:
+                        cols = shape[1]
+                    self._check_result(
+                        i, layer, "forward", result, shape[0] if shape else None, cols
+                    )
+                out = result
+        except (ValueError, TypeError) as exc:
+            raise type(exc)(f"Sequential layer {i}: {exc}") from exc
+        if training:
+            self._input_shapes = shapes
+        self._last_out = out
+        return out
+
+    def _backward_checked(self, dY: Any, stop: int, input_grad: bool) -> np.ndarray | None:
+        python = set(self._python_layers)
+        shapes: list[Any] = self.__dict__.get("_input_shapes") or [None] * len(self.layers)
+        layers = self.layers
+        grad = dY
+        i = len(layers) - 1
+        try:
+            for i in range(len(layers) - 1, stop - 1, -1):
+                layer = layers[i]
+                if i == stop and not input_grad:
+                    params_only = getattr(layer, "backward_params", None)
+                    (params_only or layer.backward)(grad)
+                    return None
+                grad = layer.backward(grad)
+                if i in python:
+                    shape = shapes[i]
+                    self._check_result(
+                        i, layer, "backward", grad, *(shape if shape else (None, None))
+                    )
+        except (ValueError, TypeError) as exc:
+            raise type(exc)(f"Sequential layer {i}: {exc}") from exc
+        return grad if input_grad else None
+
+    def _check_result(
+        self, i: int, layer: Layer, where: str, result: Any, rows: int | None, cols: int | None
+    ) -> None:
+        if (
+            isinstance(result, np.ndarray)
+            and result.ndim == 2
+            and result.dtype == self.dtype
+            and (rows is None or result.shape[0] == rows)
+            and (cols is None or result.shape[1] == cols)
+        ):
+            return
+        from nnrt.registry import PluginError, registry
+
+        name = registry.name_of(type(layer))
+        origin = (
+            f"layer type {name!r} from nnrt plugin {registry.get(name).plugin!r}"
+            if name is not None
+            else f"unregistered class {type(layer).__module__}.{type(layer).__qualname__}"
+        )
+        want = f"({rows if rows is not None else 'batch'}, {cols if cols is not None else 'n'})"
+        raise PluginError(
+            f"Sequential layer {i} {layer!r} ({origin}): {where} returned {_describe(result)}, "
+            f"expected a 2-D {self.dtype} array of shape {want}; the plugin's layer is broken"
+        )
 
     def _check_output(self, out: Any) -> None:
         if not isinstance(out, np.ndarray) or out.ndim != 2 or out.dtype != self.dtype:
@@ -310,6 +411,15 @@ def _is_python_layer(layer: Layer) -> bool:
             fwd = vars(klass)["forward"]
             return hasattr(fwd, "__code__")
     return False
+
+
+def _shape2(x: Any) -> tuple[int, ...] | None:
+    """Shape of a 2-D array-like input, or None (the layer itself reports bad input)."""
+    try:
+        shape = np.shape(x)
+    except (ValueError, TypeError):
+        return None
+    return tuple(int(d) for d in shape) if len(shape) == 2 else None
 
 
 def _describe(x: Any) -> str:
