@@ -32,6 +32,16 @@ cdef extern from *:
 # initializedcheck on, -O0 -g); tests/debug_build.sh checks it.
 DEBUG_BUILD = bool(NNRT_DEBUG_BUILD_FLAG)
 
+
+def _bounds_probe(double[::1] a, Py_ssize_t i):
+    """``a[i]`` through a typed memoryview (not public API).
+
+    Only for tests/debug_build.sh: in a debug build an out-of-range ``i`` raises
+    IndexError, proving the bounds checks are compiled in. Never call it with an
+    out-of-range index on a release build.
+    """
+    return a[i]
+
 # Largest element count a kernel may index with a C int (BLAS takes int).
 cdef Py_ssize_t _MAX_ELEMENTS = 2147483647
 
