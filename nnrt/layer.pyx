@@ -42,6 +42,7 @@ def _bounds_probe(double[::1] a, Py_ssize_t i):
     """
     return a[i]
 
+
 # Largest element count a kernel may index with a C int (BLAS takes int).
 cdef Py_ssize_t _MAX_ELEMENTS = 2147483647
 
