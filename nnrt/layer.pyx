@@ -219,9 +219,9 @@ cdef class Layer:
                 f"got {_describe_array(X)}"
             )
         if X.ndim != 2:
+            width = self.in_features if self.in_features is not None else "features"
             raise ValueError(
-                f"{self!r}: expected a 2-D array (batch, {self.in_features if self.in_features is not None else 'features'}), "
-                f"got {_describe_array(X)}"
+                f"{self!r}: expected a 2-D array (batch, {width}), got {_describe_array(X)}"
             )
         if X.shape[0] == 0:
             raise ValueError(f"{self!r}: empty batch: got {_describe_array(X)}")
