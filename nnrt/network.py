@@ -9,6 +9,7 @@ dtype) so that a broken plugin is named instead of crashing a kernel.
 
 from __future__ import annotations
 
+import types
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any, overload
 
@@ -409,7 +410,9 @@ def _is_python_layer(layer: Layer) -> bool:
     for klass in type(layer).__mro__:
         if "forward" in vars(klass):
             fwd = vars(klass)["forward"]
-            return hasattr(fwd, "__code__")
+            # NOTE: compiled (binding=True) cpdef methods are cyfunctions, which also
+            # have __code__; only a plain Python function marks a Python layer
+            return isinstance(fwd, types.FunctionType)
     return False
 
 
