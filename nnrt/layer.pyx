@@ -75,15 +75,45 @@ def _describe_array(X):
 
 cdef cnp.ndarray reuse_buffer(object out, Py_ssize_t rows, Py_ssize_t cols, int typenum):
     cdef cnp.ndarray arr
-    if out is not None:
+    # Only a C-contiguous, writeable, aligned ndarray of the exact shape and
+    # dtype is reused (a buffer restored read-only, e.g. from a memory-mapped
+    # pickle, is replaced rather than written through).
+    if out is not None and isinstance(out, np.ndarray):
         arr = <cnp.ndarray>out
         if (cnp.PyArray_TYPE(arr) == typenum and cnp.PyArray_NDIM(arr) == 2
-                and cnp.PyArray_DIM(arr, 0) == rows and cnp.PyArray_DIM(arr, 1) == cols):
+                and cnp.PyArray_DIM(arr, 0) == rows and cnp.PyArray_DIM(arr, 1) == cols
+                and cnp.PyArray_IS_C_CONTIGUOUS(arr) and cnp.PyArray_ISWRITEABLE(arr)
+                and cnp.PyArray_ISALIGNED(arr)):
             return arr
     cdef cnp.npy_intp dims[2]
     dims[0] = rows
     dims[1] = cols
     return cnp.PyArray_EMPTY(2, dims, typenum, 0)
+
+
+def _writeable_copy(value):
+    if isinstance(value, np.ndarray) and not value.flags.writeable:
+        return value.copy()
+    return value
+
+
+def _rebuild_layer(cls, config, dtype, params, buffers):
+    layer = cls(**config)
+    if dtype is not None:
+        layer.to_dtype(dtype)
+    for live, saved in ((layer.params(), params), (layer.buffers(), buffers)):
+        for key, value in saved.items():
+            np.copyto(live[key], value, casting="unsafe")
+    return layer
+
+
+def _rebuild_python_layer(cls, in_features, out_features, dtype, attrs):
+    layer = cls.__new__(cls)
+    layer.in_features = in_features
+    layer.out_features = out_features
+    layer.dtype = dtype
+    layer.__dict__.update({k: _writeable_copy(v) for k, v in attrs.items()})
+    return layer
 
 
 cdef class Layer:
@@ -164,6 +194,20 @@ cdef class Layer:
 
     cpdef dict config(self):
         return {}
+
+    def __reduce__(self):
+        # Pickle what defines the layer, never its scratch buffers: compiled
+        # layers are rebuilt from config() and get fresh, writeable arrays with
+        # the pickled params/buffers copied in (a pickle loaded read-only, e.g.
+        # joblib mmap_mode="r", must not hand read-only memory to a kernel).
+        state = {k: np.array(v) for k, v in self.params().items()}
+        bufs = {k: np.array(v) for k, v in self.buffers().items()}
+        d = getattr(self, "__dict__", None)
+        if d is not None:
+            # Python subclass: its attributes are its state
+            return (_rebuild_python_layer,
+                    (type(self), self.in_features, self.out_features, self._dtype, d))
+        return (_rebuild_layer, (type(self), self.config(), self._dtype, state, bufs))
 
     def __repr__(self):
         try:
