@@ -34,6 +34,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import tempfile
 import threading
 import warnings
@@ -373,6 +374,9 @@ def _missing_plugin(path: str, i: int, spec: dict[str, Any]) -> MissingPluginErr
     )
 
 
+_SIZE_KEY = re.compile(r"(features|size|units|dim|dims|width|channels|length)$")
+
+
 def _check_config_sizes(path: str, i: int, spec: dict[str, Any]) -> None:
     """Reject config ints that would allocate far more than the stored arrays hold."""
     dims = [d for g in ("params", "buffers") for s in spec.get(g, {}).values() for d in s]
@@ -382,7 +386,9 @@ def _check_config_sizes(path: str, i: int, spec: dict[str, Any]) -> None:
         if isinstance(value, bool):
             return
         if isinstance(value, int):
-            if value > limit:
+            # only size-like arguments (in_features, num_features, hidden_size, ...)
+            # decide allocations; seeds and counters may be any int
+            if _SIZE_KEY.search(key) and value > limit:
                 raise _err(
                     path,
                     f"layer {i} ({spec['name']!r}): config {key}={value} does not fit the "
