@@ -482,9 +482,8 @@ class SyncBatchNorm(Layer):
 def convert_sync_batchnorm(net: Any) -> Any:
     """A new ``Sequential`` with every ``batchnorm`` replaced by a :class:`SyncBatchNorm`
     (same config, parameters and buffers); the other layers are the same objects."""
-    from nnrt_plugins.batchnorm import BatchNorm
-
     from nnrt.network import Sequential
+    from nnrt_plugins.batchnorm import BatchNorm
 
     state = net.state_dict()
     layers = [

@@ -9,10 +9,10 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 import numpy as np
-from nnrt_plugins._batchnorm import BatchNorm
 
 from nnrt.hookspecs import RegisterLayer, hookimpl
 from nnrt.warnings import BiasBeforeBatchNormWarning, warn_user
+from nnrt_plugins._batchnorm import BatchNorm
 
 if TYPE_CHECKING:
     from nnrt.hookspecs import OnnxExportContext

@@ -4,14 +4,12 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from nnrt.hookspecs import RegisterLayer, hookimpl
 from nnrt_plugins._dense_nobias import DenseNoBias
 
-from nnrt.hookspecs import RegisterLayer, hookimpl
-
 if TYPE_CHECKING:
-    from nnrt.layer import Layer
-
     from nnrt.hookspecs import OnnxExportContext
+    from nnrt.layer import Layer
 
 __all__ = ["DenseNoBias", "nnrt_onnx_export", "nnrt_register_layers"]
 

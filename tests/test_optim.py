@@ -6,8 +6,8 @@ import tracemalloc
 
 import numpy as np
 import pytest
-from nnrt.dense import Dense
 
+from nnrt.dense import Dense
 from nnrt.optim import SGD, Adam, AdamW, Optimizer
 
 STEPS = 6

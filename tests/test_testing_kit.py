@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+
 from nnrt.dense import Dense
 from nnrt.layer import Layer
-
 from nnrt.testing import check_layer, gradcheck
 
 
