@@ -113,9 +113,7 @@ class Registry:
             self._load_entry_points()
 
     def _load_entry_points(self) -> None:
-        disabled = {
-            s.strip() for s in os.environ.get(DISABLE_ENV, "").split(",") if s.strip()
-        }
+        disabled = {s.strip() for s in os.environ.get(DISABLE_ENV, "").split(",") if s.strip()}
         for ep in ilm.entry_points(group=ENTRY_POINT_GROUP):
             dist = getattr(ep, "dist", None)
             dist_name = dist.metadata["Name"] if dist is not None else None
