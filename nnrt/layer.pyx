@@ -234,7 +234,7 @@ cdef class Layer:
                     and (t == self._typenum or (self._typenum < 0 and _is_float_typenum(t)))
                     and cnp.PyArray_IS_C_CONTIGUOUS(arr) and cnp.PyArray_ISALIGNED(arr)
                     and cnp.PyArray_ISNOTSWAPPED(arr)
-                    and cnp.PyArray_DIM(arr, 0) > 0
+                    and cnp.PyArray_DIM(arr, 0) > 0 and cnp.PyArray_DIM(arr, 1) > 0
                     and (self.in_features is None
                          or cnp.PyArray_DIM(arr, 1) == <Py_ssize_t>self.in_features)
                     and cnp.PyArray_SIZE(arr) <= _MAX_ELEMENTS

@@ -685,7 +685,7 @@ def run_fit(specs, net_dtype, seed, X_args, batch_size):
     import warnings
 
     Xc = clean_copy(X)
-    nets = []
+    nets: list[dict[str, Any]] = [{"finite": bool(np.isfinite(Xc).all())}]
     for data in (X, Xc):
         net = build_net(specs, net_dtype, seed)
         out = net.out_features or Xc.shape[1]
@@ -723,7 +723,7 @@ def test_fit_any_layout_same_weights_as_clean_copy(
     specs, width = stack
     if layout == "list" and x_dtype in (">f8", ">f4", ">i4"):
         layout = "C"
-    weird, clean = isolated(
+    info, weird, clean = isolated(
         run_fit,
         specs,
         net_dtype,
@@ -731,8 +731,7 @@ def test_fit_any_layout_same_weights_as_clean_copy(
         (seed, (batch, width), x_dtype, layout, special),
         batch_size,
     )
-    has_nonfinite = special is not None and np.dtype(x_dtype).kind == "f"
-    if has_nonfinite:
+    if not info["finite"]:
         # fit scans for NaN/Inf ("huge" is excluded: it may overflow to inf in float32)
         for r in (weird, clean):
             assert "error" in r and r["error"][0] == "ValueError", r
@@ -845,3 +844,20 @@ def test_interleaved_forward_backward_sequences(stack, net_dtype, seed, ops):
 def test_every_registered_layer_is_fuzzed(name):
     """The strategies above draw from every registered layer with simple arguments."""
     assert LAYER_KINDS[name] in ("change", "feat", "keep")
+
+
+# ------------------------------------------- regressions for bugs the fuzzing found
+@pytest.mark.parametrize("name", [n for n in LAYER_NAMES if LAYER_KINDS[n] == "keep"])
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_zero_width_input_of_the_network_dtype_is_refused(name, dtype):
+    """The C-contiguous fast path of prepare_input accepted (batch, 0) arrays."""
+    net = build_net([(name, ())], dtype, 0)
+    with pytest.raises(ValueError, match=r"zero features.*\(4, 0\)"):
+        net.forward(np.ones((4, 0), dtype=dtype))
+
+
+def test_ragged_list_input_names_the_layer():
+    """np.asarray's ValueError for a ragged list escaped without naming the layer."""
+    net = build_net([("dense", (3, 2))], "float64", 0)
+    with pytest.raises(ValueError, match=r"Dense\(.*list"):
+        net.forward([[1.0, 2.0, 3.0], [1.0, 2.0]])
