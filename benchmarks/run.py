@@ -174,8 +174,8 @@ def check_float64(cfg: str, batch: int, sizes: list[int]) -> dict[str, Any]:
         lt = torch.nn.functional.cross_entropy(model(torch.from_numpy(X)), torch.from_numpy(y))
         ref2 = NumpyMLP(build_nnrt(sizes, "float64").state_dict(), n_hidden, np.float64)
         l2, _ = ref2.softmax_cross_entropy(ref2.forward(X, True), y)
-        if not np.isclose(float(lt), l2, rtol=1e-9):
-            raise SystemExit(f"[{cfg}] torch loss {float(lt)} != numpy reference {l2}")
+        if not np.isclose(lt.detach().item(), l2, rtol=1e-9):
+            raise SystemExit(f"[{cfg}] torch loss {lt.detach().item()} != numpy reference {l2}")
         result["torch_loss_matches"] = True
     return result
 
