@@ -22,6 +22,10 @@ BUILD=$(mktemp -d "${TMPDIR:-/tmp}/nnrt-debug-build.XXXXXX")
 cleanup() { if [ "${KEEP:-0}" = 1 ]; then echo "kept $BUILD"; else rm -rf "$BUILD"; fi; }
 trap cleanup EXIT
 
+"$PY" -c "import Cython, setuptools, numpy, scipy" 2>/dev/null || {
+    echo "$PY lacks the build requirements: pip install 'Cython>=3.0' setuptools wheel"
+    exit 1
+}
 echo "== copying sources to $BUILD"
 if git -C "$ROOT" rev-parse --git-dir >/dev/null 2>&1; then
     # tracked and untracked-but-not-ignored files: no .c/.so build products
