@@ -332,7 +332,6 @@ def _param_count(spec: dict[str, Any]) -> int:
 def cmd_info(args: argparse.Namespace) -> int:
     import nnrt
     from nnrt.io import read_architecture
-    from nnrt.registry import registry
 
     if args.model:
         arch = read_architecture(args.model)
@@ -355,21 +354,10 @@ def cmd_info(args: argparse.Namespace) -> int:
             print(f"{i:>3}  {spec['name']:<14} {n:>8}  {cfg}  [{src}]")
         print(f"total trainable parameters: {total}")
         return 0
-    print(f"nnrt {nnrt.__version__}, ABI version {nnrt.ABI_VERSION}")
-    print(f"python {sys.version.split()[0]}, numpy {np.__version__}")
-    try:
-        from threadpoolctl import threadpool_info
+    # the installation: what a user pastes into a bug report
+    from nnrt.config import show_config
 
-        for lib in threadpool_info():
-            if lib.get("user_api") == "blas":
-                print(
-                    f"BLAS: {lib.get('internal_api')} {lib.get('version')} "
-                    f"({lib.get('num_threads')} threads, {lib.get('prefix')})"
-                )
-    except ImportError:
-        print("BLAS: unknown (threadpoolctl not installed)")
-    plugins = registry.plugins()
-    print("plugins: " + ", ".join(f"{p.name} [{p.status}]" for p in plugins.values()))
+    show_config(as_json=bool(getattr(args, "json", False)))
     return 0
 
 
@@ -471,6 +459,7 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("info", help="describe a model file, or this installation")
     p.add_argument("model", nargs="?")
     common(p)
+    p.add_argument("--json", action="store_true", help="installation info as JSON")
     p.set_defaults(func=cmd_info)
 
     p = sub.add_parser("plugins", help="list installed plugins and their layers")

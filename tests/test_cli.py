@@ -143,8 +143,15 @@ def test_info_on_a_model(model: pathlib.Path) -> None:
 def test_info_without_model_and_plugins() -> None:
     proc = run("info")
     assert proc.returncode == 0, proc.stderr
-    assert f"nnrt {nnrt.__version__}, ABI version {nnrt.ABI_VERSION}" in proc.stdout
-    assert "BLAS" in proc.stdout and "batchnorm" in proc.stdout
+    assert nnrt.__version__ in proc.stdout and "abi_version" in proc.stdout
+    assert "blas" in proc.stdout and "batchnorm" in proc.stdout
+    proc = run("info", "--json")
+    assert proc.returncode == 0, proc.stderr
+    info = json.loads(proc.stdout)
+    assert info["nnrt"]["version"] == nnrt.__version__
+    assert info["nnrt"]["abi_version"] == nnrt.ABI_VERSION
+    assert any(lib["user_api"] == "blas" for lib in info["blas"])
+    assert {"nnrt", "batchnorm", "sigmoid", "dense_nobias"} <= {p["name"] for p in info["plugins"]}
     proc = run("plugins")
     assert proc.returncode == 0, proc.stderr
     rows = {line.split()[0]: line for line in proc.stdout.splitlines()[1:] if line.strip()}
