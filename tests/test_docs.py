@@ -5,6 +5,8 @@ Convention (also stated in docs/index.md):
 * a fenced block whose info string starts with ``python`` is executed; the
   blocks of one file run in order, in one namespace, in a fresh interpreter
   whose working directory is an empty temporary directory;
+* ``python requires=torch`` (comma-separated modules) runs only where those
+  modules are installed;
 * ``text``, ``bash``, ``console``, ``toml``, ``ini``, ``cython`` ... blocks
   are not executed;
 * a ```cython block must appear verbatim in a file under docs/examples/
@@ -16,6 +18,7 @@ A failing block fails the test with the file name and the block's line number
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import re
 import subprocess
@@ -36,6 +39,7 @@ class Block:
     lang: str
     line: int  # 1-based line of the first code line
     code: str
+    requires: tuple[str, ...] = ()  # ```python requires=torch: skipped without torch
 
 
 def extract_blocks(text: str) -> list[Block]:
@@ -49,7 +53,11 @@ def extract_blocks(text: str) -> list[Block]:
             i += 1
             continue
         fence, indent = m["fence"], len(m["indent"])
-        lang = (m["info"].strip().split() or [""])[0].lower()
+        words = m["info"].strip().split() or [""]
+        lang = words[0].lower()
+        requires = tuple(
+            mod for w in words[1:] if w.startswith("requires=") for mod in w[9:].split(",") if mod
+        )
         body: list[str] = []
         j = i + 1
         while j < len(lines) and not (
@@ -59,13 +67,16 @@ def extract_blocks(text: str) -> list[Block]:
             j += 1
         if j == len(lines):
             raise ValueError(f"unclosed code fence opened on line {i + 1}")
-        blocks.append(Block(lang, i + 2, "\n".join(body) + "\n"))
+        blocks.append(Block(lang, i + 2, "\n".join(body) + "\n", requires))
         i = j + 1
     return blocks
 
 
 def is_executed(block: Block) -> bool:
-    return block.lang in ("python", "py", "python3")
+    if block.lang not in ("python", "py", "python3"):
+        return False
+    # a block that needs an optional package (```python requires=torch) runs where it is installed
+    return all(importlib.util.find_spec(mod) is not None for mod in block.requires)
 
 
 # Runs in the child: exec every python block of one file in one namespace.
