@@ -35,7 +35,7 @@ cdef int softmax_ce_kernel(const floating* x, const cnp.int64_t* y, floating* dY
     cdef Py_ssize_t i, j
     cdef const floating* xr
     cdef floating* dr
-    cdef double m, s, e, inv_n = 1.0 / n, total = 0
+    cdef double m, s, inv_n = 1.0 / n, total = 0
     cdef cnp.int64_t label
     for i in range(n):
         label = y[i]

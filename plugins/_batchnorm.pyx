@@ -83,8 +83,9 @@ cdef void bn_affine(const floating* X, floating* Y, Py_ssize_t n, Py_ssize_t f,
                     const floating* center, const floating* scale,
                     const floating* shift) noexcept nogil:
     # y = (x - center) * scale + shift, with center = mean, scale = gamma / sqrt(var + eps)
-    # and shift = beta (plus the rounding correction of center), per feature. NOTE: centring first keeps float32 accurate for
-    # inputs far from 0 (x * scale - mean * scale would cancel).
+    # and shift = beta (plus the rounding correction of center), per feature.
+    # NOTE: centring first keeps float32 accurate for inputs far from 0
+    # (x * scale - mean * scale would cancel).
     cdef Py_ssize_t i, j
     cdef const floating* xr
     cdef floating* yr
@@ -166,7 +167,9 @@ cdef class BatchNorm(Layer):
     def __init__(self, num_features, momentum=0.1, eps=1e-5):
         if (isinstance(num_features, (bool, np.bool_))
                 or not isinstance(num_features, (int, np.integer)) or num_features <= 0):
-            raise ValueError(f"BatchNorm: num_features must be a positive int, got {num_features!r}")
+            raise ValueError(
+                f"BatchNorm: num_features must be a positive int, got {num_features!r}"
+            )
         momentum = float(momentum)
         eps = float(eps)
         if not (0.0 <= momentum <= 1.0):

@@ -5,7 +5,6 @@
   ds/dx = s * (1 - s)          backward reads the cached *output* s
 """
 
-import numpy as np
 cimport numpy as cnp
 from libc.math cimport exp, expf
 
@@ -39,9 +38,9 @@ cdef void sigmoid_forward(const floating* X, floating* S, Py_ssize_t n) noexcept
     cdef Py_ssize_t i
     if floating is float:
         nnrt_sigmoidf_array(X, S, n)
-        return
-    for i in range(n):
-        S[i] = csigmoid(X[i])
+    else:
+        for i in range(n):
+            S[i] = csigmoid(X[i])
 
 
 cdef void sigmoid_backward(const floating* S, const floating* dY, floating* dX,
