@@ -17,7 +17,7 @@ from cython cimport floating
 
 from nnrt.blas cimport gemm_rm as _scipy_gemm_rm
 from libc.stdint cimport int64_t, uintptr_t
-from nnrt.layer cimport Layer, reuse_buffer
+from nnrt.layer cimport Layer, _unaliased, reuse_buffer
 
 cnp.import_array()
 
@@ -92,20 +92,6 @@ cdef inline void gemm_rm(bint trans_a, bint trans_b, int m, int n, int k,
             _np_dgemm(&ta, &tb, &m64, &n64, &k64, &alpha, b, &la, a, &lb, &beta, c, &lc)
             return
     _scipy_gemm_rm(trans_a, trans_b, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc)
-
-
-cdef inline object _unaliased(object buf, cnp.ndarray src):
-    # NOTE: callers may feed a returned buffer straight back in (y = f(f(x))); a
-    # buffer that overlaps the input is not reused, or the output would overwrite it.
-    cdef char* p
-    cdef char* q
-    if buf is None:
-        return None
-    p = <char*>cnp.PyArray_DATA(<cnp.ndarray>buf)
-    q = <char*>cnp.PyArray_DATA(src)
-    if p < q + cnp.PyArray_NBYTES(src) and q < p + cnp.PyArray_NBYTES(<cnp.ndarray>buf):
-        return None
-    return buf
 
 
 cdef void dense_forward(const floating* X, const floating* W, const floating* b,

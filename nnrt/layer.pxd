@@ -39,3 +39,19 @@ cdef class Layer:
 # Reuse `out` when it already has this shape and dtype, else allocate a new
 # C-contiguous array. Kernels write into what this returns.
 cdef cnp.ndarray reuse_buffer(object out, Py_ssize_t rows, Py_ssize_t cols, int typenum)
+
+
+# `buf`, or None when it overlaps `src` (then reuse_buffer allocates a new array).
+# NOTE: callers may feed a returned buffer straight back in (y = f(f(x))); a
+# buffer that overlaps the input is not reused, or the output would overwrite it.
+# Inline: adds nothing to Layer's layout (NNRT_ABI_VERSION unchanged).
+cdef inline object _unaliased(object buf, cnp.ndarray src):
+    cdef char* p
+    cdef char* q
+    if buf is None:
+        return None
+    p = <char*>cnp.PyArray_DATA(<cnp.ndarray>buf)
+    q = <char*>cnp.PyArray_DATA(src)
+    if p < q + cnp.PyArray_NBYTES(src) and q < p + cnp.PyArray_NBYTES(<cnp.ndarray>buf):
+        return None
+    return buf

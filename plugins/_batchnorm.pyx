@@ -31,26 +31,12 @@ from libc.math cimport sqrt
 
 from cython cimport floating
 
-from nnrt.layer cimport Layer, NNRT_ABI_VERSION, reuse_buffer
+from nnrt.layer cimport Layer, NNRT_ABI_VERSION, _unaliased, reuse_buffer
 
 from nnrt.layer import check_abi
 
 cnp.import_array()
 check_abi(NNRT_ABI_VERSION, __name__)
-
-
-cdef inline object _unaliased(object buf, cnp.ndarray src):
-    # NOTE: callers may feed a returned buffer straight back in (y = f(f(x))); a
-    # buffer that overlaps the input is not reused, or the output would overwrite it.
-    cdef char* p
-    cdef char* q
-    if buf is None:
-        return None
-    p = <char*>cnp.PyArray_DATA(<cnp.ndarray>buf)
-    q = <char*>cnp.PyArray_DATA(src)
-    if p < q + cnp.PyArray_NBYTES(src) and q < p + cnp.PyArray_NBYTES(<cnp.ndarray>buf):
-        return None
-    return buf
 
 
 cdef void bn_batch_stats(const floating* X, Py_ssize_t n, Py_ssize_t f,
