@@ -186,37 +186,54 @@ def sgd_step(list params, list grads, object bufs, double lr, double momentum,
 from nnrt.layer cimport Layer
 
 
-def forward_chain(list layers, object X, bint training):
+def forward_chain(list layers, object X, bint training, object fuse=None):
     """``Sequential.forward`` without returning to Python between layers.
 
     Compiled layers are called through the C vtable (Python subclasses still
-    dispatch to their Python ``forward``). An error is re-raised as the same
-    type, prefixed with the layer's index.
+    dispatch to their Python ``forward``). ``fuse`` (None, or one flag per layer):
+    where ``fuse[i]`` is set, layers i and i+1 run as one through
+    ``layers[i]._nnrt_forward_pair(X, training, layers[i + 1])``. An error is
+    re-raised as the same type, prefixed with the layer's index.
     """
     cdef Py_ssize_t i = 0, m = len(layers)
     cdef Layer layer
+    cdef bint fused = fuse is not None
     out = X
     try:
-        for i in range(m):
+        while i < m:
             layer = <Layer>layers[i]
-            out = layer.forward(out, training)
+            if fused and fuse[i] and i + 1 < m:
+                out = layer._nnrt_forward_pair(out, training, layers[i + 1])
+                i += 2
+            else:
+                out = layer.forward(out, training)
+                i += 1
     except (ValueError, TypeError) as exc:
         raise type(exc)(f"Sequential layer {i}: {exc}") from exc
     return out
 
 
-def backward_chain(list layers, object dY, Py_ssize_t stop, bint input_grad):
+def backward_chain(list layers, object dY, Py_ssize_t stop, bint input_grad,
+                   object fuse=None):
     """``Sequential.backward``: layers ``len-1 .. stop``; the last one (``stop``) only
     writes its parameter gradients when ``input_grad`` is false and it has
-    ``backward_params``. Returns dX, or None when ``input_grad`` is false."""
+    ``backward_params``. Returns dX, or None when ``input_grad`` is false.
+    ``fuse`` as in ``forward_chain`` (a fused pair i, i+1 with i > stop runs
+    through ``layers[i]._nnrt_backward_pair(dY, layers[i + 1])``)."""
     cdef Py_ssize_t i = len(layers) - 1
     cdef Layer layer
+    cdef bint fused = fuse is not None
     grad = dY
     try:
         while i > stop:
-            layer = <Layer>layers[i]
-            grad = layer.backward(grad)
-            i -= 1
+            if fused and i - 1 > stop and fuse[i - 1]:
+                layer = <Layer>layers[i - 1]
+                grad = layer._nnrt_backward_pair(grad, layers[i])
+                i -= 2
+            else:
+                layer = <Layer>layers[i]
+                grad = layer.backward(grad)
+                i -= 1
         if stop >= len(layers):
             return None
         layer = <Layer>layers[stop]

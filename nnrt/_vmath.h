@@ -15,6 +15,7 @@
 #include <stdint.h>
 #include <string.h>
 #include <stddef.h>
+#include <math.h>
 
 #if defined(__GNUC__) && !defined(__clang__)
 /* NOTE: gcc if-converts (and so vectorises) the selects below only when float
@@ -65,16 +66,117 @@ static void nnrt_sigmoidf_array(const float *x, float *s, ptrdiff_t n) {
     for (ptrdiff_t i = 0; i < n; i++) s[i] = nnrt_sigmoidf(x[i]);
 }
 
-/* s = sigmoid(x * scale[j] + shift[j]) over a row-major (n, f) array: BatchNorm's
- * affine step and the sigmoid in one pass (used where the two layers are adjacent). */
-NNRT_CLONES
-static void nnrt_affine_sigmoidf(const float *x, float *s, ptrdiff_t n, ptrdiff_t f,
-                                 const float *scale, const float *shift) {
-    for (ptrdiff_t i = 0; i < n; i++) {
-        const float *xr = x + i * f;
-        float *sr = s + i * f;
-        for (ptrdiff_t j = 0; j < f; j++) sr[j] = nnrt_sigmoidf(xr[j] * scale[j] + shift[j]);
-    }
+/* float64 sigmoid with libm's exp (the same formula as nnrt_sigmoidf). */
+static inline double nnrt_sigmoid(double x) {
+    double z = exp(x >= 0.0 ? -x : x);
+    return x >= 0.0 ? 1.0 / (1.0 + z) : z / (1.0 + z);
+}
+
+/* ------------------------------------------------------------------------
+ * BatchNorm (+ sigmoid) kernels over row-major (n, f) arrays, for T = float
+ * (suffix f) and double (suffix d). Inner loops run over features, so they
+ * vectorise; statistics and sums accumulate in float64 whatever T is. With a
+ * sigmoid: s = sigmoid(bn(x)) in one sweep forward, and backward recomputes
+ * dz = ds * s * (1 - s) in both sweeps instead of storing it. Element-wise
+ * operations are written in the same order as the separate layers' kernels, so
+ * the fused and unfused results are identical (no FMA contraction: the clones
+ * do not enable FMA).
+ * ---------------------------------------------------------------------- */
+#define NNRT_BN_KERNELS(T, SUF, SIGMOID)                                                     \
+/* One pass, float64 deviations from the first row (no cancellation):                    \
+ * mean = K + S1/n, var = S2/n - (S1/n)^2. */                                             \
+NNRT_CLONES                                                                               \
+static void nnrt_bn_stats_##SUF(const T *X, ptrdiff_t n, ptrdiff_t f, double *mean,       \
+                                double *var) {                                            \
+    for (ptrdiff_t j = 0; j < f; j++) { mean[j] = 0; var[j] = 0; }                        \
+    for (ptrdiff_t i = 1; i < n; i++) {                                                   \
+        const T *row = X + i * f;                                                         \
+        for (ptrdiff_t j = 0; j < f; j++) {                                               \
+            double d = (double)row[j] - (double)X[j];                                     \
+            mean[j] += d;                                                                 \
+            var[j] += d * d;                                                              \
+        }                                                                                 \
+    }                                                                                     \
+    for (ptrdiff_t j = 0; j < f; j++) {                                                   \
+        double d = mean[j] / n;                                                           \
+        var[j] = var[j] / n - d * d;                                                      \
+        if (var[j] < 0) var[j] = 0;                                                       \
+        mean[j] = X[j] + d;                                                               \
+    }                                                                                     \
+}                                                                                         \
+/* y = (x - center) * scale + shift; then s = sigmoid(y) when sig is set. */              \
+NNRT_CLONES                                                                               \
+static void nnrt_bn_affine_##SUF(const T *X, T *Y, ptrdiff_t n, ptrdiff_t f,              \
+                                 const T *center, const T *scale, const T *shift,         \
+                                 int sig) {                                               \
+    for (ptrdiff_t i = 0; i < n; i++) {                                                   \
+        const T *xr = X + i * f;                                                          \
+        T *yr = Y + i * f;                                                                \
+        if (sig) {                                                                        \
+            for (ptrdiff_t j = 0; j < f; j++)                                             \
+                yr[j] = SIGMOID((xr[j] - center[j]) * scale[j] + shift[j]);               \
+        } else {                                                                          \
+            for (ptrdiff_t j = 0; j < f; j++)                                             \
+                yr[j] = (xr[j] - center[j]) * scale[j] + shift[j];                        \
+        }                                                                                 \
+    }                                                                                     \
+}                                                                                         \
+/* s1 = sum_i dz, s2 = sum_i dz (x - mean), with dz = dy, or dy s (1 - s) when S. */     \
+NNRT_CLONES                                                                               \
+static void nnrt_bn_bwd_sums_##SUF(const T *X, const T *dY, const T *S, const T *mean,    \
+                                   double *s1, double *s2, ptrdiff_t n, ptrdiff_t f) {    \
+    for (ptrdiff_t j = 0; j < f; j++) { s1[j] = 0; s2[j] = 0; }                           \
+    for (ptrdiff_t i = 0; i < n; i++) {                                                   \
+        const T *xr = X + i * f;                                                          \
+        const T *gr = dY + i * f;                                                         \
+        if (S) {                                                                          \
+            const T *sr = S + i * f;                                                      \
+            for (ptrdiff_t j = 0; j < f; j++) {                                           \
+                T dz = gr[j] * sr[j] * ((T)1 - sr[j]);                                    \
+                s1[j] += dz;                                                              \
+                s2[j] += (double)dz * (double)(xr[j] - mean[j]);                          \
+            }                                                                             \
+        } else {                                                                          \
+            for (ptrdiff_t j = 0; j < f; j++) {                                           \
+                s1[j] += gr[j];                                                           \
+                s2[j] += (double)gr[j] * (double)(xr[j] - mean[j]);                       \
+            }                                                                             \
+        }                                                                                 \
+    }                                                                                     \
+}                                                                                         \
+/* dx = a dz + c (x - mean) + b, per-feature a, b, c folded by the caller. */             \
+NNRT_CLONES                                                                               \
+static void nnrt_bn_bwd_dx_##SUF(const T *X, const T *dY, const T *S, T *dX,              \
+                                 const T *mean, const T *a, const T *b, const T *c,       \
+                                 ptrdiff_t n, ptrdiff_t f) {                              \
+    for (ptrdiff_t i = 0; i < n; i++) {                                                   \
+        const T *xr = X + i * f;                                                          \
+        const T *gr = dY + i * f;                                                         \
+        T *dxr = dX + i * f;                                                              \
+        if (S) {                                                                          \
+            const T *sr = S + i * f;                                                      \
+            for (ptrdiff_t j = 0; j < f; j++) {                                           \
+                T dz = gr[j] * sr[j] * ((T)1 - sr[j]);                                    \
+                dxr[j] = a[j] * dz + c[j] * (xr[j] - mean[j]) + b[j];                     \
+            }                                                                             \
+        } else {                                                                          \
+            for (ptrdiff_t j = 0; j < f; j++)                                             \
+                dxr[j] = a[j] * gr[j] + c[j] * (xr[j] - mean[j]) + b[j];                  \
+        }                                                                                 \
+    }                                                                                     \
+}                                                                                         \
+/* Sigmoid backward from the cached output: dx = dy s (1 - s). */                         \
+NNRT_CLONES                                                                               \
+static void nnrt_sigmoid_bwd_##SUF(const T *S, const T *dY, T *dX, ptrdiff_t n) {         \
+    for (ptrdiff_t i = 0; i < n; i++) dX[i] = dY[i] * S[i] * ((T)1 - S[i]);               \
+}
+
+NNRT_BN_KERNELS(float, f, nnrt_sigmoidf)
+NNRT_BN_KERNELS(double, d, nnrt_sigmoid)
+
+/* float64 sigmoid over an array (libm exp: not vectorised). */
+static void nnrt_sigmoid_array(const double *x, double *s, ptrdiff_t n) {
+    for (ptrdiff_t i = 0; i < n; i++) s[i] = nnrt_sigmoid(x[i]);
 }
 
 #ifdef NNRT_VMATH_PUSHED

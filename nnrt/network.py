@@ -9,6 +9,7 @@ dtype) so that a broken plugin is named instead of crashing a kernel.
 
 from __future__ import annotations
 
+import os
 import types
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any, overload
@@ -163,7 +164,7 @@ class Sequential:
         # are called through the C vtable; errors come back prefixed with the index.
         if self._python_layers:  # Python plugin layers: check what each one returns
             return self._forward_checked(X, bool(training))
-        out = _forward_chain(self.layers, X, bool(training))
+        out = _forward_chain(self.layers, X, bool(training), self._fuse_plan())
         if self._python_layers:
             self._check_output(out)
         self._last_out = out
@@ -184,7 +185,7 @@ class Sequential:
         stop = 0 if input_grad else self._first_trainable()
         if self._python_layers:
             return self._backward_checked(dY, stop, bool(input_grad))
-        return _backward_chain(self.layers, dY, stop, bool(input_grad))
+        return _backward_chain(self.layers, dY, stop, bool(input_grad), self._fuse_plan())
 
     def _first_trainable(self) -> int:
         """Index of the first layer with parameters (``len(self)`` when none has any)."""
@@ -200,6 +201,32 @@ class Sequential:
                 break
         self.__dict__["_first_trainable_cache"] = (list(layers), first)
         return first
+
+    def _fuse_plan(self) -> bytes | None:
+        """One flag per layer: 1 where layer i runs fused with layer i+1, or None.
+
+        A layer offers fusion with its successor through ``_nnrt_fuse_next(next)``
+        (internal to nnrt's compiled layers: BatchNorm followed by Sigmoid); the
+        fused pair must leave both layers' caches as the separate calls would.
+        ``NNRT_FUSE=0`` in the environment turns fusion off.
+        """
+        layers = self.layers
+        cached = self.__dict__.get("_fuse_plan_cache")
+        if cached is not None and cached[0] == layers:
+            plan: bytes | None = cached[1]
+            return plan
+        flags = bytearray(len(layers))
+        if os.environ.get("NNRT_FUSE", "1") != "0":
+            i = 0
+            while i < len(layers) - 1:  # pairs never overlap
+                can = getattr(layers[i], "_nnrt_fuse_next", None)
+                if can is not None and can(layers[i + 1]):
+                    flags[i] = 1
+                    i += 1
+                i += 1
+        plan = bytes(flags) if any(flags) else None
+        self.__dict__["_fuse_plan_cache"] = (list(layers), plan)
+        return plan
 
     # ------------------------------------------- networks with Python plugin layers
     # A Python layer's result is checked before the next layer (maybe a compiled

@@ -29,92 +29,52 @@ import numpy as np
 cimport numpy as cnp
 from libc.math cimport sqrt
 
-from cython cimport floating
-
 from nnrt.layer cimport Layer, NNRT_ABI_VERSION, _unaliased, reuse_buffer
 
 from nnrt.layer import check_abi
+
+from nnrt_plugins._sigmoid import Sigmoid
 
 cnp.import_array()
 check_abi(NNRT_ABI_VERSION, __name__)
 
 
-cdef void bn_batch_stats(const floating* X, Py_ssize_t n, Py_ssize_t f,
-                         double* mean, double* var) noexcept nogil:
-    # One pass, float64 accumulators of the deviations from a per-feature shift
-    # K_j (the first row): mean = K + S1/n, var = S2/n - (S1/n)^2. With the shift,
-    # S1/n is of the order of the spread, so the subtraction does not cancel even
-    # for inputs like N(1000, 0.1). Inner loop over features: vectorises.
-    cdef Py_ssize_t i, j
-    cdef const floating* row
-    cdef double d
-    for j in range(f):
-        mean[j] = 0
-        var[j] = 0
-    for i in range(1, n):
-        row = &X[i * f]
-        for j in range(f):
-            d = <double>row[j] - <double>X[j]
-            mean[j] += d
-            var[j] += d * d
-    for j in range(f):
-        d = mean[j] / n
-        var[j] = var[j] / n - d * d
-        if var[j] < 0:
-            var[j] = 0
-        mean[j] = X[j] + d
+cdef extern from "nnrt/_vmath.h" nogil:
+    # Kernels in C (nnrt/_vmath.h; run-time AVX2 clones on x86-64 Linux):
+    #   stats    one pass, float64 accumulators of the deviations from a per-feature
+    #            shift K_j (the first row): mean = K + S1/n, var = S2/n - (S1/n)^2;
+    #            with the shift, S1/n is of the order of the spread, so the subtraction
+    #            does not cancel even for inputs like N(1000, 0.1)
+    #   affine   y = (x - center) * scale + shift (then sigmoid(y) when sig != 0);
+    #            centring first keeps float32 accurate for inputs far from 0
+    #   sums     s1 = sum dz, s2 = sum dz (x - mean) in float64, dz = dy (S NULL) or
+    #            dy s (1 - s) (the following sigmoid's backward, S its output)
+    #   dx       dx = a dz + c (x - mean) + b
+    void nnrt_bn_stats_f(const float* X, Py_ssize_t n, Py_ssize_t f, double* mean, double* var)
+    void nnrt_bn_stats_d(const double* X, Py_ssize_t n, Py_ssize_t f, double* mean, double* var)
+    void nnrt_bn_affine_f(const float* X, float* Y, Py_ssize_t n, Py_ssize_t f,
+                          const float* center, const float* scale, const float* shift, int sig)
+    void nnrt_bn_affine_d(const double* X, double* Y, Py_ssize_t n, Py_ssize_t f,
+                          const double* center, const double* scale, const double* shift,
+                          int sig)
+    void nnrt_bn_bwd_sums_f(const float* X, const float* dY, const float* S, const float* mean,
+                            double* s1, double* s2, Py_ssize_t n, Py_ssize_t f)
+    void nnrt_bn_bwd_sums_d(const double* X, const double* dY, const double* S,
+                            const double* mean, double* s1, double* s2, Py_ssize_t n,
+                            Py_ssize_t f)
+    void nnrt_bn_bwd_dx_f(const float* X, const float* dY, const float* S, float* dX,
+                          const float* mean, const float* a, const float* b, const float* c,
+                          Py_ssize_t n, Py_ssize_t f)
+    void nnrt_bn_bwd_dx_d(const double* X, const double* dY, const double* S, double* dX,
+                          const double* mean, const double* a, const double* b,
+                          const double* c, Py_ssize_t n, Py_ssize_t f)
 
 
-cdef void bn_affine(const floating* X, floating* Y, Py_ssize_t n, Py_ssize_t f,
-                    const floating* center, const floating* scale,
-                    const floating* shift) noexcept nogil:
-    # y = (x - center) * scale + shift, with center = mean, scale = gamma / sqrt(var + eps)
-    # and shift = beta (plus the rounding correction of center), per feature.
-    # NOTE: centring first keeps float32 accurate for inputs far from 0
-    # (x * scale - mean * scale would cancel).
-    cdef Py_ssize_t i, j
-    cdef const floating* xr
-    cdef floating* yr
-    for i in range(n):
-        xr = &X[i * f]
-        yr = &Y[i * f]
-        for j in range(f):
-            yr[j] = (xr[j] - center[j]) * scale[j] + shift[j]
-
-
-cdef void bn_backward_sums(const floating* X, const floating* dY, const floating* mean,
-                           double* sum_dy, double* sum_dyxc,
-                           Py_ssize_t n, Py_ssize_t f) noexcept nogil:
-    # sum_dy = sum_i dy,  sum_dyxc = sum_i dy * (x - mean)   (float64 accumulators)
-    cdef Py_ssize_t i, j
-    cdef const floating* xr
-    cdef const floating* gr
-    for j in range(f):
-        sum_dy[j] = 0
-        sum_dyxc[j] = 0
-    for i in range(n):
-        xr = &X[i * f]
-        gr = &dY[i * f]
-        for j in range(f):
-            sum_dy[j] += gr[j]
-            sum_dyxc[j] += <double>gr[j] * <double>(xr[j] - mean[j])
-
-
-cdef void bn_backward_dx(const floating* X, const floating* dY, floating* dX,
-                         const floating* mean, const floating* a, const floating* b,
-                         const floating* c, Py_ssize_t n, Py_ssize_t f) noexcept nogil:
-    # dx = gamma*invstd * (dy - mean(dy) - xhat * mean(dy*xhat)), folded per feature
-    # into dx = a * dy + c * (x - mean) + b
-    cdef Py_ssize_t i, j
-    cdef const floating* xr
-    cdef const floating* gr
-    cdef floating* dxr
-    for i in range(n):
-        xr = &X[i * f]
-        gr = &dY[i * f]
-        dxr = &dX[i * f]
-        for j in range(f):
-            dxr[j] = a[j] * gr[j] + c[j] * (xr[j] - mean[j]) + b[j]
+cdef inline void* _data(object arr) noexcept:
+    # data pointer of an ndarray, NULL for None
+    if arr is None:
+        return NULL
+    return cnp.PyArray_DATA(<cnp.ndarray>arr)
 
 
 cdef inline double _get(cnp.ndarray arr, Py_ssize_t j, bint f32) noexcept:
@@ -259,49 +219,65 @@ cdef class BatchNorm(Layer):
             sc = _get(self.gamma, j, f32) / sqrt(_get(self.running_var, j, f32) + eps)
             _put(self._scale_t, j, sc, f32)
 
-    cpdef object forward(self, object X, bint training=False):
-        cdef cnp.ndarray Xa = self.prepare_input(X)
+    cdef void _forward_into(self, cnp.ndarray Xa, bint training, cnp.ndarray Y,
+                            bint sig) noexcept:
+        # batch statistics (training) or running statistics (eval), then the affine
+        # pass into Y, followed by the sigmoid in the same sweep when sig is set
         cdef Py_ssize_t n = cnp.PyArray_DIM(Xa, 0)
         cdef Py_ssize_t f = cnp.PyArray_DIM(Xa, 1)
-        cdef cnp.ndarray Y, center, shift
+        cdef cnp.ndarray center, shift
         cdef double* mean = <double*>cnp.PyArray_DATA(self._mean)
         cdef double* var = <double*>cnp.PyArray_DATA(self._var)
         if training:
-            if n < 2:
-                raise ValueError(
-                    f"{self!r}: training needs more than 1 sample per batch to compute "
-                    f"a batch variance, got shape {(<object>Xa).shape} dtype {Xa.dtype}"
-                )
-            # the cached X must survive this forward: never write Y over it
-            Y = reuse_buffer(_unaliased(self._Y_train, Xa), n, f, self._typenum)
-            self._Y_train = Y
-            self._X = Xa
             if self._typenum == cnp.NPY_FLOAT32:
                 with nogil:
-                    bn_batch_stats(<float*>cnp.PyArray_DATA(Xa), n, f, mean, var)
+                    nnrt_bn_stats_f(<float*>cnp.PyArray_DATA(Xa), n, f, mean, var)
             else:
                 with nogil:
-                    bn_batch_stats(<double*>cnp.PyArray_DATA(Xa), n, f, mean, var)
+                    nnrt_bn_stats_d(<double*>cnp.PyArray_DATA(Xa), n, f, mean, var)
             self._fold_train(n)
             center = self._mean_t
             shift = self._shift_t
         else:
-            Y = reuse_buffer(_unaliased(self._Y_eval, Xa), n, f, self._typenum)
-            self._Y_eval = Y
             self._fold_eval()
             center = self.running_mean
             shift = self.beta
         if self._typenum == cnp.NPY_FLOAT32:
             with nogil:
-                bn_affine(<float*>cnp.PyArray_DATA(Xa), <float*>cnp.PyArray_DATA(Y), n, f,
-                          <float*>cnp.PyArray_DATA(center), <float*>cnp.PyArray_DATA(self._scale_t),
-                          <float*>cnp.PyArray_DATA(shift))
+                nnrt_bn_affine_f(<float*>cnp.PyArray_DATA(Xa), <float*>cnp.PyArray_DATA(Y), n, f,
+                                 <float*>cnp.PyArray_DATA(center),
+                                 <float*>cnp.PyArray_DATA(self._scale_t),
+                                 <float*>cnp.PyArray_DATA(shift), sig)
         else:
             with nogil:
-                bn_affine(<double*>cnp.PyArray_DATA(Xa), <double*>cnp.PyArray_DATA(Y), n, f,
-                          <double*>cnp.PyArray_DATA(center),
-                          <double*>cnp.PyArray_DATA(self._scale_t),
-                          <double*>cnp.PyArray_DATA(shift))
+                nnrt_bn_affine_d(<double*>cnp.PyArray_DATA(Xa), <double*>cnp.PyArray_DATA(Y),
+                                 n, f, <double*>cnp.PyArray_DATA(center),
+                                 <double*>cnp.PyArray_DATA(self._scale_t),
+                                 <double*>cnp.PyArray_DATA(shift), sig)
+
+    cdef int _check_train_batch(self, cnp.ndarray Xa) except -1:
+        if cnp.PyArray_DIM(Xa, 0) < 2:
+            raise ValueError(
+                f"{self!r}: training needs more than 1 sample per batch to compute "
+                f"a batch variance, got shape {(<object>Xa).shape} dtype {Xa.dtype}"
+            )
+        return 0
+
+    cpdef object forward(self, object X, bint training=False):
+        cdef cnp.ndarray Xa = self.prepare_input(X)
+        cdef Py_ssize_t n = cnp.PyArray_DIM(Xa, 0)
+        cdef Py_ssize_t f = cnp.PyArray_DIM(Xa, 1)
+        cdef cnp.ndarray Y
+        if training:
+            self._check_train_batch(Xa)
+            # the cached X must survive this forward: never write Y over it
+            Y = reuse_buffer(_unaliased(self._Y_train, Xa), n, f, self._typenum)
+            self._Y_train = Y
+            self._X = Xa
+        else:
+            Y = reuse_buffer(_unaliased(self._Y_eval, Xa), n, f, self._typenum)
+            self._Y_eval = Y
+        self._forward_into(Xa, training, Y, False)
         return Y
 
     cdef void _fold_backward(self, Py_ssize_t n) noexcept:
@@ -329,40 +305,96 @@ cdef class BatchNorm(Layer):
             # dx = a dy + c (x - mean_t) + [b + c (mean_t - mean)]
             _put(self._b_t, j, -a * s1[j] / n + c * dm, f32)
 
+    cdef void _backward_into(self, cnp.ndarray X, cnp.ndarray dYa, object S,
+                             cnp.ndarray dX) noexcept:
+        # two sweeps: float64 sums, then dX; with S (a following sigmoid's cached
+        # output) dYa is the gradient of the sigmoid's output instead of this layer's
+        cdef Py_ssize_t n = cnp.PyArray_DIM(X, 0)
+        cdef Py_ssize_t f = cnp.PyArray_DIM(X, 1)
+        cdef double* a1 = <double*>cnp.PyArray_DATA(self._acc1)
+        cdef double* a2 = <double*>cnp.PyArray_DATA(self._acc2)
+        cdef void* sp = _data(S)
+        if self._typenum == cnp.NPY_FLOAT32:
+            with nogil:
+                nnrt_bn_bwd_sums_f(<float*>cnp.PyArray_DATA(X), <float*>cnp.PyArray_DATA(dYa),
+                                   <float*>sp, <float*>cnp.PyArray_DATA(self._mean_t),
+                                   a1, a2, n, f)
+        else:
+            with nogil:
+                nnrt_bn_bwd_sums_d(<double*>cnp.PyArray_DATA(X),
+                                   <double*>cnp.PyArray_DATA(dYa), <double*>sp,
+                                   <double*>cnp.PyArray_DATA(self._mean_t), a1, a2, n, f)
+        self._fold_backward(n)
+        if self._typenum == cnp.NPY_FLOAT32:
+            with nogil:
+                nnrt_bn_bwd_dx_f(<float*>cnp.PyArray_DATA(X), <float*>cnp.PyArray_DATA(dYa),
+                                 <float*>sp, <float*>cnp.PyArray_DATA(dX),
+                                 <float*>cnp.PyArray_DATA(self._mean_t),
+                                 <float*>cnp.PyArray_DATA(self._a_t),
+                                 <float*>cnp.PyArray_DATA(self._b_t),
+                                 <float*>cnp.PyArray_DATA(self._c_t), n, f)
+        else:
+            with nogil:
+                nnrt_bn_bwd_dx_d(<double*>cnp.PyArray_DATA(X), <double*>cnp.PyArray_DATA(dYa),
+                                 <double*>sp, <double*>cnp.PyArray_DATA(dX),
+                                 <double*>cnp.PyArray_DATA(self._mean_t),
+                                 <double*>cnp.PyArray_DATA(self._a_t),
+                                 <double*>cnp.PyArray_DATA(self._b_t),
+                                 <double*>cnp.PyArray_DATA(self._c_t), n, f)
+
     cpdef object backward(self, object dY):
         if self._X is None:
             raise self._no_forward_error()
         cdef cnp.ndarray X = <cnp.ndarray>self._X
-        cdef cnp.ndarray dYa = self.prepare_grad(dY, <cnp.ndarray>self._Y_train)
-        cdef Py_ssize_t n = cnp.PyArray_DIM(X, 0)
-        cdef Py_ssize_t f = cnp.PyArray_DIM(X, 1)
-        cdef cnp.ndarray dX = reuse_buffer(self._dX, n, f, self._typenum)
+        # the output of the last training forward has X's shape and dtype (a fused
+        # forward inside Sequential does not write this layer's own output buffer)
+        cdef cnp.ndarray dYa = self.prepare_grad(dY, X)
+        cdef cnp.ndarray dX = reuse_buffer(_unaliased(self._dX, dYa), cnp.PyArray_DIM(X, 0),
+                                           cnp.PyArray_DIM(X, 1), self._typenum)
         self._dX = dX
-        cdef double* a1 = <double*>cnp.PyArray_DATA(self._acc1)
-        cdef double* a2 = <double*>cnp.PyArray_DATA(self._acc2)
-        if self._typenum == cnp.NPY_FLOAT32:
-            with nogil:
-                bn_backward_sums(<float*>cnp.PyArray_DATA(X), <float*>cnp.PyArray_DATA(dYa),
-                                 <float*>cnp.PyArray_DATA(self._mean_t), a1, a2, n, f)
+        self._backward_into(X, dYa, None, dX)
+        return dX
+
+    # --------------------------------------------- fused batchnorm -> sigmoid
+    # Internal protocol of Sequential's compiled loop (nnrt/_kernels.pyx): when
+    # _nnrt_fuse_next(next_layer) is true, the pair runs as one layer. Both layers'
+    # caches are kept as the separate calls would leave them (this layer's input and
+    # statistics, the sigmoid's output), so either layer's own backward still works;
+    # only this layer's output buffer (the sigmoid's input) is not written.
+    def _nnrt_fuse_next(self, nxt):
+        """True when ``nxt`` is a plain Sigmoid this exact BatchNorm type can fuse with."""
+        return type(self) is BatchNorm and type(nxt) is Sigmoid
+
+    def _nnrt_forward_pair(self, object X, bint training, Layer nxt):
+        """``nxt.forward(self.forward(X, training), training)`` in one sweep."""
+        if nxt._typenum != self._typenum or self._typenum < 0:
+            return nxt.forward(self.forward(X, training), training)
+        cdef cnp.ndarray Xa = self.prepare_input(X)
+        cdef Py_ssize_t n = cnp.PyArray_DIM(Xa, 0)
+        cdef Py_ssize_t f = cnp.PyArray_DIM(Xa, 1)
+        cdef cnp.ndarray S
+        if training:
+            self._check_train_batch(Xa)
+            S = reuse_buffer(_unaliased(nxt._S_train, Xa), n, f, self._typenum)
+            nxt._S_train = S
+            self._X = Xa
         else:
-            with nogil:
-                bn_backward_sums(<double*>cnp.PyArray_DATA(X), <double*>cnp.PyArray_DATA(dYa),
-                                 <double*>cnp.PyArray_DATA(self._mean_t), a1, a2, n, f)
-        self._fold_backward(n)
-        if self._typenum == cnp.NPY_FLOAT32:
-            with nogil:
-                bn_backward_dx(<float*>cnp.PyArray_DATA(X), <float*>cnp.PyArray_DATA(dYa),
-                               <float*>cnp.PyArray_DATA(dX),
-                               <float*>cnp.PyArray_DATA(self._mean_t),
-                               <float*>cnp.PyArray_DATA(self._a_t),
-                               <float*>cnp.PyArray_DATA(self._b_t),
-                               <float*>cnp.PyArray_DATA(self._c_t), n, f)
-        else:
-            with nogil:
-                bn_backward_dx(<double*>cnp.PyArray_DATA(X), <double*>cnp.PyArray_DATA(dYa),
-                               <double*>cnp.PyArray_DATA(dX),
-                               <double*>cnp.PyArray_DATA(self._mean_t),
-                               <double*>cnp.PyArray_DATA(self._a_t),
-                               <double*>cnp.PyArray_DATA(self._b_t),
-                               <double*>cnp.PyArray_DATA(self._c_t), n, f)
+            S = reuse_buffer(_unaliased(nxt._S_eval, Xa), n, f, self._typenum)
+            nxt._S_eval = S
+        self._forward_into(Xa, training, S, True)
+        return S
+
+    def _nnrt_backward_pair(self, object dS, Layer nxt):
+        """``self.backward(nxt.backward(dS))`` in two sweeps, without the middle array."""
+        S = nxt._S_train
+        X = self._X
+        if (S is None or X is None or nxt._typenum != self._typenum
+                or (<object>S).shape != (<object>X).shape
+                or cnp.PyArray_TYPE(<cnp.ndarray>S) != cnp.PyArray_TYPE(<cnp.ndarray>X)):
+            return self.backward(nxt.backward(dS))
+        cdef cnp.ndarray dSa = nxt.prepare_grad(dS, <cnp.ndarray>S)
+        cdef cnp.ndarray dX = reuse_buffer(_unaliased(self._dX, dSa), cnp.PyArray_DIM(dSa, 0),
+                                           cnp.PyArray_DIM(dSa, 1), self._typenum)
+        self._dX = dX
+        self._backward_into(<cnp.ndarray>X, dSa, S, dX)
         return dX

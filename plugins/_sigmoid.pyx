@@ -6,55 +6,29 @@
 """
 
 cimport numpy as cnp
-from libc.math cimport exp, expf
-
-from cython cimport floating
 
 from nnrt.layer cimport Layer, NNRT_ABI_VERSION, reuse_buffer
 
 from nnrt.layer import check_abi
 
 cdef extern from "nnrt/_vmath.h" nogil:
-    # vectorisable float32 sigmoid (polynomial exp; see the header)
+    # float32: vectorisable polynomial exp; float64: libm's exp (see the header).
+    # Backward: dX = dY * s * (1 - s) in the dtype, from the cached output s.
     void nnrt_sigmoidf_array(const float* x, float* s, Py_ssize_t n)
+    void nnrt_sigmoid_array(const double* x, double* s, Py_ssize_t n)
+    void nnrt_sigmoid_bwd_f(const float* S, const float* dY, float* dX, Py_ssize_t n)
+    void nnrt_sigmoid_bwd_d(const double* S, const double* dY, double* dX, Py_ssize_t n)
 
 cnp.import_array()
 check_abi(NNRT_ABI_VERSION, __name__)
 
 
-cdef inline floating csigmoid(floating x) noexcept nogil:
-    # exp of a non-positive number only: never overflows, any finite x is fine
-    cdef floating z
-    if floating is float:
-        z = expf(-x if x >= 0 else x)
-    else:
-        z = exp(-x if x >= 0 else x)
-    if x >= 0:
-        return 1 / (1 + z)
-    return z / (1 + z)
-
-
-cdef void sigmoid_forward(const floating* X, floating* S, Py_ssize_t n) noexcept nogil:
-    cdef Py_ssize_t i
-    if floating is float:
-        nnrt_sigmoidf_array(X, S, n)
-    else:
-        for i in range(n):
-            S[i] = csigmoid(X[i])
-
-
-cdef void sigmoid_backward(const floating* S, const floating* dY, floating* dX,
-                           Py_ssize_t n) noexcept nogil:
-    # dX = dY * s * (1 - s), from the cached output s
-    cdef Py_ssize_t i
-    for i in range(n):
-        dX[i] = dY[i] * S[i] * (1 - S[i])
-
-
 cdef class Sigmoid(Layer):
     """Element-wise logistic sigmoid (registry name ``sigmoid``); keeps the width."""
 
-    cdef object _S_train, _S_eval, _dX
+    # public: BatchNorm's fused batchnorm+sigmoid path inside Sequential writes the
+    # output caches too, so this layer's backward works after a fused forward
+    cdef public object _S_train, _S_eval, _dX
 
     def __init__(self):
         self.in_features = None
@@ -78,10 +52,10 @@ cdef class Sigmoid(Layer):
         cdef Py_ssize_t n = cnp.PyArray_SIZE(Xa)
         if t == cnp.NPY_FLOAT32:
             with nogil:
-                sigmoid_forward(<float*>cnp.PyArray_DATA(Xa), <float*>cnp.PyArray_DATA(S), n)
+                nnrt_sigmoidf_array(<float*>cnp.PyArray_DATA(Xa), <float*>cnp.PyArray_DATA(S), n)
         else:
             with nogil:
-                sigmoid_forward(<double*>cnp.PyArray_DATA(Xa), <double*>cnp.PyArray_DATA(S), n)
+                nnrt_sigmoid_array(<double*>cnp.PyArray_DATA(Xa), <double*>cnp.PyArray_DATA(S), n)
         return S
 
     cpdef object backward(self, object dY):
@@ -96,10 +70,10 @@ cdef class Sigmoid(Layer):
         cdef Py_ssize_t n = cnp.PyArray_SIZE(S)
         if t == cnp.NPY_FLOAT32:
             with nogil:
-                sigmoid_backward(<float*>cnp.PyArray_DATA(S), <float*>cnp.PyArray_DATA(dYa),
-                                 <float*>cnp.PyArray_DATA(dX), n)
+                nnrt_sigmoid_bwd_f(<float*>cnp.PyArray_DATA(S), <float*>cnp.PyArray_DATA(dYa),
+                                   <float*>cnp.PyArray_DATA(dX), n)
         else:
             with nogil:
-                sigmoid_backward(<double*>cnp.PyArray_DATA(S), <double*>cnp.PyArray_DATA(dYa),
-                                 <double*>cnp.PyArray_DATA(dX), n)
+                nnrt_sigmoid_bwd_d(<double*>cnp.PyArray_DATA(S), <double*>cnp.PyArray_DATA(dYa),
+                                   <double*>cnp.PyArray_DATA(dX), n)
         return dX
