@@ -115,7 +115,7 @@ setup(
     packages=["nnrt", "nnrt_plugins", "nnrt_cytests"],
     package_dir={"nnrt": "nnrt", "nnrt_plugins": "plugins", "nnrt_cytests": "tests/cython"},
     package_data={
-        "nnrt": ["*.pxd", "*.pyi", "py.typed", "data/*"],
+        "nnrt": ["*.pxd", "*.pyi", "*.h", "py.typed", "data/*"],
         "nnrt_plugins": ["*.pxd", "*.pyi", "py.typed"],
     },
     ext_modules=cythonize(
