@@ -35,7 +35,7 @@ cdef int softmax_ce_kernel(const floating* x, const cnp.int64_t* y, floating* dY
     cdef Py_ssize_t i, j
     cdef const floating* xr
     cdef floating* dr
-    cdef double m, s, inv_n = 1.0 / n, total = 0
+    cdef double m, s, e, inv_n = 1.0 / n, total = 0
     cdef cnp.int64_t label
     for i in range(n):
         label = y[i]
@@ -49,11 +49,14 @@ cdef int softmax_ce_kernel(const floating* x, const cnp.int64_t* y, floating* dY
                 m = xr[j]
         s = 0
         for j in range(c):
-            s += exp(xr[j] - m)
+            # exp once per element: kept in dY, scaled below
+            e = exp(xr[j] - m)
+            s += e
+            dr[j] = <floating>e
         total += log(s) - (xr[label] - m)
         s = inv_n / s
         for j in range(c):
-            dr[j] = <floating>(exp(xr[j] - m) * s)
+            dr[j] = <floating>(dr[j] * s)
         dr[label] = <floating>(dr[label] - inv_n)
     loss[0] = total * inv_n
     return -1
@@ -95,35 +98,14 @@ def softmax_cross_entropy(object logits, object labels):
 
 
 # ------------------------------------------------------------------------ SGD
-cdef void sgd_kernel(floating* p, const floating* g, floating* buf, Py_ssize_t n,
-                     floating lr, floating momentum, floating one_minus_dampening,
-                     floating wd, bint nesterov, bint fresh) noexcept nogil:
-    # torch.optim.SGD, element by element in the parameter's dtype:
-    #   d = g + wd p;  buf = d (first step) or momentum buf + (1 - dampening) d
-    #   d = d + momentum buf (nesterov) or buf;  p -= lr d
-    cdef Py_ssize_t i
-    cdef floating d, b
-    if buf == NULL and wd == 0:
-        for i in range(n):
-            p[i] -= g[i] * lr
-        return
-    for i in range(n):
-        d = g[i]
-        if wd != 0:
-            d = d + p[i] * wd
-        if buf != NULL:
-            if fresh:
-                b = d
-            elif one_minus_dampening != 1:
-                b = buf[i] * momentum + d * one_minus_dampening
-            else:
-                b = buf[i] * momentum + d
-            buf[i] = b
-            if nesterov:
-                d = d + b * momentum
-            else:
-                d = b
-        p[i] -= d * lr
+cdef extern from "nnrt/_vmath.h" nogil:
+    # torch.optim.SGD's update in the parameter's dtype (run-time SIMD clones)
+    void nnrt_sgd_f(float* p, const float* g, float* buf, Py_ssize_t n, float lr,
+                    float momentum, float one_minus_dampening, float wd, int nesterov,
+                    int fresh)
+    void nnrt_sgd_d(double* p, const double* g, double* buf, Py_ssize_t n, double lr,
+                    double momentum, double one_minus_dampening, double wd, int nesterov,
+                    int fresh)
 
 
 def sgd_step(list params, list grads, object bufs, double lr, double momentum,
@@ -171,12 +153,12 @@ def sgd_step(list params, list grads, object bufs, double lr, double momentum,
             fr = bool(fresh[k])
         if cnp.PyArray_TYPE(p) == cnp.NPY_FLOAT32:
             with nogil:
-                sgd_kernel(<float*>cnp.PyArray_DATA(p), <float*>cnp.PyArray_DATA(g),
+                nnrt_sgd_f(<float*>cnp.PyArray_DATA(p), <float*>cnp.PyArray_DATA(g),
                            <float*>bp, n, <float>lr, <float>momentum, <float>(1.0 - dampening),
                            <float>weight_decay, nesterov, fr)
         else:
             with nogil:
-                sgd_kernel(<double*>cnp.PyArray_DATA(p), <double*>cnp.PyArray_DATA(g),
+                nnrt_sgd_d(<double*>cnp.PyArray_DATA(p), <double*>cnp.PyArray_DATA(g),
                            <double*>bp, n, lr, momentum, 1.0 - dampening, weight_decay,
                            nesterov, fr)
     return True

@@ -177,6 +177,36 @@ static void nnrt_sigmoid_bwd_##SUF(const T *S, const T *dY, T *dX, ptrdiff_t n) 
 NNRT_BN_KERNELS(float, f, nnrt_sigmoidf)
 NNRT_BN_KERNELS(double, d, nnrt_sigmoid)
 
+/* torch.optim.SGD, element by element in the parameter's dtype:
+ *   d = g + wd p;  buf = d (first step) or momentum buf + (1 - dampening) d
+ *   d = d + momentum buf (nesterov) or buf;  p -= lr d
+ * buf NULL: no momentum. */
+#define NNRT_SGD_KERNEL(T, SUF)                                                              \
+NNRT_CLONES                                                                               \
+static void nnrt_sgd_##SUF(T *p, const T *g, T *buf, ptrdiff_t n, T lr, T momentum,       \
+                           T one_minus_dampening, T wd, int nesterov, int fresh) {        \
+    if (buf == NULL && wd == 0) {                                                         \
+        for (ptrdiff_t i = 0; i < n; i++) p[i] -= g[i] * lr;                              \
+        return;                                                                           \
+    }                                                                                     \
+    for (ptrdiff_t i = 0; i < n; i++) {                                                   \
+        T d = g[i];                                                                       \
+        if (wd != 0) d = d + p[i] * wd;                                                   \
+        if (buf != NULL) {                                                                \
+            T b;                                                                          \
+            if (fresh) b = d;                                                             \
+            else if (one_minus_dampening != 1) b = buf[i] * momentum + d * one_minus_dampening; \
+            else b = buf[i] * momentum + d;                                               \
+            buf[i] = b;                                                                   \
+            d = nesterov ? d + b * momentum : b;                                          \
+        }                                                                                 \
+        p[i] -= d * lr;                                                                   \
+    }                                                                                     \
+}
+
+NNRT_SGD_KERNEL(float, f)
+NNRT_SGD_KERNEL(double, d)
+
 /* float64 sigmoid over an array (libm exp: not vectorised). */
 static void nnrt_sigmoid_array(const double *x, double *s, ptrdiff_t n) {
     for (ptrdiff_t i = 0; i < n; i++) s[i] = nnrt_sigmoid(x[i]);
