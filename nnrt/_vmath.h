@@ -174,6 +174,57 @@ static void nnrt_sigmoid_bwd_##SUF(const T *S, const T *dY, T *dX, ptrdiff_t n) 
     for (ptrdiff_t i = 0; i < n; i++) dX[i] = dY[i] * S[i] * ((T)1 - S[i]);               \
 }
 
+/* Per-feature constants of BatchNorm, in float64, stored in T (see _batchnorm.pyx).
+ * Training forward: invstd, affine scale/centre/shift, running statistics (unbiased
+ * variance); the affine pass centres on mean_t (the mean rounded to T) and the rounding
+ * error moves into the shift: y = (x - mean_t) sc + beta + (mean_t - mean) sc. */
+#define NNRT_BN_FOLDS(T, SUF)                                                                 \
+NNRT_CLONES                                                                               \
+static void nnrt_bn_fold_train_##SUF(ptrdiff_t f, ptrdiff_t n, double momentum, double eps, \
+        const double *mean, const double *var, double *invstd, const T *gamma,            \
+        const T *beta, T *scale_t, T *mean_t, T *shift_t, T *running_mean,                \
+        T *running_var) {                                                                 \
+    double m = momentum, unbias = (double)n / (n - 1);                                    \
+    for (ptrdiff_t j = 0; j < f; j++) invstd[j] = 1.0 / sqrt(var[j] + eps);               \
+    for (ptrdiff_t j = 0; j < f; j++) {                                                   \
+        double sc = (double)gamma[j] * invstd[j];                                         \
+        scale_t[j] = (T)sc;                                                               \
+        mean_t[j] = (T)mean[j];                                                           \
+        shift_t[j] = (T)((double)beta[j] + ((double)mean_t[j] - mean[j]) * sc);           \
+        running_mean[j] = (T)((1 - m) * (double)running_mean[j] + m * mean[j]);           \
+        running_var[j] = (T)((1 - m) * (double)running_var[j] + m * var[j] * unbias);     \
+    }                                                                                     \
+}                                                                                         \
+/* Eval forward: scale = gamma / sqrt(running_var + eps). */                              \
+NNRT_CLONES                                                                               \
+static void nnrt_bn_fold_eval_##SUF(ptrdiff_t f, double eps, const T *gamma,              \
+                                    const T *running_var, T *scale_t) {                   \
+    for (ptrdiff_t j = 0; j < f; j++)                                                     \
+        scale_t[j] = (T)((double)gamma[j] / sqrt((double)running_var[j] + eps));          \
+}                                                                                         \
+/* Backward: dbeta = s1; dgamma = invstd (s2 + (mean_t - mean) s1) (the sums pass centred \
+ * on mean_t); dx = a dz + c (x - mean_t) + b with a = gamma invstd,                      \
+ * c = -a invstd dgamma / n, b = -a s1 / n + c (mean_t - mean). */                        \
+NNRT_CLONES                                                                               \
+static void nnrt_bn_fold_backward_##SUF(ptrdiff_t f, ptrdiff_t n, const double *mean,     \
+        const double *invstd, const double *s1, const double *s2, const T *mean_t,        \
+        const T *gamma, T *dgamma_out, T *dbeta_out, T *a_t, T *b_t, T *c_t) {            \
+    for (ptrdiff_t j = 0; j < f; j++) {                                                   \
+        double dm = (double)mean_t[j] - mean[j];                                          \
+        double dgamma = (s2[j] + dm * s1[j]) * invstd[j];                                 \
+        dbeta_out[j] = (T)s1[j];                                                          \
+        dgamma_out[j] = (T)dgamma;                                                        \
+        double a = (double)gamma[j] * invstd[j];                                          \
+        a_t[j] = (T)a;                                                                    \
+        double c = -a * invstd[j] * dgamma / n;                                           \
+        c_t[j] = (T)c;                                                                    \
+        b_t[j] = (T)(-a * s1[j] / n + c * dm);                                            \
+    }                                                                                     \
+}
+
+NNRT_BN_FOLDS(float, f)
+NNRT_BN_FOLDS(double, d)
+
 NNRT_BN_KERNELS(float, f, nnrt_sigmoidf)
 NNRT_BN_KERNELS(double, d, nnrt_sigmoid)
 

@@ -27,7 +27,6 @@ Nothing is allocated per call once the batch size is known.
 
 import numpy as np
 cimport numpy as cnp
-from libc.math cimport sqrt
 
 from nnrt.layer cimport Layer, NNRT_ABI_VERSION, _unaliased, reuse_buffer
 
@@ -65,6 +64,28 @@ cdef extern from "nnrt/_vmath.h" nogil:
     void nnrt_bn_bwd_dx_f(const float* X, const float* dY, const float* S, float* dX,
                           const float* mean, const float* a, const float* b, const float* c,
                           Py_ssize_t n, Py_ssize_t f)
+    void nnrt_bn_fold_train_f(Py_ssize_t f, Py_ssize_t n, double momentum, double eps,
+                              const double* mean, const double* var, double* invstd,
+                              const float* gamma, const float* beta, float* scale_t,
+                              float* mean_t, float* shift_t, float* running_mean,
+                              float* running_var)
+    void nnrt_bn_fold_train_d(Py_ssize_t f, Py_ssize_t n, double momentum, double eps,
+                              const double* mean, const double* var, double* invstd,
+                              const double* gamma, const double* beta, double* scale_t,
+                              double* mean_t, double* shift_t, double* running_mean,
+                              double* running_var)
+    void nnrt_bn_fold_eval_f(Py_ssize_t f, double eps, const float* gamma,
+                             const float* running_var, float* scale_t)
+    void nnrt_bn_fold_eval_d(Py_ssize_t f, double eps, const double* gamma,
+                             const double* running_var, double* scale_t)
+    void nnrt_bn_fold_backward_f(Py_ssize_t f, Py_ssize_t n, const double* mean,
+                                 const double* invstd, const double* s1, const double* s2,
+                                 const float* mean_t, const float* gamma, float* dgamma,
+                                 float* dbeta, float* a_t, float* b_t, float* c_t)
+    void nnrt_bn_fold_backward_d(Py_ssize_t f, Py_ssize_t n, const double* mean,
+                                 const double* invstd, const double* s1, const double* s2,
+                                 const double* mean_t, const double* gamma, double* dgamma,
+                                 double* dbeta, double* a_t, double* b_t, double* c_t)
     void nnrt_bn_bwd_dx_d(const double* X, const double* dY, const double* S, double* dX,
                           const double* mean, const double* a, const double* b,
                           const double* c, Py_ssize_t n, Py_ssize_t f)
@@ -75,19 +96,6 @@ cdef inline void* _data(object arr) noexcept:
     if arr is None:
         return NULL
     return cnp.PyArray_DATA(<cnp.ndarray>arr)
-
-
-cdef inline double _get(cnp.ndarray arr, Py_ssize_t j, bint f32) noexcept:
-    if f32:
-        return (<float*>cnp.PyArray_DATA(arr))[j]
-    return (<double*>cnp.PyArray_DATA(arr))[j]
-
-
-cdef inline void _put(cnp.ndarray arr, Py_ssize_t j, double v, bint f32) noexcept:
-    if f32:
-        (<float*>cnp.PyArray_DATA(arr))[j] = <float>v
-    else:
-        (<double*>cnp.PyArray_DATA(arr))[j] = v
 
 
 cdef class BatchNorm(Layer):
@@ -189,35 +197,32 @@ cdef class BatchNorm(Layer):
     cdef void _fold_train(self, Py_ssize_t n) noexcept:
         # per-feature constants of a training forward from the batch statistics,
         # and the running-statistics update (unbiased variance, as torch)
-        cdef Py_ssize_t j, f = self.num_features
-        cdef bint f32 = self._typenum == cnp.NPY_FLOAT32
+        cdef Py_ssize_t f = self.num_features
         cdef double* mean = <double*>cnp.PyArray_DATA(self._mean)
         cdef double* var = <double*>cnp.PyArray_DATA(self._var)
         cdef double* invstd = <double*>cnp.PyArray_DATA(self._invstd)
-        cdef double m = self.momentum, eps = self.eps, sc
-        # NOTE: beta and running stats are read before being written: _put after _get
-        cdef double unbias = <double>n / (n - 1)
-        for j in range(f):
-            invstd[j] = 1.0 / sqrt(var[j] + eps)
-            sc = _get(self.gamma, j, f32) * invstd[j]
-            _put(self._scale_t, j, sc, f32)
-            _put(self._mean_t, j, mean[j], f32)
-            # NOTE: the affine pass centres on mean_t (mean rounded to the dtype); the
-            # rounding error moves into the shift: y = (x - mean_t) sc + beta + (mean_t - mean) sc
-            _put(self._shift_t, j,
-                 _get(self.beta, j, f32) + (_get(self._mean_t, j, f32) - mean[j]) * sc, f32)
-            _put(self.running_mean, j, (1 - m) * _get(self.running_mean, j, f32) + m * mean[j],
-                 f32)
-            _put(self.running_var, j,
-                 (1 - m) * _get(self.running_var, j, f32) + m * var[j] * unbias, f32)
+        if self._typenum == cnp.NPY_FLOAT32:
+            nnrt_bn_fold_train_f(f, n, self.momentum, self.eps, mean, var, invstd,
+                                 <float*>_data(self.gamma), <float*>_data(self.beta),
+                                 <float*>_data(self._scale_t), <float*>_data(self._mean_t),
+                                 <float*>_data(self._shift_t), <float*>_data(self.running_mean),
+                                 <float*>_data(self.running_var))
+        else:
+            nnrt_bn_fold_train_d(f, n, self.momentum, self.eps, mean, var, invstd,
+                                 <double*>_data(self.gamma), <double*>_data(self.beta),
+                                 <double*>_data(self._scale_t), <double*>_data(self._mean_t),
+                                 <double*>_data(self._shift_t),
+                                 <double*>_data(self.running_mean),
+                                 <double*>_data(self.running_var))
 
     cdef void _fold_eval(self) noexcept:
-        cdef Py_ssize_t j, f = self.num_features
-        cdef bint f32 = self._typenum == cnp.NPY_FLOAT32
-        cdef double eps = self.eps, sc
-        for j in range(f):
-            sc = _get(self.gamma, j, f32) / sqrt(_get(self.running_var, j, f32) + eps)
-            _put(self._scale_t, j, sc, f32)
+        cdef Py_ssize_t f = self.num_features
+        if self._typenum == cnp.NPY_FLOAT32:
+            nnrt_bn_fold_eval_f(f, self.eps, <float*>_data(self.gamma),
+                                <float*>_data(self.running_var), <float*>_data(self._scale_t))
+        else:
+            nnrt_bn_fold_eval_d(f, self.eps, <double*>_data(self.gamma),
+                                <double*>_data(self.running_var), <double*>_data(self._scale_t))
 
     cdef void _forward_into(self, cnp.ndarray Xa, bint training, cnp.ndarray Y,
                             bint sig) noexcept:
@@ -283,27 +288,23 @@ cdef class BatchNorm(Layer):
     cdef void _fold_backward(self, Py_ssize_t n) noexcept:
         # dbeta = sum dy; dgamma = sum dy * xhat = invstd * sum dy (x - mean);
         # dx = a dy + c (x - mean) + b with a = gamma invstd, b = -a mean(dy),
-        # c = -a invstd mean(dy xhat)
-        cdef Py_ssize_t j, f = self.num_features
-        cdef bint f32 = self._typenum == cnp.NPY_FLOAT32
+        # c = -a invstd mean(dy xhat). NOTE: the sums pass centred x on mean_t (the
+        # dtype-rounded mean): sum dy (x - mean) = sum dy (x - mean_t) + (mean_t - mean) sum dy
+        cdef Py_ssize_t f = self.num_features
         cdef double* invstd = <double*>cnp.PyArray_DATA(self._invstd)
         cdef double* s1 = <double*>cnp.PyArray_DATA(self._acc1)
         cdef double* s2 = <double*>cnp.PyArray_DATA(self._acc2)
         cdef double* mean = <double*>cnp.PyArray_DATA(self._mean)
-        cdef double a, c, dm, dgamma
-        for j in range(f):
-            # NOTE: the sums pass centred x on mean_t (the dtype-rounded mean): correct
-            # sum dy (x - mean) = sum dy (x - mean_t) + (mean_t - mean) sum dy
-            dm = _get(self._mean_t, j, f32) - mean[j]
-            dgamma = (s2[j] + dm * s1[j]) * invstd[j]
-            _put(self.dbeta, j, s1[j], f32)
-            _put(self.dgamma, j, dgamma, f32)
-            a = _get(self.gamma, j, f32) * invstd[j]
-            _put(self._a_t, j, a, f32)
-            c = -a * invstd[j] * dgamma / n
-            _put(self._c_t, j, c, f32)
-            # dx = a dy + c (x - mean_t) + [b + c (mean_t - mean)]
-            _put(self._b_t, j, -a * s1[j] / n + c * dm, f32)
+        if self._typenum == cnp.NPY_FLOAT32:
+            nnrt_bn_fold_backward_f(f, n, mean, invstd, s1, s2, <float*>_data(self._mean_t),
+                                    <float*>_data(self.gamma), <float*>_data(self.dgamma),
+                                    <float*>_data(self.dbeta), <float*>_data(self._a_t),
+                                    <float*>_data(self._b_t), <float*>_data(self._c_t))
+        else:
+            nnrt_bn_fold_backward_d(f, n, mean, invstd, s1, s2, <double*>_data(self._mean_t),
+                                    <double*>_data(self.gamma), <double*>_data(self.dgamma),
+                                    <double*>_data(self.dbeta), <double*>_data(self._a_t),
+                                    <double*>_data(self._b_t), <double*>_data(self._c_t))
 
     cdef void _backward_into(self, cnp.ndarray X, cnp.ndarray dYa, object S,
                              cnp.ndarray dX) noexcept:
