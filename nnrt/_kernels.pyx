@@ -10,7 +10,7 @@ raw pointers from ``PyArray_DATA``; kernels are single-threaded.
 
 import numpy as np
 cimport numpy as cnp
-from libc.math cimport exp, log
+from libc.math cimport exp, log, sqrt
 
 from cython cimport floating
 
@@ -161,6 +161,88 @@ def sgd_step(list params, list grads, object bufs, double lr, double momentum,
                 nnrt_sgd_d(<double*>cnp.PyArray_DATA(p), <double*>cnp.PyArray_DATA(g),
                            <double*>bp, n, lr, momentum, 1.0 - dampening, weight_decay,
                            nesterov, fr)
+    return True
+
+
+# ----------------------------------------------------------------- Adam/AdamW
+cdef extern from "nnrt/_vmath.h" nogil:
+    # torch.optim.Adam/AdamW's update in the parameter's dtype (nnrt/_vmath.h)
+    void nnrt_adam_f(float* p, const float* g, float* m, float* v, Py_ssize_t n,
+                     int decoupled, int l2, float decay, float wd, int lerp_small, float w,
+                     float omw, float beta2, float omb2, float sqrt_bc2, float eps,
+                     float step_size)
+    void nnrt_adam_d(double* p, const double* g, double* m, double* v, Py_ssize_t n,
+                     int decoupled, int l2, double decay, double wd, int lerp_small, double w,
+                     double omw, double beta2, double omb2, double sqrt_bc2, double eps,
+                     double step_size)
+
+
+cdef inline bint _same(object a, cnp.ndarray p) noexcept:
+    # a plain ndarray of p's dtype and size
+    return (type(a) is np.ndarray and _plain(a, cnp.PyArray_NDIM(<cnp.ndarray>a))
+            and cnp.PyArray_TYPE(<cnp.ndarray>a) == cnp.PyArray_TYPE(p)
+            and cnp.PyArray_SIZE(<cnp.ndarray>a) == cnp.PyArray_SIZE(p))
+
+
+def adam_step(list params, list grads, list exp_avg, list exp_avg_sq, double lr,
+              double beta1, double beta2, double eps, double weight_decay, bint decoupled,
+              Py_ssize_t step):
+    """One Adam (``decoupled`` false) or AdamW update of every parameter, in place.
+
+    ``step`` is the step number after this update (1 for the first). Returns False,
+    changing nothing, when an array is not a C-contiguous float32/float64 ndarray
+    matching its parameter (the caller falls back to numpy).
+    """
+    cdef Py_ssize_t k, m = len(params)
+    cdef cnp.ndarray p
+    cdef int t
+    if len(grads) != m or len(exp_avg) != m or len(exp_avg_sq) != m:
+        return False
+    for k in range(m):
+        if type(params[k]) is not np.ndarray:
+            return False
+        p = <cnp.ndarray>params[k]
+        t = cnp.PyArray_TYPE(p)
+        if (not _plain(p, cnp.PyArray_NDIM(p)) or (t != cnp.NPY_FLOAT32 and t != cnp.NPY_FLOAT64)
+                or not cnp.PyArray_ISWRITEABLE(p) or not _same(grads[k], p)
+                or not _same(exp_avg[k], p) or not _same(exp_avg_sq[k], p)
+                or not cnp.PyArray_ISWRITEABLE(<cnp.ndarray>exp_avg[k])
+                or not cnp.PyArray_ISWRITEABLE(<cnp.ndarray>exp_avg_sq[k])):
+            return False
+    # scalars exactly as the numpy path forms them (Python floats, then the dtype)
+    cdef double w = 1.0 - beta1
+    cdef bint lerp_small = w < 0.5
+    cdef double bc1 = 1.0 - beta1 ** step
+    cdef double bc2 = 1.0 - beta2 ** step
+    cdef double step_size = lr / bc1
+    cdef double sqrt_bc2 = sqrt(bc2)  # as math.sqrt
+    cdef double decay = 1.0 - lr * weight_decay
+    cdef bint wd_on = weight_decay != 0.0
+    cdef bint dec = decoupled and wd_on
+    cdef bint l2 = (not decoupled) and wd_on
+    cdef Py_ssize_t n
+    cdef void* pp
+    cdef void* gp
+    cdef void* mp
+    cdef void* vp
+    for k in range(m):
+        p = <cnp.ndarray>params[k]
+        n = cnp.PyArray_SIZE(p)
+        pp = cnp.PyArray_DATA(p)
+        gp = cnp.PyArray_DATA(<cnp.ndarray>grads[k])
+        mp = cnp.PyArray_DATA(<cnp.ndarray>exp_avg[k])
+        vp = cnp.PyArray_DATA(<cnp.ndarray>exp_avg_sq[k])
+        if cnp.PyArray_TYPE(p) == cnp.NPY_FLOAT32:
+            with nogil:
+                nnrt_adam_f(<float*>pp, <float*>gp, <float*>mp, <float*>vp, n, dec, l2,
+                            <float>decay, <float>weight_decay, lerp_small, <float>w,
+                            <float>(1.0 - w), <float>beta2, <float>(1.0 - beta2),
+                            <float>sqrt_bc2, <float>eps, <float>step_size)
+        else:
+            with nogil:
+                nnrt_adam_d(<double*>pp, <double*>gp, <double*>mp, <double*>vp, n, dec, l2,
+                            decay, weight_decay, lerp_small, w, 1.0 - w, beta2, 1.0 - beta2,
+                            sqrt_bc2, eps, step_size)
     return True
 
 

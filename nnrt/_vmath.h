@@ -258,6 +258,34 @@ static void nnrt_sgd_##SUF(T *p, const T *g, T *buf, ptrdiff_t n, T lr, T moment
 NNRT_SGD_KERNEL(float, f)
 NNRT_SGD_KERNEL(double, d)
 
+/* torch.optim.Adam / AdamW, element by element in T, every operation rounded to T in
+ * the order of nnrt.optim's numpy path (so both give identical results):
+ *   AdamW (decoupled, wd != 0): p = p * (1 - lr wd)   Adam (l2): g = g + p wd
+ *   m = m + (g - m) w  (w = 1 - beta1 < 0.5)  or  m = g - (g - m) (1 - w)  (torch's lerp)
+ *   v = v beta2 + (g (1 - beta2)) g
+ *   p = p - (m / (sqrt(v) / sqrt(bc2) + eps)) step_size                                 */
+#define NNRT_ADAM_KERNEL(T, SUF, SQRT)                                                       \
+NNRT_CLONES                                                                               \
+static void nnrt_adam_##SUF(T *p, const T *g, T *m, T *v, ptrdiff_t n, int decoupled,     \
+                            int l2, T decay, T wd, int lerp_small, T w, T omw, T beta2,   \
+                            T omb2, T sqrt_bc2, T eps, T step_size) {                     \
+    for (ptrdiff_t i = 0; i < n; i++) {                                                   \
+        T gi = g[i];                                                                      \
+        T pi = p[i];                                                                      \
+        if (decoupled) pi = pi * decay;                                                   \
+        else if (l2) gi = gi + pi * wd;                                                   \
+        T d = gi - m[i];                                                                  \
+        T mi = lerp_small ? m[i] + d * w : gi - d * omw;                                  \
+        m[i] = mi;                                                                        \
+        T vi = v[i] * beta2 + (gi * omb2) * gi;                                           \
+        v[i] = vi;                                                                        \
+        p[i] = pi - (mi / (SQRT(vi) / sqrt_bc2 + eps)) * step_size;                       \
+    }                                                                                     \
+}
+
+NNRT_ADAM_KERNEL(float, f, sqrtf)
+NNRT_ADAM_KERNEL(double, d, sqrt)
+
 /* float64 sigmoid over an array (libm exp: not vectorised). */
 static void nnrt_sigmoid_array(const double *x, double *s, ptrdiff_t n) {
     for (ptrdiff_t i = 0; i < n; i++) s[i] = nnrt_sigmoid(x[i]);

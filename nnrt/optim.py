@@ -25,9 +25,11 @@ from typing import Any, Protocol
 
 import numpy as np
 
-try:  # fused Cython update over all parameters (nnrt/_kernels.pyx)
+try:  # fused Cython updates over all parameters (nnrt/_kernels.pyx)
+    from nnrt._kernels import adam_step as _fused_adam_step
     from nnrt._kernels import sgd_step as _fused_sgd_step
 except ImportError:  # pragma: no cover
+    _fused_adam_step = None
     _fused_sgd_step = None
 
 __all__ = ["SGD", "Adam", "AdamW", "Optimizer"]
@@ -359,6 +361,34 @@ class _AdamBase(Optimizer):
             "eps": self.eps,
             "weight_decay": self.weight_decay,
         }
+
+    def step(self) -> None:
+        """Apply one update to every parameter, in place (one fused C loop when possible).
+
+        The fused kernel does the numpy path's operations in the same order and
+        dtype, so both give identical parameters and state.
+        """
+        if _fused_adam_step is not None:
+            n = len(self._params)
+            ms = [self._state(i, "exp_avg", zeros=True)[0] for i in range(n)]
+            vs = [self._state(i, "exp_avg_sq", zeros=True)[0] for i in range(n)]
+            beta1, beta2 = self.betas
+            if _fused_adam_step(
+                self._params,
+                self._grads,
+                ms,
+                vs,
+                self.lr,
+                beta1,
+                beta2,
+                self.eps,
+                self.weight_decay,
+                self._decoupled,
+                self.step_count + 1,
+            ):
+                self.step_count += 1
+                return
+        super().step()
 
     def _update(self, i: int, p: np.ndarray, g: np.ndarray) -> None:
         beta1, beta2 = self.betas

@@ -242,3 +242,60 @@ def test_fused_errors_name_the_layer() -> None:
     net.forward(np.ones((4, 6), dtype=np.float32), training=True)
     with pytest.raises(ValueError, match=r"layer 3: Dense.*gradient of shape"):
         net.backward(np.ones((5, 3), dtype=np.float32))
+
+
+# ------------------------------------------------------------- fused Adam / AdamW
+def _adam_ref(p, g, m, v, t, lr, b1, b2, eps, wd, decoupled):
+    """torch.optim.Adam/AdamW's documented update, float64."""
+    if wd and decoupled:
+        p = p * (1 - lr * wd)
+    elif wd:
+        g = g + wd * p
+    m = b1 * m + (1 - b1) * g
+    v = b2 * v + (1 - b2) * g * g
+    mhat = m / (1 - b1**t)
+    vhat = v / (1 - b2**t)
+    return p - lr * mhat / (np.sqrt(vhat) + eps), m, v
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize(
+    "cls, kwargs",
+    [
+        ("Adam", {}),
+        ("Adam", {"weight_decay": 0.1, "betas": (0.3, 0.99)}),
+        ("AdamW", {"weight_decay": 0.05}),
+        ("AdamW", {"weight_decay": 0.0, "betas": (0.6, 0.9), "eps": 1e-3}),
+    ],
+)
+def test_fused_adam_matches_reference_and_numpy_path(
+    dtype: str, cls: str, kwargs: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import nnrt.optim as optim
+
+    nets = [_net(dtype), _net(dtype)]
+    opts = [getattr(optim, cls)(net, lr=0.01, **kwargs) for net in nets]
+    hp = opts[0].hyperparams()
+    rng = np.random.default_rng(9)
+    ref = {k: (v.astype(np.float64), 0.0, 0.0) for k, v in nets[0].params().items()}
+    for t in range(1, 4):
+        grads = {k: rng.normal(size=v.shape) for k, v in nets[0].grads().items()}
+        for net in nets:
+            for k, g in net.grads().items():
+                g[...] = grads[k]
+        opts[0].step()  # fused
+        with monkeypatch.context() as mp:
+            mp.setattr(optim, "_fused_adam_step", None)
+            opts[1].step()  # numpy path
+        for k, (p, m, v) in ref.items():
+            g64 = grads[k].astype(dtype).astype(np.float64)
+            ref[k] = _adam_ref(
+                p, g64, m, v, t, 0.01, *hp["betas"], hp["eps"], hp["weight_decay"], cls == "AdamW"
+            )
+        for k, p in nets[0].params().items():
+            np.testing.assert_array_equal(p, nets[1].params()[k], err_msg=k)
+            np.testing.assert_allclose(p, ref[k][0], err_msg=k, **_tols(dtype))
+        for k, st in opts[0].state.items():
+            for s, arr in st.items():
+                np.testing.assert_array_equal(arr, opts[1].state[k][s], err_msg=f"{k} {s}")
+    assert opts[0].step_count == opts[1].step_count == 3
