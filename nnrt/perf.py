@@ -1,7 +1,8 @@
 """Performance controls: BLAS thread count and a per-layer profiler.
 
 ``set_num_threads(n)`` limits every BLAS library loaded in the process (numpy
-and scipy each ship their own OpenBLAS; nnrt's kernels call scipy's) through
+and scipy each ship their own OpenBLAS; nnrt's GEMMs call numpy's when its
+symbols are found, scipy's otherwise: ``nnrt.dense.BLAS_IN_USE``) through
 threadpoolctl. nnrt's own element-wise kernels are single-threaded; only the
 GEMMs use BLAS threads. The default is whatever the BLAS libraries start
 with: one thread per core unless ``OPENBLAS_NUM_THREADS``/``OMP_NUM_THREADS``
@@ -43,13 +44,17 @@ def set_num_threads(n: int) -> None:
 
 
 def get_num_threads() -> int:
-    """Threads of the BLAS that nnrt's kernels use (scipy's), else the largest of any BLAS."""
+    """Threads of the BLAS that nnrt's GEMMs use, else the largest of any BLAS."""
+    import nnrt.dense
+
     controller = _blas_controller()
     infos = controller.select(user_api="blas").info()
     if not infos:
         return 1
+    # the package directory of the copy in use: numpy.libs/ or scipy.libs/ (or scipy/)
+    owner = "numpy" if getattr(nnrt.dense, "BLAS_IN_USE", "scipy") == "numpy" else "scipy"
     for info in infos:
-        if "scipy" in info.get("filepath", "").replace("scipy_openblas", ""):
+        if owner in info.get("filepath", "").replace("scipy_openblas", ""):
             return int(info["num_threads"])
     return int(max(info["num_threads"] for info in infos))
 
