@@ -30,7 +30,11 @@
 
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__) \
     && !defined(NNRT_DEBUG_BUILD)
+#if __GNUC__ >= 11 /* -march=x86-64-v4 (AVX-512 F/BW/CD/DQ/VL) is known from gcc 11 */
 #define NNRT_CLONES __attribute__((target_clones("arch=x86-64-v4", "avx2", "default")))
+#else
+#define NNRT_CLONES __attribute__((target_clones("avx2", "default")))
+#endif
 #else
 #define NNRT_CLONES
 #endif
