@@ -379,6 +379,113 @@ def test_batchnorm_batch_of_one() -> None:
         net.forward(np.ones((1, 2)), training=True)
 
 
+LAYER_ARGS: dict[str, tuple[int, ...]] = {
+    "dense": (4, 3),
+    "dense_nobias": (4, 3),
+    "batchnorm": (4,),
+    "sigmoid": (),
+}
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("name", BUILTIN)
+def test_forward_backward_arrays_and_last_training_cache(name: str, dtype: str) -> None:
+    """ "`forward(X, training: bool) -> Y`: 2-D C-contiguous float arrays, shape (batch,
+    features)"; "`backward(dY) -> dX`: uses what the last `forward(training=True)` cached;
+    writes parameter gradients" (eval forwards in between do not change it)."""
+    rng = _rng(13)
+    X1, X2, X3 = (rng.standard_normal((n, 4)) for n in (6, 6, 2))
+
+    def make() -> nnrt.Layer:
+        layer = nnrt.layer(name, *LAYER_ARGS[name])
+        layer.to_dtype(dtype)
+        return layer
+
+    a = make()
+    Y = a.forward(X1, training=True)
+    assert Y.ndim == 2 and Y.flags.c_contiguous and Y.dtype == np.dtype(dtype)
+    assert Y.shape == (6, 3 if name.startswith("dense") else 4)
+    dY = rng.standard_normal(Y.shape)
+    ref = a.backward(dY).copy()
+    assert ref.flags.c_contiguous and ref.dtype == np.dtype(dtype) and ref.shape == X1.shape
+    grads = {k: v.copy() for k, v in a.grads().items()}
+    b = make()
+    b.forward(X1, training=True)
+    b.forward(X2, training=False)
+    b.forward(X3, training=False)
+    np.testing.assert_array_equal(b.backward(dY), ref)
+    for k, g in grads.items():
+        np.testing.assert_array_equal(b.grads()[k], g)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_network_backward_uses_last_training_forward(dtype: str) -> None:
+    """ "`backward(dY) -> dX`: uses what the last `forward(training=True)` cached" — for a
+    network too, although forward outputs "may be buffers that the next call ... reuses"."""
+    rng = _rng(14)
+    X1, X2, X3 = (rng.standard_normal((n, 6)) for n in (8, 8, 3))
+    dY = rng.standard_normal((8, 3))
+    a = _design_net(dtype)
+    a.forward(X1, training=True)
+    ref = a.backward(dY).copy()
+    grads = {k: v.copy() for k, v in a.grads().items()}
+    b = _design_net(dtype)
+    b.forward(X1, training=True)
+    b.forward(X2, training=False)
+    b(X3)
+    np.testing.assert_array_equal(b.backward(dY), ref)
+    for k, g in grads.items():
+        np.testing.assert_array_equal(b.grads()[k], g)
+
+
+@pytest.mark.parametrize("name", BUILTIN)
+def test_backward_errors_name_layer(name: str) -> None:
+    """ "Bad input gets a clear Python exception naming the layer and the shapes/dtypes
+    involved — never a segfault": backward before any training forward, or a dY of the wrong
+    shape."""
+    layer = nnrt.layer(name, *LAYER_ARGS[name])
+    cls = type(layer).__name__
+    with pytest.raises(Exception) as info:
+        layer.backward(np.ones((6, 4)))
+    assert cls in str(info.value)
+    layer.forward(np.ones((6, 4)) + np.arange(4), training=True)
+    with pytest.raises(ValueError) as info2:
+        layer.backward(np.ones((5, 2)))
+    assert cls in str(info2.value) and "(5, 2)" in str(info2.value)
+
+
+def test_minimal_parameter_free_python_layer(tmp_path: Path) -> None:
+    """ "A Python subclass calls `super().__init__()`, sets `in_features`/`out_features`, and
+    overrides the members above; nothing else is required of it" — here only forward and
+    backward (no parameters), used in a network that trains, saves and loads."""
+
+    class Double(nnrt.Layer):
+        def __init__(self) -> None:
+            super().__init__()
+            self.in_features = None
+            self.out_features = None
+
+        def forward(self, X: Any, training: bool = False) -> np.ndarray:
+            return np.asarray(X) * 2
+
+        def backward(self, dY: Any) -> np.ndarray:
+            return np.asarray(dY) * 2
+
+    lname = f"double_{_uid()}"
+    nnrt.register_plugin(_plugin_module(f"contract_mod_{_uid()}", {lname: Double}))
+    net = nnrt.Sequential([nnrt.layer("dense", 3, 4), nnrt.layer(lname), nnrt.layer("dense", 4, 2)])
+    X = _rng().standard_normal((10, 3))
+    hist = net.fit(X, np.arange(10) % 2, epochs=2, batch_size=4)
+    assert len(hist.history["loss"]) == 2
+    assert nnrt.testing.gradcheck(Double(), X) is True
+    net.save(tmp_path / "m")
+    np.testing.assert_array_equal(nnrt.load(tmp_path / "m")(X), net(X))
+    W0, b0 = net.params()["0.weight"], net.params()["0.bias"]
+    W2, b2 = net.params()["2.weight"], net.params()["2.bias"]
+    X32 = X.astype(np.float32)
+    np.testing.assert_allclose(net(X), ((X32 @ W0 + b0) * 2) @ W2 + b2, rtol=1e-5, atol=1e-6)
+
+
 # ======================================================================== networks
 def _design_net(dtype: str = "float32") -> nnrt.Sequential:
     return nnrt.Sequential(
@@ -530,6 +637,30 @@ def test_save_load_file_format(tmp_path: Path) -> None:
     assert (tmp_path / "other").is_file() and not (tmp_path / "other.npz").exists()
 
 
+def test_save_is_atomic(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """ "`net.save(path)` ... written atomically": a save that fails half-way leaves the old
+    file as it was and no stray file."""
+    path = tmp_path / "m.npz"
+    old = _design_net()
+    old.save(path)
+    before = path.read_bytes()
+
+    def broken_savez(file: Any, *args: Any, **kwargs: Any) -> None:
+        if hasattr(file, "write"):
+            file.write(b"PK partial")
+        raise OSError("disk full (simulated)")
+
+    monkeypatch.setattr(np, "savez", broken_savez)
+    try:
+        _design_net("float64").save(path)
+    except OSError:
+        assert path.read_bytes() == before
+        assert os.listdir(tmp_path) == ["m.npz"]
+    monkeypatch.undo()
+    loaded = nnrt.load(path)  # a complete file either way
+    assert len(loaded) == 4
+
+
 # ========================================================================== losses
 def test_losses_numpy_reference() -> None:
     """ "Reduced as torch's `reduction="mean"`: `softmax_cross_entropy(logits, int_labels)` is
@@ -552,6 +683,22 @@ def test_losses_numpy_reference() -> None:
     ref = np.maximum(Z, 0) - Z * T01 + np.log1p(np.exp(-np.abs(Z)))
     assert loss == pytest.approx(ref.mean(), rel=1e-12)
     np.testing.assert_allclose(dY, (_sigmoid_ref(Z) - T01) / Z.size, rtol=1e-10, atol=1e-15)
+
+
+def test_losses_extreme_logits_finite() -> None:
+    """Losses for extreme (finite) logits: finite, equal to the stable float64 formulas
+    ("never ... a silent wrong answer")."""
+    Z = np.array([[1e4, -1e4, 0.0], [-800.0, 800.0, 3.0]])
+    labels = np.array([1, 0])
+    loss, dY = nnrt.losses.softmax_cross_entropy(Z, labels)
+    logp = _log_softmax_ref(Z)
+    assert loss == pytest.approx(-logp[np.arange(2), labels].mean(), rel=1e-12)
+    np.testing.assert_allclose(dY, (np.exp(logp) - np.eye(3)[labels]) / 2, atol=1e-15)
+    T = np.array([[1.0, 0.0, 1.0], [0.0, 1.0, 0.0]])
+    loss, dY = nnrt.losses.bce_with_logits(Z, T)
+    ref = np.maximum(Z, 0) - Z * T + np.log1p(np.exp(-np.abs(Z)))
+    assert loss == pytest.approx(ref.mean(), rel=1e-12)
+    np.testing.assert_allclose(dY, (_sigmoid_ref(Z) - T) / Z.size, atol=1e-15)
 
 
 def test_losses_against_torch() -> None:
@@ -732,6 +879,11 @@ def test_sequential_keeps_layers_reinits_and_casts() -> None:
     )
     for k, v in net.params().items():
         np.testing.assert_array_equal(v, net2.params()[k])
+    default = nnrt.Sequential([nnrt.layer("dense", 3, 3)])  # "float32 default"
+    assert (
+        default.params()["0.weight"].dtype == np.float32
+        and default(np.ones((2, 3))).dtype == np.float32
+    )
     net64 = nnrt.Sequential([nnrt.layer("batchnorm", 3)], dtype="float64")
     assert all(v.dtype == np.float64 for v in {**net64.params(), **net64.buffers()}.values())
 
@@ -909,6 +1061,10 @@ def test_gradcheck_signature_and_result() -> None:
     X = _rng().standard_normal((5, 3))
     for layer in (nnrt.layer("dense", 3, 2), nnrt.layer("batchnorm", 3), nnrt.layer("sigmoid")):
         assert nnrt.testing.gradcheck(layer, X) is True
+    for name in ("dense", "batchnorm"):  # "in float64": a float32 layer is checked in float64
+        layer32 = nnrt.layer(name, *((3, 2) if name == "dense" else (3,)))
+        layer32.to_dtype("float32")
+        assert nnrt.testing.gradcheck(layer32, X) is True
 
     class BadDX(_Scale):
         def backward(self, dY: Any) -> np.ndarray:
@@ -1038,7 +1194,18 @@ def test_plugin_failing_to_load_warns(tmp_path: Path) -> None:
     dist = tmp_path / "contract_broken-0.1.dist-info"
     dist.mkdir()
     (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: contract-broken\nVersion: 0.1\n")
-    (dist / "entry_points.txt").write_text("[nnrt]\ncontract_broken = contract_no_such_module\n")
+    (dist / "entry_points.txt").write_text(
+        "[nnrt]\ncontract_broken = contract_no_such_module\ncontract_good = contract_good_plugin\n"
+    )
+    (tmp_path / "contract_good_plugin.py").write_text(
+        "import nnrt\n"
+        "from nnrt_plugins._sigmoid import Sigmoid\n"
+        "class ContractSig(Sigmoid):\n"
+        "    pass\n"
+        "@nnrt.hookimpl\n"
+        "def nnrt_register_layers(register):\n"
+        "    register('contract_sig', ContractSig)\n"
+    )
     code = (
         "import sys, warnings\n"
         "import nnrt\n"
@@ -1050,6 +1217,7 @@ def test_plugin_failing_to_load_warns(tmp_path: Path) -> None:
         "        and 'contract_broken' in str(w.message)]\n"
         "assert len(hits) == 1, [str(w.message) for w in rec]\n"
         "assert {'dense', 'sigmoid', 'batchnorm', 'dense_nobias'} <= set(avail)\n"
+        "assert avail['contract_sig'] == 'contract_good', avail\n"
         "print('OK')\n"
     )
     env = dict(os.environ)
