@@ -179,6 +179,27 @@ def test_layer_config_rebuilds() -> None:
         assert (again.in_features, again.out_features) == (layer.in_features, layer.out_features)
 
 
+def test_constructor_signatures() -> None:
+    """Registered names' constructors: `dense` / `dense_nobias` `(in_features, out_features)`,
+    `sigmoid` `()`, `batchnorm` `(num_features, momentum=0.1, eps=1e-5)` — positional and
+    keyword forms; `config()` holds exactly those constructor arguments."""
+    for name in ("dense", "dense_nobias"):
+        a = nnrt.layer(name, 3, 4)
+        b = nnrt.layer(name, in_features=3, out_features=4)
+        assert a.config() == b.config() == {"in_features": 3, "out_features": 4}
+    bn = nnrt.layer("batchnorm", 4, 0.2, 1e-3)
+    assert bn.config() == {"num_features": 4, "momentum": 0.2, "eps": 1e-3}
+    assert nnrt.layer("batchnorm", num_features=4).config() == {
+        "num_features": 4,
+        "momentum": 0.1,
+        "eps": 1e-5,
+    }
+    assert (bn.in_features, bn.out_features) == (4, 4)
+    assert nnrt.layer("sigmoid").config() == {}
+    with pytest.raises(TypeError):
+        nnrt.layer("sigmoid", 3)
+
+
 @pytest.mark.parametrize("name", BUILTIN)
 def test_grads_same_keys_and_shapes_as_params(name: str) -> None:
     """ "`grads() -> dict[str, ndarray]`: same keys and shapes as `params()`"."""
@@ -1196,6 +1217,14 @@ def test_plugin_failing_to_load_warns(tmp_path: Path) -> None:
     (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: contract-broken\nVersion: 0.1\n")
     (dist / "entry_points.txt").write_text(
         "[nnrt]\ncontract_broken = contract_no_such_module\ncontract_good = contract_good_plugin\n"
+        "contract_clash = contract_clash_plugin\n"
+    )
+    (tmp_path / "contract_clash_plugin.py").write_text(
+        "import nnrt\n"
+        "from nnrt_plugins._sigmoid import Sigmoid\n"
+        "@nnrt.hookimpl\n"
+        "def nnrt_register_layers(register):\n"
+        "    register('dense', Sigmoid)\n"
     )
     (tmp_path / "contract_good_plugin.py").write_text(
         "import nnrt\n"
@@ -1218,6 +1247,11 @@ def test_plugin_failing_to_load_warns(tmp_path: Path) -> None:
         "assert len(hits) == 1, [str(w.message) for w in rec]\n"
         "assert {'dense', 'sigmoid', 'batchnorm', 'dense_nobias'} <= set(avail)\n"
         "assert avail['contract_sig'] == 'contract_good', avail\n"
+        "clash = [w for w in rec if issubclass(w.category, nnrt.PluginWarning)\n"
+        "         and 'contract_clash' in str(w.message)]\n"
+        "assert avail['dense'] != 'contract_clash', avail\n"
+        "assert len(clash) == 1 and repr(avail['dense']) in str(clash[0].message), clash\n"
+        "assert type(nnrt.layer('dense', 2, 3)).__name__ == 'Dense'\n"
         "print('OK')\n"
     )
     env = dict(os.environ)
