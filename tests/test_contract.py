@@ -122,6 +122,22 @@ def test_layout_plugins_installed_as_nnrt_plugins() -> None:
     assert "package_dir" in setup and '"nnrt_plugins": "plugins"' in setup
 
 
+def test_layout_cython_test_modules_built() -> None:
+    """ "tests/ pytest suite, including Cython test modules compiled by the build"."""
+    import importlib.machinery
+
+    import nnrt_cytests
+
+    folder = Path(nnrt_cytests.__file__).parent
+    assert list((ROOT / "tests" / "cython").glob("*.pyx"))
+    built = [
+        p
+        for p in folder.iterdir()
+        if any(p.name.endswith(suf) for suf in importlib.machinery.EXTENSION_SUFFIXES)
+    ]
+    assert built, "no compiled Cython test module"
+
+
 def test_layout_docs_has_example_plugin_and_benchmark() -> None:
     """ "docs/ derivations, plugin author guide, an example third-party plugin package";
     "benchmarks/ the benchmark"."""
