@@ -91,7 +91,7 @@ class _Scale(nnrt.Layer):
         return {}
 
     def config(self) -> dict[str, Any]:
-        return {"n": int(self.in_features)}
+        return {"n": int(self.w.shape[0])}
 
 
 class _Checked(_Scale):
@@ -174,7 +174,7 @@ def test_python_subclass_needs_only_members() -> None:
     Y = net.forward(_rng().standard_normal((6, 4)), training=True)
     assert Y.shape == (6, 3)
     dX = net.backward(np.ones((6, 3)))
-    assert dX.shape == (6, 4)
+    assert dX is not None and dX.shape == (6, 4)
     assert set(net.state_dict()) == {"0.weight", "0.bias", "1.w"}
     assert net.grads()["1.w"].shape == (3,)
 
@@ -464,7 +464,9 @@ def test_network_backward_uses_last_training_forward(dtype: str) -> None:
     dY = rng.standard_normal((8, 3))
     a = _design_net(dtype)
     a.forward(X1, training=True)
-    ref = a.backward(dY).copy()
+    dX = a.backward(dY)
+    assert dX is not None
+    ref = dX.copy()
     grads = {k: v.copy() for k, v in a.grads().items()}
     b = _design_net(dtype)
     b.forward(X1, training=True)
@@ -550,7 +552,7 @@ def test_design_example_verbatim() -> None:
     Y = net.forward(X, training=True)
     dX = net.backward(dY)
     assert Y.shape == (16, 10) and Y.dtype == np.float32
-    assert dX.shape == (16, 784) and dX.dtype == np.float32
+    assert dX is not None and dX.shape == (16, 784) and dX.dtype == np.float32
     a = net(X).copy()
     np.testing.assert_array_equal(a, net.forward(X, training=False))
     net64 = nnrt.Sequential([nnrt.layer("dense", 784, 10)], dtype="float64")
