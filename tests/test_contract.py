@@ -1122,6 +1122,15 @@ def test_gradcheck_signature_and_result() -> None:
     with pytest.raises(AssertionError, match=r"'w'.*\[2\]"):
         nnrt.testing.gradcheck(BadW(3), X)
 
+    class BadBoth(BadDX):
+        def backward(self, dY: Any) -> np.ndarray:
+            out = super().backward(dY)
+            self.dw[1] += 1e3  # far worse than dX's factor 3
+            return out
+
+    with pytest.raises(AssertionError, match=r"'w'.*\[1\]"):
+        nnrt.testing.gradcheck(BadBoth(3), X)
+
 
 def test_check_layer_signature_and_result() -> None:
     """ "`check_layer(factory, in_features, batch=8)` (factory: a zero-argument callable
