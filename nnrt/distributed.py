@@ -66,6 +66,7 @@ from typing import Any
 
 import numpy as np
 
+from nnrt._validate import batchnorm_config
 from nnrt.layer import Layer
 
 __all__ = [
@@ -310,21 +311,7 @@ class SyncBatchNorm(Layer):
 
     def __init__(self, num_features: int, momentum: float = 0.1, eps: float = 1e-5) -> None:
         super().__init__()
-        if (
-            isinstance(num_features, (bool, np.bool_))
-            or not isinstance(num_features, (int, np.integer))
-            or num_features <= 0
-        ):
-            raise ValueError(
-                f"SyncBatchNorm: num_features must be a positive int, got {num_features!r}"
-            )
-        momentum = float(momentum)
-        eps = float(eps)
-        if not 0.0 <= momentum <= 1.0:
-            raise ValueError(f"SyncBatchNorm: momentum must be in [0, 1], got {momentum!r}")
-        if not eps > 0.0:
-            raise ValueError(f"SyncBatchNorm: eps must be > 0, got {eps!r}")
-        n = int(num_features)
+        n, momentum, eps = batchnorm_config("SyncBatchNorm", num_features, momentum, eps)
         self.num_features = n
         self.in_features = n
         self.out_features = n
@@ -387,6 +374,17 @@ class SyncBatchNorm(Layer):
             return old
         return np.empty(shape, dtype=dtype)
 
+    def _affine_into(
+        self, Y: np.ndarray, X: np.ndarray, scale: np.ndarray, shift: np.ndarray
+    ) -> np.ndarray:
+        """Y = X * scale + shift, computed in the float64 scratch, then cast into Y."""
+        n, f = Y.shape
+        tmp = self._tmp = self._buffer(self._tmp, (n, f), np.float64)
+        np.multiply(X, scale, out=tmp)
+        np.add(tmp, shift, out=tmp)
+        np.copyto(Y, tmp, casting="same_kind")
+        return Y
+
     def forward(self, X: Any, training: bool = False) -> np.ndarray:
         Xa = self.prepare_input(X)
         n, f = Xa.shape
@@ -395,14 +393,8 @@ class SyncBatchNorm(Layer):
         if not training:
             scale = g64 / np.sqrt(self.running_var.astype(np.float64) + self.eps)
             shift = b64 - self.running_mean.astype(np.float64) * scale
-            Y = self._buffer(self._Y, (n, f), Xa.dtype)
-            self._Y = Y
-            tmp = self._buffer(self._tmp, (n, f), np.float64)
-            self._tmp = tmp
-            np.multiply(Xa, scale, out=tmp)
-            np.add(tmp, shift, out=tmp)
-            np.copyto(Y, tmp, casting="same_kind")
-            return Y
+            Y = self._Y = self._buffer(self._Y, (n, f), Xa.dtype)
+            return self._affine_into(Y, Xa, scale, shift)
         comm = self.comm
         if comm is None:
             comm = self.comm = default_communicator()
@@ -429,13 +421,8 @@ class SyncBatchNorm(Layer):
         np.divide(1.0, np.sqrt(var + self.eps), out=self._invstd)
         xhat *= self._invstd
         self._count = N
-        Y = self._buffer(self._Y_train, (n, f), Xa.dtype)
-        self._Y_train = Y
-        tmp = self._buffer(self._tmp, (n, f), np.float64)
-        self._tmp = tmp
-        np.multiply(xhat, g64, out=tmp)
-        np.add(tmp, b64, out=tmp)
-        np.copyto(Y, tmp, casting="same_kind")
+        Y = self._Y_train = self._buffer(self._Y_train, (n, f), Xa.dtype)
+        self._affine_into(Y, xhat, g64, b64)
         m = self.momentum
         rm = self.running_mean
         rv = self.running_var

@@ -30,6 +30,7 @@ cimport numpy as cnp
 
 from nnrt.layer cimport Layer, NNRT_ABI_VERSION, _unaliased, reuse_buffer
 
+from nnrt._validate import batchnorm_config
 from nnrt.layer import check_abi
 
 from nnrt_plugins._sigmoid import Sigmoid
@@ -119,18 +120,7 @@ cdef class BatchNorm(Layer):
     cdef object _X, _Y_train, _Y_eval, _dX
 
     def __init__(self, num_features, momentum=0.1, eps=1e-5):
-        if (isinstance(num_features, (bool, np.bool_))
-                or not isinstance(num_features, (int, np.integer)) or num_features <= 0):
-            raise ValueError(
-                f"BatchNorm: num_features must be a positive int, got {num_features!r}"
-            )
-        momentum = float(momentum)
-        eps = float(eps)
-        if not (0.0 <= momentum <= 1.0):
-            raise ValueError(f"BatchNorm: momentum must be in [0, 1], got {momentum!r}")
-        if not (eps > 0.0):
-            raise ValueError(f"BatchNorm: eps must be > 0, got {eps!r}")
-        n = int(num_features)
+        n, momentum, eps = batchnorm_config("BatchNorm", num_features, momentum, eps)
         self.num_features = n
         self.in_features = n
         self.out_features = n
