@@ -101,7 +101,9 @@ cdef cnp.ndarray cache_input(object X, cnp.ndarray Xa, object buf, bint trusted)
                                         cnp.PyArray_DIM(Xa, 1), cnp.PyArray_TYPE(Xa))
     # Xa was validated C-contiguous 2-D; out has its dims and dtype
     if cnp.PyArray_NBYTES(out) != cnp.PyArray_NBYTES(Xa) or not cnp.PyArray_IS_C_CONTIGUOUS(Xa):
-        raise RuntimeError(f"the input array changed while it was being cached: {_describe_array(X)}")
+        raise RuntimeError(
+            f"the input array changed while it was being cached: {_describe_array(X)}"
+        )
     memcpy(cnp.PyArray_DATA(out), cnp.PyArray_DATA(Xa), cnp.PyArray_NBYTES(Xa))
     return out
 

@@ -10,7 +10,6 @@ dtype) so that a broken plugin is named instead of crashing a kernel.
 from __future__ import annotations
 
 import os
-import types
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any, overload
 
@@ -69,11 +68,6 @@ class Sequential:
                 reset(rng)
         for layer in layers:
             layer.to_dtype(self.dtype)
-        self._python_layers = [
-            i
-            for i, layer in enumerate(layers)
-            if type(layer).__module__ and _is_python_layer(layer)
-        ]
         self._last_out: Any = None
         self._run_network_checks()
 
@@ -162,11 +156,9 @@ class Sequential:
         """Run every layer in order; returns a buffer the next call may reuse."""
         # NOTE: one compiled loop over the layers (nnrt/_kernels.pyx): compiled layers
         # are called through the C vtable; errors come back prefixed with the index.
-        if self._python_layers:  # Python plugin layers: check what each one returns
+        if self._python_layers():  # Python plugin layers: check what each one returns
             return self._forward_checked(X, bool(training))
         out = _forward_chain(self.layers, X, bool(training), self._fuse_plan())
-        if self._python_layers:
-            self._check_output(out)
         self._last_out = out
         return out
 
@@ -182,17 +174,44 @@ class Sequential:
         ``dY @ W.T`` and every layer in front of the first trainable one) and
         ``None`` is returned; parameter gradients are the same.
         """
+        python = self._python_layers()
         stop = 0 if input_grad else self._first_trainable()
-        if self._python_layers:
+        if python:
             return self._backward_checked(dY, stop, bool(input_grad))
         return _backward_chain(self.layers, dY, stop, bool(input_grad), self._fuse_plan())
+
+    def _python_layers(self) -> tuple[int, ...]:
+        """Indices of the layers whose forward or backward is Python code (checked).
+
+        Also checks that every item of ``self.layers`` is an ``nnrt.Layer``: the list is
+        public and may have been changed since construction (TypeError naming the item).
+        """
+        layers = self.layers
+        cached = self.__dict__.get("_python_layers_cache")
+        if cached is not None and _same_layers(cached[0], layers):
+            found: tuple[int, ...] = cached[1]
+            return found
+        if not isinstance(layers, list):
+            raise TypeError(
+                f"Sequential: net.layers must be a list of nnrt.Layer, got {type(layers).__name__}"
+            )
+        for i, layer in enumerate(layers):
+            if not isinstance(layer, Layer):
+                raise TypeError(
+                    f"Sequential layer {i}: {layer!r:.60} ({type(layer).__module__}."
+                    f"{type(layer).__qualname__}) is not an nnrt.Layer; net.layers may only "
+                    f"hold layers (build them with nnrt.layer(name, ...))"
+                )
+        found = tuple(i for i, layer in enumerate(layers) if _is_python_layer(layer))
+        self.__dict__["_python_layers_cache"] = (list(layers), found)
+        return found
 
     def _first_trainable(self) -> int:
         """Index of the first layer with parameters (``len(self)`` when none has any)."""
         layers = self.layers
-        # cached for the current layer list (compared element by element: no allocation)
+        # cached for the current layer list (compared by identity: no allocation)
         cached = self.__dict__.get("_first_trainable_cache")
-        if cached is not None and cached[0] == layers:
+        if cached is not None and _same_layers(cached[0], layers):
             return int(cached[1])
         first = len(layers)
         for i, layer in enumerate(layers):
@@ -212,7 +231,7 @@ class Sequential:
         """
         layers = self.layers
         cached = self.__dict__.get("_fuse_plan_cache")
-        if cached is not None and cached[0] == layers:
+        if cached is not None and _same_layers(cached[0], layers):
             plan: bytes | None = cached[1]
             return plan
         flags = bytearray(len(layers))
@@ -232,7 +251,7 @@ class Sequential:
     # A Python layer's result is checked before the next layer (maybe a compiled
     # kernel) sees it, so that a broken plugin is named instead of the layer after it.
     def _forward_checked(self, X: Any, training: bool) -> np.ndarray:
-        python = set(self._python_layers)
+        python = set(self._python_layers())
         shapes: list[tuple[int, ...] | None] = []
         out = X
         i = 0
@@ -257,7 +276,7 @@ class Sequential:
         return out
 
     def _backward_checked(self, dY: Any, stop: int, input_grad: bool) -> np.ndarray | None:
-        python = set(self._python_layers)
+        python = set(self._python_layers())
         shapes: list[Any] = self.__dict__.get("_input_shapes") or [None] * len(self.layers)
         layers = self.layers
         grad = dY
@@ -303,13 +322,6 @@ class Sequential:
             f"Sequential layer {i} {layer!r} ({origin}): {where} returned {_describe(result)}, "
             f"expected a 2-D {self.dtype} array of shape {want}; the plugin's layer is broken"
         )
-
-    def _check_output(self, out: Any) -> None:
-        if not isinstance(out, np.ndarray) or out.ndim != 2 or out.dtype != self.dtype:
-            raise TypeError(
-                f"Sequential: the network's output is {_describe(out)}, expected a 2-D "
-                f"{self.dtype} array; a Python plugin layer returned something else"
-            )
 
     # ------------------------------------------------------------------- state
     def _named(self, member: str) -> dict[str, np.ndarray]:
@@ -432,15 +444,36 @@ class Sequential:
         return to_torch(self)
 
 
+_HEAPTYPE = 1 << 9  # Py_TPFLAGS_HEAPTYPE: a class statement, not a compiled (cdef) class
+
+
 def _is_python_layer(layer: Layer) -> bool:
-    """True when forward is implemented in Python (a plugin we must double-check)."""
-    for klass in type(layer).__mro__:
-        if "forward" in vars(klass):
-            fwd = vars(klass)["forward"]
-            # NOTE: compiled (binding=True) cpdef methods are cyfunctions, which also
-            # have __code__; only a plain Python function marks a Python layer
-            return isinstance(fwd, types.FunctionType)
+    """True when forward or backward is Python code (a plugin we must double-check).
+
+    Decided by *where* the method is defined, not by what it is: the first class in
+    the MRO that defines it is a Python class (a staticmethod, classmethod, lambda,
+    functools.partial or any callable there is Python code too), or the instance
+    itself holds an override.
+    """
+    inst = getattr(layer, "__dict__", None)
+    for name in ("forward", "backward"):
+        if inst and name in inst:
+            return True
+        for klass in type(layer).__mro__:
+            if name in vars(klass):
+                if klass.__flags__ & _HEAPTYPE:
+                    return True
+                break
     return False
+
+
+def _same_layers(cached: list[Layer], layers: Any) -> bool:
+    """True when ``layers`` holds the very objects of ``cached``, in order."""
+    return (
+        isinstance(layers, list)
+        and len(cached) == len(layers)
+        and all(a is b for a, b in zip(cached, layers, strict=True))
+    )
 
 
 def _shape2(x: Any) -> tuple[int, ...] | None:
