@@ -9,6 +9,7 @@ dtype) so that a broken plugin is named instead of crashing a kernel.
 
 from __future__ import annotations
 
+import operator
 import os
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any, overload
@@ -156,9 +157,10 @@ class Sequential:
         """Run every layer in order; returns a buffer the next call may reuse."""
         # NOTE: one compiled loop over the layers (nnrt/_kernels.pyx): compiled layers
         # are called through the C vtable; errors come back prefixed with the index.
-        if self._python_layers():  # Python plugin layers: check what each one returns
+        python, fuse, _ = self._structure()
+        if python:  # Python plugin layers: check what each one returns
             return self._forward_checked(X, bool(training))
-        out = _forward_chain(self.layers, X, bool(training), self._fuse_plan())
+        out = _forward_chain(self.layers, X, bool(training), fuse)
         self._last_out = out
         return out
 
@@ -174,52 +176,55 @@ class Sequential:
         ``dY @ W.T`` and every layer in front of the first trainable one) and
         ``None`` is returned; parameter gradients are the same.
         """
-        python = self._python_layers()
-        stop = 0 if input_grad else self._first_trainable()
+        python, fuse, first = self._structure()
+        stop = 0 if input_grad else first
         if python:
             return self._backward_checked(dY, stop, bool(input_grad))
-        return _backward_chain(self.layers, dY, stop, bool(input_grad), self._fuse_plan())
+        return _backward_chain(self.layers, dY, stop, bool(input_grad), fuse)
 
-    def _python_layers(self) -> tuple[int, ...]:
-        """Indices of the layers whose forward or backward is Python code (checked).
+    def _structure(self) -> tuple[tuple[int, ...], bytes | None, int]:
+        """``(python_layers, fuse_plan, first_trainable)`` of the current ``self.layers``.
 
-        Also checks that every item of ``self.layers`` is an ``nnrt.Layer``: the list is
-        public and may have been changed since construction (TypeError naming the item).
+        Cached while the list holds the very same layer objects (an identity check per
+        call: ``net.layers`` is public and may be changed at any time). Building it
+        checks that every item is an ``nnrt.Layer`` (TypeError naming the item), so
+        nothing else reaches the compiled loop.
         """
         layers = self.layers
-        cached = self.__dict__.get("_python_layers_cache")
-        if cached is not None and _same_layers(cached[0], layers):
-            found: tuple[int, ...] = cached[1]
+        cached = self.__dict__.get("_structure_cache")
+        if (
+            cached is not None
+            and type(layers) is list
+            and len(layers) == len(cached[0])
+            and all(map(operator.is_, cached[0], layers))
+        ):
+            found: tuple[tuple[int, ...], bytes | None, int] = cached[1]
             return found
         if not isinstance(layers, list):
             raise TypeError(
                 f"Sequential: net.layers must be a list of nnrt.Layer, got {type(layers).__name__}"
             )
-        for i, layer in enumerate(layers):
+        snapshot = list(layers)
+        for i, layer in enumerate(snapshot):
             if not isinstance(layer, Layer):
                 raise TypeError(
                     f"Sequential layer {i}: {layer!r:.60} ({type(layer).__module__}."
                     f"{type(layer).__qualname__}) is not an nnrt.Layer; net.layers may only "
                     f"hold layers (build them with nnrt.layer(name, ...))"
                 )
-        found = tuple(i for i, layer in enumerate(layers) if _is_python_layer(layer))
-        self.__dict__["_python_layers_cache"] = (list(layers), found)
+        python = tuple(i for i, layer in enumerate(snapshot) if _is_python_layer(layer))
+        first = next((i for i, layer in enumerate(snapshot) if layer.params()), len(snapshot))
+        found = (python, _fuse_flags(snapshot), first)
+        self.__dict__["_structure_cache"] = (snapshot, found)
         return found
+
+    def _python_layers(self) -> tuple[int, ...]:
+        """Indices of the layers whose forward or backward is Python code (checked)."""
+        return self._structure()[0]
 
     def _first_trainable(self) -> int:
         """Index of the first layer with parameters (``len(self)`` when none has any)."""
-        layers = self.layers
-        # cached for the current layer list (compared by identity: no allocation)
-        cached = self.__dict__.get("_first_trainable_cache")
-        if cached is not None and _same_layers(cached[0], layers):
-            return int(cached[1])
-        first = len(layers)
-        for i, layer in enumerate(layers):
-            if layer.params():
-                first = i
-                break
-        self.__dict__["_first_trainable_cache"] = (list(layers), first)
-        return first
+        return self._structure()[2]
 
     def _fuse_plan(self) -> bytes | None:
         """One flag per layer: 1 where layer i runs fused with layer i+1, or None.
@@ -229,29 +234,13 @@ class Sequential:
         fused pair must leave both layers' caches as the separate calls would.
         ``NNRT_FUSE=0`` in the environment turns fusion off.
         """
-        layers = self.layers
-        cached = self.__dict__.get("_fuse_plan_cache")
-        if cached is not None and _same_layers(cached[0], layers):
-            plan: bytes | None = cached[1]
-            return plan
-        flags = bytearray(len(layers))
-        if os.environ.get("NNRT_FUSE", "1") != "0":
-            i = 0
-            while i < len(layers) - 1:  # pairs never overlap
-                can = getattr(layers[i], "_nnrt_fuse_next", None)
-                if can is not None and can(layers[i + 1]):
-                    flags[i] = 1
-                    i += 1
-                i += 1
-        plan = bytes(flags) if any(flags) else None
-        self.__dict__["_fuse_plan_cache"] = (list(layers), plan)
-        return plan
+        return self._structure()[1]
 
     # ------------------------------------------- networks with Python plugin layers
     # A Python layer's result is checked before the next layer (maybe a compiled
     # kernel) sees it, so that a broken plugin is named instead of the layer after it.
     def _forward_checked(self, X: Any, training: bool) -> np.ndarray:
-        python = set(self._python_layers())
+        python = set(self._structure()[0])
         shapes: list[tuple[int, ...] | None] = []
         out = X
         i = 0
@@ -276,7 +265,7 @@ class Sequential:
         return out
 
     def _backward_checked(self, dY: Any, stop: int, input_grad: bool) -> np.ndarray | None:
-        python = set(self._python_layers())
+        python = set(self._structure()[0])
         shapes: list[Any] = self.__dict__.get("_input_shapes") or [None] * len(self.layers)
         layers = self.layers
         grad = dY
@@ -467,13 +456,18 @@ def _is_python_layer(layer: Layer) -> bool:
     return False
 
 
-def _same_layers(cached: list[Layer], layers: Any) -> bool:
-    """True when ``layers`` holds the very objects of ``cached``, in order."""
-    return (
-        isinstance(layers, list)
-        and len(cached) == len(layers)
-        and all(a is b for a, b in zip(cached, layers, strict=True))
-    )
+def _fuse_flags(layers: list[Layer]) -> bytes | None:
+    """``Sequential._fuse_plan`` of ``layers`` (pairs never overlap)."""
+    flags = bytearray(len(layers))
+    if os.environ.get("NNRT_FUSE", "1") != "0":
+        i = 0
+        while i < len(layers) - 1:
+            can = getattr(layers[i], "_nnrt_fuse_next", None)
+            if can is not None and can(layers[i + 1]):
+                flags[i] = 1
+                i += 1
+            i += 1
+    return bytes(flags) if any(flags) else None
 
 
 def _shape2(x: Any) -> tuple[int, ...] | None:
