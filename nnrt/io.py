@@ -204,6 +204,9 @@ def save(net: Sequential, path: str | os.PathLike[str]) -> None:
 class NotARegularFileError(OSError):
     """A path names a FIFO, device, socket or directory where a regular file is needed."""
 
+    def __str__(self) -> str:
+        return str(self.strerror)
+
 
 _KINDS = (
     (stat.S_ISDIR, "a directory"),
@@ -235,12 +238,12 @@ def open_regular_file(path: str | os.PathLike[str], what: str = "file") -> Binar
         mode = os.fstat(fd).st_mode
         if not stat.S_ISREG(mode):
             kind = next((k for test, k in _KINDS if test(mode)), "not a regular file")
-            exc = NotARegularFileError(
+            raise NotARegularFileError(
+                errno.EINVAL,
                 f"{what} {p!r} is {kind}, not a regular file; nnrt reads {what}s only "
-                f"from regular files"
+                f"from regular files",
+                p,
             )
-            exc.filename = p
-            raise exc
         if hasattr(os, "set_blocking"):
             os.set_blocking(fd, True)
         return os.fdopen(fd, "rb")
@@ -539,6 +542,25 @@ def _read_architecture(archive: _Archive) -> dict[str, Any]:
     return _validate_architecture(path, _parse_json(path, text))
 
 
+def _expected_arrays(archive: _Archive, arch: dict[str, Any]) -> dict[str, tuple[int, ...]]:
+    """``{"<i>.<name>": shape}`` the architecture declares; the archive holds exactly those."""
+    expected: dict[str, tuple[int, ...]] = {}
+    for i, spec in enumerate(arch["layers"]):
+        for group in ("params", "buffers"):
+            for name, shape in spec.get(group, {}).items():
+                expected[f"{i}.{name}"] = tuple(shape)
+    stored = {m[: -len(".npy")] for m in archive.members} - {ARCH_KEY}
+    missing = sorted(set(expected) - stored)
+    extra = sorted(stored - set(expected))
+    if missing or extra:
+        raise _err(
+            archive.path,
+            f"arrays do not match the architecture: missing {missing[:10]}, unexpected "
+            f"{extra[:10]}",
+        )
+    return expected
+
+
 def _open_archive(path: str) -> _Archive:
     try:
         fh = open_regular_file(path, "model file")
@@ -558,7 +580,9 @@ def read_architecture(path: str | os.PathLike[str]) -> dict[str, Any]:
     p = os.fspath(path)
     archive = _open_archive(p)
     try:
-        return _read_architecture(archive)
+        arch = _read_architecture(archive)
+        _expected_arrays(archive, arch)
+        return arch
     finally:
         archive.close()
 
@@ -684,18 +708,7 @@ def _load(p: str, archive: _Archive) -> Sequential:
     arch = _read_architecture(archive)
     specs: list[dict[str, Any]] = arch["layers"]
     # 1. every member and array header against the declared shapes, before allocating
-    expected: dict[str, tuple[int, ...]] = {}
-    for i, spec in enumerate(specs):
-        for group in ("params", "buffers"):
-            for name, shape in spec.get(group, {}).items():
-                expected[f"{i}.{name}"] = tuple(shape)
-    stored = {m[: -len(".npy")] for m in archive.members} - {ARCH_KEY}
-    missing = sorted(set(expected) - stored)
-    extra = sorted(stored - set(expected))
-    if missing or extra:
-        raise _err(
-            p, f"arrays do not match the architecture: missing {missing}, unexpected {extra}"
-        )
+    expected = _expected_arrays(archive, arch)
     for key, shape in expected.items():
         got, dtype, _ = archive.header(key)
         if got != shape:

@@ -90,6 +90,8 @@ class Sequential:
         fit_loss = self.__dict__.get("_fit_loss")
         if isinstance(fit_loss, str):
             state["_fit_loss"] = fit_loss
+        with _holding(self):
+            state["layers"] = [_PickledLayer.of(layer) for layer in self.layers]
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -465,6 +467,50 @@ class Sequential:
         from nnrt.interop import to_torch
 
         return to_torch(self)
+
+
+class _PickledLayer:
+    """How a registered Python layer travels in a network's pickle: config and arrays.
+
+    A Python layer's own pickle is its whole ``__dict__``, caches included (a
+    batch-sized ``_Y`` or ``_xhat``); a registered one is rebuilt from
+    ``config()`` with copies of its params and buffers instead. Compiled layers
+    already pickle only that (``nnrt/layer.pyx``) and unregistered Python layers
+    have nothing else to go by: both pickle as themselves.
+    """
+
+    def __init__(self, cls: type, config: dict[str, Any], dtype: Any, arrays: dict[str, Any]):
+        self.args = (cls, config, dtype, arrays)
+
+    @staticmethod
+    def of(layer: Layer) -> Any:
+        if getattr(layer, "__dict__", None) is None:
+            return layer
+        from nnrt.registry import registry
+
+        if registry.name_of(type(layer)) is None:
+            return layer
+        try:
+            config = dict(layer.config())
+        except Exception:
+            return layer
+        arrays = {k: np.array(v) for k, v in layer.params().items()}
+        arrays.update({k: np.array(v) for k, v in layer.buffers().items()})
+        return _PickledLayer(type(layer), config, layer.dtype, arrays)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_rebuild_layer, self.args)
+
+
+def _rebuild_layer(cls: type, config: dict[str, Any], dtype: Any, arrays: dict[str, Any]) -> Layer:
+    layer: Layer = cls(**config)
+    if dtype is not None:
+        layer.to_dtype(dtype)
+    live = dict(layer.params())
+    live.update(layer.buffers())
+    for key, value in arrays.items():
+        np.copyto(live[key], value, casting="unsafe")
+    return layer
 
 
 def _is_python_layer(layer: Layer) -> bool:
