@@ -119,18 +119,21 @@ def load_data(path: str, n_features: int | None = None) -> tuple[np.ndarray, np.
     CSV: comma-separated numbers, an optional header row; the last column is
     the label unless ``n_features`` says every column is a feature.
     """
+    from nnrt.io import open_regular_file
+
     if not os.path.exists(path):
         raise CLIError(f"data file {path!r} does not exist")
     if path.lower().endswith(".csv"):
         try:
-            with open(path, encoding="utf-8") as fh:
-                first = fh.readline()
+            with open_regular_file(path, "data file") as raw:  # never a FIFO/device
+                first = raw.readline().decode("utf-8")
             skip = 0
             try:
                 [float(v) for v in first.strip().split(",")]
             except ValueError:
                 skip = 1  # a header row
-            table = np.loadtxt(path, delimiter=",", skiprows=skip, ndmin=2, dtype=np.float64)
+            with open_regular_file(path, "data file") as raw:
+                table = np.loadtxt(raw, delimiter=",", skiprows=skip, ndmin=2, dtype=np.float64)
         except (ValueError, OSError) as exc:
             raise CLIError(f"{path}: cannot read as CSV of numbers: {exc}") from exc
         if n_features is not None and table.shape[1] == n_features:
@@ -139,7 +142,7 @@ def load_data(path: str, n_features: int | None = None) -> tuple[np.ndarray, np.
             raise CLIError(f"{path}: needs feature columns and a label column, got 1 column")
         return table[:, :-1], _labels(table[:, -1])
     try:
-        with np.load(path, allow_pickle=False) as data:
+        with open_regular_file(path, "data file") as raw, np.load(raw, allow_pickle=False) as data:
             files = set(data.files)
             xk = next((k for k in _X_KEYS if k in files), None)
             if xk is None:

@@ -18,6 +18,7 @@ import numpy as np
 
 from nnrt._kernels import backward_chain as _backward_chain
 from nnrt._kernels import forward_chain as _forward_chain
+from nnrt._locks import holding as _holding
 from nnrt.layer import Layer
 
 __all__ = ["Sequential"]
@@ -71,6 +72,27 @@ class Sequential:
             layer.to_dtype(self.dtype)
         self._last_out: Any = None
         self._run_network_checks()
+
+    # ---------------------------------------------------------------- pickling
+    # A pickle carries what defines the network: its layers (each pickles its
+    # config, parameters and buffers: nnrt/layer.pyx), dtype, seed and the public
+    # attributes of a subclass. Never the last output buffer (that would leak the
+    # last predictions and make the pickle the size of a batch of outputs), the
+    # cached plans, or the loss of the last fit when it is a function (a local
+    # function or lambda cannot be pickled); a loss given by name is kept.
+    def __getstate__(self) -> dict[str, Any]:
+        state = {k: v for k, v in self.__dict__.items() if not k.startswith("_")}
+        fit_loss = self.__dict__.get("_fit_loss")
+        if isinstance(fit_loss, str):
+            state["_fit_loss"] = fit_loss
+        with _holding(self):
+            state["layers"] = [_PickledLayer.of(layer) for layer in self.layers]
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._python_layers = [i for i, layer in enumerate(self.layers) if _is_python_layer(layer)]
+        self._last_out = None
 
     # --------------------------------------------------------------- structure
     def _check_widths(self) -> None:
@@ -337,17 +359,29 @@ class Sequential:
             g.fill(0)
 
     def state_dict(self) -> dict[str, np.ndarray]:
-        """Copies of every parameter and buffer, keyed ``"<index>.<name>"``."""
-        state = {k: v.copy() for k, v in self.params().items()}
-        state.update({k: v.copy() for k, v in self.buffers().items()})
+        """Copies of every parameter and buffer, keyed ``"<index>.<name>"``.
+
+        Taken under the network's lock: while another thread trains the
+        network, the copies are the weights of one whole step.
+        """
+        with _holding(self):
+            state = {k: v.copy() for k, v in self.params().items()}
+            state.update({k: v.copy() for k, v in self.buffers().items()})
         return state
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Copy arrays into the live parameters and buffers, checking keys and shapes.
 
         All keys are checked before anything is written, so a bad dict leaves
-        the network unchanged.
+        the network unchanged. The copy is made under the network's lock: a
+        ``predict`` in another thread sees the old weights or the new ones,
+        never a mix (a hot swap), and ``fit`` in another thread continues from
+        the new weights at its next step.
         """
+        with _holding(self):
+            self._load_state_dict(state)
+
+    def _load_state_dict(self, state: Mapping[str, Any]) -> None:
         live = self.params()
         live.update(self.buffers())
         missing = sorted(set(live) - set(state))
@@ -369,6 +403,9 @@ class Sequential:
                     f"the network expects {target.shape}"
                 )
             arrays[key] = value
+        from nnrt._validate import check_state
+
+        check_state(self, arrays)  # plugins' value checks (a variance >= 0), hook
         for key, value in arrays.items():
             np.copyto(live[key], value, casting="unsafe")
 
@@ -431,6 +468,50 @@ class Sequential:
         from nnrt.interop import to_torch
 
         return to_torch(self)
+
+
+class _PickledLayer:
+    """How a registered Python layer travels in a network's pickle: config and arrays.
+
+    A Python layer's own pickle is its whole ``__dict__``, caches included (a
+    batch-sized ``_Y`` or ``_xhat``); a registered one is rebuilt from
+    ``config()`` with copies of its params and buffers instead. Compiled layers
+    already pickle only that (``nnrt/layer.pyx``) and unregistered Python layers
+    have nothing else to go by: both pickle as themselves.
+    """
+
+    def __init__(self, cls: type, config: dict[str, Any], dtype: Any, arrays: dict[str, Any]):
+        self.args = (cls, config, dtype, arrays)
+
+    @staticmethod
+    def of(layer: Layer) -> Any:
+        if getattr(layer, "__dict__", None) is None:
+            return layer
+        from nnrt.registry import registry
+
+        if registry.name_of(type(layer)) is None:
+            return layer
+        try:
+            config = dict(layer.config())
+        except Exception:
+            return layer
+        arrays = {k: np.array(v) for k, v in layer.params().items()}
+        arrays.update({k: np.array(v) for k, v in layer.buffers().items()})
+        return _PickledLayer(type(layer), config, layer.dtype, arrays)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_rebuild_layer, self.args)
+
+
+def _rebuild_layer(cls: type, config: dict[str, Any], dtype: Any, arrays: dict[str, Any]) -> Layer:
+    layer: Layer = cls(**config)
+    if dtype is not None:
+        layer.to_dtype(dtype)
+    live = dict(layer.params())
+    live.update(layer.buffers())
+    for key, value in arrays.items():
+        np.copyto(live[key], value, casting="unsafe")
+    return layer
 
 
 _HEAPTYPE = 1 << 9  # Py_TPFLAGS_HEAPTYPE: a class statement, not a compiled (cdef) class
