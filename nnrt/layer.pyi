@@ -5,7 +5,7 @@ against these signatures (override with compatible ones, e.g.
 ``def forward(self, X: np.ndarray, training: bool = False) -> np.ndarray``).
 """
 
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import numpy.typing as npt
@@ -30,6 +30,7 @@ class Layer:
 
     in_features: int | None
     out_features: int | None
+    uses_batch_statistics: ClassVar[bool]
     def __init__(self, *args: Any, **kwargs: Any) -> None: ...
     @property
     def dtype(self) -> np.dtype[Any] | None:

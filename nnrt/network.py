@@ -372,7 +372,7 @@ class Sequential:
             np.copyto(live[key], value, casting="unsafe")
 
     # ------------------------------------------------- training, files, inference
-    # Thin wrappers: the work is in nnrt.training, nnrt.io and nnrt.fold.
+    # Thin wrappers: the work is in nnrt.engine, nnrt.io, nnrt.fold and nnrt.interop.
     def fit(self, X: Any, y: Any, **kwargs: Any) -> Any:
         """Train on (X, y) with mini-batches; returns a ``nnrt.History``.
 
@@ -389,19 +389,19 @@ class Sequential:
         when the network has BatchNorm. ``progress`` (tqdm bar) defaults to on
         when stderr is a terminal. See ``nnrt.training.fit``.
         """
-        from nnrt.training import fit
+        from nnrt.engine import fit
 
         return fit(self, X, y, **kwargs)
 
     def predict(self, X: Any, batch_size: int | None = None) -> np.ndarray:
         """Scores (samples, out_features) in eval mode, in batches; a new array."""
-        from nnrt.training import predict
+        from nnrt.engine import predict
 
         return predict(self, X, batch_size=batch_size)
 
     def predict_classes(self, X: Any, batch_size: int | None = None) -> np.ndarray:
         """Class labels: argmax of ``predict`` (``score > 0`` for one output)."""
-        from nnrt.training import predict_classes
+        from nnrt.engine import predict_classes
 
         return predict_classes(self, X, batch_size=batch_size)
 
@@ -409,7 +409,7 @@ class Sequential:
         self, X: Any, y: Any, loss: Any = None, batch_size: int | None = None
     ) -> dict[str, float]:
         """``{"loss": ..., "accuracy": ...}`` in eval mode (accuracy for integer labels)."""
-        from nnrt.training import evaluate
+        from nnrt.engine import evaluate
 
         return evaluate(self, X, y, loss=loss, batch_size=batch_size)
 

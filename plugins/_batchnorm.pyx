@@ -109,6 +109,8 @@ cdef class BatchNorm(Layer):
     A training batch of one sample raises ValueError (its variance is 0).
     """
 
+    uses_batch_statistics = True
+
     cdef readonly object num_features
     cdef readonly double momentum, eps
     cdef cnp.ndarray gamma, beta, dgamma, dbeta, running_mean, running_var
