@@ -38,10 +38,11 @@ The rules every caller gets from here:
 
 from __future__ import annotations
 
+import itertools
 import math
 import os
 import sys
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -75,6 +76,7 @@ LossFn = Callable[[Any, Any], tuple[float, np.ndarray]]
 
 DEFAULT_PREDICT_BATCH = 1024
 _SCAN_ROWS = 4096  # rows per chunk of the NaN/Inf scan
+_CHUNK_BYTES = 1 << 18  # input bytes gathered at once (several small batches share the cost)
 
 
 # ---------------------------------------------------------------- results
@@ -515,17 +517,7 @@ def _fit(
     state = TrainingState(net=net, history=history, epochs=epochs, rank=rank, ranks=size)
     per_batch = [cb for cb in cbs if type(cb).on_batch_end is not Callback.on_batch_end]
     rewind = _Rewind(net, optimizer)
-    Xbuf, ybuf = Xs.buffer(batch_size), ys.buffer(batch_size)
-    rows = np.empty(batch_size, dtype=np.intp)
-
-    def batch(order: np.ndarray, b: int) -> tuple[np.ndarray, np.ndarray, int]:
-        """This process's rows of global batch ``b`` of ``order``, gathered in index order."""
-        idx = order[b * batch_size : (b + 1) * batch_size]
-        lo, hi = sync.shard(len(idx)) if sync is not None else (0, len(idx))
-        mine = rows[: hi - lo]
-        mine[...] = idx[lo:hi]
-        mine.sort()
-        return Xs.gather(mine, Xbuf), ys.gather(mine, ybuf), len(idx)
+    batches = _Batches(Xs, ys, batch_size, steps, sync)
 
     net._fit_loss = loss  # type: ignore[attr-defined]
     try:
@@ -537,17 +529,17 @@ def _fit(
             order = rng.permutation(n) if shuffle else np.arange(n)
             rewind.epoch_start(order)
             total, correct = 0.0, 0
-            for b in range(steps):
-                value, right = step(*batch(order, b))
+            for b, (Xb, yb, n_batch) in enumerate(batches.epoch(order)):
+                value, right = step(Xb, yb, n_batch)
                 if not math.isfinite(value):
-                    rewind.restore(step, batch, epoch, b)
+                    rewind.restore(step, batches, epoch, b)
                     raise FloatingPointError(
                         f"fit: the loss became {value} at epoch {epoch}, batch {b} (loss "
                         f"{step.loss_name!r}, optimizer {type(optimizer).__name__}); "
                         f"{rewind.what}. Lower the learning rate or check the data scale."
                     )
                 rewind.steps += 1
-                total += value * min(batch_size, n - b * batch_size)
+                total += value * n_batch
                 correct += right
                 for cb in per_batch:
                     cb.on_batch_end(state, epoch, b, value)
@@ -570,6 +562,50 @@ def _fit(
             if isinstance(cb, ProgressBar):
                 cb.close()
     return history
+
+
+class _Batches:
+    """This process's rows of every global batch of an epoch, gathered a chunk at a time.
+
+    Global batch ``b`` is ``order[b * batch_size : (b + 1) * batch_size]``; this
+    process computes its shard (``sync.shard``; all of it in one process), with
+    the rows in increasing index order. The rows of several consecutive batches
+    (up to ``_CHUNK_BYTES`` of input) are gathered by one call, so that small
+    batches share the Python cost of gathering; a batch's data does not depend
+    on the chunking.
+    """
+
+    def __init__(
+        self, Xs: _Rows, ys: _Rows, batch_size: int, steps: int, sync: GradientSync | None
+    ) -> None:
+        self.Xs, self.ys, self.bs, self.steps, self.sync = Xs, ys, batch_size, steps, sync
+        batch_bytes = batch_size * max(1, int(np.prod(Xs.shape[1:]))) * Xs.dtype.itemsize
+        self.k = max(1, min(steps, _CHUNK_BYTES // batch_bytes))
+        self.Xbuf, self.ybuf = Xs.buffer(self.k * batch_size), ys.buffer(self.k * batch_size)
+
+    def _shard(self, n: int) -> tuple[int, int]:
+        return self.sync.shard(n) if self.sync is not None else (0, n)
+
+    def epoch(self, order: np.ndarray) -> Iterator[tuple[np.ndarray, np.ndarray, int]]:
+        """``(X rows, y rows, global batch size)`` of each batch, in order."""
+        bs, n = self.bs, order.shape[0]
+        for c0 in range(0, self.steps, self.k):
+            c1 = min(c0 + self.k, self.steps)
+            f1 = min(c1, n // bs)  # batches c0..f1 are full, batch f1 < c1 is the short last
+            lo, hi = self._shard(bs)
+            full = order[c0 * bs : f1 * bs].reshape(-1, bs)[:, lo:hi]
+            parts = [np.sort(full, axis=1).ravel()]
+            if f1 < c1:
+                t_lo, t_hi = self._shard(n - f1 * bs)
+                parts.append(np.sort(order[f1 * bs + t_lo : f1 * bs + t_hi]))
+            rows = np.concatenate(parts) if len(parts) > 1 else parts[0]
+            Xc, yc = self.Xs.gather(rows, self.Xbuf), self.ys.gather(rows, self.ybuf)
+            w = hi - lo
+            for j in range(f1 - c0):
+                yield Xc[j * w : (j + 1) * w], yc[j * w : (j + 1) * w], bs
+            if f1 < c1:
+                start = (f1 - c0) * w
+                yield Xc[start:], yc[start:], n - f1 * bs
 
 
 @dataclass
@@ -615,7 +651,7 @@ class _Rewind:
         self.current = _Snapshot(arrays, opt, order)
         self.steps = 0
 
-    def restore(self, step: TrainStep, batch: Callable[..., Any], epoch: int, b: int) -> None:
+    def restore(self, step: TrainStep, batches: _Batches, epoch: int, b: int) -> None:
         back = b == 0 and self.previous is not None
         snap = self.previous if back else self.current
         assert snap is not None
@@ -630,8 +666,8 @@ class _Rewind:
             self.what = "no loss was finite: the network keeps its initial weights"
             return
         with np.errstate(all="ignore"):
-            for k in range(replay):
-                step(*batch(snap.order, k))
+            for args in itertools.islice(batches.epoch(snap.order), replay):
+                step(*args)
         self.what = "the network keeps the weights that gave the last finite loss"
 
 
