@@ -200,7 +200,7 @@ class _BaseMLP(BaseEstimator):
             seed=int(self._rng.integers(2**63 - 1)),
             progress=False,
         )
-        self.loss_curve_ += hist.history["loss"]
+        self.loss_curve_ += hist.history.get("loss", [])
         self.n_iter_ += len(hist.epoch)
 
     def _forward(self, X: np.ndarray) -> np.ndarray:
