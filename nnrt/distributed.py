@@ -72,6 +72,7 @@ from nnrt._validate import batchnorm_config
 from nnrt.engine import History
 from nnrt.engine import fit as _engine_fit
 from nnrt.layer import Layer
+from nnrt.network import Sequential
 
 __all__ = [
     "Communicator",
@@ -473,7 +474,6 @@ class SyncBatchNorm(Layer):
 def convert_sync_batchnorm(net: Any) -> Any:
     """A new ``Sequential`` with every ``batchnorm`` replaced by a :class:`SyncBatchNorm`
     (same config, parameters and buffers); the other layers are the same objects."""
-    from nnrt.network import Sequential
     from nnrt_plugins.batchnorm import BatchNorm
 
     state = net.state_dict()

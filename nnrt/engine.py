@@ -49,6 +49,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import numpy as np
 
 from nnrt.losses import get_loss
+from nnrt.optim import Adam
 from nnrt.training import network_locks
 from nnrt.warnings import TrainingWarning, warn_user
 
@@ -705,8 +706,6 @@ def _validation_data(
 
 def _check_optimizer(net: Sequential, optimizer: Any) -> Any:
     if optimizer is None:
-        from nnrt.optim import Adam
-
         return Adam(net)
     if not callable(getattr(optimizer, "step", None)):
         raise TypeError(

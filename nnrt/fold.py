@@ -22,9 +22,11 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from nnrt.network import Sequential
+from nnrt.registry import registry
+
 if TYPE_CHECKING:
     from nnrt.layer import Layer
-    from nnrt.network import Sequential
 
 __all__ = ["fold_batchnorm"]
 
@@ -32,14 +34,10 @@ _DENSE_NAMES = ("dense", "dense_nobias")
 
 
 def _is_batchnorm(layer: Layer) -> bool:
-    from nnrt.registry import registry
-
     return registry.name_of(type(layer)) == "batchnorm"
 
 
 def _is_dense(layer: Layer) -> bool:
-    from nnrt.registry import registry
-
     return registry.name_of(type(layer)) in _DENSE_NAMES
 
 
@@ -67,9 +65,6 @@ def fold_batchnorm(net: Sequential) -> Sequential:
     dtype and seed, and contains no batchnorm that directly followed a
     ``dense``/``dense_nobias`` layer.
     """
-    from nnrt.network import Sequential
-    from nnrt.registry import registry
-
     new_layers: list[Layer] = []
     # (index in the new network, arrays to copy in: name -> float64/any array)
     fills: list[dict[str, np.ndarray]] = []

@@ -19,6 +19,7 @@ import numpy as np
 from nnrt._kernels import backward_chain as _backward_chain
 from nnrt._kernels import forward_chain as _forward_chain
 from nnrt.layer import Layer
+from nnrt.registry import PluginError, registry
 
 __all__ = ["Sequential"]
 
@@ -96,8 +97,6 @@ class Sequential:
             prev = (i, layer)
 
     def _run_network_checks(self) -> None:
-        from nnrt.registry import registry
-
         hook = getattr(registry.pm.hook, "nnrt_check_network", None)
         if hook is None:
             return
@@ -114,8 +113,6 @@ class Sequential:
             except Warning:
                 raise
             except Exception as exc:
-                from nnrt.registry import PluginError
-
                 raise PluginError(
                     f"nnrt plugin {impl.plugin_name!r}: its nnrt_check_network hook raised "
                     f"{type(exc).__name__}: {exc} (checking a network of "
@@ -290,8 +287,6 @@ class Sequential:
             and (cols is None or result.shape[1] == cols)
         ):
             return
-        from nnrt.registry import PluginError, registry
-
         name = registry.name_of(type(layer))
         origin = (
             f"layer type {name!r} from nnrt plugin {registry.get(name).plugin!r}"
@@ -373,6 +368,8 @@ class Sequential:
 
     # ------------------------------------------------- training, files, inference
     # Thin wrappers: the work is in nnrt.engine, nnrt.io, nnrt.fold and nnrt.interop.
+    # NOTE: those modules import this one (they work on networks); these seven
+    # delegations are the only imports in the other direction, made at call time.
     def fit(self, X: Any, y: Any, **kwargs: Any) -> Any:
         """Train on (X, y) with mini-batches; returns a ``nnrt.History``.
 

@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from nnrt import losses, optim
 from nnrt.engine import TrainStep
 
 __all__ = ["LayerProfile", "Profile", "get_num_threads", "profile", "set_num_threads"]
@@ -185,8 +186,6 @@ def profile(
     The network's parameters and buffers are restored afterwards; a given
     optimizer's state is not (it takes ``warmup + repeat`` extra steps).
     """
-    from nnrt import losses, optim
-
     if isinstance(repeat, bool) or not isinstance(repeat, int) or repeat < 1:
         raise ValueError(f"profile: repeat must be a positive int, got {repeat!r}")
     if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
