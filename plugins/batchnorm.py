@@ -19,7 +19,13 @@ if TYPE_CHECKING:
     from nnrt.layer import Layer
     from nnrt.network import Sequential
 
-__all__ = ["BatchNorm", "nnrt_check_network", "nnrt_onnx_export", "nnrt_register_layers"]
+__all__ = [
+    "BatchNorm",
+    "nnrt_check_network",
+    "nnrt_layer_flops",
+    "nnrt_onnx_export",
+    "nnrt_register_layers",
+]
 
 
 @hookimpl
@@ -69,3 +75,11 @@ def nnrt_onnx_export(layer: Layer, input: str, ctx: OnnxExportContext) -> str | 
         epsilon=eps32,
         momentum=1.0 - float(cfg["momentum"]),
     )[0]
+
+
+@hookimpl
+def nnrt_layer_flops(layer: Layer, in_features: int) -> int | None:
+    """FLOPs: eval folds the statistics into a scale and a shift: ``x * a + b``."""
+    if type(layer) is not BatchNorm:
+        return None
+    return 2 * in_features
