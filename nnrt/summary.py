@@ -34,6 +34,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
+
 if TYPE_CHECKING:
     from nnrt.network import Sequential
 
@@ -71,7 +73,7 @@ def escape(text: object, limit: int | None = None) -> str:
 
 
 def _count(arrays: dict[str, Any]) -> int:
-    return int(sum(int(a.size) for a in arrays.values()))
+    return int(sum(int(np.size(a)) for a in arrays.values()))
 
 
 def _check_flops(value: Any, name: str) -> int:
@@ -254,8 +256,8 @@ def summary(
                 "out_features": None if n_out is None else int(n_out),
                 "params": _count(params),
                 "buffers": _count(buffers),
-                "param_shapes": {k: list(v.shape) for k, v in params.items()},
-                "buffer_shapes": {k: list(v.shape) for k, v in buffers.items()},
+                "param_shapes": {k: [int(d) for d in np.shape(v)] for k, v in params.items()},
+                "buffer_shapes": {k: [int(d) for d in np.shape(v)] for k, v in buffers.items()},
                 "flops": flops,
                 "flops_estimated": estimated,
             }
