@@ -155,3 +155,24 @@ def nnrt_onnx_export(layer: Layer, input: str, ctx: OnnxExportContext) -> str | 
                 return None
             return ctx.add_node("Tanh", [input])[0]
     """
+
+
+@hookspec(firstresult=True)
+def nnrt_layer_flops(layer: Layer, in_features: int) -> int | None:
+    """Forward FLOPs per sample of ``layer`` (evaluation mode), for ``net.summary()``.
+
+    ``in_features`` is the width of the layer's input. A plugin that recognises
+    the layer (check its exact class) returns a non-negative int counting one
+    multiply-add as 2 FLOPs and one elementwise operation (``exp`` included) as
+    1; otherwise it returns ``None`` so that the next plugin is asked (first
+    non-None result wins). A layer no plugin claims is counted as one FLOP per
+    output element and marked as an estimate in the summary.
+
+    Example::
+
+        @nnrt.hookimpl
+        def nnrt_layer_flops(layer, in_features):
+            if type(layer) is not Tanh:
+                return None
+            return 4 * in_features  # exp, exp, subtract/add, divide per element
+    """

@@ -459,6 +459,16 @@ class Sequential:
 
         return fold_batchnorm(self)
 
+    def summary(self, batch_size: int = 32, **kwargs: Any) -> Any:
+        """Layers, widths, parameter counts, memory and FLOPs: a ``nnrt.summary.ModelSummary``.
+
+        ``str()`` of it is the table, ``.layers`` / ``.totals`` the data;
+        ``summary(print_fn=print)`` prints it. See ``nnrt.summary.summary``.
+        """
+        from nnrt.summary import summary
+
+        return summary(self, batch_size, **kwargs)
+
     def to_torch(self) -> Any:
         """A ``torch.nn.Sequential`` holding a copy of the weights (see ``nnrt.interop.to_torch``)."""
         from nnrt.interop import to_torch

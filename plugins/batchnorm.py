@@ -24,6 +24,7 @@ __all__ = [
     "check_running_stats",
     "nnrt_check_network",
     "nnrt_check_state",
+    "nnrt_layer_flops",
     "nnrt_onnx_export",
     "nnrt_register_layers",
 ]
@@ -97,3 +98,11 @@ def nnrt_onnx_export(layer: Layer, input: str, ctx: OnnxExportContext) -> str | 
         epsilon=eps32,
         momentum=1.0 - float(cfg["momentum"]),
     )[0]
+
+
+@hookimpl
+def nnrt_layer_flops(layer: Layer, in_features: int) -> int | None:
+    """FLOPs: eval folds the statistics into a scale and a shift: ``x * a + b``."""
+    if type(layer) is not BatchNorm:
+        return None
+    return 2 * in_features

@@ -13,7 +13,7 @@ from nnrt.hookspecs import RegisterLayer, hookimpl
 from nnrt.layer import Layer
 from nnrt_plugins.batchnorm import check_running_stats
 
-__all__ = ["SyncBatchNorm", "nnrt_check_state", "nnrt_register_layers"]
+__all__ = ["SyncBatchNorm", "nnrt_check_state", "nnrt_layer_flops", "nnrt_register_layers"]
 
 
 @hookimpl
@@ -25,3 +25,11 @@ def nnrt_register_layers(register: RegisterLayer) -> None:
 def nnrt_check_state(layer: Layer, state: dict[str, Any]) -> None:
     if type(layer) is SyncBatchNorm:
         check_running_stats(layer, state)
+
+
+@hookimpl
+def nnrt_layer_flops(layer: Layer, in_features: int) -> int | None:
+    """FLOPs: as ``batchnorm`` (eval: ``x * a + b`` per feature)."""
+    if type(layer) is not SyncBatchNorm:
+        return None
+    return 2 * in_features
