@@ -546,11 +546,11 @@ class DistributedTrainer:
         loss: str | Callable[[Any, Any], tuple[float, np.ndarray]] = "softmax_cross_entropy",
         comm: AnyComm | None = None,
     ) -> None:
-        from nnrt.losses import get_loss
+        from nnrt.registry import registry
 
         self.net = net
         self.optimizer = optimizer
-        self.loss_fn = get_loss(loss)
+        self.loss_fn = registry.resolve_loss(loss)
         self.comm: AnyComm = default_communicator() if comm is None else comm
         self.rank = self.comm.rank
         self.size = self.comm.size
@@ -754,10 +754,9 @@ def fit(
     """Data-parallel ``fit`` over all ranks of ``comm`` (default: MPI.COMM_WORLD under
     ``mpirun``, else one process). ``batch_size`` is the global batch;
     ``optimizer`` defaults to ``nnrt.optim.Adam(net)``. See :class:`DistributedTrainer`."""
-    if optimizer is None:
-        from nnrt.optim import Adam
+    from nnrt.registry import registry
 
-        optimizer = Adam(net)
+    optimizer = registry.resolve_optimizer(optimizer, net)
     trainer = DistributedTrainer(net, optimizer, loss=loss, comm=comm)
     return trainer.fit(
         X,

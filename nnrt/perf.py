@@ -183,7 +183,8 @@ def profile(
     The network's parameters and buffers are restored afterwards; a given
     optimizer's state is not (it takes ``warmup + repeat`` extra steps).
     """
-    from nnrt import losses, optim
+    from nnrt import optim
+    from nnrt.registry import registry
 
     if isinstance(repeat, bool) or not isinstance(repeat, int) or repeat < 1:
         raise ValueError(f"profile: repeat must be a positive int, got {repeat!r}")
@@ -196,7 +197,7 @@ def profile(
         Xa = net.layers[0].prepare_input(X) if layers else np.asarray(X)
         batch = int(Xa.shape[0])
         rows_2 = min(2, batch)
-        loss_fn = losses.get_loss(loss) if training else None
+        loss_fn = registry.resolve_loss(loss) if training else None
         opt = optimizer
         if training and opt is None:
             opt = optim.SGD(net, lr=0.0)

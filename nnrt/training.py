@@ -303,9 +303,9 @@ def _is_class_labels(y: np.ndarray) -> bool:
 
 
 def _resolve_loss(loss: str | LossFn) -> tuple[str, LossFn]:
-    from nnrt import losses
+    from nnrt.registry import registry
 
-    fn = losses.get_loss(loss)
+    fn = registry.resolve_loss(loss)
     name = loss if isinstance(loss, str) else getattr(loss, "__name__", type(loss).__name__)
     return name, fn
 
@@ -503,7 +503,7 @@ def fit(
     seed: int | None = None,
 ) -> History:
     """Train ``net`` on (X, y) with mini-batches; see ``Sequential.fit``."""
-    from nnrt import optim
+    from nnrt.registry import registry
 
     if isinstance(epochs, bool) or not isinstance(epochs, (int, np.integer)) or epochs < 0:
         raise ValueError(f"fit: epochs must be an int >= 0, got {epochs!r}")
@@ -547,13 +547,10 @@ def fit(
     n = Xa.shape[0]
     classes = _is_class_labels(ya)
 
-    if optimizer is None:
-        optimizer = optim.Adam(net)
-    if not callable(getattr(optimizer, "step", None)):
-        raise TypeError(
-            f"fit: optimizer must be an optimizer instance with step() (e.g. "
-            f"nnrt.optim.Adam(net)), got {type(optimizer).__name__}"
-        )
+    try:
+        optimizer = registry.resolve_optimizer(optimizer, net)
+    except TypeError as exc:
+        raise TypeError(f"fit: {exc}") from exc
 
     # ---- batches: a final batch of one sample breaks batch statistics
     n_used = n
