@@ -84,9 +84,9 @@ def test_builtins_register_through_the_hooks() -> None:
 
 def test_unknown_names_list_the_registered_ones() -> None:
     net = nnrt.Sequential([nnrt.layer("dense", 3, 2)], seed=0)
-    with pytest.raises(KeyError, match="adam, adamw, sgd"):
+    with pytest.raises(KeyError, match="unknown optimizer 'adagrad'.*adam, adamw"):
         nnrt.optimizer("adagrad", net)
-    with pytest.raises(KeyError, match="bce_with_logits, mse, softmax_cross_entropy"):
+    with pytest.raises(KeyError, match="unknown loss 'hinge'.*bce_with_logits, "):
         nnrt.loss("hinge")
     with pytest.raises(TypeError, match="str"):
         nnrt.loss(3)  # type: ignore[arg-type]

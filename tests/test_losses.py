@@ -251,11 +251,9 @@ def test_elementwise_validation(fn):
 
 # ----------------------------------------------------------------- registry
 def test_builtin_losses_are_registered_by_name():
-    assert nnrt.available_losses() == {
-        "bce_with_logits": "nnrt",
-        "mse": "nnrt",
-        "softmax_cross_entropy": "nnrt",
-    }
+    registered = nnrt.available_losses()  # other tests may have added plugin losses
+    for name in ("bce_with_logits", "mse", "softmax_cross_entropy"):
+        assert registered[name] == "nnrt"
     assert nnrt.loss("mse") is mse
     assert nnrt.loss("softmax_cross_entropy") is softmax_cross_entropy
     assert nnrt.loss("bce_with_logits") is bce_with_logits
@@ -265,7 +263,7 @@ def test_builtin_losses_are_registered_by_name():
         return 0.0, np.zeros_like(y)
 
     assert registry.resolve_loss(custom) is custom
-    with pytest.raises(KeyError, match="bce_with_logits, mse, softmax_cross_entropy"):
+    with pytest.raises(KeyError, match="unknown loss 'cross_entropy'.*bce_with_logits"):
         nnrt.loss("cross_entropy")
     with pytest.raises(TypeError, match="callable"):
         registry.resolve_loss(3)
