@@ -15,13 +15,14 @@ import types
 from typing import TYPE_CHECKING, Any
 
 from nnrt import layer as _layer_module
+from nnrt import registry
 from nnrt.dense import Dense
 from nnrt.hookspecs import hookimpl, hookspec
 from nnrt.interop import from_torch
 from nnrt.layer import ABI_VERSION, Layer, check_abi
 from nnrt.network import Sequential
 from nnrt.perf import get_num_threads, profile, set_num_threads
-from nnrt.registry import PluginError, PluginWarning, registry
+from nnrt.registry import PluginError, PluginWarning
 from nnrt.training import Callback, EarlyStopping, History, LambdaCallback, TrainingState
 from nnrt.warnings import BiasBeforeBatchNormWarning, NetworkWarning, TrainingWarning
 

@@ -504,3 +504,19 @@ def _lookup(table: dict[str, Any], name: object, kind: str, plural: str) -> Any:
 
 
 registry = Registry()
+
+# ``nnrt.registry`` is this module; these names act on the process-wide ``registry``
+# (``nnrt.registry.layers()`` and ``nnrt.registry.registry.layers()`` are the same call).
+layers = registry.layers
+plugins = registry.plugins
+get = registry.get
+name_of = registry.name_of
+make = registry.make
+losses = registry.losses
+optimizers = registry.optimizers
+get_loss = registry.get_loss
+get_optimizer = registry.get_optimizer
+make_optimizer = registry.make_optimizer
+register_plugin = registry.register_plugin
+call_hook = registry.call_hook
+pm = registry.pm  # the pluggy PluginManager (project "nnrt")

@@ -274,3 +274,15 @@ def test_optimizer_refuses_parameters_the_kernel_cannot_update() -> None:
     layer.params()["weight"].flags.writeable = False
     with pytest.raises(ValueError, match="'weight' must be a C-contiguous, aligned, writeable"):
         opt.step()
+
+
+def test_nnrt_registry_is_the_module_and_its_functions_act_on_the_registry() -> None:
+    import nnrt.registry as registry_module
+
+    assert isinstance(nnrt.registry, types.ModuleType) and nnrt.registry is registry_module
+    # the spelling hookspecs.py gives plugin authors
+    assert nnrt.registry.registry.name_of(nnrt.Dense) == "dense"
+    assert nnrt.registry.name_of(nnrt.Dense) == "dense"
+    assert nnrt.registry.get("dense").cls is nnrt.Dense
+    assert "nnrt" in nnrt.registry.plugins()
+    assert nnrt.registry.get_optimizer("sgd").cls is nnrt.optim.SGD
