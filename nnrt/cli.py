@@ -400,16 +400,19 @@ def _check_writable(path: str) -> None:
 
 
 def _make_optimizer(name: str, net: Any, lr: float, momentum: float, weight_decay: float) -> Any:
-    from nnrt import optim
+    from nnrt.registry import registry
 
-    name = name.lower()
-    if name == "sgd":
-        return optim.SGD(net, lr=lr, momentum=momentum, weight_decay=weight_decay)
-    if name == "adam":
-        return optim.Adam(net, lr=lr, weight_decay=weight_decay)
-    if name == "adamw":
-        return optim.AdamW(net, lr=lr, weight_decay=weight_decay)
-    raise CLIError(f"--optimizer: unknown optimizer {name!r}; choose sgd, adam or adamw")
+    known = registry.optimizers()
+    if name not in known:
+        raise CLIError(
+            f"--optimizer: unknown optimizer {name!r}; registered: {', '.join(sorted(known))}"
+        )
+    try:
+        return registry.make_optimizer_from(
+            name, net, lr=lr, momentum=momentum, weight_decay=weight_decay
+        )
+    except (TypeError, ValueError) as exc:
+        raise CLIError(f"--optimizer {name}: {exc}") from exc
 
 
 def _progress(args: argparse.Namespace) -> bool | None:
@@ -740,13 +743,18 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=_positive_int, default=10)
     p.add_argument("--batch-size", type=_positive_int, default=32)
     p.add_argument("--lr", type=_POSITIVE, default=1e-3)
-    p.add_argument("--optimizer", default="adam", help="adam (default), adamw or sgd")
+    p.add_argument(
+        "--optimizer",
+        default="adam",
+        help="a registered optimizer: adam (default), adamw, sgd, or a plugin's (nnrt plugins)",
+    )
     p.add_argument("--momentum", type=_FRACTION, default=0.0, help="SGD momentum, in [0, 1)")
     p.add_argument("--weight-decay", type=_NON_NEGATIVE, default=0.0)
     p.add_argument(
         "--loss",
         default=None,
-        help="softmax_cross_entropy (default for integer labels), mse, bce_with_logits",
+        help="a registered loss: softmax_cross_entropy (default for integer labels), mse, "
+        "bce_with_logits, or a plugin's (nnrt plugins)",
     )
     p.add_argument(
         "--validation-split",

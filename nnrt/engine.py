@@ -49,8 +49,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import numpy as np
 
 from nnrt._locks import network_locks
-from nnrt.losses import get_loss
-from nnrt.optim import Adam
+from nnrt.registry import registry
 from nnrt.warnings import TrainingWarning, warn_user
 
 if TYPE_CHECKING:
@@ -705,14 +704,11 @@ def _validation_data(
 
 
 def _check_optimizer(net: Sequential, optimizer: Any) -> Any:
-    if optimizer is None:
-        return Adam(net)
-    if not callable(getattr(optimizer, "step", None)):
-        raise TypeError(
-            f"fit: optimizer must be an optimizer instance with step() (e.g. "
-            f"nnrt.optim.Adam(net)), got {type(optimizer).__name__}"
-        )
-    return optimizer
+    """``optimizer`` itself, or the registered one of that name (default ``"adam"``)."""
+    try:
+        return registry.resolve_optimizer(optimizer, net)
+    except TypeError as exc:
+        raise TypeError(f"fit: {exc}") from exc
 
 
 def _check_callbacks(callbacks: Iterable[Callback] | None, progress: bool | None) -> list[Callback]:
@@ -962,7 +958,7 @@ def has_batch_statistics(net: Sequential) -> bool:
 
 
 def _resolve_loss(loss: str | LossFn) -> tuple[str, LossFn]:
-    fn = get_loss(loss)
+    fn = registry.resolve_loss(loss)
     name = loss if isinstance(loss, str) else getattr(loss, "__name__", type(loss).__name__)
     return name, fn
 

@@ -412,9 +412,10 @@ class Sequential:
 
         ``fit(X, y, loss="softmax_cross_entropy", optimizer=None, epochs=1,
         batch_size=32, shuffle=True, validation=None, validation_split=None,
-        callbacks=None, progress=None, seed=None)``. ``loss`` is a name from
-        ``nnrt.losses.LOSSES`` or a callable ``(Y, target) -> (loss, dY)``;
-        ``optimizer`` an instance (default ``nnrt.optim.Adam(self)``). Rows are
+        callbacks=None, progress=None, seed=None)``. ``loss`` is a registered name
+        (``nnrt.available_losses()``) or a callable ``(Y, target) -> (loss, dY)``;
+        ``optimizer`` an instance or a registered name built with its defaults
+        (``nnrt.available_optimizers()``; default ``"adam"``). Rows are
         shuffled with a generator seeded from the network's seed (or ``seed``),
         so the same seed gives bit-identical weights. NaN/Inf in X or y raise
         ValueError before training; a non-finite loss raises FloatingPointError
