@@ -391,7 +391,12 @@ class TrainStep:
         n = Xb.shape[0]
         with self._lock:
             Y = net.forward(Xb, training=True)
-            loss, dY = _call_loss(self.loss_fn, Y, yb, self.loss_name)
+            result = self.loss_fn(Y, yb)
+            if type(result) is not tuple or len(result) != 2:
+                raise TypeError(
+                    f"loss {self.loss_name!r} must return (loss, dY), got {result!r:.80}"
+                )
+            loss, dY = float(result[0]), result[1]
             correct = _n_correct(Y, yb) if self.count_correct else 0
             if n_global is not None and n_global != n:
                 # NOTE: a mean-reduced loss puts 1/n into dY; this process's share of
@@ -539,11 +544,12 @@ def _fit(
                         f"{step.loss_name!r}, optimizer {type(optimizer).__name__}); "
                         f"{rewind.what}. Lower the learning rate or check the data scale."
                     )
-                rewind.steps += 1
+                rewind.steps = b + 1
                 total += value * n_batch
                 correct += right
-                for cb in per_batch:
-                    cb.on_batch_end(state, epoch, b, value)
+                if per_batch:
+                    for cb in per_batch:
+                        cb.on_batch_end(state, epoch, b, value)
             logs: dict[str, float] = {"loss": total / n_used}
             if ys.class_labels:
                 logs["accuracy"] = correct / n_used
@@ -824,7 +830,7 @@ class _Rows:
         else:
             self.arr = _as_array(data)
             shape, kinds, src_dtype = self.arr.shape, {self.arr.dtype.kind}, self.arr.dtype
-        desc = f"shape {shape} dtype {src_dtype}"
+        desc = _Desc(shape, src_dtype)  # formatted only for an error message
         if not kinds <= set("fiub"):
             raise TypeError(
                 f"{what}: must be a real numeric array (float, int or bool), got {desc}"
@@ -925,6 +931,14 @@ class _Rows:
         )
 
 
+class _Desc:
+    def __init__(self, shape: tuple[int, ...], dtype: np.dtype) -> None:
+        self.shape, self.dtype = shape, dtype
+
+    def __str__(self) -> str:
+        return f"shape {self.shape} dtype {self.dtype}"
+
+
 def _columns(data: Any, what: str) -> list[np.ndarray] | None:
     """A pandas DataFrame whose columns do not share one dtype: a view of each column."""
     mod = type(data).__module__ or ""
@@ -977,10 +991,8 @@ def _call_loss(fn: LossFn, Y: np.ndarray, target: np.ndarray, name: str) -> tupl
 
 def _n_correct(Y: np.ndarray, labels: np.ndarray) -> int:
     if Y.shape[1] == 1:
-        pred = (Y[:, 0] > 0).astype(labels.dtype)
-    else:
-        pred = Y.argmax(axis=1)
-    return int(np.count_nonzero(pred == labels))
+        return int(np.count_nonzero((Y[:, 0] > 0) == labels))
+    return int(np.count_nonzero(Y.argmax(axis=1) == labels))
 
 
 def _writeable(a: Any) -> bool:
