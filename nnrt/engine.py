@@ -659,6 +659,10 @@ class _Rewind:
         self.steps = 0
 
     def restore(self, step: TrainStep, batches: _Batches, epoch: int, b: int) -> None:
+        with step._lock:  # another thread's predict sees the state before or after
+            self._restore(step, batches, epoch, b)
+
+    def _restore(self, step: TrainStep, batches: _Batches, epoch: int, b: int) -> None:
         back = b == 0 and self.previous is not None
         snap = self.previous if back else self.current
         assert snap is not None
