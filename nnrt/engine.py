@@ -48,9 +48,9 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
+from nnrt._locks import network_locks
 from nnrt.losses import get_loss
 from nnrt.optim import Adam
-from nnrt.training import network_locks
 from nnrt.warnings import TrainingWarning, warn_user
 
 if TYPE_CHECKING:
@@ -105,11 +105,11 @@ class History:
         for key, value in logs.items():
             self.history.setdefault(key, []).append(float(value))
 
-    def plot(self, path: Any = None) -> Any:
-        """Training curves (loss and every metric, train vs validation); see ``nnrt.plotting``."""
-        from nnrt.plotting import plot_history  # type: ignore[import-not-found,unused-ignore]
+    def plot(self, path: Any = None, **kwargs: Any) -> Any:
+        """Loss and metric curves, train vs validation (``nnrt.plotting.plot_history``)."""
+        from nnrt.plotting import plot_history
 
-        return plot_history(self, path)
+        return plot_history(self, path, **kwargs)
 
     def __repr__(self) -> str:
         last = {k: round(v[-1], 6) for k, v in self.history.items() if v}

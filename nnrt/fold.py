@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from nnrt._locks import holding
 from nnrt.network import Sequential
 from nnrt.registry import registry
 
@@ -63,8 +64,14 @@ def fold_batchnorm(net: Sequential) -> Sequential:
 
     ``net`` is not modified; the new network has fresh layer objects, the same
     dtype and seed, and contains no batchnorm that directly followed a
-    ``dense``/``dense_nobias`` layer.
+    ``dense``/``dense_nobias`` layer. Reads the weights under the network's lock
+    (those of one whole step when another thread is training it).
     """
+    with holding(net):
+        return _fold_batchnorm(net)
+
+
+def _fold_batchnorm(net: Sequential) -> Sequential:
     new_layers: list[Layer] = []
     # (index in the new network, arrays to copy in: name -> float64/any array)
     fills: list[dict[str, np.ndarray]] = []
