@@ -18,8 +18,8 @@ import numpy as np
 import pytest
 
 import nnrt
-from nnrt.plotting import PANEL_SIZE, plot_history
 from nnrt.engine import History
+from nnrt.plotting import PANEL_SIZE, plot_history
 
 
 def png_size(path: Path) -> tuple[int, int]:
