@@ -48,7 +48,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
-from nnrt._locks import network_locks
+from nnrt._locks import state_lock, training_guard
 from nnrt.losses import get_loss
 from nnrt.optim import Adam
 from nnrt.warnings import TrainingWarning, warn_user
@@ -382,14 +382,13 @@ class TrainStep:
         self.loss_name, self.loss_fn = _resolve_loss(loss)
         self.sync = sync
         self.count_correct = count_correct
-        self._lock = network_locks(net)[0]
 
     def __call__(
         self, Xb: np.ndarray, yb: np.ndarray, n_global: int | None = None
     ) -> tuple[float, int]:
         net = self.net
         n = Xb.shape[0]
-        with self._lock:
+        with state_lock(net):  # looked up per step: a forked child has new locks
             Y = net.forward(Xb, training=True)
             result = self.loss_fn(Y, yb)
             if type(result) is not tuple or len(result) != 2:
@@ -436,19 +435,9 @@ def fit(
     strategy (``nnrt.distributed.fit`` passes one; ``batch_size`` is then the
     global batch). See the module docstring for the rules.
     """
-    _lock, training = network_locks(net)
-    if not training.acquire(blocking=False):
-        raise RuntimeError(
-            "fit: this network is already being trained (by another thread, or from a "
-            "callback of its own fit); training one network from two threads at once "
-            "would corrupt its weights. Wait for the first fit, or train a copy (save it "
-            "and nnrt.load the file)."
-        )
-    try:
+    with training_guard(net, "fit"):  # a second fit on this network raises
         return _fit(net, X, y, loss, optimizer, epochs, batch_size, shuffle, validation,
                     validation_split, callbacks, progress, seed, sync)  # fmt: skip
-    finally:
-        training.release()
 
 
 def _fit(
@@ -659,7 +648,7 @@ class _Rewind:
         self.steps = 0
 
     def restore(self, step: TrainStep, batches: _Batches, epoch: int, b: int) -> None:
-        with step._lock:  # another thread's predict sees the state before or after
+        with state_lock(step.net):  # another thread's predict sees before or after
             self._restore(step, batches, epoch, b)
 
     def _restore(self, step: TrainStep, batches: _Batches, epoch: int, b: int) -> None:
@@ -749,7 +738,7 @@ def predict(net: Sequential, X: Any, batch_size: int | None = None) -> np.ndarra
     bs = DEFAULT_PREDICT_BATCH if batch_size is None else _check_batch_size(batch_size, "predict")
     Xs = _Rows(X, net, "predict: X")
     out: np.ndarray | None = None
-    with network_locks(net)[0]:
+    with state_lock(net):
         for start in range(0, Xs.n, bs):
             Y = net.forward(Xs.rows(start, start + bs), training=False)
             if out is None:
@@ -797,7 +786,7 @@ def _evaluate(
 ) -> dict[str, float]:
     total = 0.0
     correct = 0
-    with network_locks(net)[0]:
+    with state_lock(net):
         for start in range(0, Xs.n, bs):
             Y = net.forward(Xs.rows(start, start + bs), training=False)
             yb = ys.rows(start, start + bs)
