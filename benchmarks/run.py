@@ -1,7 +1,7 @@
 """Benchmark: one training step and one inference forward of nnrt against torch and numpy.
 
     python benchmarks/run.py            # full run (a few minutes)
-    python benchmarks/run.py --quick    # < 90 s
+    python benchmarks/run.py --quick    # < 90 s on a quiet machine with --no-fit; the fit row adds ~1 min
     python benchmarks/run.py --json results.json --threads 1 --configs tiny,small
 
 The network: hidden blocks [dense_nobias -> batchnorm -> sigmoid] plus a final
