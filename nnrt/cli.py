@@ -24,13 +24,14 @@ import stat
 import sys
 import tempfile
 import time
-import unicodedata
 import warnings
 import zipfile
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+
+from nnrt._text import escape_controls
 
 __all__ = ["build_layers", "load_data", "main", "parse_layers"]
 
@@ -42,22 +43,10 @@ class CLIError(Exception):
 
 
 # ------------------------------------------------------------------ output
-_ESCAPE_CATEGORIES = ("Cc", "Cf", "Zl", "Zp", "Cs", "Co", "Cn")
-
-
 def clean(text: object) -> str:
     """``str(text)`` with every control/format character escaped (``\\x1b``, ``\\n``,
     ``\\u202e``): safe to print whatever a file contained."""
-    s = str(text)
-    if s.isprintable():
-        return s
-    out = []
-    for ch in s:
-        if ch == " " or unicodedata.category(ch) not in _ESCAPE_CATEGORIES:
-            out.append(ch)
-        else:
-            out.append(ch.encode("unicode_escape", "backslashreplace").decode("ascii"))
-    return "".join(out)
+    return escape_controls(text)
 
 
 def _say(*parts: object, file: Any = None) -> None:
@@ -616,10 +605,16 @@ def cmd_info(args: argparse.Namespace) -> int:
             _say(f"{i:>3}  {clean(spec['name']):<14} {n:>8}  {cfg}  [{clean(_source(spec))}]")
         print(f"total trainable parameters: {total}")
         return 0
-    # the installation: what a user pastes into a bug report
+    # the installation: what a user pastes into a bug report (plugin statuses quote
+    # third-party error messages: escaped like everything else)
+    import io
+
     from nnrt.config import show_config
 
-    show_config(as_json=bool(getattr(args, "json", False)))
+    buf = io.StringIO()
+    show_config(buf, as_json=bool(getattr(args, "json", False)))
+    for line in buf.getvalue().splitlines():
+        print(clean(line))
     return 0
 
 

@@ -28,6 +28,7 @@ from typing import Any
 import pluggy
 
 from nnrt import hookspecs
+from nnrt._text import escape_controls
 from nnrt.layer import Layer
 from nnrt.warnings import warn_user
 
@@ -169,7 +170,7 @@ class Registry:
         disabled = {s.strip() for s in os.environ.get(DISABLE_ENV, "").split(",") if s.strip()}
         for row in _sorted_entry_points(ilm.entry_points(group=ENTRY_POINT_GROUP)):
             ep, dist_name, version = row.ep, row.dist, row.version
-            where = f" (from {dist_name} {version})" if dist_name else ""
+            where = escape_controls(f" (from {dist_name} {version})") if dist_name else ""
             info = PluginInfo(
                 name=ep.name,
                 status="ok",
@@ -198,10 +199,11 @@ class Registry:
                 plugin = ep.load()
                 refused = self._register(plugin, ep.name, dist_name, info, refuse_clashes=True)
             except Exception as exc:
-                info.status = f"failed: {type(exc).__name__}: {exc}"
+                # the reason is third-party text: one line, control characters escaped
+                reason = escape_controls(f"{type(exc).__name__}: {exc}")
+                info.status = f"failed: {reason}"
                 warn_user(
-                    f"nnrt plugin {ep.name!r}{where} failed to load and was skipped: "
-                    f"{type(exc).__name__}: {exc}",
+                    f"nnrt plugin {ep.name!r}{where} failed to load and was skipped: {reason}",
                     PluginWarning,
                 )
                 continue

@@ -487,3 +487,33 @@ def test_warnings_are_one_escaped_line(blobs_npz: pathlib.Path, tmp_path: pathli
     assert len(lines) == 1 and lines[0].startswith(
         "nnrt: warning: BiasBeforeBatchNormWarning: layer 0"
     ), lines
+
+
+def test_plugin_metadata_and_errors_are_escaped(tmp_path: pathlib.Path) -> None:
+    """An installed plugin's name, version and import error reach `nnrt plugins` and
+    `nnrt info` escaped."""
+    info = tmp_path / "evil_meta-1.0.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text(
+        "Metadata-Version: 2.1\nName: evil-meta\nVersion: 1.0\x1b[5m\x07\n"
+    )
+    (info / "entry_points.txt").write_text("[nnrt]\nevil_meta = nnrt_evil_meta_mod\n")
+    (tmp_path / "nnrt_evil_meta_mod.py").write_text(
+        "raise ImportError('broken\\x1b]0;owned\\x07\\n  fake  row')\n"
+    )
+    env = dict(
+        os.environ, PYTHONPATH=os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")])
+    )
+    env.pop("NNRT_DISABLE_PLUGINS", None)
+    for args in (["plugins"], ["info"], ["info", "--json"]):
+        proc = subprocess.run(
+            [sys.executable, "-m", "nnrt", *args], capture_output=True, text=True, env=env,
+            timeout=120,
+        )  # fmt: skip
+        assert proc.returncode == 0, proc.stderr
+        _no_controls(proc.stdout)
+        _no_controls(proc.stderr)
+        assert "evil_meta" in proc.stdout, proc.stdout
+        assert not any(line.strip().startswith("fake  row") for line in proc.stdout.splitlines())
+        warning = [line for line in proc.stderr.splitlines() if "evil_meta" in line]
+        assert len(warning) == 1 and warning[0].startswith("nnrt: warning: PluginWarning:")
