@@ -44,6 +44,7 @@ python -m pip install -q -c "$CONSTRAINTS" numpy scipy pluggy threadpoolctl tqdm
     "setuptools>=68" wheel
 # the build uses these (no build isolation: it would fetch the newest numpy/Cython)
 python -m pip install -q -c "$CONSTRAINTS" --no-build-isolation -e ".[test]"
+echo "== built and installed in $(( $(date +%s) - start ))s"
 
 echo "== installed versions"
 python - "$CONSTRAINTS" <<'PYEOF'

@@ -485,13 +485,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
     print(f"test accuracy: {100 * result['accuracy']:.2f}% ({len(test)} samples)")
     if args.out:
         net.save(args.out)
-        print(f"model written to {os.path.abspath(args.out)}")
+        _say(f"model written to {os.path.abspath(args.out)}")
     if not args.no_plot:
         where = _plot(history, args.plot, "nnrt demo: 8x8 digits")
         if where is None:
             print("matplotlib is not installed: no training-curve plot (pip install 'nnrt[plot]')")
         else:
-            print(f"training curve written to {where}")
+            _say(f"training curve written to {where}")
     return 0
 
 
@@ -525,7 +525,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         f"{_format_logs(history.history)}"
     )
     net.save(args.out)
-    print(f"model written to {os.path.abspath(args.out)}")
+    _say(f"model written to {os.path.abspath(args.out)}")
     return 0
 
 
@@ -548,7 +548,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
         else:
             fmt = "%d" if result.dtype.kind in "iu" else "%.9g"
             np.savetxt(args.out, result.reshape(result.shape[0], -1), fmt=fmt, delimiter=",")
-        print(
+        _say(
             f"{result.shape[0]} predictions written to {os.path.abspath(args.out)}", file=sys.stderr
         )
     else:
@@ -560,7 +560,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
         sys.stdout.write("\n".join(lines) + "\n")
     if y is not None and y.ndim == 1 and y.dtype.kind in "iu":
         acc = float(np.mean(net.predict_classes(X, batch_size=args.batch_size) == y))
-        print(
+        _say(
             f"accuracy against the labels in {args.data}: {100 * acc:.2f}% ({X.shape[0]} samples)",
             file=sys.stderr,
         )

@@ -475,6 +475,11 @@ def test_errors_quoting_the_file_are_escaped(
     proc = run("train", "--data", str(weird))
     _assert_one_line_error(proc, "does not exist")
     _no_controls(proc.stderr)
+    weird.write_bytes(blobs_npz.read_bytes())  # a real data file under that name
+    proc = run("predict", str(model), str(weird), "--out", str(tmp_path / "p\x1b[2J.csv"))
+    assert proc.returncode == 0, proc.stderr
+    assert "accuracy against the labels" in proc.stderr and "predictions written" in proc.stderr
+    _no_controls(proc.stderr)
 
 
 def test_warnings_are_one_escaped_line(blobs_npz: pathlib.Path, tmp_path: pathlib.Path) -> None:
