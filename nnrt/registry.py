@@ -233,10 +233,12 @@ class Registry:
             if name is not None and (not isinstance(name, str) or not name):
                 raise TypeError(f"register_plugin: name must be a non-empty str, got {name!r}")
             pname = name if name is not None else _plugin_default_name(self.pm, plugin)
-            if pname in self._plugins:
+            held = self._plugins.get(pname)
+            # a failed, disabled or refused entry point holds its name only as a record
+            if held is not None and (held.status == "ok" or self.pm.get_plugin(pname) is not None):
                 raise ValueError(
                     f"an nnrt plugin named {pname!r} is already registered "
-                    f"({self._plugins[pname].source}); pass register_plugin(..., name=...)"
+                    f"({held.source}); pass register_plugin(..., name=...)"
                 )
             info = PluginInfo(name=pname, status="ok", source="registered at run time")
             self._register(plugin, pname, None, info)
