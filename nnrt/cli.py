@@ -2,8 +2,9 @@
 
     nnrt demo                      train on the bundled 8x8 digits, print test accuracy
     nnrt train --data d.npz --layers "dense_nobias:64,batchnorm,sigmoid,dense:10" --out m.npz
+                                   (--plot curve.png: the training curves too)
     nnrt predict m.npz d.npz       print predicted classes (or --scores, --out file)
-    nnrt info [m.npz]              a model's architecture, or nnrt/ABI/BLAS/plugins
+    nnrt info [m.npz]              a model's architecture and summary, or nnrt/ABI/BLAS/plugins
     nnrt plugins                   installed plugins, their layers and distributions
 
 Errors are one line on stderr (``nnrt: error: ...``) and a non-zero exit status
@@ -328,8 +329,10 @@ def load_data(path: str, n_features: int | None = None) -> tuple[np.ndarray, np.
             f"{path}: not an .npz file (not a zip archive); give a numpy .npz "
             f"(numpy.savez) or a .csv file"
         )
+    from nnrt.io import open_regular_file
+
     try:
-        with np.load(path, allow_pickle=False) as data:
+        with open_regular_file(path, "data file") as raw, np.load(raw, allow_pickle=False) as data:
             files = set(data.files)
             xk = next((k for k in _X_KEYS if k in files), None)
             if xk is None:
@@ -367,21 +370,21 @@ def _model_file(path: str) -> None:
         )
 
 
-def _check_writable(path: str) -> None:
+def _check_writable(path: str, flag: str = "--out") -> None:
     """Fail now, not after training, if ``path`` cannot be written."""
     directory = os.path.dirname(os.path.abspath(path))
     if os.path.isdir(path):
-        raise CLIError(f"--out {path!r} is a directory; give a file name such as model.npz")
+        raise CLIError(f"{flag} {path!r} is a directory; give a file name")
     if not os.path.isdir(directory):
-        raise CLIError(f"--out {path!r}: directory {directory!r} does not exist")
+        raise CLIError(f"{flag} {path!r}: directory {directory!r} does not exist")
     if os.path.exists(path) and not os.path.isfile(path):
-        raise CLIError(f"--out {path!r} exists and is not a regular file")
+        raise CLIError(f"{flag} {path!r} exists and is not a regular file")
     try:
         with tempfile.NamedTemporaryFile(dir=directory, prefix=".nnrt-write-test-"):
             pass
     except OSError as exc:
         raise CLIError(
-            f"--out {path!r}: cannot write in {directory!r}: {exc.strerror or exc}"
+            f"{flag} {path!r}: cannot write in {directory!r}: {exc.strerror or exc}"
         ) from None
 
 
@@ -413,34 +416,13 @@ def _format_logs(logs: dict[str, list[float]], held_out: str = "val") -> str:
 
 
 def _plot(history: Any, path: str, title: str) -> str | None:
-    """Training curves to ``path`` (PNG) if matplotlib is importable; returns the path."""
-    try:
-        import matplotlib
+    """Training curves to ``path`` if matplotlib is importable; returns the path."""
+    from nnrt.plotting import plot_history
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+    try:
+        plot_history(history, path, title=title)
     except ImportError:
         return None
-    h = history.history
-    epochs = [e + 1 for e in history.epoch]
-    fig, axes = plt.subplots(1, 2, figsize=(9, 3.5))
-    for key, ax in (("loss", axes[0]), ("accuracy", axes[1])):
-        for k in (key, f"val_{key}"):
-            if k in h:
-                ax.plot(
-                    epochs,
-                    h[k],
-                    marker=".",
-                    label=k.replace("val_", "test ") if k.startswith("val_") else f"train {k}",
-                )
-        ax.set_xlabel("epoch")
-        ax.set_ylabel(key)
-        ax.grid(alpha=0.3)
-        ax.legend()
-    fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
     return os.path.abspath(path)
 
 
@@ -508,6 +490,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     if loss == "mse" and y.ndim == 1:
         y = y.reshape(-1, 1)
     opt = _make_optimizer(args.optimizer, net, args.lr, args.momentum, args.weight_decay)
+    if args.plot:  # fail before training, not after
+        from nnrt.plotting import require_matplotlib
+
+        require_matplotlib()
+        _check_writable(args.plot, "--plot")
     t0 = time.perf_counter()
     history = net.fit(
         X,
@@ -526,6 +513,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     )
     net.save(args.out)
     _say(f"model written to {os.path.abspath(args.out)}")
+    if args.plot:
+        _say(f"training curve written to {_plot(history, args.plot, 'nnrt train')}")
     return 0
 
 
@@ -604,6 +593,11 @@ def cmd_info(args: argparse.Namespace) -> int:
             cfg = ", ".join(f"{clean(k)}={clean(v)}" for k, v in spec["config"].items())
             _say(f"{i:>3}  {clean(spec['name']):<14} {n:>8}  {cfg}  [{clean(_source(spec))}]")
         print(f"total trainable parameters: {total}")
+        from nnrt.summary import file_summary
+
+        print("\nsummary:")
+        for line in file_summary(args.model, args.batch_size).splitlines():
+            print(clean(line))
         return 0
     # the installation: what a user pastes into a bug report (plugin statuses quote
     # third-party error messages: escaped like everything else)
@@ -761,6 +755,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dtype", default="float32", choices=["float32", "float64"])
     p.add_argument("--out", default="model.npz", help="where to save the model (default model.npz)")
+    p.add_argument("--plot", help="also write the training curves to this image (.png, .svg, ...)")
     progress_flags(p)
     common(p)
     p.set_defaults(func=cmd_train)
@@ -784,6 +779,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("model", nargs="?")
     common(p)
     p.add_argument("--json", action="store_true", help="installation info as JSON")
+    p.add_argument(
+        "--batch-size", type=_positive_int, default=32, help="batch for activation memory"
+    )
     p.set_defaults(func=cmd_info)
 
     p = sub.add_parser("plugins", help="list installed plugins and their layers")

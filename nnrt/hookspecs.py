@@ -15,12 +15,26 @@ import pluggy
 
 if TYPE_CHECKING:
     from nnrt.layer import Layer
-    from nnrt.network import Sequential
 
 PROJECT_NAME = "nnrt"
 
 hookspec = pluggy.HookspecMarker(PROJECT_NAME)
 hookimpl = pluggy.HookimplMarker(PROJECT_NAME)
+
+
+class Network(Protocol):
+    """What ``nnrt_check_network`` is given: the finished ``nnrt.Sequential``.
+
+    (A structural type, so that this module, which the registry imports, does
+    not import ``nnrt.network``, which imports the registry.)
+    """
+
+    layers: list[Layer]
+    dtype: Any
+
+    def __len__(self) -> int: ...
+
+    def __getitem__(self, index: int, /) -> Layer: ...
 
 
 class RegisterLayer(Protocol):
@@ -50,7 +64,7 @@ def nnrt_register_layers(register: RegisterLayer) -> None:
 
 
 @hookspec
-def nnrt_check_network(net: Sequential) -> None:
+def nnrt_check_network(net: Network) -> None:
     """Inspect a network when it is built and warn about likely mistakes.
 
     ``Sequential`` calls this hook once, at the end of its construction, with
@@ -70,6 +84,29 @@ def nnrt_check_network(net: Sequential) -> None:
             for i in range(1, len(net)):
                 if isinstance(net[i], BatchNorm) and "bias" in net[i - 1].params():
                     warn_user("... use dense_nobias ...", BiasBeforeBatchNormWarning)
+    """
+
+
+@hookspec
+def nnrt_check_state(layer: Layer, state: dict[str, Any]) -> None:
+    """Check values about to be loaded into a layer's parameters and buffers.
+
+    ``nnrt.load`` (before the arrays are copied in, after their shapes and
+    dtypes were checked and NaN/Inf refused) and ``Sequential.load_state_dict``
+    call this once per layer with ``state``: the layer's own names (``"weight"``,
+    ``"running_var"``) mapped to the arrays, of the shapes the layer expects.
+    An implementation checks the layers it knows (by exact class) and raises
+    ``ValueError`` naming the layer, the array and what is wrong for values its
+    kernels must never see (a negative variance); nothing is loaded then.
+    Return nothing; do not modify ``state``.
+
+    Example (the batchnorm plugin)::
+
+        @nnrt.hookimpl
+        def nnrt_check_state(layer, state):
+            var = state.get("running_var")
+            if type(layer) is BatchNorm and var is not None and not (var >= 0).all():
+                raise ValueError(f"{layer!r}: running_var must be >= 0")
     """
 
 
@@ -117,4 +154,25 @@ def nnrt_onnx_export(layer: Layer, input: str, ctx: OnnxExportContext) -> str | 
             if type(layer) is not Tanh:
                 return None
             return ctx.add_node("Tanh", [input])[0]
+    """
+
+
+@hookspec(firstresult=True)
+def nnrt_layer_flops(layer: Layer, in_features: int) -> int | None:
+    """Forward FLOPs per sample of ``layer`` (evaluation mode), for ``net.summary()``.
+
+    ``in_features`` is the width of the layer's input. A plugin that recognises
+    the layer (check its exact class) returns a non-negative int counting one
+    multiply-add as 2 FLOPs and one elementwise operation (``exp`` included) as
+    1; otherwise it returns ``None`` so that the next plugin is asked (first
+    non-None result wins). A layer no plugin claims is counted as one FLOP per
+    output element and marked as an estimate in the summary.
+
+    Example::
+
+        @nnrt.hookimpl
+        def nnrt_layer_flops(layer, in_features):
+            if type(layer) is not Tanh:
+                return None
+            return 4 * in_features  # exp, exp, subtract/add, divide per element
     """
