@@ -522,3 +522,14 @@ def test_plugin_metadata_and_errors_are_escaped(tmp_path: pathlib.Path) -> None:
         assert not any(line.strip().startswith("fake  row") for line in proc.stdout.splitlines())
         warning = [line for line in proc.stderr.splitlines() if "evil_meta" in line]
         assert len(warning) == 1 and warning[0].startswith("nnrt: warning: PluginWarning:")
+
+
+def test_plot_path_is_checked_before_training(
+    blobs_npz: pathlib.Path, tmp_path: pathlib.Path
+) -> None:
+    pytest.importorskip("matplotlib")
+    bad = tmp_path / "missing" / "curve.png"
+    proc = run("train", "--data", str(blobs_npz), "--out", str(tmp_path / "m.npz"),
+               "--plot", str(bad), "--no-progress")  # fmt: skip
+    _assert_one_line_error(proc, "--plot", "does not exist")
+    assert "trained" not in proc.stdout and not (tmp_path / "m.npz").exists()
