@@ -533,3 +533,27 @@ def test_plot_path_is_checked_before_training(
                "--plot", str(bad), "--no-progress")  # fmt: skip
     _assert_one_line_error(proc, "--plot", "does not exist")
     assert "trained" not in proc.stdout and not (tmp_path / "m.npz").exists()
+
+
+def test_plugins_lists_what_was_refused(tmp_path: pathlib.Path) -> None:
+    """An installed entry point named like a built-in plugin is refused and listed so."""
+    info = tmp_path / "impostor-1.0.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: impostor\nVersion: 1.0\n")
+    (info / "entry_points.txt").write_text("[nnrt]\nbatchnorm = nnrt_impostor_mod\n")
+    (tmp_path / "nnrt_impostor_mod.py").write_text("raise RuntimeError('must never be imported')\n")
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(tmp_path), env.get("PYTHONPATH")) if p)
+    env.pop("NNRT_DISABLE_PLUGINS", None)
+    proc = subprocess.run(
+        [sys.executable, "-m", "nnrt", "plugins"], capture_output=True, text=True, env=env,
+        timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    rows = [line for line in proc.stdout.splitlines() if line.startswith("batchnorm ")]
+    assert len(rows) == 2, proc.stdout
+    assert "nnrt_plugins.batchnorm" in rows[0] and " ok " in rows[0]
+    assert "impostor 1.0" in rows[1] and "refused: plugin name 'batchnorm' taken" in rows[1]
+    assert "must never be imported" not in proc.stdout + proc.stderr
+    warning = [line for line in proc.stderr.splitlines() if "impostor" in line]
+    assert len(warning) == 1 and warning[0].startswith("nnrt: warning: PluginWarning:")
