@@ -18,15 +18,22 @@ directory, flushed and fsync'ed, renamed over ``path`` with ``os.replace``,
 and the directory is fsync'ed, so a crash (even ``kill -9``) mid-save leaves
 either the old file or the new one, never a mix.
 
-Reading never unpickles (``np.load(allow_pickle=False)``) and validates
-before it allocates: every array's ``.npy`` header (shape, dtype) is read
-first and checked against the shapes the JSON declares, against the size the
-zip directory records, and against a limit of 2**31 - 1 elements per array;
-the integer arguments in each layer's config must fit the declared shapes.
-Only then are layers built and arrays read. Problems raise
-``ModelFileError`` (a ``ValueError``) naming the file and what is wrong; a
-layer name no installed plugin provides raises ``MissingPluginError`` naming
-the plugin and distribution that wrote it.
+Reading never unpickles and validates before it allocates
+(docs/reliability.md §3): the file is opened only if it is a regular file
+(``open_regular_file``: never blocks on a FIFO or device); nnrt reads the zip
+itself rather than through ``np.load``, and the archive must hold exactly
+``architecture.npy`` and one ``<key>.npy`` per declared array, each once,
+stored, unencrypted, inside the file and not overlapping another (so the
+arrays read add up to at most the file's size); every ``.npy`` header
+(shape, dtype) is checked against the JSON and the member's size, with a
+limit of 2**31 - 1 elements per array. The architecture JSON is size- and
+depth-limited and holds finite numbers and unique keys only; each layer built
+from its config must report that config back (strict types, whatever the
+plugin), and the constructors check ranges. Arrays must be finite and pass
+the plugins' ``nnrt_check_state`` hooks (a variance >= 0). Only then are the
+arrays copied in. Problems raise ``ModelFileError`` (a ``ValueError``) naming
+the file and what is wrong; a layer name no installed plugin provides raises
+``MissingPluginError`` naming the plugin and distribution that wrote it.
 """
 
 from __future__ import annotations
@@ -56,8 +63,10 @@ __all__ = [
     "FORMAT_VERSION",
     "MissingPluginError",
     "ModelFileError",
+    "NotARegularFileError",
     "architecture",
     "load",
+    "open_regular_file",
     "read_architecture",
     "save",
 ]
