@@ -148,6 +148,16 @@ def architecture(net: Sequential) -> dict[str, Any]:
 _umask_lock = threading.Lock()
 
 
+def _new_umask_lock_after_fork() -> None:
+    # a fork while another thread held it would leave the child's save blocked forever
+    global _umask_lock
+    _umask_lock = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_new_umask_lock_after_fork)
+
+
 def _new_file_mode(path: str) -> int:
     try:
         return os.stat(path).st_mode & 0o777
@@ -602,16 +612,16 @@ def _missing_plugin(path: str, i: int, spec: dict[str, Any]) -> MissingPluginErr
     plugin = spec.get("plugin")
     dist = spec.get("distribution")
     version = spec.get("version")
-    source = f"plugin {plugin!r}" if plugin else "an unknown plugin"
+    source = f"plugin {plugin!r:.80}" if plugin else "an unknown plugin"
     if dist:
-        source += f" from distribution {dist!r}" + (f" {version}" if version else "")
-    hint = f"install it (pip install {dist})" if dist else "install or register that plugin"
+        source += f" from distribution {dist!r:.80}" + (f" {version!s:.40}" if version else "")
+    hint = f"install it (pip install {dist!s:.80})" if dist else "install or register that plugin"
     info = registry.plugins().get(plugin) if isinstance(plugin, str) else None
     if info is not None and info.status != "ok":
         hint = f"that plugin is installed but {info.status}"
     known = ", ".join(sorted(registry.layers()))
     return MissingPluginError(
-        f"{path}: layer {i} is {spec['name']!r}, which no loaded plugin provides; the file "
+        f"{path}: layer {i} is {spec['name']!r:.80}, which no loaded plugin provides; the file "
         f"was written with {source}: {hint}. Registered layers: {known}"
     )
 

@@ -459,6 +459,24 @@ def _op_load_file(nid: int, fid: int, damage: str, pos: float) -> None:
     _S["nets"][nid].predict(_predict_ref_input(_S["nets"][nid]))
 
 
+def _op_load_special(what: str) -> None:
+    """nnrt.load of a path that is not a regular file: must raise at once, never block."""
+    base = _S["tmp"].name
+    if what == "fifo" and hasattr(os, "mkfifo"):
+        path = os.path.join(base, f"fifo{len(os.listdir(base))}")
+        os.mkfifo(path)
+    elif what == "device" and os.path.exists("/dev/zero"):
+        path = "/dev/zero"
+    elif what == "directory":
+        path = base
+    else:
+        path = os.path.join(base, "missing.npz")
+    try:
+        nnrt.load(path)
+    except OSError as exc:  # FileNotFoundError, IsADirectoryError: as open() does
+        raise ValueError(str(exc)) from exc
+
+
 def _op_pickle(kind: str, tid: int) -> None:
     obj = _target(kind, tid)
     back = pickle.loads(pickle.dumps(obj))
@@ -777,10 +795,15 @@ class StatefulAPI(RuleBasedStateMachine):
     @rule(
         target=nets,
         fid=files,
-        damage=st.sampled_from(["none", "truncate", "flip", "append"]),
+        damage=st.sampled_from(
+            ["none", "truncate", "flip", "append", "fifo", "device", "directory", "missing"]
+        ),
         pos=st.floats(0, 1),
     )
     def load_file(self, fid: int, damage: str, pos: float) -> Any:
+        if damage in ("fifo", "device", "directory", "missing"):
+            assert self.run("load_special", damage) != "ok"
+            return multiple()
         nid = self._id()
         ok = self.run("load_file", nid, fid, damage, pos) == "ok"
         return nid if ok else multiple()

@@ -84,7 +84,7 @@ def _threads(targets: list[Any]) -> None:
         except BaseException as exc:  # reported below
             errors.append(exc)
 
-    threads = [threading.Thread(target=run, args=(fn,)) for fn in targets]
+    threads = [threading.Thread(target=run, args=(fn,), daemon=True) for fn in targets]
     for t in threads:
         t.start()
     for t in threads:
