@@ -28,8 +28,9 @@ each of up to ``STEPS`` operations. docs/reliability.md reports the counts.
 
 Pending (issue 12 part 1, the ``rel-state`` branch): some operations crash the
 interpreter or give silent wrong answers until the compiled layers keep their
-own state at C level. They are drawn only with ``NNRT_FUZZ_PENDING=1``; each is
-listed in ``PENDING`` with the contract it must meet. TODO(rel-state): turn
+own state at C level. They are drawn only with ``NNRT_FUZZ_PENDING=1`` (or a
+comma-separated list of their names); each is listed in ``PENDING`` with the
+contract it must meet. TODO(rel-state): turn
 them on by default once that branch is merged.
 """
 
@@ -89,8 +90,12 @@ PENDING = {
     # today the compiled chain casts it unchecked
     "non_layer_in_list",
 }
+# NNRT_FUZZ_PENDING=1: all of them; or a comma-separated list of their names
+_PENDING_ENV = os.environ.get("NNRT_FUZZ_PENDING", "")
 ENABLED_PENDING = (
-    set(PENDING) if os.environ.get("NNRT_FUZZ_PENDING", "") not in ("", "0") else set()
+    set(PENDING)
+    if _PENDING_ENV == "1"
+    else {name for name in _PENDING_ENV.split(",") if name in PENDING}
 )
 
 # what an operation may raise (documented kinds); RecursionError is a RuntimeError
@@ -359,7 +364,11 @@ def _op_write(kind: str, tid: int, which: str, how: str, value: float) -> None:
         if "inplace_reshape" not in ENABLED_PENDING:
             return
         n = arr.size
-        for shape in ((n, 1), (1, n)):
+        rows, cols = arr.shape if arr.ndim == 2 else (n, 1)
+        shapes = [(cols, rows), (n, 1), (1, n)]
+        if rows % 2 == 0:
+            shapes.insert(0, (rows // 2, cols * 2))  # the issue's (8, 32) -> (4, 64)
+        for shape in shapes:
             try:
                 arr.shape = shape
                 _S["dirty"].add(key)
