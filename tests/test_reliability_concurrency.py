@@ -410,3 +410,23 @@ def test_state_dict_never_sees_half_an_optimizer_step(name: str) -> None:
         # (m_hat / sqrt(v_hat) = 1 exactly up to eps): the same k in every array
         ks = {round(float(np.median((start[key] - v) / 0.5))) for key, v in state.items()}
         assert len(ks) == 1, f"state_dict saw parameters from different steps: {sorted(ks)}"
+
+
+@pytest.mark.parametrize("protocol", range(pickle.HIGHEST_PROTOCOL + 1))
+def test_pickle_protocols_copy_and_deepcopy_rebuild_real_layers(protocol: int) -> None:
+    net = nnrt.Sequential(
+        [nnrt.layer("dense", 6, 8), nnrt.layer("sync_batchnorm", 8), nnrt.layer("dense", 8, 2)],
+        dtype="float64",
+    )
+    X = np.random.default_rng(9).normal(size=(5, 6))
+    want = net.predict(X)
+    back = pickle.loads(pickle.dumps(net, protocol=protocol))
+    shallow = copy.copy(net)
+    deep = copy.deepcopy(net)
+    for other in (back, shallow, deep):
+        assert [type(a) for a in other.layers] == [type(a) for a in net.layers]
+        np.testing.assert_array_equal(other.predict(X), want)
+    # a shallow copy shares the layer objects; pickles and deep copies do not
+    assert all(a is b for a, b in zip(shallow.layers, net.layers, strict=True))
+    assert shallow.layers is not net.layers
+    assert not any(a is b for a, b in zip(deep.layers, net.layers, strict=True))
