@@ -19,6 +19,7 @@ and every later update runs numpy ufuncs with ``out=``.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Mapping
 from typing import Any, Protocol
@@ -115,6 +116,23 @@ def _not_plain(opt: Optimizer) -> ValueError:
     return ValueError(f"{type(opt).__name__}: cannot update in place: {why}")
 
 
+def _locked_step(step: Any) -> Any:
+    """``step`` run under the state lock of the optimizer's network (if it has one)."""
+
+    @functools.wraps(step)
+    def locked(self: Any) -> None:
+        net = self.__dict__.get("_lock_net")
+        if net is None:
+            step(self)
+            return
+        from nnrt._locks import holding
+
+        with holding(net):
+            step(self)
+
+    return locked
+
+
 class Optimizer:
     """Base class: holds the resolved parameters, their gradients and per-parameter state.
 
@@ -127,6 +145,9 @@ class Optimizer:
 
     def __init__(self, net: HasParams) -> None:
         self._names, self._params, self._grads = _resolve(net, type(self).__name__)
+        # a network's optimizer steps under the network's state lock (nnrt/_locks.py):
+        # a predict or save in another thread sees the weights before or after a step
+        self._lock_net: Any = net if hasattr(net, "layers") else None
         n = len(self._params)
         # per-parameter state arrays (allocated at the first step) and scratch buffers
         self.state: dict[str, dict[str, np.ndarray]] = {k: {} for k in self._names}
@@ -139,6 +160,17 @@ class Optimizer:
         self.step_count += 1
         for i in range(len(self._params)):
             self._update(i, self._params[i], self._grads[i])
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "step" in cls.__dict__:  # every optimizer's own step takes the lock too
+            cls.step = _locked_step(cls.__dict__["step"])  # type: ignore[method-assign]
+
+    def __getstate__(self) -> dict[str, Any]:
+        # the network is not part of an optimizer's pickle (its arrays are)
+        state = dict(self.__dict__)
+        state["_lock_net"] = None
+        return state
 
     def zero_grad(self) -> None:
         """Fill every gradient with zeros, in place."""
@@ -223,6 +255,9 @@ class Optimizer:
         while len(bufs) <= j:
             bufs.append(np.empty_like(self._params[i], order="C"))
         return bufs[j]
+
+
+Optimizer.step = _locked_step(Optimizer.step)  # type: ignore[method-assign]
 
 
 class SGD(Optimizer):
