@@ -27,8 +27,8 @@ cdef inline bint _plain(object a, int ndim) noexcept:
 
 
 # ------------------------------------------------------- softmax cross-entropy
-cdef int softmax_ce_kernel(const floating* x, const cnp.int64_t* y, floating* dY,
-                           Py_ssize_t n, Py_ssize_t c, double* loss) noexcept nogil:
+cdef Py_ssize_t softmax_ce_kernel(const floating* x, const cnp.int64_t* y, floating* dY,
+                                  Py_ssize_t n, Py_ssize_t c, double* loss) noexcept nogil:
     # l_i = logsumexp(x_i) - x_i[y_i];  dY = (softmax(x) - onehot(y)) / n
     # Computed in float64 per row (shifted by the row max), written in the dtype.
     # Returns the index of the first out-of-range label, or -1.
@@ -40,7 +40,7 @@ cdef int softmax_ce_kernel(const floating* x, const cnp.int64_t* y, floating* dY
     for i in range(n):
         label = y[i]
         if label < 0 or label >= c:
-            return <int>i
+            return i
         xr = &x[i * c]
         dr = &dY[i * c]
         m = xr[0]
@@ -82,7 +82,7 @@ def softmax_cross_entropy(object logits, object labels):
         return None
     cdef cnp.ndarray dY = cnp.PyArray_EMPTY(2, cnp.PyArray_DIMS(x), t, 0)
     cdef double loss = 0
-    cdef int bad
+    cdef Py_ssize_t bad
     if t == cnp.NPY_FLOAT32:
         with nogil:
             bad = softmax_ce_kernel(<float*>cnp.PyArray_DATA(x), <cnp.int64_t*>cnp.PyArray_DATA(y),
