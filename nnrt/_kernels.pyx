@@ -275,7 +275,23 @@ cdef inline bint _owns_output(Layer layer):
             and (PyType_GetFlags(<PyTypeObject*>tp) & Py_TPFLAGS_HEAPTYPE) == 0)
 
 
-def forward_chain(list layers, object X, bint training, object fuse=None):
+def same_items(list cached, object layers):
+    """True when ``layers`` is a list holding the very objects of ``cached``, in order
+    (identity, never ``__eq__``: a layer cannot pretend to be another)."""
+    if type(layers) is not list:
+        return False
+    cdef list other = <list>layers
+    cdef Py_ssize_t i, m = len(cached)
+    if len(other) != m:
+        return False
+    for i in range(m):
+        if <void*>cached[i] is not <void*>other[i]:
+            return False
+    return True
+
+
+def forward_chain(list layers, object X, bint training, object fuse=None,
+                  bint trusted_input=False):
     """``Sequential.forward`` without returning to Python between layers.
 
     Compiled layers are called through the C vtable (Python subclasses still
@@ -284,13 +300,18 @@ def forward_chain(list layers, object X, bint training, object fuse=None):
     ``layers[i]._nnrt_forward_pair(X, training, layers[i + 1])``. An error is
     re-raised as the same type, prefixed with the layer's index. A list item that
     is not an ``nnrt.Layer`` raises TypeError.
+
+    Each layer after a built-in one gets that layer's output buffer, which nothing
+    outside the network holds: it may cache it for backward without a copy.
+    ``trusted_input``: the same for ``X`` (the caller owns it and leaves it alone
+    until backward, e.g. the training engine's gathered mini-batch).
     """
     # a snapshot: a layer's forward (Python code) may change the caller's list
     cdef list snap = list(layers)
     cdef Py_ssize_t i = 0, m = len(snap)
     cdef Layer layer
     cdef bytes flags = None
-    cdef bint trusted = False
+    cdef bint trusted = trusted_input
     if fuse is not None:
         flags = bytes(fuse)
         if len(flags) != m:

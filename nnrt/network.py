@@ -9,7 +9,6 @@ dtype) so that a broken plugin is named instead of crashing a kernel.
 
 from __future__ import annotations
 
-import operator
 import os
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any, overload
@@ -18,6 +17,7 @@ import numpy as np
 
 from nnrt._kernels import backward_chain as _backward_chain
 from nnrt._kernels import forward_chain as _forward_chain
+from nnrt._kernels import same_items as _same_items
 from nnrt.layer import Layer
 
 __all__ = ["Sequential"]
@@ -164,6 +164,18 @@ class Sequential:
         self._last_out = out
         return out
 
+    def _forward_owned(self, X: Any, training: bool = True) -> np.ndarray:
+        """``forward`` for a caller that owns ``X`` and leaves it unchanged until
+        ``backward`` (the training engine's gathered mini-batch): the first layer then
+        caches X for backward without its private copy. Not for user arrays.
+        """
+        python, fuse, _ = self._structure()
+        if python:
+            return self._forward_checked(X, bool(training))
+        out = _forward_chain(self.layers, X, bool(training), fuse, True)
+        self._last_out = out
+        return out
+
     def __call__(self, X: Any) -> np.ndarray:
         return self.forward(X, training=False)
 
@@ -192,12 +204,7 @@ class Sequential:
         """
         layers = self.layers
         cached = self.__dict__.get("_structure_cache")
-        if (
-            cached is not None
-            and type(layers) is list
-            and len(layers) == len(cached[0])
-            and all(map(operator.is_, cached[0], layers))
-        ):
+        if cached is not None and _same_items(cached[0], layers):
             found: tuple[tuple[int, ...], bytes | None, int] = cached[1]
             return found
         if not isinstance(layers, list):

@@ -609,6 +609,9 @@ def fit(
         )
 
     net._fit_loss = loss  # type: ignore[attr-defined]
+    # Xb below is this loop's own buffer, untouched until backward: the first layer
+    # may cache it without a copy (Sequential._forward_owned)
+    forward_owned = getattr(net, "_forward_owned", net.forward)
     try:
         for cb in cbs:
             cb.on_train_begin(state)
@@ -626,7 +629,7 @@ def fit(
                 Xb = np.take(Xa, idx, axis=0, out=Xbuf[:m])
                 yb = np.take(ya, idx, axis=0, out=ybuf[:m])
                 snapshot.take()
-                Y = net.forward(Xb, training=True)
+                Y = forward_owned(Xb, training=True)
                 value, dY = _call_loss(loss_fn, Y, yb, loss_name)
                 if not math.isfinite(value):
                     # the weights before the previous step gave the last finite loss
