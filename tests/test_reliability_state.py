@@ -833,3 +833,131 @@ def test_random_state_changes_never_crash(
 ) -> None:
     log = isolated(run_state_sequence, name, ops, batch)
     assert len(log) >= len(ops)
+
+
+# ==================================================== net.layers changed after construction
+class ClaimsEquality(PyScale):
+    """A Python layer whose ``__eq__`` says it equals anything (and returns junk)."""
+
+    def __eq__(self, other: object) -> bool:
+        return True
+
+    __hash__ = object.__hash__
+
+    def forward(self, X: np.ndarray, training: bool = False) -> np.ndarray:
+        return np.ones((1, 1), np.float32)
+
+
+def case_layer_replaced_by_an_equal_one() -> None:
+    from nnrt.registry import PluginError
+
+    net = nnrt.Sequential([nnrt.layer("dense", 3, 3), nnrt.layer("dense", 3, 2)])
+    X = np.ones((4, 3))
+    net.forward(X)
+    net.layers[0] = ClaimsEquality(3)  # == the old list, but not the same objects
+    with pytest.raises(PluginError, match="ClaimsEquality"):
+        net.forward(X)
+    net.layers = tuple(net.layers)  # type: ignore[assignment]
+    with pytest.raises(TypeError, match="list"):
+        net.forward(X)
+
+
+def test_layer_list_is_compared_by_identity() -> None:
+    isolated(case_layer_replaced_by_an_equal_one)
+
+
+def case_internal_helpers_misused() -> list[str]:
+    from nnrt_plugins._batchnorm import BatchNorm
+
+    out = []
+    bn = BatchNorm(4)
+    bn._alloc_scratch(np.float32)  # scratch of another dtype than the parameters
+    for call in (lambda: bn.forward(_data(3, 4), training=True), lambda: bn.forward(_data(3, 4))):
+        with pytest.raises(RuntimeError) as info:
+            call()
+        out.append(str(info.value))
+    d = nnrt.layer("dense_nobias", 3, 2)
+    d._setup(3, 2, True)  # a bias after all: the layer stays consistent
+    _run_and_compare(d, _data(4, 3), _data(4, 2, seed=1))
+    return out
+
+
+def test_internal_helpers_called_from_python_cannot_break_kernels() -> None:
+    messages = isolated(case_internal_helpers_misused)
+    assert all("BatchNorm" in m for m in messages), messages
+
+
+def case_threads_change_dtype_while_running(name: str, seconds: float) -> dict[str, int]:
+    import threading
+    import time
+
+    layer = nnrt.layer(name, *({"batchnorm": (16,)}.get(name, (16, 16))))
+    stop = time.monotonic() + seconds
+    counts = {"ok": 0, "refused": 0}
+    lock = threading.Lock()
+
+    def flip() -> None:
+        k = 0
+        while time.monotonic() < stop:
+            layer.to_dtype("float32" if k % 2 else "float64")
+            k += 1
+
+    def run() -> None:
+        rng = np.random.default_rng(threading.get_ident() % 1000)
+        while time.monotonic() < stop:
+            X = rng.standard_normal((64, 16))
+            try:
+                layer.forward(X, training=True)
+                layer.backward(np.ones((64, 16)))
+                result = "ok"
+            except (RuntimeError, ValueError, TypeError):
+                result = "refused"
+            with lock:
+                counts[result] += 1
+
+    threads = [
+        threading.Thread(target=flip),
+        threading.Thread(target=run),
+        threading.Thread(target=run),
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return counts
+
+
+@pytest.mark.parametrize("name", ["dense", "batchnorm"])
+def test_to_dtype_from_another_thread_while_kernels_run(name: str) -> None:
+    counts = isolated(case_threads_change_dtype_while_running, name, 1.0)
+    assert counts["ok"] + counts["refused"] > 0, counts
+
+
+def case_fit_keeps_its_batch() -> None:
+    # fit hands its gathered batch to the first layer without a copy
+    # (Sequential._forward_owned): the result equals manual steps on copies
+    X = _data(40, 5)
+    y = np.random.default_rng(3).integers(0, 3, 40)
+    a = nnrt.Sequential(
+        [nnrt.layer("dense", 5, 4), nnrt.layer("sigmoid"), nnrt.layer("dense", 4, 3)],
+        dtype="float64",
+    )
+    b = nnrt.Sequential(
+        [nnrt.layer("dense", 5, 4), nnrt.layer("sigmoid"), nnrt.layer("dense", 4, 3)],
+        dtype="float64",
+    )
+    a.fit(X, y, optimizer=nnrt.optim.SGD(a, lr=0.1), epochs=2, batch_size=8, shuffle=False)
+    opt = nnrt.optim.SGD(b, lr=0.1)
+    for _ in range(2):
+        for start in range(0, 40, 8):
+            Xb = X[start : start + 8].copy()
+            Y = b.forward(Xb, training=True)
+            _, dY = nnrt.losses.softmax_cross_entropy(Y, y[start : start + 8])
+            b.backward(dY, input_grad=False)
+            opt.step()
+    for key, value in a.params().items():
+        assert_allclose(value, b.params()[key], rtol=1e-12, atol=1e-12, err_msg=key)
+
+
+def test_fit_without_the_input_copy_matches_manual_steps() -> None:
+    isolated(case_fit_keeps_its_batch)
