@@ -271,6 +271,10 @@ cdef class Layer:
     def in_features(self, value):
         self._n_in = _width_value(self, "in_features", value)
 
+    @in_features.deleter
+    def in_features(self):
+        raise AttributeError(f"{type(self).__name__}.in_features cannot be deleted")
+
     @property
     def out_features(self):
         """Output width (int), or None where the layer keeps the width."""
@@ -279,6 +283,10 @@ cdef class Layer:
     @out_features.setter
     def out_features(self, value):
         self._n_out = _width_value(self, "out_features", value)
+
+    @out_features.deleter
+    def out_features(self):
+        raise AttributeError(f"{type(self).__name__}.out_features cannot be deleted")
 
     @property
     def dtype(self):
@@ -294,6 +302,10 @@ cdef class Layer:
                 f"to cast them"
             )
         self._set_dtype(value)
+
+    @dtype.deleter
+    def dtype(self):
+        raise AttributeError(f"{type(self).__name__}.dtype cannot be deleted")
 
     cdef int _set_dtype(self, object value) except -1:
         if value is None:

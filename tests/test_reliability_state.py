@@ -620,6 +620,16 @@ class PyScale(nnrt.Layer):
         return np.asarray(dY) * 2.0
 
 
+@pytest.mark.parametrize("name", [*sorted(BUILTIN), "sigmoid"])
+def test_widths_and_dtype_cannot_be_deleted(name: str) -> None:
+    layer = nnrt.layer(name, *BUILTIN.get(name, ()))
+    for attr in ("in_features", "out_features", "dtype"):
+        with pytest.raises(AttributeError):
+            delattr(layer, attr)
+    with pytest.raises(AttributeError):
+        del PyScale(2).in_features
+
+
 def test_python_subclass_sets_widths_and_dtype() -> None:
     layer = PyScale(3)
     assert layer.in_features == 3 and layer.out_features == 3 and layer.dtype == np.float64
