@@ -7,6 +7,10 @@ Derivation (docs/derivations.md):
   dX = dY @ W.T
 GEMMs run through scipy.linalg.cython_blas with the GIL released; the bias is
 added by seeding the output with b and calling GEMM with beta = 1.
+The kernels index with Py_ssize_t; every array they touch has fewer than 2^31
+elements, so each BLAS (int) dimension fits. Sizes come from the C fields
+_n_in/_n_out and the batch recorded at forward, never from an array Python can
+reshape (see nnrt/layer.pyx).
 """
 
 import numpy as np

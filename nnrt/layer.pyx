@@ -9,6 +9,13 @@ handful of C checks; anything else (Fortran order, strided views, read-only
 or misaligned memory, other numeric dtypes) is copied once. Everything a
 kernel could trip on (rank, width, empty batch, non-numeric dtype) raises
 here with the layer, the shape and the dtype in the message.
+
+State (issue 12): a compiled layer's widths and dtype are C fields derived from
+its own parameters (LAYER_FROZEN: read-only from Python); the arrays Python can
+reach (params/grads/buffers, returned outputs, the caller's X) are checked with
+``check_array`` against those C fields after the last call that can run Python
+code, right before each kernel; backward checks dY against the batch size it
+recorded in C, and keeps a private copy of a caller's X (``cache_input``).
 """
 
 import operator
