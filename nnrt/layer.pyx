@@ -345,6 +345,7 @@ cdef class Layer:
         The default implementation casts each floating ndarray attribute of a
         Python subclass; compiled layers override it.
         """
+        check_self(self, Layer)
         self._set_dtype(dtype)
         d = getattr(self, "__dict__", None)
         if d is not None:
@@ -373,6 +374,7 @@ cdef class Layer:
         return {}
 
     def __reduce__(self):
+        check_self(self, Layer)
         # Pickle what defines the layer, never its scratch buffers: compiled
         # layers are rebuilt from config() and get fresh, writeable arrays with
         # the pickled params/buffers copied in (a pickle loaded read-only, e.g.
@@ -402,6 +404,7 @@ cdef class Layer:
         rank, a wrong feature count or an empty batch; the message names the
         layer, the shape and the dtype. Copies only when it must.
         """
+        check_self(self, Layer)
         cdef cnp.ndarray arr
         cdef int t
         if isinstance(X, np.ndarray):
@@ -474,6 +477,7 @@ cdef class Layer:
         built-in layers check against the shape they recorded at forward instead:
         ``grad_as`` in ``layer.pxd``.)
         """
+        check_self(self, Layer)
         if like is None or cnp.PyArray_NDIM(like) != 2:
             raise ValueError(f"{self!r}: prepare_grad needs a 2-D `like` array, got {like!r:.80}")
         return grad_as(self, dY, cnp.PyArray_DIM(like, 0), cnp.PyArray_DIM(like, 1),

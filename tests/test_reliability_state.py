@@ -976,3 +976,45 @@ def case_fit_keeps_its_batch() -> None:
 
 def test_fit_without_the_input_copy_matches_manual_steps() -> None:
     isolated(case_fit_keeps_its_batch)
+
+
+# ============================================= methods called through the class on a stranger
+def _unbound_calls() -> dict[str, Any]:
+    from nnrt_plugins._batchnorm import BatchNorm
+    from nnrt_plugins._sigmoid import Sigmoid
+
+    X = np.ones((4, 3))
+    bn, s, d = BatchNorm(3), Sigmoid(), Dense(3, 3)
+    return {
+        "Dense._setup": lambda: Dense._setup(bn, 3, 4, True),
+        "Dense.forward": lambda: Dense.forward(bn, X),
+        "Dense.backward": lambda: Dense.backward(s, X),
+        "Dense.backward_params": lambda: Dense.backward_params(s, X),
+        "Dense.to_dtype": lambda: Dense.to_dtype(s, "float32"),
+        "Dense.params": lambda: Dense.params(bn),
+        "Dense.reset_parameters": lambda: Dense.reset_parameters(s, np.random.default_rng(0)),
+        "BatchNorm.params": lambda: BatchNorm.params(d),
+        "BatchNorm.buffers": lambda: BatchNorm.buffers(d),
+        "BatchNorm._alloc_scratch": lambda: BatchNorm._alloc_scratch(d, np.float64),
+        "BatchNorm._nnrt_forward_pair": lambda: BatchNorm._nnrt_forward_pair(d, X, True, s),
+        "BatchNorm._nnrt_backward_pair": lambda: BatchNorm._nnrt_backward_pair(d, X, s),
+        "BatchNorm.forward": lambda: BatchNorm.forward(s, X),
+        "Sigmoid.backward": lambda: Sigmoid.backward(d, X),
+        "Sigmoid.to_dtype": lambda: Sigmoid.to_dtype(object(), "float32"),
+        "Layer.to_dtype": lambda: nnrt.Layer.to_dtype(object(), "float32"),
+        "Layer.__reduce__": lambda: nnrt.Layer.__reduce__(object()),
+        "Layer.prepare_input": lambda: nnrt.Layer.prepare_input(object(), X),
+        "Layer.prepare_grad": lambda: nnrt.Layer.prepare_grad("x", X, X),
+    }
+
+
+def case_unbound_call(which: str) -> str:
+    with pytest.raises(TypeError) as info:
+        _unbound_calls()[which]()
+    return str(info.value)
+
+
+@pytest.mark.parametrize("which", sorted(_unbound_calls()))
+def test_method_called_through_the_class_on_another_object(which: str) -> None:
+    message = isolated(case_unbound_call, which)
+    assert "method called on" in message or "requires" in message, message
