@@ -116,6 +116,13 @@ def sgd_step(list params, list grads, object bufs, double lr, double momentum,
     Returns False, changing nothing, when an array is not a C-contiguous
     float32/float64 ndarray matching its parameter (the caller falls back).
     """
+    # snapshots, and every Python-level conversion done first: nothing below may run
+    # Python code between the checks and the kernels (lists are indexed unchecked)
+    params = list(params)
+    grads = list(grads)
+    if bufs is not None:
+        bufs = list(bufs)
+        fresh = [bool(f) for f in fresh]
     cdef Py_ssize_t k, m = len(params)
     cdef cnp.ndarray p, g, b
     cdef int t
@@ -150,7 +157,7 @@ def sgd_step(list params, list grads, object bufs, double lr, double momentum,
         fr = False
         if bufs is not None:
             bp = cnp.PyArray_DATA(<cnp.ndarray>bufs[k])
-            fr = bool(fresh[k])
+            fr = fresh[k] is True
         if cnp.PyArray_TYPE(p) == cnp.NPY_FLOAT32:
             with nogil:
                 nnrt_sgd_f(<float*>cnp.PyArray_DATA(p), <float*>cnp.PyArray_DATA(g),
@@ -193,6 +200,10 @@ def adam_step(list params, list grads, list exp_avg, list exp_avg_sq, double lr,
     changing nothing, when an array is not a C-contiguous float32/float64 ndarray
     matching its parameter (the caller falls back to numpy).
     """
+    params = list(params)
+    grads = list(grads)
+    exp_avg = list(exp_avg)
+    exp_avg_sq = list(exp_avg_sq)
     cdef Py_ssize_t k, m = len(params)
     cdef cnp.ndarray p
     cdef int t
