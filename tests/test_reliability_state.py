@@ -1018,3 +1018,24 @@ def case_unbound_call(which: str) -> str:
 def test_method_called_through_the_class_on_another_object(which: str) -> None:
     message = isolated(case_unbound_call, which)
     assert "method called on" in message or "requires" in message, message
+
+
+def test_layer_pxd_exports_the_state_helpers() -> None:
+    # what compiled plugins cimport (docs/plugins.md, "State a kernel may trust")
+    import pathlib
+    import re
+
+    pxd = (pathlib.Path(nnrt.__file__).parent / "layer.pxd").read_text()
+    for decl in (
+        r"cdef inline object unaliased\(object buf, cnp\.ndarray src\)",
+        r"cdef inline object _unaliased\(object buf, cnp\.ndarray src\)",  # the old name
+        r"cdef inline bint overlaps\(",
+        r"cdef int check_array\(",
+        r"cdef cnp\.ndarray grad_as\(",
+        r"cdef cnp\.ndarray cache_input\(",
+        r"cdef inline int check_self\(",
+        r"LAYER_FROZEN = 1",
+        r"LAYER_BUILT = 2",
+    ):
+        assert re.search(decl, pxd), decl
+    assert int(re.search(r"NNRT_ABI_VERSION = (\d+)", pxd).group(1)) == nnrt.ABI_VERSION == 2
