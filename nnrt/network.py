@@ -321,6 +321,7 @@ class Sequential:
 
     # ------------------------------------------------------------------- state
     def _named(self, member: str) -> dict[str, np.ndarray]:
+        self._structure()  # TypeError naming any item of net.layers that is not a layer
         out: dict[str, np.ndarray] = {}
         for i, layer in enumerate(self.layers):
             for name, arr in getattr(layer, member)().items():

@@ -1039,3 +1039,102 @@ def test_layer_pxd_exports_the_state_helpers() -> None:
     ):
         assert re.search(decl, pxd), decl
     assert int(re.search(r"NNRT_ABI_VERSION = (\d+)", pxd).group(1)) == nnrt.ABI_VERSION == 2
+
+
+NET_OPS = [
+    "forward_train", "forward_eval", "backward", "backward_no_input", "layer_to_dtype",
+    "append_junk", "insert_layer", "pop_layer", "swap_layers", "reshape_param", "restore",
+    "load_state", "reshape_X", "write_Y", "fit",
+]  # fmt: skip
+
+
+def run_network_sequence(ops: list[tuple[str, int]], dtype: str) -> list[str]:
+    """Drive one network through ``ops``; every call returns or raises a Python exception."""
+    rng = np.random.default_rng(len(ops))
+
+    def fresh_layers() -> list[Any]:
+        return [nnrt.layer("dense_nobias", 4, 4), nnrt.layer("batchnorm", 4),
+                nnrt.layer("sigmoid"), nnrt.layer("dense", 4, 3)]  # fmt: skip
+
+    net = nnrt.Sequential(fresh_layers(), dtype=dtype)
+    X = rng.standard_normal((6, 4))
+    Y = None
+    reshaped: list[tuple[np.ndarray, tuple[int, ...]]] = []
+    log = []
+    for op, k in ops:
+        try:
+            if op == "forward_train":
+                Y = net.forward(X, training=True)
+            elif op == "forward_eval":
+                Y = net.forward(X)
+            elif op in ("backward", "backward_no_input"):
+                shape = Y.shape if Y is not None else (6, 3)
+                net.backward(rng.standard_normal(shape), input_grad=op == "backward")
+            elif op == "layer_to_dtype":
+                net.layers[k % len(net.layers)].to_dtype(["float32", "float64"][k % 2])
+            elif op == "append_junk":
+                net.layers.append([lambda x: x, None, object(), X][k % 4])
+            elif op == "insert_layer":
+                net.layers.insert(k % (len(net.layers) + 1), fresh_layers()[k % 4])
+            elif op == "pop_layer" and len(net.layers) > 1:
+                net.layers.pop(k % len(net.layers))
+            elif op == "swap_layers" and len(net.layers) > 1:
+                i, j = k % len(net.layers), (k + 1) % len(net.layers)
+                net.layers[i], net.layers[j] = net.layers[j], net.layers[i]
+            elif op == "reshape_param":
+                arrays = [a for a in {**net.params(), **net.buffers()}.values() if a.ndim == 2]
+                if arrays:
+                    a = arrays[k % len(arrays)]
+                    reshaped.append((a, a.shape))
+                    a.shape = (a.shape[1], a.shape[0])
+            elif op == "restore":
+                for a, shape in reshaped:
+                    a.shape = shape
+                reshaped.clear()
+            elif op == "load_state":
+                net.load_state_dict({k2: v + 0.5 for k2, v in net.state_dict().items()})
+            elif op == "reshape_X":
+                X.shape = (X.shape[1], X.shape[0]) if X.shape[0] != X.shape[1] else X.shape
+            elif op == "write_Y" and Y is not None:
+                Y[...] = np.nan
+                Y.shape = (Y.size,)
+            elif op == "fit":
+                n_out = net.out_features or 3
+                net.fit(rng.standard_normal((12, 4)), rng.integers(0, n_out, 12), epochs=1,
+                        batch_size=4, progress=False)  # fmt: skip
+            log.append(f"{op}: ok")
+        except (ValueError, TypeError, RuntimeError, AttributeError, KeyError, IndexError,
+                FloatingPointError) as exc:  # fmt: skip
+            log.append(f"{op}: {type(exc).__name__}")
+    return log
+
+
+@settings(
+    max_examples=settings.default.max_examples,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+@given(
+    ops=st.lists(
+        st.tuples(
+            st.sampled_from(NET_OPS + ["forward_train", "backward_no_input"] * 2),
+            st.integers(0, 9),
+        ),
+        min_size=1,
+        max_size=16,
+    ),
+    dtype=st.sampled_from(["float32", "float64"]),
+)
+def test_random_network_changes_never_crash(ops: list[tuple[str, int]], dtype: str) -> None:
+    log = isolated(run_network_sequence, ops, dtype)
+    assert len(log) == len(ops)
+
+
+def test_state_of_a_network_with_a_foreign_item_raises_type_error() -> None:
+    net = nnrt.Sequential([nnrt.layer("dense", 3, 2)])
+    net.layers.append(lambda x: x)
+    for call in (net.params, net.grads, net.buffers, net.state_dict, net.zero_grad):
+        with pytest.raises(TypeError, match="layer 1.*not an nnrt.Layer"):
+            call()
+    with pytest.raises(TypeError, match="not an nnrt.Layer"):
+        net.load_state_dict({})
