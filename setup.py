@@ -4,6 +4,12 @@ Set NNRT_DEBUG_BUILD=1 to rebuild with bounds checks, wraparound and
 initialized-check on (and -O0 -g), so an out-of-bounds access in a kernel
 raises IndexError instead of corrupting memory.
 Set NNRT_NATIVE=1 to add -march=native (not portable; off by default).
+
+Build speed (issue 15): Cython translates the modules in parallel and build_ext
+compiles them in parallel, one job per CPU (NNRT_BUILD_JOBS=n overrides; pip's
+build isolation passes no options, so the default is set here). The compiled test
+modules (tests/cython/) are not part of the package: tests/_cytests.py builds them
+in place for the test suite.
 """
 
 import os
@@ -71,8 +77,21 @@ def write_build_info(path: str, compiler: list[str] | None = None) -> None:
         fh.write(text)
 
 
+def _jobs() -> int:
+    env = os.environ.get("NNRT_BUILD_JOBS", "")
+    if env.strip():
+        return max(1, int(env))
+    return os.cpu_count() or 1
+
+
 class build_ext_with_info(build_ext):
-    """build_ext that also writes nnrt/_build_info.py with the real compiler command."""
+    """build_ext that compiles in parallel and writes nnrt/_build_info.py with the
+    real compiler command."""
+
+    def finalize_options(self) -> None:
+        super().finalize_options()
+        if not self.parallel:  # -j/--parallel on the command line wins
+            self.parallel = _jobs()
 
     def build_extensions(self) -> None:
         cc = getattr(self.compiler, "compiler_so", None)
@@ -108,13 +127,11 @@ extensions = [
     ext("nnrt_plugins._sigmoid", "plugins/_sigmoid.pyx"),
     ext("nnrt_plugins._batchnorm", "plugins/_batchnorm.pyx"),
     ext("nnrt_plugins._dense_nobias", "plugins/_dense_nobias.pyx"),
-    # compiled part of the test suite (collected through tests/test_cython_suite.py)
-    ext("nnrt_cytests._cy_layer_tests", "tests/cython/_cy_layer_tests.pyx"),
 ]
 
 setup(
-    packages=["nnrt", "nnrt_plugins", "nnrt_cytests"],
-    package_dir={"nnrt": "nnrt", "nnrt_plugins": "plugins", "nnrt_cytests": "tests/cython"},
+    packages=["nnrt", "nnrt_plugins"],
+    package_dir={"nnrt": "nnrt", "nnrt_plugins": "plugins"},
     package_data={
         "nnrt": ["*.pxd", "*.pyi", "*.h", "py.typed", "data/*"],
         "nnrt_plugins": ["*.pxd", "*.pyi", "py.typed"],
@@ -124,6 +141,7 @@ setup(
         compiler_directives=directives,
         include_path=["."],
         annotate=False,
+        nthreads=_jobs() if sys.platform != "win32" else 0,
     ),
     cmdclass={"build_ext": build_ext_with_info},
     zip_safe=False,

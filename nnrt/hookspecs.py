@@ -15,7 +15,6 @@ import pluggy
 
 if TYPE_CHECKING:
     from nnrt.layer import Layer
-    from nnrt.network import Sequential
 
 PROJECT_NAME = "nnrt"
 
@@ -23,10 +22,43 @@ hookspec = pluggy.HookspecMarker(PROJECT_NAME)
 hookimpl = pluggy.HookimplMarker(PROJECT_NAME)
 
 
+class Network(Protocol):
+    """What ``nnrt_check_network`` is given: the finished ``nnrt.Sequential``.
+
+    (A structural type, so that this module, which the registry imports, does
+    not import ``nnrt.network``, which imports the registry.)
+    """
+
+    layers: list[Layer]
+    dtype: Any
+
+    def __len__(self) -> int: ...
+
+    def __getitem__(self, index: int, /) -> Layer: ...
+
+
 class RegisterLayer(Protocol):
     """The callback handed to ``nnrt_register_layers``."""
 
     def __call__(self, name: str, cls: type[Layer], /) -> None: ...
+
+
+class LossFunction(Protocol):
+    """A loss: ``loss, dY = fn(Y, target)``, mean-reduced, ``dY`` carrying the ``1/N``."""
+
+    def __call__(self, Y: Any, target: Any, /) -> tuple[float, Any]: ...
+
+
+class RegisterLoss(Protocol):
+    """The callback handed to ``nnrt_register_losses``."""
+
+    def __call__(self, name: str, fn: LossFunction, /) -> None: ...
+
+
+class RegisterOptimizer(Protocol):
+    """The callback handed to ``nnrt_register_optimizers``."""
+
+    def __call__(self, name: str, cls: type[Any], /) -> None: ...
 
 
 @hookspec
@@ -50,7 +82,53 @@ def nnrt_register_layers(register: RegisterLayer) -> None:
 
 
 @hookspec
-def nnrt_check_network(net: Sequential) -> None:
+def nnrt_register_losses(register: RegisterLoss) -> None:
+    """Add loss functions to the registry.
+
+    Call ``register(name, fn)`` once per loss. ``fn(Y, target) -> (loss, dY)``
+    takes the network's output ``Y`` (batch, out) and the targets, and returns
+    the loss as a Python float, reduced as torch's ``reduction="mean"``, with
+    ``dY = dloss/dY`` (the shape and dtype of ``Y``, already carrying the
+    ``1/N`` of the mean). Users then pick it by name: ``nnrt.loss(name)``,
+    ``net.fit(..., loss=name)``, ``nnrt train --loss name`` and the
+    scikit-learn estimators. A name that is already registered (the built-in
+    ``softmax_cross_entropy``, ``mse``, ``bce_with_logits`` included) is
+    refused, naming both plugins; so is anything that is not callable with two
+    positional arguments. Return nothing.
+
+    Example::
+
+        @nnrt.hookimpl
+        def nnrt_register_losses(register):
+            register("huber", huber)
+    """
+
+
+@hookspec
+def nnrt_register_optimizers(register: RegisterOptimizer) -> None:
+    """Add optimizers to the registry.
+
+    Call ``register(name, cls)`` once per optimizer. ``cls(net, **kwargs)``
+    builds one over a network's (or layer's) live ``params()``/``grads()``;
+    it must have ``step()`` (update every parameter in place from the
+    gradients ``backward`` wrote) and ``zero_grad()``. Subclassing
+    ``nnrt.optim.Optimizer`` gives ``zero_grad``, ``state_dict`` and the
+    parameter resolution for free. Users then pick it by name:
+    ``nnrt.optimizer(name, net, **kwargs)``, ``net.fit(..., optimizer=name)``,
+    ``nnrt train --optimizer name`` and the scikit-learn estimators. A name
+    that is already registered (``sgd``, ``adam``, ``adamw`` included) is
+    refused, naming both plugins. Return nothing.
+
+    Example::
+
+        @nnrt.hookimpl
+        def nnrt_register_optimizers(register):
+            register("lion", Lion)
+    """
+
+
+@hookspec
+def nnrt_check_network(net: Network) -> None:
     """Inspect a network when it is built and warn about likely mistakes.
 
     ``Sequential`` calls this hook once, at the end of its construction, with
@@ -70,6 +148,29 @@ def nnrt_check_network(net: Sequential) -> None:
             for i in range(1, len(net)):
                 if isinstance(net[i], BatchNorm) and "bias" in net[i - 1].params():
                     warn_user("... use dense_nobias ...", BiasBeforeBatchNormWarning)
+    """
+
+
+@hookspec
+def nnrt_check_state(layer: Layer, state: dict[str, Any]) -> None:
+    """Check values about to be loaded into a layer's parameters and buffers.
+
+    ``nnrt.load`` (before the arrays are copied in, after their shapes and
+    dtypes were checked and NaN/Inf refused) and ``Sequential.load_state_dict``
+    call this once per layer with ``state``: the layer's own names (``"weight"``,
+    ``"running_var"``) mapped to the arrays, of the shapes the layer expects.
+    An implementation checks the layers it knows (by exact class) and raises
+    ``ValueError`` naming the layer, the array and what is wrong for values its
+    kernels must never see (a negative variance); nothing is loaded then.
+    Return nothing; do not modify ``state``.
+
+    Example (the batchnorm plugin)::
+
+        @nnrt.hookimpl
+        def nnrt_check_state(layer, state):
+            var = state.get("running_var")
+            if type(layer) is BatchNorm and var is not None and not (var >= 0).all():
+                raise ValueError(f"{layer!r}: running_var must be >= 0")
     """
 
 
@@ -117,4 +218,25 @@ def nnrt_onnx_export(layer: Layer, input: str, ctx: OnnxExportContext) -> str | 
             if type(layer) is not Tanh:
                 return None
             return ctx.add_node("Tanh", [input])[0]
+    """
+
+
+@hookspec(firstresult=True)
+def nnrt_layer_flops(layer: Layer, in_features: int) -> int | None:
+    """Forward FLOPs per sample of ``layer`` (evaluation mode), for ``net.summary()``.
+
+    ``in_features`` is the width of the layer's input. A plugin that recognises
+    the layer (check its exact class) returns a non-negative int counting one
+    multiply-add as 2 FLOPs and one elementwise operation (``exp`` included) as
+    1; otherwise it returns ``None`` so that the next plugin is asked (first
+    non-None result wins). A layer no plugin claims is counted as one FLOP per
+    output element and marked as an estimate in the summary.
+
+    Example::
+
+        @nnrt.hookimpl
+        def nnrt_layer_flops(layer, in_features):
+            if type(layer) is not Tanh:
+                return None
+            return 4 * in_features  # exp, exp, subtract/add, divide per element
     """

@@ -18,7 +18,9 @@ import numpy as np
 from nnrt._kernels import backward_chain as _backward_chain
 from nnrt._kernels import forward_chain as _forward_chain
 from nnrt._kernels import same_items as _same_items
+from nnrt._locks import holding as _holding
 from nnrt.layer import Layer
+from nnrt.registry import PluginError, registry
 
 __all__ = ["Sequential"]
 
@@ -72,6 +74,26 @@ class Sequential:
         self._last_out: Any = None
         self._run_network_checks()
 
+    # ---------------------------------------------------------------- pickling
+    # A pickle carries what defines the network: its layers (each pickles its
+    # config, parameters and buffers: nnrt/layer.pyx), dtype, seed and the public
+    # attributes of a subclass. Never the last output buffer (that would leak the
+    # last predictions and make the pickle the size of a batch of outputs), the
+    # cached plans, or the loss of the last fit when it is a function (a local
+    # function or lambda cannot be pickled); a loss given by name is kept.
+    def __getstate__(self) -> dict[str, Any]:
+        state = {k: v for k, v in self.__dict__.items() if not k.startswith("_")}
+        fit_loss = self.__dict__.get("_fit_loss")
+        if isinstance(fit_loss, str):
+            state["_fit_loss"] = fit_loss
+        with _holding(self):
+            state["layers"] = [_PickledLayer.of(layer) for layer in self.layers]
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._last_out = None
+
     # --------------------------------------------------------------- structure
     def _check_widths(self) -> None:
         width: int | None = None
@@ -91,8 +113,6 @@ class Sequential:
             prev = (i, layer)
 
     def _run_network_checks(self) -> None:
-        from nnrt.registry import registry
-
         hook = getattr(registry.pm.hook, "nnrt_check_network", None)
         if hook is None:
             return
@@ -109,8 +129,6 @@ class Sequential:
             except Warning:
                 raise
             except Exception as exc:
-                from nnrt.registry import PluginError
-
                 raise PluginError(
                     f"nnrt plugin {impl.plugin_name!r}: its nnrt_check_network hook raised "
                     f"{type(exc).__name__}: {exc} (checking a network of "
@@ -161,18 +179,6 @@ class Sequential:
         if python:  # Python plugin layers: check what each one returns
             return self._forward_checked(X, bool(training))
         out = _forward_chain(self.layers, X, bool(training), fuse)
-        self._last_out = out
-        return out
-
-    def _forward_owned(self, X: Any, training: bool = True) -> np.ndarray:
-        """``forward`` for a caller that owns ``X`` and leaves it unchanged until
-        ``backward`` (the training engine's gathered mini-batch): the first layer then
-        caches X for backward without its private copy. Not for user arrays.
-        """
-        python, fuse, _ = self._structure()
-        if python:
-            return self._forward_checked(X, bool(training))
-        out = _forward_chain(self.layers, X, bool(training), fuse, True)
         self._last_out = out
         return out
 
@@ -305,8 +311,6 @@ class Sequential:
             and (cols is None or result.shape[1] == cols)
         ):
             return
-        from nnrt.registry import PluginError, registry
-
         name = registry.name_of(type(layer))
         origin = (
             f"layer type {name!r} from nnrt plugin {registry.get(name).plugin!r}"
@@ -345,17 +349,29 @@ class Sequential:
             g.fill(0)
 
     def state_dict(self) -> dict[str, np.ndarray]:
-        """Copies of every parameter and buffer, keyed ``"<index>.<name>"``."""
-        state = {k: v.copy() for k, v in self.params().items()}
-        state.update({k: v.copy() for k, v in self.buffers().items()})
+        """Copies of every parameter and buffer, keyed ``"<index>.<name>"``.
+
+        Taken under the network's lock: while another thread trains the
+        network, the copies are the weights of one whole step.
+        """
+        with _holding(self):
+            state = {k: v.copy() for k, v in self.params().items()}
+            state.update({k: v.copy() for k, v in self.buffers().items()})
         return state
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Copy arrays into the live parameters and buffers, checking keys and shapes.
 
         All keys are checked before anything is written, so a bad dict leaves
-        the network unchanged.
+        the network unchanged. The copy is made under the network's lock: a
+        ``predict`` in another thread sees the old weights or the new ones,
+        never a mix (a hot swap), and ``fit`` in another thread continues from
+        the new weights at its next step.
         """
+        with _holding(self):
+            self._load_state_dict(state)
+
+    def _load_state_dict(self, state: Mapping[str, Any]) -> None:
         live = self.params()
         live.update(self.buffers())
         missing = sorted(set(live) - set(state))
@@ -377,40 +393,46 @@ class Sequential:
                     f"the network expects {target.shape}"
                 )
             arrays[key] = value
+        from nnrt._validate import check_state
+
+        check_state(self, arrays)  # plugins' value checks (a variance >= 0), hook
         for key, value in arrays.items():
             np.copyto(live[key], value, casting="unsafe")
 
     # ------------------------------------------------- training, files, inference
-    # Thin wrappers: the work is in nnrt.training, nnrt.io and nnrt.fold.
+    # Thin wrappers: the work is in nnrt.engine, nnrt.io, nnrt.fold and nnrt.interop.
+    # NOTE: those modules import this one (they work on networks); these seven
+    # delegations are the only imports in the other direction, made at call time.
     def fit(self, X: Any, y: Any, **kwargs: Any) -> Any:
         """Train on (X, y) with mini-batches; returns a ``nnrt.History``.
 
         ``fit(X, y, loss="softmax_cross_entropy", optimizer=None, epochs=1,
         batch_size=32, shuffle=True, validation=None, validation_split=None,
-        callbacks=None, progress=None, seed=None)``. ``loss`` is a name from
-        ``nnrt.losses.LOSSES`` or a callable ``(Y, target) -> (loss, dY)``;
-        ``optimizer`` an instance (default ``nnrt.optim.Adam(self)``). Rows are
+        callbacks=None, progress=None, seed=None)``. ``loss`` is a registered name
+        (``nnrt.available_losses()``) or a callable ``(Y, target) -> (loss, dY)``;
+        ``optimizer`` an instance or a registered name built with its defaults
+        (``nnrt.available_optimizers()``; default ``"adam"``). Rows are
         shuffled with a generator seeded from the network's seed (or ``seed``),
         so the same seed gives bit-identical weights. NaN/Inf in X or y raise
         ValueError before training; a non-finite loss raises FloatingPointError
         and leaves the weights that gave the last finite loss. A final
         mini-batch of one sample is skipped (one ``nnrt.TrainingWarning``)
         when the network has BatchNorm. ``progress`` (tqdm bar) defaults to on
-        when stderr is a terminal. See ``nnrt.training.fit``.
+        when stderr is a terminal. See ``nnrt.engine.fit``.
         """
-        from nnrt.training import fit
+        from nnrt.engine import fit
 
         return fit(self, X, y, **kwargs)
 
     def predict(self, X: Any, batch_size: int | None = None) -> np.ndarray:
         """Scores (samples, out_features) in eval mode, in batches; a new array."""
-        from nnrt.training import predict
+        from nnrt.engine import predict
 
         return predict(self, X, batch_size=batch_size)
 
     def predict_classes(self, X: Any, batch_size: int | None = None) -> np.ndarray:
         """Class labels: argmax of ``predict`` (``score > 0`` for one output)."""
-        from nnrt.training import predict_classes
+        from nnrt.engine import predict_classes
 
         return predict_classes(self, X, batch_size=batch_size)
 
@@ -418,7 +440,7 @@ class Sequential:
         self, X: Any, y: Any, loss: Any = None, batch_size: int | None = None
     ) -> dict[str, float]:
         """``{"loss": ..., "accuracy": ...}`` in eval mode (accuracy for integer labels)."""
-        from nnrt.training import evaluate
+        from nnrt.engine import evaluate
 
         return evaluate(self, X, y, loss=loss, batch_size=batch_size)
 
@@ -434,11 +456,65 @@ class Sequential:
 
         return fold_batchnorm(self)
 
+    def summary(self, batch_size: int = 32, **kwargs: Any) -> Any:
+        """Layers, widths, parameter counts, memory and FLOPs: a ``nnrt.summary.ModelSummary``.
+
+        ``str()`` of it is the table, ``.layers`` / ``.totals`` the data;
+        ``summary(print_fn=print)`` prints it. See ``nnrt.summary.summary``.
+        """
+        from nnrt.summary import summary
+
+        return summary(self, batch_size, **kwargs)
+
     def to_torch(self) -> Any:
         """A ``torch.nn.Sequential`` holding a copy of the weights (see ``nnrt.interop.to_torch``)."""
         from nnrt.interop import to_torch
 
         return to_torch(self)
+
+
+class _PickledLayer:
+    """How a registered Python layer travels in a network's pickle: config and arrays.
+
+    A Python layer's own pickle is its whole ``__dict__``, caches included (a
+    batch-sized ``_Y`` or ``_xhat``); a registered one is rebuilt from
+    ``config()`` with copies of its params and buffers instead. Compiled layers
+    already pickle only that (``nnrt/layer.pyx``) and unregistered Python layers
+    have nothing else to go by: both pickle as themselves.
+    """
+
+    def __init__(self, cls: type, config: dict[str, Any], dtype: Any, arrays: dict[str, Any]):
+        self.args = (cls, config, dtype, arrays)
+
+    @staticmethod
+    def of(layer: Layer) -> Any:
+        if getattr(layer, "__dict__", None) is None:
+            return layer
+        from nnrt.registry import registry
+
+        if registry.name_of(type(layer)) is None:
+            return layer
+        try:
+            config = dict(layer.config())
+        except Exception:
+            return layer
+        arrays = {k: np.array(v) for k, v in layer.params().items()}
+        arrays.update({k: np.array(v) for k, v in layer.buffers().items()})
+        return _PickledLayer(type(layer), config, layer.dtype, arrays)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_rebuild_layer, self.args)
+
+
+def _rebuild_layer(cls: type, config: dict[str, Any], dtype: Any, arrays: dict[str, Any]) -> Layer:
+    layer: Layer = cls(**config)
+    if dtype is not None:
+        layer.to_dtype(dtype)
+    live = dict(layer.params())
+    live.update(layer.buffers())
+    for key, value in arrays.items():
+        np.copyto(live[key], value, casting="unsafe")
+    return layer
 
 
 _HEAPTYPE = 1 << 9  # Py_TPFLAGS_HEAPTYPE: a class statement, not a compiled (cdef) class

@@ -5,15 +5,23 @@ on first use, each in its own try/except: one that fails to import (or
 whose hook fails) is reported with a ``PluginWarning`` naming it, and the
 others keep working. ``register_plugin`` adds a plugin at run time and raises
 instead of warning.
+
+Load order (so that nothing depends on install or file-system order): the
+core's ``dense``, then nnrt's own entry points (``nnrt_plugins``), then every
+third-party entry point sorted by distribution name and entry-point name.
+A name is never displaced: an installed plugin that registers a layer name
+some plugin already holds is refused that name (a ``PluginWarning`` names both)
+and keeps the layers it could register; one whose every layer was refused is
+removed from the plugin manager altogether.
 """
 
 from __future__ import annotations
 
 import importlib.metadata as ilm
+import inspect
 import os
 import re
 import threading
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -22,12 +30,15 @@ import pluggy
 
 from nnrt import hookspecs
 from nnrt.layer import Layer
+from nnrt.warnings import warn_user
 
 __all__ = [
     "PluginError",
     "PluginWarning",
     "PluginInfo",
     "LayerEntry",
+    "LossEntry",
+    "OptimizerEntry",
     "Registry",
     "registry",
 ]
@@ -58,6 +69,36 @@ class LayerEntry:
 
 
 @dataclass
+class LossEntry:
+    """One registered loss function."""
+
+    name: str
+    fn: Callable[..., Any]
+    plugin: str
+    dist: str | None = None
+
+
+@dataclass
+class OptimizerEntry:
+    """One registered optimizer class."""
+
+    name: str
+    cls: type[Any]
+    plugin: str
+    dist: str | None = None
+
+
+@dataclass
+class Refusal:
+    """A name an installed plugin offered but another plugin already held."""
+
+    kind: str  # "layer", "loss" or "optimizer"
+    name: str
+    holder: str  # the plugin that holds the name
+    where: str  # module.qualname of what the holder registered
+
+
+@dataclass
 class PluginInfo:
     """What `nnrt plugins` shows for one plugin."""
 
@@ -67,13 +108,59 @@ class PluginInfo:
     dist: str | None = None
     version: str | None = None
     layers: list[str] = field(default_factory=list)
+    losses: list[str] = field(default_factory=list)
+    optimizers: list[str] = field(default_factory=list)
 
 
-def _plugin_default_name(plugin: object) -> str:
-    name = getattr(plugin, "__name__", None)
-    if isinstance(name, str) and name:
-        return name
-    return type(plugin).__name__
+def _plugin_default_name(pm: pluggy.PluginManager, plugin: object) -> str:
+    """A module's ``__name__``, else pluggy's canonical name (``__name__`` or ``id``)."""
+    return str(pm.get_canonical_name(plugin))
+
+
+def _canonical_dist(name: str | None) -> str:
+    """PEP 503 normalisation: ``My_Plugin`` and ``my-plugin`` sort as one."""
+    return re.sub(r"[-_.]+", "-", name or "").lower()
+
+
+@dataclass(frozen=True)
+class _EntryPoint:
+    ep: Any  # importlib.metadata.EntryPoint
+    dist: str | None
+    version: str | None
+    builtin: bool
+
+
+def _is_builtin(ep: Any, dist: str | None) -> bool:
+    """nnrt's own entry points (the ``nnrt_plugins`` package of the ``nnrt`` distribution)."""
+    module = str(ep.value).split(":", 1)[0].strip()
+    if module.split(".", 1)[0] != "nnrt_plugins":
+        return False
+    return dist is None or _canonical_dist(dist) == "nnrt"
+
+
+def _sorted_entry_points(eps: Any) -> list[_EntryPoint]:
+    """Built-ins first (in their declared order), then third parties sorted by
+    (distribution, entry-point name, value); the same entry point twice is read once."""
+    rows: list[_EntryPoint] = []
+    seen: set[tuple[str, str, str]] = set()
+    for ep in eps:
+        dist = getattr(ep, "dist", None)
+        try:
+            dist_name = dist.metadata["Name"] if dist is not None else None
+            version = dist.version if dist is not None else None
+        except Exception:  # a broken METADATA file: still load the plugin, unnamed
+            dist_name = version = None
+        key = (_canonical_dist(dist_name), str(ep.name), str(ep.value))
+        if key in seen:
+            continue
+        seen.add(key)
+        rows.append(_EntryPoint(ep, dist_name, version, _is_builtin(ep, dist_name)))
+    builtins = [r for r in rows if r.builtin]
+    others = sorted(
+        (r for r in rows if not r.builtin),
+        key=lambda r: (_canonical_dist(r.dist), str(r.ep.name), str(r.ep.value)),
+    )
+    return builtins + others
 
 
 def _defines(cls: type, member: str) -> bool:
@@ -86,6 +173,31 @@ def _defines(cls: type, member: str) -> bool:
     return False
 
 
+def _check_name(pname: str, kind: str, name: object) -> None:
+    if not isinstance(name, str) or not _NAME_RE.match(name):
+        raise ValueError(
+            f"nnrt plugin {pname!r}: {kind} name must be a non-empty identifier-like "
+            f"string (letters, digits, '_', '-', '.'), got {name!r}"
+        )
+
+
+def _takes_positional(fn: Callable[..., Any], n: int, partial: bool = False) -> bool:
+    """False when ``fn``'s signature is known and cannot take ``n`` positional arguments
+    (followed by keywords, for ``partial``)."""
+    try:
+        sig = inspect.signature(fn)
+    except (TypeError, ValueError):  # builtins, extension types: cannot tell
+        return True
+    try:
+        if partial:
+            sig.bind_partial(*range(n))
+        else:
+            sig.bind(*range(n))
+    except TypeError:
+        return False
+    return True
+
+
 class Registry:
     """Holds the plugin manager and the name → layer class table."""
 
@@ -93,7 +205,10 @@ class Registry:
         self.pm = pluggy.PluginManager(hookspecs.PROJECT_NAME)
         self.pm.add_hookspecs(hookspecs)
         self._layers: dict[str, LayerEntry] = {}
+        self._losses: dict[str, LossEntry] = {}
+        self._optimizers: dict[str, OptimizerEntry] = {}
         self._plugins: dict[str, PluginInfo] = {}
+        self._refused: list[PluginInfo] = []  # entry points whose plugin name was taken
         self._loaded = False
         self._lock = threading.RLock()
 
@@ -114,10 +229,9 @@ class Registry:
 
     def _load_entry_points(self) -> None:
         disabled = {s.strip() for s in os.environ.get(DISABLE_ENV, "").split(",") if s.strip()}
-        for ep in ilm.entry_points(group=ENTRY_POINT_GROUP):
-            dist = getattr(ep, "dist", None)
-            dist_name = dist.metadata["Name"] if dist is not None else None
-            version = dist.version if dist is not None else None
+        for row in _sorted_entry_points(ilm.entry_points(group=ENTRY_POINT_GROUP)):
+            ep, dist_name, version = row.ep, row.dist, row.version
+            where = f" (from {dist_name} {version})" if dist_name else ""
             info = PluginInfo(
                 name=ep.name,
                 status="ok",
@@ -125,8 +239,18 @@ class Registry:
                 dist=dist_name,
                 version=version,
             )
-            if ep.name in self._plugins:
-                # the same entry point seen twice (e.g. duplicate dist-info): first wins
+            holder = self._plugins.get(ep.name)
+            if holder is not None:
+                # another distribution already has a plugin of this name (built-ins
+                # and earlier-sorted third parties win); not registered, not listed
+                held = f" ({holder.dist} {holder.version})" if holder.dist else ""
+                info.status = f"refused: plugin name {ep.name!r} taken by {holder.source}{held}"
+                self._refused.append(info)
+                warn_user(
+                    f"nnrt plugin {ep.name!r}{where}, entry point {ep.value}, was refused: "
+                    f"the plugin name {ep.name!r} is already taken by {holder.source}{held}",
+                    PluginWarning,
+                )
                 continue
             self._plugins[ep.name] = info
             if ep.name in disabled:
@@ -134,15 +258,23 @@ class Registry:
                 continue
             try:
                 plugin = ep.load()
-                self._register(plugin, ep.name, dist_name, info)
+                refused = self._register(plugin, ep.name, dist_name, info, refuse_clashes=True)
             except Exception as exc:
                 info.status = f"failed: {type(exc).__name__}: {exc}"
-                where = f" (from {dist_name} {version})" if dist_name else ""
-                warnings.warn(
+                warn_user(
                     f"nnrt plugin {ep.name!r}{where} failed to load and was skipped: "
                     f"{type(exc).__name__}: {exc}",
                     PluginWarning,
-                    stacklevel=3,
+                )
+                continue
+            serves = [*info.layers, *info.losses, *info.optimizers]
+            for r in refused:
+                warn_user(
+                    f"nnrt plugin {ep.name!r}{where} registers {r.kind} name {r.name!r}, which "
+                    f"plugin {r.holder!r} already registered ({r.where}); "
+                    f"{ep.name!r} was refused that name and still serves "
+                    f"{', '.join(repr(n) for n in serves) or 'nothing'}",
+                    PluginWarning,
                 )
 
     # ------------------------------------------------------------ registration
@@ -158,27 +290,87 @@ class Registry:
                 existing = self.pm.get_name(plugin)
                 assert existing is not None
                 return existing
-            pname = name if name is not None else _plugin_default_name(plugin)
+            if name is not None and (not isinstance(name, str) or not name):
+                raise TypeError(f"register_plugin: name must be a non-empty str, got {name!r}")
+            pname = name if name is not None else _plugin_default_name(self.pm, plugin)
+            if pname in self._plugins:
+                raise ValueError(
+                    f"an nnrt plugin named {pname!r} is already registered "
+                    f"({self._plugins[pname].source}); pass register_plugin(..., name=...)"
+                )
             info = PluginInfo(name=pname, status="ok", source="registered at run time")
             self._register(plugin, pname, None, info)
             self._plugins[pname] = info
             return pname
 
-    def _register(self, plugin: object, pname: str, dist: str | None, info: PluginInfo) -> None:
+    def _register(
+        self,
+        plugin: object,
+        pname: str,
+        dist: str | None,
+        info: PluginInfo,
+        refuse_clashes: bool = False,
+    ) -> list[Refusal]:
+        """Register ``plugin`` with pluggy and its layers in the table, or nothing at all.
+
+        With ``refuse_clashes`` (installed plugins) a layer name that is already
+        taken is left out and returned as ``(name, holder)``; otherwise it raises.
+        """
         if self.pm.get_plugin(pname) is not None:
             raise ValueError(f"an nnrt plugin named {pname!r} is already registered")
         try:
             self.pm.register(plugin, name=pname)
         except pluggy.PluginValidationError as exc:
+            self._forget(plugin, pname)  # pluggy < 1.7 leaves a rejected plugin half-registered
             raise PluginError(f"nnrt plugin {pname!r} has an invalid hook: {exc}") from exc
+        except BaseException:
+            self._forget(plugin, pname)
+            raise
+        refused: list[Refusal] = []
         try:
             self._check_hooknames(plugin, pname)
-            staged = self._collect_layers(plugin, pname, dist)
+            sink = refused if refuse_clashes else None
+            staged = self._collect_layers(plugin, pname, dist, sink)
+            staged_losses = self._collect_losses(plugin, pname, dist, sink)
+            staged_optimizers = self._collect_optimizers(plugin, pname, dist, sink)
         except BaseException:
-            self.pm.unregister(plugin)
+            self._forget(plugin, pname)
             raise
+        if refused and not (staged or staged_losses or staged_optimizers):
+            # everything it offers belongs to other plugins: its other hooks
+            # (network checks, export) would act on layers it does not own
+            self._forget(plugin, pname)
+            info.status = "refused: " + ", ".join(
+                f"{r.kind} {r.name!r} belongs to plugin {r.holder!r}" for r in refused
+            )
+        elif refused:
+            info.status = "ok; refused: " + ", ".join(
+                f"{r.kind} {r.name!r} (belongs to plugin {r.holder!r})" for r in refused
+            )
         self._layers.update(staged)
+        self._losses.update(staged_losses)
+        self._optimizers.update(staged_optimizers)
         info.layers = sorted(staged)
+        info.losses = sorted(staged_losses)
+        info.optimizers = sorted(staged_optimizers)
+        return refused
+
+    def _forget(self, plugin: object, pname: str) -> None:
+        """Remove every trace of ``plugin`` from the plugin manager (any pluggy version)."""
+        try:
+            if self.pm.get_plugin(pname) is plugin or self.pm.is_registered(plugin):
+                self.pm.unregister(plugin=plugin)
+        except Exception:  # pragma: no cover - defensive: cleaned up below
+            pass
+        # pluggy < 1.7 may have added some hookimpls before rejecting one
+        for caller in list(vars(self.pm.hook).values()):
+            if not isinstance(caller, pluggy.HookCaller):
+                continue
+            if any(impl.plugin is plugin for impl in caller.get_hookimpls()):
+                caller._remove_plugin(plugin)
+        name2plugin = getattr(self.pm, "_name2plugin", None)
+        if isinstance(name2plugin, dict) and name2plugin.get(pname) is plugin:
+            del name2plugin[pname]
 
     def _check_hooknames(self, plugin: object, pname: str) -> None:
         # pluggy accepts a hookimpl whose name matches no spec; a typo like
@@ -193,23 +385,11 @@ class Registry:
     def _spec_names(self) -> list[str]:
         return [n for n in dir(hookspecs) if n.startswith("nnrt_")]
 
-    def _collect_layers(
-        self, plugin: object, pname: str, dist: str | None
-    ) -> dict[str, LayerEntry]:
-        staged: dict[str, LayerEntry] = {}
-
-        def register(name: str, cls: type[Layer], /) -> None:
-            self._validate_layer(pname, name, cls)
-            clash = self._layers.get(name) or staged.get(name)
-            if clash is not None:
-                raise ValueError(
-                    f"nnrt plugin {pname!r} registers layer name {name!r}, which plugin "
-                    f"{clash.plugin!r} already registered ({clash.cls.__module__}."
-                    f"{clash.cls.__qualname__}); pick another name"
-                )
-            staged[name] = LayerEntry(name=name, cls=cls, plugin=pname, dist=dist)
-
-        for impl in self.pm.hook.nnrt_register_layers.get_hookimpls():
+    def _call_register_hook(
+        self, plugin: object, pname: str, hook: str, register: Callable[..., None], what: str
+    ) -> None:
+        """Call ``plugin``'s implementation of ``hook`` with ``register``; it must return None."""
+        for impl in getattr(self.pm.hook, hook).get_hookimpls():
             if impl.plugin is not plugin:
                 continue
             kwargs: dict[str, Any] = {"register": register}
@@ -219,24 +399,95 @@ class Registry:
                 raise
             except Exception as exc:
                 raise PluginError(
-                    f"nnrt plugin {pname!r}: its nnrt_register_layers hook raised "
-                    f"{type(exc).__name__}: {exc}"
+                    f"nnrt plugin {pname!r}: its {hook} hook raised {type(exc).__name__}: {exc}"
                 ) from exc
             if result is not None:
                 raise PluginError(
-                    f"nnrt plugin {pname!r}: nnrt_register_layers must return None and call "
-                    f"register(name, cls) for each layer; it returned {type(result).__name__} "
+                    f"nnrt plugin {pname!r}: {hook} must return None and call "
+                    f"register(name, {what}) for each one; it returned {type(result).__name__} "
                     f"{result!r:.80}"
                 )
+
+    @staticmethod
+    def _free(
+        pname: str, kind: str, name: str, clash: Any, obj: Any, refused: list[Refusal] | None
+    ) -> bool:
+        """True when ``name`` is free. A name another plugin holds is refused into
+        ``refused`` (installed plugins: the rest of the plugin still loads) or raises."""
+        if clash is None:
+            return True
+        where = f"{obj.__module__}.{obj.__qualname__}" if hasattr(obj, "__qualname__") else obj
+        if refused is not None and clash.plugin != pname:
+            refused.append(Refusal(kind, name, clash.plugin, str(where)))
+            return False
+        raise ValueError(
+            f"nnrt plugin {pname!r} registers {kind} name {name!r}, which plugin "
+            f"{clash.plugin!r} already registered ({where}); pick another name"
+        )
+
+    def _collect_layers(
+        self, plugin: object, pname: str, dist: str | None, refused: list[Refusal] | None = None
+    ) -> dict[str, LayerEntry]:
+        staged: dict[str, LayerEntry] = {}
+
+        def register(name: str, cls: type[Layer], /) -> None:
+            self._validate_layer(pname, name, cls)
+            clash = self._layers.get(name) or staged.get(name)
+            if self._free(pname, "layer", name, clash, clash and clash.cls, refused):
+                staged[name] = LayerEntry(name=name, cls=cls, plugin=pname, dist=dist)
+
+        self._call_register_hook(plugin, pname, "nnrt_register_layers", register, "cls")
+        return staged
+
+    def _collect_losses(
+        self, plugin: object, pname: str, dist: str | None, refused: list[Refusal] | None = None
+    ) -> dict[str, LossEntry]:
+        staged: dict[str, LossEntry] = {}
+
+        def register(name: str, fn: Callable[..., Any], /) -> None:
+            _check_name(pname, "loss", name)
+            if not callable(fn) or not _takes_positional(fn, 2):
+                raise TypeError(
+                    f"nnrt plugin {pname!r}: loss {name!r} must be a function "
+                    f"fn(Y, target) -> (loss, dY), got {type(fn).__name__} {fn!r:.80}"
+                )
+            clash = self._losses.get(name) or staged.get(name)
+            if self._free(pname, "loss", name, clash, clash and clash.fn, refused):
+                staged[name] = LossEntry(name=name, fn=fn, plugin=pname, dist=dist)
+
+        self._call_register_hook(plugin, pname, "nnrt_register_losses", register, "fn")
+        return staged
+
+    def _collect_optimizers(
+        self, plugin: object, pname: str, dist: str | None, refused: list[Refusal] | None = None
+    ) -> dict[str, OptimizerEntry]:
+        staged: dict[str, OptimizerEntry] = {}
+
+        def register(name: str, cls: type[Any], /) -> None:
+            _check_name(pname, "optimizer", name)
+            if not isinstance(cls, type):
+                raise TypeError(
+                    f"nnrt plugin {pname!r}: register({name!r}, cls) needs an optimizer "
+                    f"class, got {type(cls).__name__} {cls!r:.80}"
+                )
+            missing = [m for m in ("step", "zero_grad") if not callable(getattr(cls, m, None))]
+            if missing or not _takes_positional(cls, 1, partial=True):
+                need = f"lacks {', '.join(missing)}" if missing else "cannot be called as cls(net)"
+                raise TypeError(
+                    f"nnrt plugin {pname!r}: optimizer {name!r} class {cls.__qualname__} "
+                    f"{need}; an optimizer is built as cls(net, **kwargs) and has step() "
+                    f"and zero_grad()"
+                )
+            clash = self._optimizers.get(name) or staged.get(name)
+            if self._free(pname, "optimizer", name, clash, clash and clash.cls, refused):
+                staged[name] = OptimizerEntry(name=name, cls=cls, plugin=pname, dist=dist)
+
+        self._call_register_hook(plugin, pname, "nnrt_register_optimizers", register, "cls")
         return staged
 
     @staticmethod
     def _validate_layer(pname: str, name: object, cls: object) -> None:
-        if not isinstance(name, str) or not _NAME_RE.match(name):
-            raise ValueError(
-                f"nnrt plugin {pname!r}: layer name must be a non-empty identifier-like "
-                f"string (letters, digits, '_', '-', '.'), got {name!r}"
-            )
+        _check_name(pname, "layer", name)
         if not isinstance(cls, type):
             raise TypeError(
                 f"nnrt plugin {pname!r}: register({name!r}, cls) needs a class, "
@@ -269,6 +520,11 @@ class Registry:
         self.ensure_loaded()
         return dict(self._plugins)
 
+    def refused_plugins(self) -> list[PluginInfo]:
+        """Installed entry points not loaded because another plugin holds their name."""
+        self.ensure_loaded()
+        return list(self._refused)
+
     def get(self, name: str) -> LayerEntry:
         self.ensure_loaded()
         try:
@@ -291,6 +547,89 @@ class Registry:
     def make(self, name: str, *args: Any, **kwargs: Any) -> Layer:
         return self.get(name).cls(*args, **kwargs)
 
+    def losses(self) -> dict[str, LossEntry]:
+        self.ensure_loaded()
+        return dict(self._losses)
+
+    def optimizers(self) -> dict[str, OptimizerEntry]:
+        self.ensure_loaded()
+        return dict(self._optimizers)
+
+    def get_loss(self, name: str) -> LossEntry:
+        self.ensure_loaded()
+        return _lookup(self._losses, name, "loss", "losses")
+
+    def get_optimizer(self, name: str) -> OptimizerEntry:
+        self.ensure_loaded()
+        return _lookup(self._optimizers, name, "optimizer", "optimizers")
+
+    def resolve_loss(self, loss: Any) -> Callable[[Any, Any], tuple[float, Any]]:
+        """The loss registered as ``loss`` (a name), or ``loss`` itself when it is callable.
+
+        An unknown name raises KeyError listing the registered ones; anything
+        that is neither a string nor callable raises TypeError.
+        """
+        if isinstance(loss, str):
+            fn: Callable[[Any, Any], tuple[float, Any]] = self.get_loss(loss).fn
+            return fn
+        if callable(loss):
+            return loss
+        known = ", ".join(sorted(self.losses()))
+        raise TypeError(
+            f"loss must be a registered name ({known}) or a callable "
+            f"(Y, target) -> (loss, dY), got {type(loss).__name__}"
+        )
+
+    def resolve_optimizer(self, optimizer: Any, net: Any, default: str = "adam") -> Any:
+        """An optimizer over ``net``: ``optimizer`` itself (an instance with ``step()``),
+        the one registered under that name built with its defaults, or ``default``
+        for None."""
+        if optimizer is None:
+            optimizer = default
+        if isinstance(optimizer, str):
+            try:
+                return self.make_optimizer(optimizer, net)
+            except TypeError as exc:
+                raise TypeError(
+                    f"{exc}; pass a built optimizer instead, e.g. "
+                    f"optimizer=nnrt.optimizer({optimizer!r}, net, lr=0.1)"
+                ) from exc
+        if not callable(getattr(optimizer, "step", None)):
+            known = ", ".join(sorted(self.optimizers()))
+            raise TypeError(
+                f"optimizer must be a registered name ({known}) or an optimizer instance "
+                f"with step() (e.g. nnrt.optimizer('adam', net)), got {type(optimizer).__name__}"
+            )
+        return optimizer
+
+    def make_optimizer_from(self, name: str, net: Any, **hyper: Any) -> Any:
+        """Build optimizer ``name`` over ``net`` with those of ``hyper`` its constructor takes.
+
+        For front ends with a fixed set of knobs (the CLI's ``--lr``/``--momentum``/
+        ``--weight-decay``, the scikit-learn estimators' ``lr``/``momentum``/
+        ``weight_decay``): ``momentum`` goes to ``sgd`` and is not offered to
+        ``adam``. A constructor with ``**kwargs`` gets every knob.
+        """
+        cls = self.get_optimizer(name).cls
+        try:
+            params = inspect.signature(cls).parameters
+        except (TypeError, ValueError):
+            accepted: dict[str, Any] = hyper
+        else:
+            if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+                accepted = hyper
+            else:
+                accepted = {k: v for k, v in hyper.items() if k in params}
+        return self.make_optimizer(name, net, **accepted)
+
+    def make_optimizer(self, name: str, net: Any, **kwargs: Any) -> Any:
+        """Build the optimizer registered as ``name`` over ``net``."""
+        cls = self.get_optimizer(name).cls
+        try:
+            return cls(net, **kwargs)
+        except TypeError as exc:
+            raise TypeError(f"optimizer {name!r} ({cls.__qualname__}): {exc}") from exc
+
     def call_hook(self, hook: str, **kwargs: Any) -> list[Any]:
         """Call hook ``hook`` of every plugin (for hooks beyond layer registration)."""
         self.ensure_loaded()
@@ -298,4 +637,33 @@ class Registry:
         return caller(**kwargs)
 
 
+def _lookup(table: dict[str, Any], name: object, kind: str, plural: str) -> Any:
+    if not isinstance(name, str):
+        raise TypeError(f"{kind} name must be a str, got {type(name).__name__} {name!r:.80}")
+    try:
+        return table[name]
+    except KeyError:
+        known = ", ".join(sorted(table)) or "(none)"
+        raise KeyError(
+            f"unknown {kind} {name!r}; registered {plural}: {known}. "
+            f"Is the plugin that provides it installed (nnrt plugins)?"
+        ) from None
+
+
 registry = Registry()
+
+# ``nnrt.registry`` is this module; these names act on the process-wide ``registry``
+# (``nnrt.registry.layers()`` and ``nnrt.registry.registry.layers()`` are the same call).
+layers = registry.layers
+plugins = registry.plugins
+get = registry.get
+name_of = registry.name_of
+make = registry.make
+losses = registry.losses
+optimizers = registry.optimizers
+get_loss = registry.get_loss
+get_optimizer = registry.get_optimizer
+make_optimizer = registry.make_optimizer
+register_plugin = registry.register_plugin
+call_hook = registry.call_hook
+pm = registry.pm  # the pluggy PluginManager (project "nnrt")

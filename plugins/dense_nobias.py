@@ -11,7 +11,7 @@ if TYPE_CHECKING:
     from nnrt.hookspecs import OnnxExportContext
     from nnrt.layer import Layer
 
-__all__ = ["DenseNoBias", "nnrt_onnx_export", "nnrt_register_layers"]
+__all__ = ["DenseNoBias", "nnrt_layer_flops", "nnrt_onnx_export", "nnrt_register_layers"]
 
 
 @hookimpl
@@ -26,3 +26,11 @@ def nnrt_onnx_export(layer: Layer, input: str, ctx: OnnxExportContext) -> str | 
         return None
     W = ctx.add_initializer("weight", layer.params()["weight"])
     return ctx.add_node("MatMul", [input, W])[0]
+
+
+@hookimpl
+def nnrt_layer_flops(layer: Layer, in_features: int) -> int | None:
+    """FLOPs: one multiply-add (2 FLOPs) per weight."""
+    if type(layer) is not DenseNoBias:
+        return None
+    return 2 * in_features * int(layer.out_features or 0)

@@ -11,7 +11,7 @@ if TYPE_CHECKING:
     from nnrt.hookspecs import OnnxExportContext
     from nnrt.layer import Layer
 
-__all__ = ["Sigmoid", "nnrt_onnx_export", "nnrt_register_layers"]
+__all__ = ["Sigmoid", "nnrt_layer_flops", "nnrt_onnx_export", "nnrt_register_layers"]
 
 
 @hookimpl
@@ -25,3 +25,11 @@ def nnrt_onnx_export(layer: Layer, input: str, ctx: OnnxExportContext) -> str | 
     if type(layer) is not Sigmoid:
         return None
     return ctx.add_node("Sigmoid", [input])[0]
+
+
+@hookimpl
+def nnrt_layer_flops(layer: Layer, in_features: int) -> int | None:
+    """FLOPs: ``1 / (1 + exp(-x))`` is 4 elementwise operations per feature."""
+    if type(layer) is not Sigmoid:
+        return None
+    return 4 * in_features

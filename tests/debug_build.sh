@@ -54,6 +54,8 @@ NNRT_DEBUG_BUILD=1 "$PY" setup.py -q build_ext --inplace >build.log 2>&1 || {
     echo "debug build failed"
     exit 1
 }
+# the compiled test modules are not part of the package: built for the tests, same flags
+PYTHONPATH="$BUILD" "$PY" tests/_cytests.py >>build.log 2>&1 || { tail -40 build.log; echo "test-module build failed"; exit 1; }
 unset CFLAGS LDFLAGS
 # the import packages nnrt_plugins / nnrt_cytests live in plugins/ and tests/cython/
 ln -s plugins nnrt_plugins

@@ -1,6 +1,7 @@
 """Shim collecting the compiled tests in ``nnrt_cytests._cy_layer_tests``.
 
-The .pyx module (built by setup.py from ``tests/cython/``) cimports nnrt's
+The .pyx module (built for the tests only, by ``tests/_cytests.py``, from
+``tests/cython/``; never installed with nnrt) cimports nnrt's
 .pxd files and exercises the ``nogil`` kernels and C-level dispatch directly;
 each of its ``test_*`` functions becomes one pytest item here. The Python
 tests below put its Cython ``CyScale`` layer, registered at run time through
@@ -9,16 +10,16 @@ tests below put its Cython ``CyScale`` layer, registered at run time through
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 import pytest
+from _cytests import load
 
 import nnrt
 
-cy = importlib.import_module("nnrt_cytests._cy_layer_tests")
+cy = load("_cy_layer_tests")
 
 CY_TESTS = sorted(name for name in dir(cy) if name.startswith("test_"))
 

@@ -949,8 +949,8 @@ def test_to_dtype_from_another_thread_while_kernels_run(name: str) -> None:
 
 
 def case_fit_keeps_its_batch() -> None:
-    # fit hands its gathered batch to the first layer without a copy
-    # (Sequential._forward_owned): the result equals manual steps on copies
+    # fit's batches go through the first layer's private copy of X: the result
+    # equals manual steps on copies
     X = _data(40, 5)
     y = np.random.default_rng(3).integers(0, 3, 40)
     a = nnrt.Sequential(
@@ -974,7 +974,7 @@ def case_fit_keeps_its_batch() -> None:
         assert_allclose(value, b.params()[key], rtol=1e-12, atol=1e-12, err_msg=key)
 
 
-def test_fit_without_the_input_copy_matches_manual_steps() -> None:
+def test_fit_matches_manual_steps() -> None:
     isolated(case_fit_keeps_its_batch)
 
 
