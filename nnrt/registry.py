@@ -29,6 +29,7 @@ from typing import Any
 import pluggy
 
 from nnrt import hookspecs
+from nnrt._text import escape_controls
 from nnrt.layer import Layer
 from nnrt.warnings import warn_user
 
@@ -231,7 +232,7 @@ class Registry:
         disabled = {s.strip() for s in os.environ.get(DISABLE_ENV, "").split(",") if s.strip()}
         for row in _sorted_entry_points(ilm.entry_points(group=ENTRY_POINT_GROUP)):
             ep, dist_name, version = row.ep, row.dist, row.version
-            where = f" (from {dist_name} {version})" if dist_name else ""
+            where = escape_controls(f" (from {dist_name} {version})") if dist_name else ""
             info = PluginInfo(
                 name=ep.name,
                 status="ok",
@@ -260,10 +261,11 @@ class Registry:
                 plugin = ep.load()
                 refused = self._register(plugin, ep.name, dist_name, info, refuse_clashes=True)
             except Exception as exc:
-                info.status = f"failed: {type(exc).__name__}: {exc}"
+                # the reason is third-party text: one line, control characters escaped
+                reason = escape_controls(f"{type(exc).__name__}: {exc}")
+                info.status = f"failed: {reason}"
                 warn_user(
-                    f"nnrt plugin {ep.name!r}{where} failed to load and was skipped: "
-                    f"{type(exc).__name__}: {exc}",
+                    f"nnrt plugin {ep.name!r}{where} failed to load and was skipped: {reason}",
                     PluginWarning,
                 )
                 continue
@@ -293,10 +295,12 @@ class Registry:
             if name is not None and (not isinstance(name, str) or not name):
                 raise TypeError(f"register_plugin: name must be a non-empty str, got {name!r}")
             pname = name if name is not None else _plugin_default_name(self.pm, plugin)
-            if pname in self._plugins:
+            held = self._plugins.get(pname)
+            # a failed, disabled or refused entry point holds its name only as a record
+            if held is not None and (held.status == "ok" or self.pm.get_plugin(pname) is not None):
                 raise ValueError(
                     f"an nnrt plugin named {pname!r} is already registered "
-                    f"({self._plugins[pname].source}); pass register_plugin(..., name=...)"
+                    f"({held.source}); pass register_plugin(..., name=...)"
                 )
             info = PluginInfo(name=pname, status="ok", source="registered at run time")
             self._register(plugin, pname, None, info)
@@ -656,6 +660,7 @@ registry = Registry()
 # (``nnrt.registry.layers()`` and ``nnrt.registry.registry.layers()`` are the same call).
 layers = registry.layers
 plugins = registry.plugins
+refused_plugins = registry.refused_plugins
 get = registry.get
 name_of = registry.name_of
 make = registry.make

@@ -286,3 +286,47 @@ def test_nnrt_registry_is_the_module_and_its_functions_act_on_the_registry() -> 
     assert nnrt.registry.get("dense").cls is nnrt.Dense
     assert "nnrt" in nnrt.registry.plugins()
     assert nnrt.registry.get_optimizer("sgd").cls is nnrt.optim.SGD
+
+
+def test_installed_plugin_cannot_displace_a_builtin_loss_or_optimizer(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import importlib.metadata as ilm
+    import sys
+
+    from nnrt.registry import ENTRY_POINT_GROUP, PluginWarning, Registry
+
+    modname = _uid("nnrt_test_displacing_plugin")
+    mod = types.ModuleType(modname)
+    fresh_loss, fresh_opt = _uid("fresh_loss"), _uid("fresh_opt")
+
+    @nnrt.hookimpl
+    def nnrt_register_losses(register: Any) -> None:
+        register("mse", huber)  # a built-in name: refused
+        register(fresh_loss, huber)
+
+    @nnrt.hookimpl
+    def nnrt_register_optimizers(register: Any) -> None:
+        register("sgd", SignSGD)  # a built-in name: refused
+        register(fresh_opt, SignSGD)
+
+    mod.nnrt_register_losses = nnrt_register_losses  # type: ignore[attr-defined]
+    mod.nnrt_register_optimizers = nnrt_register_optimizers  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, modname, mod)
+    ep = ilm.EntryPoint(name=modname, value=modname, group=ENTRY_POINT_GROUP)
+    # listed first: the outcome must not depend on the order entry points are found in
+    eps = [ep, *ilm.entry_points(group=ENTRY_POINT_GROUP)]
+    monkeypatch.setattr(sys.modules["nnrt.registry"].ilm, "entry_points", lambda **kw: eps)
+    monkeypatch.delenv("NNRT_DISABLE_PLUGINS", raising=False)
+    reg = Registry()
+    with pytest.warns(PluginWarning) as record:
+        reg.ensure_loaded()
+    msgs = [str(w.message) for w in record if issubclass(w.category, PluginWarning)]
+    assert any("'mse'" in m and modname in m and "'nnrt'" in m for m in msgs), msgs
+    assert any("'sgd'" in m and modname in m and "'nnrt'" in m for m in msgs), msgs
+    assert reg.get_loss("mse").fn is nnrt.losses.mse
+    assert reg.get_optimizer("sgd").cls is nnrt.optim.SGD
+    # the rest of the plugin still loads
+    assert reg.get_loss(fresh_loss).fn is huber and reg.get_loss(fresh_loss).plugin == modname
+    assert reg.get_optimizer(fresh_opt).cls is SignSGD
+    assert "refused" in reg.plugins()[modname].status
