@@ -27,8 +27,8 @@ cdef inline bint _plain(object a, int ndim) noexcept:
 
 
 # ------------------------------------------------------- softmax cross-entropy
-cdef int softmax_ce_kernel(const floating* x, const cnp.int64_t* y, floating* dY,
-                           Py_ssize_t n, Py_ssize_t c, double* loss) noexcept nogil:
+cdef Py_ssize_t softmax_ce_kernel(const floating* x, const cnp.int64_t* y, floating* dY,
+                                  Py_ssize_t n, Py_ssize_t c, double* loss) noexcept nogil:
     # l_i = logsumexp(x_i) - x_i[y_i];  dY = (softmax(x) - onehot(y)) / n
     # Computed in float64 per row (shifted by the row max), written in the dtype.
     # Returns the index of the first out-of-range label, or -1.
@@ -40,7 +40,7 @@ cdef int softmax_ce_kernel(const floating* x, const cnp.int64_t* y, floating* dY
     for i in range(n):
         label = y[i]
         if label < 0 or label >= c:
-            return <int>i
+            return i
         xr = &x[i * c]
         dr = &dY[i * c]
         m = xr[0]
@@ -82,7 +82,7 @@ def softmax_cross_entropy(object logits, object labels):
         return None
     cdef cnp.ndarray dY = cnp.PyArray_EMPTY(2, cnp.PyArray_DIMS(x), t, 0)
     cdef double loss = 0
-    cdef int bad
+    cdef Py_ssize_t bad
     if t == cnp.NPY_FLOAT32:
         with nogil:
             bad = softmax_ce_kernel(<float*>cnp.PyArray_DATA(x), <cnp.int64_t*>cnp.PyArray_DATA(y),
@@ -116,6 +116,13 @@ def sgd_step(list params, list grads, object bufs, double lr, double momentum,
     Returns False, changing nothing, when an array is not a C-contiguous
     float32/float64 ndarray matching its parameter (the caller falls back).
     """
+    # snapshots, and every Python-level conversion done first: nothing below may run
+    # Python code between the checks and the kernels (lists are indexed unchecked)
+    params = list(params)
+    grads = list(grads)
+    if bufs is not None:
+        bufs = list(bufs)
+        fresh = [bool(f) for f in fresh]
     cdef Py_ssize_t k, m = len(params)
     cdef cnp.ndarray p, g, b
     cdef int t
@@ -150,7 +157,7 @@ def sgd_step(list params, list grads, object bufs, double lr, double momentum,
         fr = False
         if bufs is not None:
             bp = cnp.PyArray_DATA(<cnp.ndarray>bufs[k])
-            fr = bool(fresh[k])
+            fr = fresh[k] is True
         if cnp.PyArray_TYPE(p) == cnp.NPY_FLOAT32:
             with nogil:
                 nnrt_sgd_f(<float*>cnp.PyArray_DATA(p), <float*>cnp.PyArray_DATA(g),
@@ -193,6 +200,10 @@ def adam_step(list params, list grads, list exp_avg, list exp_avg_sq, double lr,
     changing nothing, when an array is not a C-contiguous float32/float64 ndarray
     matching its parameter (the caller falls back to numpy).
     """
+    params = list(params)
+    grads = list(grads)
+    exp_avg = list(exp_avg)
+    exp_avg_sq = list(exp_avg_sq)
     cdef Py_ssize_t k, m = len(params)
     cdef cnp.ndarray p
     cdef int t
@@ -275,7 +286,23 @@ cdef inline bint _owns_output(Layer layer):
             and (PyType_GetFlags(<PyTypeObject*>tp) & Py_TPFLAGS_HEAPTYPE) == 0)
 
 
-def forward_chain(list layers, object X, bint training, object fuse=None):
+def same_items(list cached, object layers):
+    """True when ``layers`` is a list holding the very objects of ``cached``, in order
+    (identity, never ``__eq__``: a layer cannot pretend to be another)."""
+    if type(layers) is not list:
+        return False
+    cdef list other = <list>layers
+    cdef Py_ssize_t i, m = len(cached)
+    if len(other) != m:
+        return False
+    for i in range(m):
+        if <void*>cached[i] is not <void*>other[i]:
+            return False
+    return True
+
+
+def forward_chain(list layers, object X, bint training, object fuse=None,
+                  bint trusted_input=False):
     """``Sequential.forward`` without returning to Python between layers.
 
     Compiled layers are called through the C vtable (Python subclasses still
@@ -284,13 +311,18 @@ def forward_chain(list layers, object X, bint training, object fuse=None):
     ``layers[i]._nnrt_forward_pair(X, training, layers[i + 1])``. An error is
     re-raised as the same type, prefixed with the layer's index. A list item that
     is not an ``nnrt.Layer`` raises TypeError.
+
+    Each layer after a built-in one gets that layer's output buffer, which nothing
+    outside the network holds: it may cache it for backward without a copy.
+    ``trusted_input``: the same for ``X`` (the caller owns it and leaves it alone
+    until backward, e.g. the training engine's gathered mini-batch).
     """
     # a snapshot: a layer's forward (Python code) may change the caller's list
     cdef list snap = list(layers)
     cdef Py_ssize_t i = 0, m = len(snap)
     cdef Layer layer
     cdef bytes flags = None
-    cdef bint trusted = False
+    cdef bint trusted = trusted_input
     if fuse is not None:
         flags = bytes(fuse)
         if len(flags) != m:

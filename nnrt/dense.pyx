@@ -7,6 +7,10 @@ Derivation (docs/derivations.md):
   dX = dY @ W.T
 GEMMs run through scipy.linalg.cython_blas with the GIL released; the bias is
 added by seeding the output with b and calling GEMM with beta = 1.
+The kernels index with Py_ssize_t; every array they touch has fewer than 2^31
+elements, so each BLAS (int) dimension fits. Sizes come from the C fields
+_n_in/_n_out and the batch recorded at forward, never from an array Python can
+reshape (see nnrt/layer.pyx).
 """
 
 import numpy as np
@@ -17,8 +21,8 @@ from cython cimport floating
 
 from nnrt.blas cimport gemm_rm as _scipy_gemm_rm
 from libc.stdint cimport int64_t, uintptr_t
-from nnrt.layer cimport (LAYER_BUILT, LAYER_FROZEN, Layer, cache_input, check_array, grad_as,
-                         overlaps, reuse_buffer, unaliased)
+from nnrt.layer cimport (LAYER_BUILT, LAYER_FROZEN, Layer, cache_input, check_array, check_self,
+                         grad_as, overlaps, reuse_buffer, unaliased)
 
 cnp.import_array()
 
@@ -165,6 +169,7 @@ cdef class Dense(Layer):
 
     def _setup(self, in_features, out_features, bint use_bias):
         """Allocate float64 parameters and draw them from the default seed (0)."""
+        check_self(self, Dense)
         owner = type(self).__name__
         n_in = _check_width(in_features, "in_features", owner)
         n_out = _check_width(out_features, "out_features", owner)
@@ -190,6 +195,7 @@ cdef class Dense(Layer):
 
     def reset_parameters(self, rng):
         """Draw weight (then bias) uniform in ±1/sqrt(in_features) from ``rng``."""
+        check_self(self, Dense)
         self._check_built()
         bound = 1.0 / np.sqrt(self._n_in)
         self.W[...] = rng.uniform(-bound, bound, size=(self._n_in, self._n_out))
@@ -197,22 +203,26 @@ cdef class Dense(Layer):
             self.b[...] = rng.uniform(-bound, bound, size=(self._n_out,))
 
     cpdef dict params(self):
+        check_self(self, Dense)
         self._check_built()
         if self.use_bias:
             return {"weight": self.W, "bias": self.b}
         return {"weight": self.W}
 
     cpdef dict grads(self):
+        check_self(self, Dense)
         self._check_built()
         if self.use_bias:
             return {"weight": self.dW, "bias": self.db}
         return {"weight": self.dW}
 
     cpdef dict config(self):
+        check_self(self, Dense)
         self._check_built()
         return {"in_features": self._n_in, "out_features": self._n_out}
 
     cpdef object to_dtype(self, object dtype):
+        check_self(self, Dense)
         self._check_built()
         dt = np.dtype(dtype)
         if dt != np.float32 and dt != np.float64:
@@ -243,6 +253,7 @@ cdef class Dense(Layer):
         return 0
 
     cpdef object forward(self, object X, bint training=False):
+        check_self(self, Dense)
         return self._forward_from(X, training, False)
 
     cdef object _forward_from(self, object X, bint training, bint trusted):
@@ -331,6 +342,7 @@ cdef class Dense(Layer):
         return dX
 
     cpdef object backward(self, object dY):
+        check_self(self, Dense)
         return self._backward(dY, True)
 
     def backward_params(self, dY):
@@ -339,6 +351,7 @@ cdef class Dense(Layer):
         ``Sequential.backward(dY, input_grad=False)`` calls it on the first layer,
         whose dX = dY @ W.T nobody needs.
         """
+        check_self(self, Dense)
         self._backward(dY, False)
         return None
 

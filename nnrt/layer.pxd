@@ -10,6 +10,7 @@ breaks compiled plugins: bump ``NNRT_ABI_VERSION`` when you do.
 """
 
 cimport numpy as cnp
+from cpython.object cimport PyObject_TypeCheck, PyTypeObject
 
 cdef enum:
     # Compiled into every plugin that cimports this file; compared with the
@@ -84,6 +85,19 @@ cdef int check_array(Layer layer, object arr, str what, Py_ssize_t rows, Py_ssiz
 # changing X afterwards (its values, or its shape in place) then cannot change
 # what backward computes.
 cdef cnp.ndarray cache_input(object X, cnp.ndarray Xa, object buf, bint trusted)
+
+
+# NOTE: with binding=True, Cython does not type-check `self` when a def or cpdef
+# method is called through the class with another object (Dense.to_dtype(sigmoid,
+# ...)): the method would read that object's memory as its own C fields. Every
+# method that touches C fields calls this first (a pointer compare or two).
+cdef inline int check_self(object obj, type cls) except -1:
+    if PyObject_TypeCheck(obj, <PyTypeObject*>cls):
+        return 0
+    raise TypeError(
+        f"{cls.__name__} method called on a {type(obj).__module__}.{type(obj).__qualname__} "
+        f"object, not a {cls.__name__}"
+    )
 
 
 # True when the memory of two arrays overlaps.

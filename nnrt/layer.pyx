@@ -9,6 +9,13 @@ handful of C checks; anything else (Fortran order, strided views, read-only
 or misaligned memory, other numeric dtypes) is copied once. Everything a
 kernel could trip on (rank, width, empty batch, non-numeric dtype) raises
 here with the layer, the shape and the dtype in the message.
+
+State (issue 12): a compiled layer's widths and dtype are C fields derived from
+its own parameters (LAYER_FROZEN: read-only from Python); the arrays Python can
+reach (params/grads/buffers, returned outputs, the caller's X) are checked with
+``check_array`` against those C fields after the last call that can run Python
+code, right before each kernel; backward checks dY against the batch size it
+recorded in C, and keeps a private copy of a caller's X (``cache_input``).
 """
 
 import operator
@@ -276,6 +283,10 @@ cdef class Layer:
     def in_features(self, value):
         self._n_in = _width_value(self, "in_features", value)
 
+    @in_features.deleter
+    def in_features(self):
+        raise AttributeError(f"{type(self).__name__}.in_features cannot be deleted")
+
     @property
     def out_features(self):
         """Output width (int), or None where the layer keeps the width."""
@@ -284,6 +295,10 @@ cdef class Layer:
     @out_features.setter
     def out_features(self, value):
         self._n_out = _width_value(self, "out_features", value)
+
+    @out_features.deleter
+    def out_features(self):
+        raise AttributeError(f"{type(self).__name__}.out_features cannot be deleted")
 
     @property
     def dtype(self):
@@ -299,6 +314,10 @@ cdef class Layer:
                 f"to cast them"
             )
         self._set_dtype(value)
+
+    @dtype.deleter
+    def dtype(self):
+        raise AttributeError(f"{type(self).__name__}.dtype cannot be deleted")
 
     cdef int _set_dtype(self, object value) except -1:
         if value is None:
@@ -331,6 +350,7 @@ cdef class Layer:
         The default implementation casts each floating ndarray attribute of a
         Python subclass; compiled layers override it.
         """
+        check_self(self, Layer)
         self._set_dtype(dtype)
         d = getattr(self, "__dict__", None)
         if d is not None:
@@ -359,6 +379,7 @@ cdef class Layer:
         return {}
 
     def __reduce__(self):
+        check_self(self, Layer)
         # Pickle what defines the layer, never its scratch buffers: compiled
         # layers are rebuilt from config() and get fresh, writeable arrays with
         # the pickled params/buffers copied in (a pickle loaded read-only, e.g.
@@ -388,6 +409,7 @@ cdef class Layer:
         rank, a wrong feature count or an empty batch; the message names the
         layer, the shape and the dtype. Copies only when it must.
         """
+        check_self(self, Layer)
         cdef cnp.ndarray arr
         cdef int t
         if isinstance(X, np.ndarray):
@@ -460,6 +482,7 @@ cdef class Layer:
         built-in layers check against the shape they recorded at forward instead:
         ``grad_as`` in ``layer.pxd``.)
         """
+        check_self(self, Layer)
         if like is None or cnp.PyArray_NDIM(like) != 2:
             raise ValueError(f"{self!r}: prepare_grad needs a 2-D `like` array, got {like!r:.80}")
         return grad_as(self, dY, cnp.PyArray_DIM(like, 0), cnp.PyArray_DIM(like, 1),

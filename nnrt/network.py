@@ -9,7 +9,6 @@ dtype) so that a broken plugin is named instead of crashing a kernel.
 
 from __future__ import annotations
 
-import operator
 import os
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any, overload
@@ -18,6 +17,7 @@ import numpy as np
 
 from nnrt._kernels import backward_chain as _backward_chain
 from nnrt._kernels import forward_chain as _forward_chain
+from nnrt._kernels import same_items as _same_items
 from nnrt._locks import holding as _holding
 from nnrt.layer import Layer
 from nnrt.registry import PluginError, registry
@@ -226,12 +226,7 @@ class Sequential:
         """
         layers = self.layers
         cached = self.__dict__.get("_structure_cache")
-        if (
-            cached is not None
-            and type(layers) is list
-            and len(layers) == len(cached[0])
-            and all(map(operator.is_, cached[0], layers))
-        ):
+        if cached is not None and _same_items(cached[0], layers):
             found: tuple[tuple[int, ...], bytes | None, int] = cached[1]
             return found
         if not isinstance(layers, list):
@@ -346,6 +341,7 @@ class Sequential:
 
     # ------------------------------------------------------------------- state
     def _named(self, member: str) -> dict[str, np.ndarray]:
+        self._structure()  # TypeError naming any item of net.layers that is not a layer
         out: dict[str, np.ndarray] = {}
         for i, layer in enumerate(self.layers):
             for name, arr in getattr(layer, member)().items():

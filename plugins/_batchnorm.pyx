@@ -29,7 +29,7 @@ import numpy as np
 cimport numpy as cnp
 
 from nnrt.layer cimport (LAYER_BUILT, LAYER_FROZEN, NNRT_ABI_VERSION, Layer, cache_input,
-                         check_array, grad_as, overlaps, reuse_buffer, unaliased)
+                         check_array, check_self, grad_as, overlaps, reuse_buffer, unaliased)
 
 from nnrt._validate import batchnorm_config
 from nnrt.layer import check_abi
@@ -163,6 +163,7 @@ cdef class BatchNorm(Layer):
         return None if self._n_in < 0 else self._n_in
 
     def _alloc_scratch(self, dt):
+        check_self(self, BatchNorm)
         n = self._n_in
         self._mean_t = np.zeros(n, dtype=dt)
         self._scale_t = np.zeros(n, dtype=dt)
@@ -173,6 +174,7 @@ cdef class BatchNorm(Layer):
 
     def reset_parameters(self, rng=None):
         """gamma = 1, beta = 0, running_mean = 0, running_var = 1 (no randomness)."""
+        check_self(self, BatchNorm)
         self._check_built()
         self.gamma[...] = 1
         self.beta[...] = 0
@@ -180,22 +182,27 @@ cdef class BatchNorm(Layer):
         self.running_var[...] = 1
 
     cpdef dict params(self):
+        check_self(self, BatchNorm)
         self._check_built()
         return {"gamma": self.gamma, "beta": self.beta}
 
     cpdef dict grads(self):
+        check_self(self, BatchNorm)
         self._check_built()
         return {"gamma": self.dgamma, "beta": self.dbeta}
 
     cpdef dict buffers(self):
+        check_self(self, BatchNorm)
         self._check_built()
         return {"running_mean": self.running_mean, "running_var": self.running_var}
 
     cpdef dict config(self):
+        check_self(self, BatchNorm)
         self._check_built()
         return {"num_features": self._n_in, "momentum": self.momentum, "eps": self.eps}
 
     cpdef object to_dtype(self, object dtype):
+        check_self(self, BatchNorm)
         self._check_built()
         dt = np.dtype(dtype)
         if dt != np.float32 and dt != np.float64:
@@ -305,6 +312,7 @@ cdef class BatchNorm(Layer):
         return 0
 
     cpdef object forward(self, object X, bint training=False):
+        check_self(self, BatchNorm)
         return self._forward_from(X, training, False)
 
     cdef object _forward_from(self, object X, bint training, bint trusted):
@@ -409,6 +417,7 @@ cdef class BatchNorm(Layer):
         return dYa
 
     cpdef object backward(self, object dY):
+        check_self(self, BatchNorm)
         self._check_built()
         if self._rows < 0 or self._X is None:
             raise self._no_forward_error()
@@ -432,6 +441,7 @@ cdef class BatchNorm(Layer):
 
     def _nnrt_forward_pair(self, object X, bint training, Layer nxt, bint trusted=False):
         """``nxt.forward(self.forward(X, training), training)`` in one sweep."""
+        check_self(self, BatchNorm)
         self._check_built()
         if (type(nxt) is not Sigmoid or nxt._typenum != self._typenum
                 or self._typenum < 0):
@@ -457,6 +467,7 @@ cdef class BatchNorm(Layer):
 
     def _nnrt_backward_pair(self, object dS, Layer nxt):
         """``self.backward(nxt.backward(dS))`` in two sweeps, without the middle array."""
+        check_self(self, BatchNorm)
         self._check_built()
         S_obj = nxt._S_train if type(nxt) is Sigmoid else None
         if (S_obj is None or self._X is None or self._rows < 0

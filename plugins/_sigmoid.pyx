@@ -8,7 +8,7 @@
 cimport numpy as cnp
 
 from nnrt.layer cimport (LAYER_BUILT, LAYER_FROZEN, NNRT_ABI_VERSION, Layer, check_array,
-                         grad_as, reuse_buffer, unaliased)
+                         check_self, grad_as, reuse_buffer, unaliased)
 
 from nnrt.layer import check_abi
 
@@ -41,11 +41,13 @@ cdef class Sigmoid(Layer):
         pass
 
     cpdef object to_dtype(self, object dtype):
+        check_self(self, Sigmoid)
         self._set_dtype(dtype)
         self._S_train = self._S_eval = self._dX = None
         return self
 
     cpdef object forward(self, object X, bint training=False):
+        check_self(self, Sigmoid)
         cdef cnp.ndarray Xa = self.prepare_input(X)
         cdef int t = cnp.PyArray_TYPE(Xa)
         cdef Py_ssize_t rows = cnp.PyArray_DIM(Xa, 0), cols = cnp.PyArray_DIM(Xa, 1)
@@ -68,6 +70,7 @@ cdef class Sigmoid(Layer):
         return S
 
     cpdef object backward(self, object dY):
+        check_self(self, Sigmoid)
         S_obj = self._S_train
         if S_obj is None:
             raise self._no_forward_error()
