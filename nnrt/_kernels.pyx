@@ -247,7 +247,32 @@ def adam_step(list params, list grads, list exp_avg, list exp_avg_sq, double lr,
 
 
 # ----------------------------------------------------------- network runner
-from nnrt.layer cimport Layer
+from cpython.object cimport PyTypeObject
+
+from nnrt.layer cimport LAYER_FROZEN, Layer
+
+cdef extern from "Python.h":
+    unsigned long Py_TPFLAGS_HEAPTYPE
+    unsigned long PyType_GetFlags(PyTypeObject* t)
+
+
+cdef Layer _as_layer(object obj, Py_ssize_t i):
+    # NOTE: the list is the user's (net.layers): never cast an item unchecked
+    if not isinstance(obj, Layer):
+        raise TypeError(
+            f"{obj!r:.80} ({type(obj).__module__}.{type(obj).__qualname__}) is not an "
+            f"nnrt.Layer; net.layers may only hold layers (build them with nnrt.layer(name, ...))"
+        )
+    return <Layer>obj
+
+
+cdef inline bint _owns_output(Layer layer):
+    # A built-in compiled layer used as is (not a Python subclass, which could
+    # return an array it keeps): its output is a buffer only it and the network
+    # hold, so the next layer may cache it for backward without a copy.
+    cdef object tp = type(layer)
+    return ((layer._flags & LAYER_FROZEN) != 0
+            and (PyType_GetFlags(<PyTypeObject*>tp) & Py_TPFLAGS_HEAPTYPE) == 0)
 
 
 def forward_chain(list layers, object X, bint training, object fuse=None):
@@ -257,21 +282,32 @@ def forward_chain(list layers, object X, bint training, object fuse=None):
     dispatch to their Python ``forward``). ``fuse`` (None, or one flag per layer):
     where ``fuse[i]`` is set, layers i and i+1 run as one through
     ``layers[i]._nnrt_forward_pair(X, training, layers[i + 1])``. An error is
-    re-raised as the same type, prefixed with the layer's index.
+    re-raised as the same type, prefixed with the layer's index. A list item that
+    is not an ``nnrt.Layer`` raises TypeError.
     """
-    cdef Py_ssize_t i = 0, m = len(layers)
+    # a snapshot: a layer's forward (Python code) may change the caller's list
+    cdef list snap = list(layers)
+    cdef Py_ssize_t i = 0, m = len(snap)
     cdef Layer layer
-    cdef bint fused = fuse is not None
+    cdef bytes flags = None
+    cdef bint trusted = False
+    if fuse is not None:
+        flags = bytes(fuse)
+        if len(flags) != m:
+            flags = None
     out = X
     try:
         while i < m:
-            layer = <Layer>layers[i]
-            if fused and fuse[i] and i + 1 < m:
-                out = layer._nnrt_forward_pair(out, training, layers[i + 1])
+            layer = _as_layer(snap[i], i)
+            if flags is not None and flags[i] and i + 1 < m:
+                out = layer._nnrt_forward_pair(out, training, _as_layer(snap[i + 1], i + 1),
+                                               trusted)
+                layer = <Layer>snap[i + 1]
                 i += 2
             else:
-                out = layer.forward(out, training)
+                out = layer._forward_from(out, training, trusted)
                 i += 1
+            trusted = _owns_output(layer)
     except (ValueError, TypeError) as exc:
         raise type(exc)(f"Sequential layer {i}: {exc}") from exc
     return out
@@ -284,23 +320,32 @@ def backward_chain(list layers, object dY, Py_ssize_t stop, bint input_grad,
     ``backward_params``. Returns dX, or None when ``input_grad`` is false.
     ``fuse`` as in ``forward_chain`` (a fused pair i, i+1 with i > stop runs
     through ``layers[i]._nnrt_backward_pair(dY, layers[i + 1])``)."""
-    cdef Py_ssize_t i = len(layers) - 1
+    cdef list snap = list(layers)
+    cdef Py_ssize_t m = len(snap)
+    cdef Py_ssize_t i = m - 1
     cdef Layer layer
-    cdef bint fused = fuse is not None
+    cdef bytes flags = None
+    if stop < 0:
+        raise ValueError(f"backward_chain: stop must be >= 0, got {stop}")
+    if fuse is not None:
+        flags = bytes(fuse)
+        if len(flags) != m:
+            flags = None
     grad = dY
     try:
         while i > stop:
-            if fused and i - 1 > stop and fuse[i - 1]:
-                layer = <Layer>layers[i - 1]
-                grad = layer._nnrt_backward_pair(grad, layers[i])
+            if flags is not None and i - 1 > stop and flags[i - 1]:
+                layer = _as_layer(snap[i - 1], i - 1)
+                grad = layer._nnrt_backward_pair(grad, _as_layer(snap[i], i))
                 i -= 2
             else:
-                layer = <Layer>layers[i]
+                layer = _as_layer(snap[i], i)
                 grad = layer.backward(grad)
                 i -= 1
-        if stop >= len(layers):
+        if stop >= m:
             return None
-        layer = <Layer>layers[stop]
+        i = stop
+        layer = _as_layer(snap[stop], stop)
         if input_grad:
             return layer.backward(grad)
         params_only = getattr(layer, "backward_params", None)

@@ -5,9 +5,14 @@ import numpy as np
 from nnrt.layer import Layer
 
 class Dense(Layer):
-    """Fully connected layer ``Y = X @ W + b`` (registry name ``dense``)."""
+    """Fully connected layer ``Y = X @ W + b`` (registry name ``dense``).
 
-    use_bias: bool
+    ``in_features``, ``out_features``, ``dtype`` and ``use_bias`` are read-only
+    (assignment raises AttributeError): they are those of the parameters.
+    """
+
+    @property
+    def use_bias(self) -> bool: ...
     in_features: int
     out_features: int
     def __init__(self, in_features: int, out_features: int) -> None: ...

@@ -17,7 +17,8 @@ from cython cimport floating
 
 from nnrt.blas cimport gemm_rm as _scipy_gemm_rm
 from libc.stdint cimport int64_t, uintptr_t
-from nnrt.layer cimport Layer, _unaliased, reuse_buffer
+from nnrt.layer cimport (LAYER_BUILT, LAYER_FROZEN, Layer, cache_input, check_array, grad_as,
+                         overlaps, reuse_buffer, unaliased)
 
 cnp.import_array()
 
@@ -74,6 +75,18 @@ def _use_numpy_blas(bint on):
 
 BLAS_IN_USE = "numpy" if _use_numpy_blas(True) else "scipy"
 
+# Largest element count of an array a Dense kernel touches (inputs are held to the
+# same by Layer.prepare_input): every BLAS dimension and leading dimension then
+# fits a C int.
+cdef Py_ssize_t _MAX_ELEMENTS = 2147483647
+cdef Py_ssize_t _MAX_WEIGHT = 2147483647
+
+
+def _describe(X):
+    if isinstance(X, np.ndarray):
+        return f"input of shape {X.shape}"
+    return "this input"
+
 
 cdef inline void gemm_rm(bint trans_a, bint trans_b, int m, int n, int k,
                          floating alpha, const floating* a, int lda,
@@ -95,25 +108,30 @@ cdef inline void gemm_rm(bint trans_a, bint trans_b, int m, int n, int k,
 
 
 cdef void dense_forward(const floating* X, const floating* W, const floating* b,
-                        floating* Y, int batch, int n_in, int n_out,
+                        floating* Y, Py_ssize_t batch, Py_ssize_t n_in, Py_ssize_t n_out,
                         bint use_bias) noexcept nogil:
-    cdef int i
+    # NOTE: index arithmetic in Py_ssize_t (batch * n_out passes 2^31 long before
+    # memory runs out); BLAS dims are int, and each one fits (checked at the boundary)
+    cdef Py_ssize_t i
     cdef floating beta = 0
     if use_bias:
         # Y starts as b broadcast over rows; GEMM then adds X @ W into it.
         for i in range(batch):
             memcpy(&Y[i * n_out], b, n_out * sizeof(floating))
         beta = 1
-    gemm_rm(False, False, batch, n_out, n_in, 1, X, n_in, W, n_out, beta, Y, n_out)
+    gemm_rm(False, False, <int>batch, <int>n_out, <int>n_in, 1, X, <int>n_in, W, <int>n_out,
+            beta, Y, <int>n_out)
 
 
 cdef void dense_backward(const floating* X, const floating* W, const floating* dY,
                          floating* dX, floating* dW, floating* db,
-                         int batch, int n_in, int n_out, bint use_bias) noexcept nogil:
-    cdef int i, j
+                         Py_ssize_t batch, Py_ssize_t n_in, Py_ssize_t n_out,
+                         bint use_bias) noexcept nogil:
+    cdef Py_ssize_t i, j
     cdef const floating* row
     # dW = X.T @ dY  (overwrites: beta = 0)
-    gemm_rm(True, False, n_in, n_out, batch, 1, X, n_in, dY, n_out, 0, dW, n_out)
+    gemm_rm(True, False, <int>n_in, <int>n_out, <int>batch, 1, X, <int>n_in, dY, <int>n_out,
+            0, dW, <int>n_out)
     if use_bias:
         # NOTE: db sums dY over the batch axis: every sample adds to the same bias.
         for j in range(n_out):
@@ -124,7 +142,8 @@ cdef void dense_backward(const floating* X, const floating* W, const floating* d
                 db[j] += row[j]
     if dX != NULL:
         # dX = dY @ W.T
-        gemm_rm(False, True, batch, n_in, n_out, 1, dY, n_out, W, n_out, 0, dX, n_in)
+        gemm_rm(False, True, <int>batch, <int>n_in, <int>n_out, 1, dY, <int>n_out, W,
+                <int>n_out, 0, dX, <int>n_in)
 
 
 cdef class Dense(Layer):
@@ -132,119 +151,187 @@ cdef class Dense(Layer):
 
     weight has shape (in_features, out_features), bias (out_features,);
     both start uniform in ±1/sqrt(in_features), as torch's nn.Linear.
+    ``in_features``, ``out_features`` and ``dtype`` are read-only (they are
+    those of the parameters); ``to_dtype`` casts.
     """
+
+    def __cinit__(self, *args, **kwargs):
+        # even an instance made with Dense.__new__ refuses width/dtype assignment
+        self._flags |= LAYER_FROZEN
+        self._rows = -1
 
     def __init__(self, in_features, out_features):
         self._setup(in_features, out_features, True)
 
     def _setup(self, in_features, out_features, bint use_bias):
         """Allocate float64 parameters and draw them from the default seed (0)."""
-        in_features = _check_width(in_features, "in_features", type(self).__name__)
-        out_features = _check_width(out_features, "out_features", type(self).__name__)
-        self.in_features = in_features
-        self.out_features = out_features
+        owner = type(self).__name__
+        n_in = _check_width(in_features, "in_features", owner)
+        n_out = _check_width(out_features, "out_features", owner)
+        if n_in * n_out > _MAX_WEIGHT:
+            raise ValueError(
+                f"{owner}: a weight of {n_in} x {n_out} has more than {_MAX_WEIGHT} elements"
+            )
+        self._flags &= ~LAYER_BUILT
+        self._n_in = n_in
+        self._n_out = n_out
         self.use_bias = use_bias
-        self.dtype = np.float64
-        self.W = np.zeros((in_features, out_features), dtype=np.float64)
-        self.dW = np.zeros((in_features, out_features), dtype=np.float64)
+        self._set_dtype(np.float64)
+        self.W = np.zeros((n_in, n_out), dtype=np.float64)
+        self.dW = np.zeros((n_in, n_out), dtype=np.float64)
         # without a bias, b/db stay 1-element placeholders the kernels never read
-        self.b = np.zeros((out_features if use_bias else 1,), dtype=np.float64)
-        self.db = np.zeros((out_features if use_bias else 1,), dtype=np.float64)
+        self.b = np.zeros((n_out if use_bias else 1,), dtype=np.float64)
+        self.db = np.zeros((n_out if use_bias else 1,), dtype=np.float64)
+        self._X = None
+        self._rows = -1
+        self._Y_train = self._Y_eval = self._dX = self._Xcopy = None
+        self._flags |= LAYER_BUILT
         self.reset_parameters(np.random.default_rng(0))
 
     def reset_parameters(self, rng):
         """Draw weight (then bias) uniform in ±1/sqrt(in_features) from ``rng``."""
-        bound = 1.0 / np.sqrt(self.in_features)
-        self.W[...] = rng.uniform(-bound, bound, size=(self.in_features, self.out_features))
+        self._check_built()
+        bound = 1.0 / np.sqrt(self._n_in)
+        self.W[...] = rng.uniform(-bound, bound, size=(self._n_in, self._n_out))
         if self.use_bias:
-            self.b[...] = rng.uniform(-bound, bound, size=(self.out_features,))
+            self.b[...] = rng.uniform(-bound, bound, size=(self._n_out,))
 
     cpdef dict params(self):
+        self._check_built()
         if self.use_bias:
             return {"weight": self.W, "bias": self.b}
         return {"weight": self.W}
 
     cpdef dict grads(self):
+        self._check_built()
         if self.use_bias:
             return {"weight": self.dW, "bias": self.db}
         return {"weight": self.dW}
 
     cpdef dict config(self):
-        return {"in_features": self.in_features, "out_features": self.out_features}
+        self._check_built()
+        return {"in_features": self._n_in, "out_features": self._n_out}
 
     cpdef object to_dtype(self, object dtype):
-        self.dtype = dtype
-        dt = self._dtype
-        self.W = np.ascontiguousarray(self.W, dtype=dt)
-        self.dW = np.ascontiguousarray(self.dW, dtype=dt)
-        self.b = np.ascontiguousarray(self.b, dtype=dt)
-        self.db = np.ascontiguousarray(self.db, dtype=dt)
-        self._X = self._Y_train = self._Y_eval = self._dX = None
+        self._check_built()
+        dt = np.dtype(dtype)
+        if dt != np.float32 and dt != np.float64:
+            raise TypeError(f"{type(self).__name__}: dtype must be float32 or float64, got {dt}")
+        # new arrays first: a failure leaves the layer as it was
+        W = np.ascontiguousarray(self.W, dtype=dt)
+        dW = np.ascontiguousarray(self.dW, dtype=dt)
+        b = np.ascontiguousarray(self.b, dtype=dt)
+        db = np.ascontiguousarray(self.db, dtype=dt)
+        self._set_dtype(dt)
+        self.W, self.dW, self.b, self.db = W, dW, b, db
+        self._X = None
+        self._rows = -1
+        self._Y_train = self._Y_eval = self._dX = self._Xcopy = None
         return self
 
-    cdef void _forward_kernel(self, cnp.ndarray X, cnp.ndarray Y) noexcept:
-        cdef int batch = <int>cnp.PyArray_DIM(X, 0)
-        cdef int n_in = <int>cnp.PyArray_DIM(X, 1)
-        cdef int n_out = <int>cnp.PyArray_DIM(Y, 1)
-        cdef bint use_bias = self.use_bias
-        if cnp.PyArray_TYPE(X) == cnp.NPY_FLOAT32:
-            with nogil:
-                dense_forward(<float*>cnp.PyArray_DATA(X), <float*>cnp.PyArray_DATA(self.W),
-                              <float*>cnp.PyArray_DATA(self.b), <float*>cnp.PyArray_DATA(Y),
-                              batch, n_in, n_out, use_bias)
-        else:
-            with nogil:
-                dense_forward(<double*>cnp.PyArray_DATA(X), <double*>cnp.PyArray_DATA(self.W),
-                              <double*>cnp.PyArray_DATA(self.b), <double*>cnp.PyArray_DATA(Y),
-                              batch, n_in, n_out, use_bias)
-
-    cdef void _backward_kernel(self, cnp.ndarray X, cnp.ndarray dY, cnp.ndarray dX) noexcept:
-        cdef int batch = <int>cnp.PyArray_DIM(X, 0)
-        cdef int n_in = <int>cnp.PyArray_DIM(X, 1)
-        cdef int n_out = <int>cnp.PyArray_DIM(dY, 1)
-        cdef bint use_bias = self.use_bias
-        if cnp.PyArray_TYPE(X) == cnp.NPY_FLOAT32:
-            with nogil:
-                dense_backward(<float*>cnp.PyArray_DATA(X), <float*>cnp.PyArray_DATA(self.W),
-                               <float*>cnp.PyArray_DATA(dY),
-                               <float*>cnp.PyArray_DATA(dX) if dX is not None else NULL,
-                               <float*>cnp.PyArray_DATA(self.dW),
-                               <float*>cnp.PyArray_DATA(self.db),
-                               batch, n_in, n_out, use_bias)
-        else:
-            with nogil:
-                dense_backward(<double*>cnp.PyArray_DATA(X), <double*>cnp.PyArray_DATA(self.W),
-                               <double*>cnp.PyArray_DATA(dY),
-                               <double*>cnp.PyArray_DATA(dX) if dX is not None else NULL,
-                               <double*>cnp.PyArray_DATA(self.dW),
-                               <double*>cnp.PyArray_DATA(self.db),
-                               batch, n_in, n_out, use_bias)
+    cdef int _check_params(self, cnp.ndarray W, cnp.ndarray b, cnp.ndarray dW,
+                           cnp.ndarray db) except -1:
+        # NOTE: params()/grads() hand out the live arrays: Python may have changed
+        # their shape, dtype, strides or flags in place since the last call
+        cdef int t = self._typenum
+        cdef Py_ssize_t nb = self._n_out if self.use_bias else 1
+        check_array(self, W, "weight", self._n_in, self._n_out, t, False)
+        check_array(self, b, "bias", nb, -1, t, False)
+        if dW is not None:
+            check_array(self, dW, "weight gradient", self._n_in, self._n_out, t, True)
+            check_array(self, db, "bias gradient", nb, -1, t, True)
+        return 0
 
     cpdef object forward(self, object X, bint training=False):
+        return self._forward_from(X, training, False)
+
+    cdef object _forward_from(self, object X, bint training, bint trusted):
+        self._check_built()
         cdef cnp.ndarray Xa = self.prepare_input(X)
-        cdef cnp.ndarray Y
+        cdef Py_ssize_t rows = cnp.PyArray_DIM(Xa, 0)
+        cdef Py_ssize_t n_in = self._n_in, n_out = self._n_out
+        cdef int t = self._typenum
+        if rows * n_out > _MAX_ELEMENTS:
+            raise ValueError(
+                f"{self!r}: the output for {_describe(X)} would have "
+                f"{rows * n_out} elements, more than {_MAX_ELEMENTS}"
+            )
+        cdef cnp.ndarray Y, Xc
         if training:
-            Y = reuse_buffer(_unaliased(self._Y_train, Xa), cnp.PyArray_DIM(Xa, 0),
-                             self.out_features, self._typenum)
+            Xc = cache_input(X, Xa, self._Xcopy, trusted)
+            if Xc is not Xa:
+                self._Xcopy = Xc
+            Y = reuse_buffer(unaliased(self._Y_train, Xa), rows, n_out, t)
             self._Y_train = Y
-            self._X = Xa
+            self._X = Xc
+            self._rows = rows
         else:
-            Y = reuse_buffer(_unaliased(self._Y_eval, Xa), cnp.PyArray_DIM(Xa, 0),
-                             self.out_features, self._typenum)
+            Y = reuse_buffer(unaliased(self._Y_eval, Xa), rows, n_out, t)
             self._Y_eval = Y
-        self._forward_kernel(Xa, Y)
+        # local references: another thread may replace the layer's arrays (to_dtype)
+        # while the kernel runs without the GIL
+        cdef cnp.ndarray W = self.W, b = self.b
+        # last checks, after everything that may have run Python code
+        self._check_params(W, b, None, None)
+        check_array(self, Xa, "input", rows, n_in, t, False)
+        check_array(self, Y, "output buffer", rows, n_out, t, True)
+        cdef bint use_bias = self.use_bias
+        if t == cnp.NPY_FLOAT32:
+            with nogil:
+                dense_forward(<float*>cnp.PyArray_DATA(Xa), <float*>cnp.PyArray_DATA(W),
+                              <float*>cnp.PyArray_DATA(b), <float*>cnp.PyArray_DATA(Y),
+                              rows, n_in, n_out, use_bias)
+        else:
+            with nogil:
+                dense_forward(<double*>cnp.PyArray_DATA(Xa), <double*>cnp.PyArray_DATA(W),
+                              <double*>cnp.PyArray_DATA(b), <double*>cnp.PyArray_DATA(Y),
+                              rows, n_in, n_out, use_bias)
         return Y
 
-    cpdef object backward(self, object dY):
-        if self._X is None:
+    cdef object _backward(self, object dY, bint input_grad):
+        self._check_built()
+        if self._rows < 0 or self._X is None:
             raise self._no_forward_error()
-        cdef cnp.ndarray X = <cnp.ndarray>self._X
-        cdef cnp.ndarray dYa = self.prepare_grad(dY, <cnp.ndarray>self._Y_train)
-        cdef cnp.ndarray dX = reuse_buffer(_unaliased(self._dX, dYa), cnp.PyArray_DIM(X, 0),
-                                           self.in_features, self._typenum)
-        self._dX = dX
-        self._backward_kernel(X, dYa, dX)
+        cdef Py_ssize_t rows = self._rows
+        cdef Py_ssize_t n_in = self._n_in, n_out = self._n_out
+        cdef int t = self._typenum
+        cdef cnp.ndarray X = self._X
+        # the expected shape is the one recorded at forward, not the (reshapeable) Y's
+        cdef cnp.ndarray dYa = grad_as(self, dY, rows, n_out, t)
+        cdef cnp.ndarray W = self.W, b = self.b, dW = self.dW, db = self.db
+        # NOTE: the kernel writes dW, db and dX while it reads dY: a dY that shares
+        # memory with either gradient (e.g. a view of grads()["bias"]) is copied first
+        if overlaps(dYa, dW) or overlaps(dYa, db):
+            dYa = dYa.copy()
+        cdef cnp.ndarray dX = None
+        if input_grad:
+            dX = reuse_buffer(unaliased(self._dX, dYa), rows, n_in, t)
+            self._dX = dX
+        self._check_params(W, b, dW, db)
+        check_array(self, X, "cached input (of the last training forward)", rows, n_in, t,
+                    False)
+        check_array(self, dYa, "gradient", rows, n_out, t, False)
+        if input_grad:
+            check_array(self, dX, "input-gradient buffer", rows, n_in, t, True)
+        cdef bint use_bias = self.use_bias
+        if t == cnp.NPY_FLOAT32:
+            with nogil:
+                dense_backward(<float*>cnp.PyArray_DATA(X), <float*>cnp.PyArray_DATA(W),
+                               <float*>cnp.PyArray_DATA(dYa),
+                               <float*>cnp.PyArray_DATA(dX) if input_grad else NULL,
+                               <float*>cnp.PyArray_DATA(dW), <float*>cnp.PyArray_DATA(db),
+                               rows, n_in, n_out, use_bias)
+        else:
+            with nogil:
+                dense_backward(<double*>cnp.PyArray_DATA(X), <double*>cnp.PyArray_DATA(W),
+                               <double*>cnp.PyArray_DATA(dYa),
+                               <double*>cnp.PyArray_DATA(dX) if input_grad else NULL,
+                               <double*>cnp.PyArray_DATA(dW), <double*>cnp.PyArray_DATA(db),
+                               rows, n_in, n_out, use_bias)
         return dX
+
+    cpdef object backward(self, object dY):
+        return self._backward(dY, True)
 
     def backward_params(self, dY):
         """Like ``backward`` but only writes the parameter gradients; returns None.
@@ -252,11 +339,7 @@ cdef class Dense(Layer):
         ``Sequential.backward(dY, input_grad=False)`` calls it on the first layer,
         whose dX = dY @ W.T nobody needs.
         """
-        if self._X is None:
-            raise self._no_forward_error()
-        cdef cnp.ndarray X = <cnp.ndarray>self._X
-        cdef cnp.ndarray dYa = self.prepare_grad(dY, <cnp.ndarray>self._Y_train)
-        self._backward_kernel(X, dYa, None)
+        self._backward(dY, False)
         return None
 
 

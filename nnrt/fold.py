@@ -65,8 +65,16 @@ def fold_batchnorm(net: Sequential) -> Sequential:
 
     ``net`` is not modified; the new network has fresh layer objects, the same
     dtype and seed, and contains no batchnorm that directly followed a
-    ``dense``/``dense_nobias`` layer.
+    ``dense``/``dense_nobias`` layer. Reads the weights under the network's lock
+    (those of one whole step when another thread is training it).
     """
+    from nnrt._locks import holding
+
+    with holding(net):
+        return _fold_batchnorm(net)
+
+
+def _fold_batchnorm(net: Sequential) -> Sequential:
     from nnrt.network import Sequential
     from nnrt.registry import registry
 

@@ -73,6 +73,29 @@ def nnrt_check_network(net: Sequential) -> None:
     """
 
 
+@hookspec
+def nnrt_check_state(layer: Layer, state: dict[str, Any]) -> None:
+    """Check values about to be loaded into a layer's parameters and buffers.
+
+    ``nnrt.load`` (before the arrays are copied in, after their shapes and
+    dtypes were checked and NaN/Inf refused) and ``Sequential.load_state_dict``
+    call this once per layer with ``state``: the layer's own names (``"weight"``,
+    ``"running_var"``) mapped to the arrays, of the shapes the layer expects.
+    An implementation checks the layers it knows (by exact class) and raises
+    ``ValueError`` naming the layer, the array and what is wrong for values its
+    kernels must never see (a negative variance); nothing is loaded then.
+    Return nothing; do not modify ``state``.
+
+    Example (the batchnorm plugin)::
+
+        @nnrt.hookimpl
+        def nnrt_check_state(layer, state):
+            var = state.get("running_var")
+            if type(layer) is BatchNorm and var is not None and not (var >= 0).all():
+                raise ValueError(f"{layer!r}: running_var must be >= 0")
+    """
+
+
 class OnnxExportContext(Protocol):
     """What ``nnrt.onnx.export`` hands to ``nnrt_onnx_export`` (see ``nnrt.onnx.ExportContext``).
 

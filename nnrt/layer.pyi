@@ -26,16 +26,25 @@ class Layer:
     ``out_features`` (None where the layer keeps the width) and overrides
     ``forward`` and ``backward`` plus whichever of ``params`` / ``grads`` /
     ``buffers`` / ``config`` apply.
+
+    On a compiled built-in layer (dense, dense_nobias, sigmoid, batchnorm and
+    subclasses of them) ``in_features``, ``out_features`` and ``dtype`` are
+    read-only: assigning raises AttributeError (build a new layer, or call
+    ``to_dtype``). A compiled layer that was never initialised (made with
+    ``__new__``) raises RuntimeError naming its class from every method.
     """
 
     in_features: int | None
+    """Input width, or None; a positive int or None when a Python subclass assigns it."""
     out_features: int | None
+    """Output width, or None; a positive int or None when a Python subclass assigns it."""
     def __init__(self, *args: Any, **kwargs: Any) -> None: ...
     @property
     def dtype(self) -> np.dtype[Any] | None:
         """float32 or float64 once a network has cast the layer; None: follows the input."""
     @dtype.setter
-    def dtype(self, value: npt.DTypeLike | None) -> None: ...
+    def dtype(self, value: npt.DTypeLike | None) -> None:
+        """Python subclasses only; a compiled built-in layer raises AttributeError."""
     def to_dtype(self, dtype: npt.DTypeLike) -> Self:
         """Cast every parameter, gradient and buffer to ``dtype``; returns the layer."""
     def forward(self, X: np.ndarray, training: bool = False) -> np.ndarray:

@@ -11,8 +11,11 @@ kernel could trip on (rank, width, empty batch, non-numeric dtype) raises
 here with the layer, the shape and the dtype in the message.
 """
 
+import operator
+
 import numpy as np
 cimport numpy as cnp
+from libc.string cimport memcpy
 
 cnp.import_array()
 
@@ -91,19 +94,36 @@ cdef cnp.ndarray reuse_buffer(object out, Py_ssize_t rows, Py_ssize_t cols, int 
     return cnp.PyArray_EMPTY(2, dims, typenum, 0)
 
 
+cdef cnp.ndarray cache_input(object X, cnp.ndarray Xa, object buf, bint trusted):
+    if trusted or Xa is not X:
+        return Xa
+    cdef cnp.ndarray out = reuse_buffer(unaliased(buf, Xa), cnp.PyArray_DIM(Xa, 0),
+                                        cnp.PyArray_DIM(Xa, 1), cnp.PyArray_TYPE(Xa))
+    # Xa was validated C-contiguous 2-D; out has its dims and dtype
+    if cnp.PyArray_NBYTES(out) != cnp.PyArray_NBYTES(Xa) or not cnp.PyArray_IS_C_CONTIGUOUS(Xa):
+        raise RuntimeError(
+            f"the input array changed while it was being cached: {_describe_array(X)}"
+        )
+    memcpy(cnp.PyArray_DATA(out), cnp.PyArray_DATA(Xa), cnp.PyArray_NBYTES(Xa))
+    return out
+
+
 def _writeable_copy(value):
     if isinstance(value, np.ndarray) and not value.flags.writeable:
         return value.copy()
     return value
 
 
-def _rebuild_layer(cls, config, dtype, params, buffers):
+def _rebuild_layer(cls, config, dtype, params, buffers, attrs=None):
     layer = cls(**config)
     if dtype is not None:
         layer.to_dtype(dtype)
     for live, saved in ((layer.params(), params), (layer.buffers(), buffers)):
         for key, value in saved.items():
             np.copyto(live[key], value, casting="unsafe")
+    if attrs:
+        # a Python subclass of a compiled layer: its own attributes
+        layer.__dict__.update({k: _writeable_copy(v) for k, v in attrs.items()})
     return layer
 
 
@@ -114,6 +134,98 @@ def _rebuild_python_layer(cls, in_features, out_features, dtype, attrs):
     layer.dtype = dtype
     layer.__dict__.update({k: _writeable_copy(v) for k, v in attrs.items()})
     return layer
+
+
+def _width_value(Layer layer, str name, value):
+    # in_features/out_features assigned from Python: refused on a compiled layer,
+    # else None (-1) or a positive int
+    if layer._flags & LAYER_FROZEN:
+        raise AttributeError(
+            f"{type(layer).__name__}.{name} is read-only: a compiled layer's widths are "
+            f"those of its own parameters; build a new layer instead"
+        )
+    if value is None:
+        return -1
+    if isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{type(layer).__name__}: {name} must be an int or None, got {value!r}")
+    try:
+        n = operator.index(value)
+    except TypeError:
+        raise TypeError(
+            f"{type(layer).__name__}: {name} must be an int or None, got {value!r}"
+        ) from None
+    if n <= 0 or n > _MAX_ELEMENTS:
+        raise ValueError(
+            f"{type(layer).__name__}: {name} must be a positive int (at most "
+            f"{_MAX_ELEMENTS}) or None, got {value!r}"
+        )
+    return n
+
+
+cdef cnp.ndarray grad_as(Layer layer, object dY, Py_ssize_t rows, Py_ssize_t cols,
+                         int typenum):
+    cdef cnp.ndarray arr
+    if type(dY) is np.ndarray:
+        arr = <cnp.ndarray>dY
+        if (cnp.PyArray_NDIM(arr) == 2
+                and cnp.PyArray_TYPE(arr) == typenum
+                and cnp.PyArray_IS_C_CONTIGUOUS(arr) and cnp.PyArray_ISALIGNED(arr)
+                and cnp.PyArray_ISNOTSWAPPED(arr)
+                and cnp.PyArray_DIM(arr, 0) == rows and cnp.PyArray_DIM(arr, 1) == cols):
+            return arr
+    return _grad_slow(layer, dY, (rows, cols), cnp.PyArray_DescrFromType(typenum))
+
+
+def _grad_slow(layer, dY, shape, dtype):
+    if not isinstance(dY, np.ndarray):
+        try:
+            dY = np.asarray(dY)
+        except Exception as exc:
+            raise TypeError(
+                f"{layer!r}: backward expected a gradient array, got {_describe_array(dY)}"
+            ) from exc
+    if dY.dtype.kind not in "fiub":
+        raise TypeError(
+            f"{layer!r}: backward expected a real numeric gradient, got {_describe_array(dY)}"
+        )
+    if dY.shape != shape:
+        raise ValueError(
+            f"{layer!r}: backward expected a gradient of shape {shape} "
+            f"(the output of the last training forward), got {_describe_array(dY)}"
+        )
+    out = np.empty(shape, dtype=dtype)
+    np.copyto(out, dY, casting="unsafe")
+    return out
+
+
+cdef int check_array(Layer layer, object arr, str what, Py_ssize_t rows, Py_ssize_t cols,
+                     int typenum, bint writeable) except -1:
+    cdef cnp.ndarray a
+    cdef bint shape_ok
+    if isinstance(arr, cnp.ndarray):
+        a = <cnp.ndarray>arr
+        if cols < 0:
+            shape_ok = cnp.PyArray_NDIM(a) == 1 and cnp.PyArray_DIM(a, 0) == rows
+        else:
+            shape_ok = (cnp.PyArray_NDIM(a) == 2 and cnp.PyArray_DIM(a, 0) == rows
+                        and cnp.PyArray_DIM(a, 1) == cols)
+        if (shape_ok and cnp.PyArray_TYPE(a) == typenum and cnp.PyArray_IS_C_CONTIGUOUS(a)
+                and cnp.PyArray_ISALIGNED(a) and cnp.PyArray_ISNOTSWAPPED(a)
+                and (not writeable or cnp.PyArray_ISWRITEABLE(a))):
+            return 0
+    cdef tuple shape
+    if cols < 0:
+        shape = (rows,)
+    else:
+        shape = (rows, cols)
+    raise RuntimeError(
+        f"{type(layer).__name__}: its {what} is no longer a C-contiguous"
+        f"{' writeable' if writeable else ''} {cnp.PyArray_DescrFromType(typenum)} array of "
+        f"shape {shape} (now {_describe_array(arr)}"
+        f"{'' if not isinstance(arr, np.ndarray) or arr.flags.writeable else ', read-only'}"
+        f"): it was changed in place (shape, dtype, strides or flags); the layer refuses to "
+        f"run on it. Restore it, or load the values into a new layer"
+    )
 
 
 cdef class Layer:
@@ -139,12 +251,35 @@ cdef class Layer:
         pass
 
     def __cinit__(self, *args, **kwargs):
-        self.in_features = None
-        self.out_features = None
+        self._n_in = -1
+        self._n_out = -1
         self._dtype = None
         self._typenum = -1
+        self._flags = 0
 
-    # ------------------------------------------------------------------ dtype
+    # ------------------------------------------------- widths and dtype
+    # NOTE: kernels trust the C fields behind these properties. A compiled layer
+    # that derives them from its own parameters sets LAYER_FROZEN (in __cinit__),
+    # and then Python may read them but not assign them; a Python subclass sets
+    # them freely (its own forward is Python, and prepare_input checks against them).
+    @property
+    def in_features(self):
+        """Input width (int), or None where the layer keeps the width."""
+        return None if self._n_in < 0 else self._n_in
+
+    @in_features.setter
+    def in_features(self, value):
+        self._n_in = _width_value(self, "in_features", value)
+
+    @property
+    def out_features(self):
+        """Output width (int), or None where the layer keeps the width."""
+        return None if self._n_out < 0 else self._n_out
+
+    @out_features.setter
+    def out_features(self, value):
+        self._n_out = _width_value(self, "out_features", value)
+
     @property
     def dtype(self):
         """numpy dtype of this layer's parameters and outputs (None: follows input)."""
@@ -152,15 +287,38 @@ cdef class Layer:
 
     @dtype.setter
     def dtype(self, value):
+        if self._flags & LAYER_FROZEN:
+            raise AttributeError(
+                f"{type(self).__name__}.dtype is read-only: the dtype of a compiled "
+                f"layer is the dtype of its own parameters; call layer.to_dtype({value!r}) "
+                f"to cast them"
+            )
+        self._set_dtype(value)
+
+    cdef int _set_dtype(self, object value) except -1:
         if value is None:
             self._dtype = None
             self._typenum = -1
-            return
+            return 0
         dt = np.dtype(value)
         if dt != np.float32 and dt != np.float64:
-            raise TypeError(f"{self!r}: dtype must be float32 or float64, got {dt}")
+            raise TypeError(f"{type(self).__name__}: dtype must be float32 or float64, got {dt}")
         self._dtype = dt
         self._typenum = dt.num
+        return 0
+
+    cdef int _check_built(self) except -1:
+        if self._flags & LAYER_BUILT:
+            return 0
+        name = type(self).__name__
+        raise RuntimeError(
+            f"{name}: this layer was never initialised: its __init__ did not run "
+            f"(made with {name}.__new__, or a subclass's __init__ did not call "
+            f"super().__init__(...)); build it with {name}(...) or nnrt.layer(name, ...)"
+        )
+
+    cdef object _forward_from(self, object X, bint training, bint trusted):
+        return self.forward(X, training)
 
     cpdef object to_dtype(self, object dtype):
         """Cast every parameter, gradient and buffer to ``dtype`` (float32/float64).
@@ -168,7 +326,7 @@ cdef class Layer:
         The default implementation casts each floating ndarray attribute of a
         Python subclass; compiled layers override it.
         """
-        self.dtype = dtype
+        self._set_dtype(dtype)
         d = getattr(self, "__dict__", None)
         if d is not None:
             for key, value in list(d.items()):
@@ -203,11 +361,11 @@ cdef class Layer:
         state = {k: np.array(v) for k, v in self.params().items()}
         bufs = {k: np.array(v) for k, v in self.buffers().items()}
         d = getattr(self, "__dict__", None)
-        if d is not None:
+        if d is not None and not (self._flags & LAYER_FROZEN):
             # Python subclass: its attributes are its state
             return (_rebuild_python_layer,
                     (type(self), self.in_features, self.out_features, self._dtype, d))
-        return (_rebuild_layer, (type(self), self.config(), self._dtype, state, bufs))
+        return (_rebuild_layer, (type(self), self.config(), self._dtype, state, bufs, d))
 
     def __repr__(self):
         try:
@@ -235,8 +393,7 @@ cdef class Layer:
                     and cnp.PyArray_IS_C_CONTIGUOUS(arr) and cnp.PyArray_ISALIGNED(arr)
                     and cnp.PyArray_ISNOTSWAPPED(arr)
                     and cnp.PyArray_DIM(arr, 0) > 0 and cnp.PyArray_DIM(arr, 1) > 0
-                    and (self.in_features is None
-                         or cnp.PyArray_DIM(arr, 1) == <Py_ssize_t>self.in_features)
+                    and (self._n_in < 0 or cnp.PyArray_DIM(arr, 1) == self._n_in)
                     and cnp.PyArray_SIZE(arr) <= _MAX_ELEMENTS
                     and type(arr) is np.ndarray):
                 return arr
@@ -294,39 +451,14 @@ cdef class Layer:
     cpdef cnp.ndarray prepare_grad(self, object dY, cnp.ndarray like):
         """Return ``dY`` as a C-contiguous array with the shape and dtype of ``like``.
 
-        ``like`` is the output of the forward pass that ``dY`` belongs to.
+        ``like`` is the output of the forward pass that ``dY`` belongs to. (The
+        built-in layers check against the shape they recorded at forward instead:
+        ``grad_as`` in ``layer.pxd``.)
         """
-        cdef cnp.ndarray arr
-        if isinstance(dY, np.ndarray):
-            arr = <cnp.ndarray>dY
-            if (cnp.PyArray_NDIM(arr) == 2
-                    and cnp.PyArray_TYPE(arr) == cnp.PyArray_TYPE(like)
-                    and cnp.PyArray_IS_C_CONTIGUOUS(arr) and cnp.PyArray_ISALIGNED(arr)
-                    and cnp.PyArray_ISNOTSWAPPED(arr)
-                    and cnp.PyArray_DIM(arr, 0) == cnp.PyArray_DIM(like, 0)
-                    and cnp.PyArray_DIM(arr, 1) == cnp.PyArray_DIM(like, 1)
-                    and type(arr) is np.ndarray):
-                return arr
-        if not isinstance(dY, np.ndarray):
-            try:
-                dY = np.asarray(dY)
-            except Exception as exc:
-                raise TypeError(
-                    f"{self!r}: backward expected a gradient array, got {_describe_array(dY)}"
-                ) from exc
-        if dY.dtype.kind not in "fiub":
-            raise TypeError(
-                f"{self!r}: backward expected a real numeric gradient, got {_describe_array(dY)}"
-            )
-        shape = (<object>like).shape
-        if dY.shape != shape:
-            raise ValueError(
-                f"{self!r}: backward expected a gradient of shape {shape} "
-                f"(the output of the last training forward), got {_describe_array(dY)}"
-            )
-        out = np.empty(shape, dtype=(<object>like).dtype)
-        np.copyto(out, dY, casting="unsafe")
-        return out
+        if like is None or cnp.PyArray_NDIM(like) != 2:
+            raise ValueError(f"{self!r}: prepare_grad needs a 2-D `like` array, got {like!r:.80}")
+        return grad_as(self, dY, cnp.PyArray_DIM(like, 0), cnp.PyArray_DIM(like, 1),
+                       cnp.PyArray_TYPE(like))
 
     def _no_forward_error(self):
         return RuntimeError(

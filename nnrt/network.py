@@ -9,8 +9,8 @@ dtype) so that a broken plugin is named instead of crashing a kernel.
 
 from __future__ import annotations
 
+import operator
 import os
-import types
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any, overload
 
@@ -18,6 +18,7 @@ import numpy as np
 
 from nnrt._kernels import backward_chain as _backward_chain
 from nnrt._kernels import forward_chain as _forward_chain
+from nnrt._locks import holding as _holding
 from nnrt.layer import Layer
 
 __all__ = ["Sequential"]
@@ -69,13 +70,29 @@ class Sequential:
                 reset(rng)
         for layer in layers:
             layer.to_dtype(self.dtype)
-        self._python_layers = [
-            i
-            for i, layer in enumerate(layers)
-            if type(layer).__module__ and _is_python_layer(layer)
-        ]
         self._last_out: Any = None
         self._run_network_checks()
+
+    # ---------------------------------------------------------------- pickling
+    # A pickle carries what defines the network: its layers (each pickles its
+    # config, parameters and buffers: nnrt/layer.pyx), dtype, seed and the public
+    # attributes of a subclass. Never the last output buffer (that would leak the
+    # last predictions and make the pickle the size of a batch of outputs), the
+    # cached plans, or the loss of the last fit when it is a function (a local
+    # function or lambda cannot be pickled); a loss given by name is kept.
+    def __getstate__(self) -> dict[str, Any]:
+        state = {k: v for k, v in self.__dict__.items() if not k.startswith("_")}
+        fit_loss = self.__dict__.get("_fit_loss")
+        if isinstance(fit_loss, str):
+            state["_fit_loss"] = fit_loss
+        with _holding(self):
+            state["layers"] = [_PickledLayer.of(layer) for layer in self.layers]
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._python_layers = [i for i, layer in enumerate(self.layers) if _is_python_layer(layer)]
+        self._last_out = None
 
     # --------------------------------------------------------------- structure
     def _check_widths(self) -> None:
@@ -162,11 +179,10 @@ class Sequential:
         """Run every layer in order; returns a buffer the next call may reuse."""
         # NOTE: one compiled loop over the layers (nnrt/_kernels.pyx): compiled layers
         # are called through the C vtable; errors come back prefixed with the index.
-        if self._python_layers:  # Python plugin layers: check what each one returns
+        python, fuse, _ = self._structure()
+        if python:  # Python plugin layers: check what each one returns
             return self._forward_checked(X, bool(training))
-        out = _forward_chain(self.layers, X, bool(training), self._fuse_plan())
-        if self._python_layers:
-            self._check_output(out)
+        out = _forward_chain(self.layers, X, bool(training), fuse)
         self._last_out = out
         return out
 
@@ -182,25 +198,55 @@ class Sequential:
         ``dY @ W.T`` and every layer in front of the first trainable one) and
         ``None`` is returned; parameter gradients are the same.
         """
-        stop = 0 if input_grad else self._first_trainable()
-        if self._python_layers:
+        python, fuse, first = self._structure()
+        stop = 0 if input_grad else first
+        if python:
             return self._backward_checked(dY, stop, bool(input_grad))
-        return _backward_chain(self.layers, dY, stop, bool(input_grad), self._fuse_plan())
+        return _backward_chain(self.layers, dY, stop, bool(input_grad), fuse)
+
+    def _structure(self) -> tuple[tuple[int, ...], bytes | None, int]:
+        """``(python_layers, fuse_plan, first_trainable)`` of the current ``self.layers``.
+
+        Cached while the list holds the very same layer objects (an identity check per
+        call: ``net.layers`` is public and may be changed at any time). Building it
+        checks that every item is an ``nnrt.Layer`` (TypeError naming the item), so
+        nothing else reaches the compiled loop.
+        """
+        layers = self.layers
+        cached = self.__dict__.get("_structure_cache")
+        if (
+            cached is not None
+            and type(layers) is list
+            and len(layers) == len(cached[0])
+            and all(map(operator.is_, cached[0], layers))
+        ):
+            found: tuple[tuple[int, ...], bytes | None, int] = cached[1]
+            return found
+        if not isinstance(layers, list):
+            raise TypeError(
+                f"Sequential: net.layers must be a list of nnrt.Layer, got {type(layers).__name__}"
+            )
+        snapshot = list(layers)
+        for i, layer in enumerate(snapshot):
+            if not isinstance(layer, Layer):
+                raise TypeError(
+                    f"Sequential layer {i}: {layer!r:.60} ({type(layer).__module__}."
+                    f"{type(layer).__qualname__}) is not an nnrt.Layer; net.layers may only "
+                    f"hold layers (build them with nnrt.layer(name, ...))"
+                )
+        python = tuple(i for i, layer in enumerate(snapshot) if _is_python_layer(layer))
+        first = next((i for i, layer in enumerate(snapshot) if layer.params()), len(snapshot))
+        found = (python, _fuse_flags(snapshot), first)
+        self.__dict__["_structure_cache"] = (snapshot, found)
+        return found
+
+    def _python_layers(self) -> tuple[int, ...]:
+        """Indices of the layers whose forward or backward is Python code (checked)."""
+        return self._structure()[0]
 
     def _first_trainable(self) -> int:
         """Index of the first layer with parameters (``len(self)`` when none has any)."""
-        layers = self.layers
-        # cached for the current layer list (compared element by element: no allocation)
-        cached = self.__dict__.get("_first_trainable_cache")
-        if cached is not None and cached[0] == layers:
-            return int(cached[1])
-        first = len(layers)
-        for i, layer in enumerate(layers):
-            if layer.params():
-                first = i
-                break
-        self.__dict__["_first_trainable_cache"] = (list(layers), first)
-        return first
+        return self._structure()[2]
 
     def _fuse_plan(self) -> bytes | None:
         """One flag per layer: 1 where layer i runs fused with layer i+1, or None.
@@ -210,29 +256,13 @@ class Sequential:
         fused pair must leave both layers' caches as the separate calls would.
         ``NNRT_FUSE=0`` in the environment turns fusion off.
         """
-        layers = self.layers
-        cached = self.__dict__.get("_fuse_plan_cache")
-        if cached is not None and cached[0] == layers:
-            plan: bytes | None = cached[1]
-            return plan
-        flags = bytearray(len(layers))
-        if os.environ.get("NNRT_FUSE", "1") != "0":
-            i = 0
-            while i < len(layers) - 1:  # pairs never overlap
-                can = getattr(layers[i], "_nnrt_fuse_next", None)
-                if can is not None and can(layers[i + 1]):
-                    flags[i] = 1
-                    i += 1
-                i += 1
-        plan = bytes(flags) if any(flags) else None
-        self.__dict__["_fuse_plan_cache"] = (list(layers), plan)
-        return plan
+        return self._structure()[1]
 
     # ------------------------------------------- networks with Python plugin layers
     # A Python layer's result is checked before the next layer (maybe a compiled
     # kernel) sees it, so that a broken plugin is named instead of the layer after it.
     def _forward_checked(self, X: Any, training: bool) -> np.ndarray:
-        python = set(self._python_layers)
+        python = set(self._structure()[0])
         shapes: list[tuple[int, ...] | None] = []
         out = X
         i = 0
@@ -257,7 +287,7 @@ class Sequential:
         return out
 
     def _backward_checked(self, dY: Any, stop: int, input_grad: bool) -> np.ndarray | None:
-        python = set(self._python_layers)
+        python = set(self._structure()[0])
         shapes: list[Any] = self.__dict__.get("_input_shapes") or [None] * len(self.layers)
         layers = self.layers
         grad = dY
@@ -304,13 +334,6 @@ class Sequential:
             f"expected a 2-D {self.dtype} array of shape {want}; the plugin's layer is broken"
         )
 
-    def _check_output(self, out: Any) -> None:
-        if not isinstance(out, np.ndarray) or out.ndim != 2 or out.dtype != self.dtype:
-            raise TypeError(
-                f"Sequential: the network's output is {_describe(out)}, expected a 2-D "
-                f"{self.dtype} array; a Python plugin layer returned something else"
-            )
-
     # ------------------------------------------------------------------- state
     def _named(self, member: str) -> dict[str, np.ndarray]:
         out: dict[str, np.ndarray] = {}
@@ -336,17 +359,29 @@ class Sequential:
             g.fill(0)
 
     def state_dict(self) -> dict[str, np.ndarray]:
-        """Copies of every parameter and buffer, keyed ``"<index>.<name>"``."""
-        state = {k: v.copy() for k, v in self.params().items()}
-        state.update({k: v.copy() for k, v in self.buffers().items()})
+        """Copies of every parameter and buffer, keyed ``"<index>.<name>"``.
+
+        Taken under the network's lock: while another thread trains the
+        network, the copies are the weights of one whole step.
+        """
+        with _holding(self):
+            state = {k: v.copy() for k, v in self.params().items()}
+            state.update({k: v.copy() for k, v in self.buffers().items()})
         return state
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Copy arrays into the live parameters and buffers, checking keys and shapes.
 
         All keys are checked before anything is written, so a bad dict leaves
-        the network unchanged.
+        the network unchanged. The copy is made under the network's lock: a
+        ``predict`` in another thread sees the old weights or the new ones,
+        never a mix (a hot swap), and ``fit`` in another thread continues from
+        the new weights at its next step.
         """
+        with _holding(self):
+            self._load_state_dict(state)
+
+    def _load_state_dict(self, state: Mapping[str, Any]) -> None:
         live = self.params()
         live.update(self.buffers())
         missing = sorted(set(live) - set(state))
@@ -368,6 +403,9 @@ class Sequential:
                     f"the network expects {target.shape}"
                 )
             arrays[key] = value
+        from nnrt._validate import check_state
+
+        check_state(self, arrays)  # plugins' value checks (a variance >= 0), hook
         for key, value in arrays.items():
             np.copyto(live[key], value, casting="unsafe")
 
@@ -442,15 +480,85 @@ class Sequential:
         return to_torch(self)
 
 
+class _PickledLayer:
+    """How a registered Python layer travels in a network's pickle: config and arrays.
+
+    A Python layer's own pickle is its whole ``__dict__``, caches included (a
+    batch-sized ``_Y`` or ``_xhat``); a registered one is rebuilt from
+    ``config()`` with copies of its params and buffers instead. Compiled layers
+    already pickle only that (``nnrt/layer.pyx``) and unregistered Python layers
+    have nothing else to go by: both pickle as themselves.
+    """
+
+    def __init__(self, cls: type, config: dict[str, Any], dtype: Any, arrays: dict[str, Any]):
+        self.args = (cls, config, dtype, arrays)
+
+    @staticmethod
+    def of(layer: Layer) -> Any:
+        if getattr(layer, "__dict__", None) is None:
+            return layer
+        from nnrt.registry import registry
+
+        if registry.name_of(type(layer)) is None:
+            return layer
+        try:
+            config = dict(layer.config())
+        except Exception:
+            return layer
+        arrays = {k: np.array(v) for k, v in layer.params().items()}
+        arrays.update({k: np.array(v) for k, v in layer.buffers().items()})
+        return _PickledLayer(type(layer), config, layer.dtype, arrays)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_rebuild_layer, self.args)
+
+
+def _rebuild_layer(cls: type, config: dict[str, Any], dtype: Any, arrays: dict[str, Any]) -> Layer:
+    layer: Layer = cls(**config)
+    if dtype is not None:
+        layer.to_dtype(dtype)
+    live = dict(layer.params())
+    live.update(layer.buffers())
+    for key, value in arrays.items():
+        np.copyto(live[key], value, casting="unsafe")
+    return layer
+
+
+_HEAPTYPE = 1 << 9  # Py_TPFLAGS_HEAPTYPE: a class statement, not a compiled (cdef) class
+
+
 def _is_python_layer(layer: Layer) -> bool:
-    """True when forward is implemented in Python (a plugin we must double-check)."""
-    for klass in type(layer).__mro__:
-        if "forward" in vars(klass):
-            fwd = vars(klass)["forward"]
-            # NOTE: compiled (binding=True) cpdef methods are cyfunctions, which also
-            # have __code__; only a plain Python function marks a Python layer
-            return isinstance(fwd, types.FunctionType)
+    """True when forward or backward is Python code (a plugin we must double-check).
+
+    Decided by *where* the method is defined, not by what it is: the first class in
+    the MRO that defines it is a Python class (a staticmethod, classmethod, lambda,
+    functools.partial or any callable there is Python code too), or the instance
+    itself holds an override.
+    """
+    inst = getattr(layer, "__dict__", None)
+    for name in ("forward", "backward"):
+        if inst and name in inst:
+            return True
+        for klass in type(layer).__mro__:
+            if name in vars(klass):
+                if klass.__flags__ & _HEAPTYPE:
+                    return True
+                break
     return False
+
+
+def _fuse_flags(layers: list[Layer]) -> bytes | None:
+    """``Sequential._fuse_plan`` of ``layers`` (pairs never overlap)."""
+    flags = bytearray(len(layers))
+    if os.environ.get("NNRT_FUSE", "1") != "0":
+        i = 0
+        while i < len(layers) - 1:
+            can = getattr(layers[i], "_nnrt_fuse_next", None)
+            if can is not None and can(layers[i + 1]):
+                flags[i] = 1
+                i += 1
+            i += 1
+    return bytes(flags) if any(flags) else None
 
 
 def _shape2(x: Any) -> tuple[int, ...] | None:

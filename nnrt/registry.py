@@ -5,6 +5,14 @@ on first use, each in its own try/except: one that fails to import (or
 whose hook fails) is reported with a ``PluginWarning`` naming it, and the
 others keep working. ``register_plugin`` adds a plugin at run time and raises
 instead of warning.
+
+Load order (so that nothing depends on install or file-system order): the
+core's ``dense``, then nnrt's own entry points (``nnrt_plugins``), then every
+third-party entry point sorted by distribution name and entry-point name.
+A name is never displaced: an installed plugin that registers a layer name
+some plugin already holds is refused that name (a ``PluginWarning`` names both)
+and keeps the layers it could register; one whose every layer was refused is
+removed from the plugin manager altogether.
 """
 
 from __future__ import annotations
@@ -13,7 +21,6 @@ import importlib.metadata as ilm
 import os
 import re
 import threading
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -22,6 +29,7 @@ import pluggy
 
 from nnrt import hookspecs
 from nnrt.layer import Layer
+from nnrt.warnings import warn_user
 
 __all__ = [
     "PluginError",
@@ -69,11 +77,55 @@ class PluginInfo:
     layers: list[str] = field(default_factory=list)
 
 
-def _plugin_default_name(plugin: object) -> str:
-    name = getattr(plugin, "__name__", None)
-    if isinstance(name, str) and name:
-        return name
-    return type(plugin).__name__
+def _plugin_default_name(pm: pluggy.PluginManager, plugin: object) -> str:
+    """A module's ``__name__``, else pluggy's canonical name (``__name__`` or ``id``)."""
+    return str(pm.get_canonical_name(plugin))
+
+
+def _canonical_dist(name: str | None) -> str:
+    """PEP 503 normalisation: ``My_Plugin`` and ``my-plugin`` sort as one."""
+    return re.sub(r"[-_.]+", "-", name or "").lower()
+
+
+@dataclass(frozen=True)
+class _EntryPoint:
+    ep: Any  # importlib.metadata.EntryPoint
+    dist: str | None
+    version: str | None
+    builtin: bool
+
+
+def _is_builtin(ep: Any, dist: str | None) -> bool:
+    """nnrt's own entry points (the ``nnrt_plugins`` package of the ``nnrt`` distribution)."""
+    module = str(ep.value).split(":", 1)[0].strip()
+    if module.split(".", 1)[0] != "nnrt_plugins":
+        return False
+    return dist is None or _canonical_dist(dist) == "nnrt"
+
+
+def _sorted_entry_points(eps: Any) -> list[_EntryPoint]:
+    """Built-ins first (in their declared order), then third parties sorted by
+    (distribution, entry-point name, value); the same entry point twice is read once."""
+    rows: list[_EntryPoint] = []
+    seen: set[tuple[str, str, str]] = set()
+    for ep in eps:
+        dist = getattr(ep, "dist", None)
+        try:
+            dist_name = dist.metadata["Name"] if dist is not None else None
+            version = dist.version if dist is not None else None
+        except Exception:  # a broken METADATA file: still load the plugin, unnamed
+            dist_name = version = None
+        key = (_canonical_dist(dist_name), str(ep.name), str(ep.value))
+        if key in seen:
+            continue
+        seen.add(key)
+        rows.append(_EntryPoint(ep, dist_name, version, _is_builtin(ep, dist_name)))
+    builtins = [r for r in rows if r.builtin]
+    others = sorted(
+        (r for r in rows if not r.builtin),
+        key=lambda r: (_canonical_dist(r.dist), str(r.ep.name), str(r.ep.value)),
+    )
+    return builtins + others
 
 
 def _defines(cls: type, member: str) -> bool:
@@ -94,6 +146,7 @@ class Registry:
         self.pm.add_hookspecs(hookspecs)
         self._layers: dict[str, LayerEntry] = {}
         self._plugins: dict[str, PluginInfo] = {}
+        self._refused: list[PluginInfo] = []  # entry points whose plugin name was taken
         self._loaded = False
         self._lock = threading.RLock()
 
@@ -114,10 +167,9 @@ class Registry:
 
     def _load_entry_points(self) -> None:
         disabled = {s.strip() for s in os.environ.get(DISABLE_ENV, "").split(",") if s.strip()}
-        for ep in ilm.entry_points(group=ENTRY_POINT_GROUP):
-            dist = getattr(ep, "dist", None)
-            dist_name = dist.metadata["Name"] if dist is not None else None
-            version = dist.version if dist is not None else None
+        for row in _sorted_entry_points(ilm.entry_points(group=ENTRY_POINT_GROUP)):
+            ep, dist_name, version = row.ep, row.dist, row.version
+            where = f" (from {dist_name} {version})" if dist_name else ""
             info = PluginInfo(
                 name=ep.name,
                 status="ok",
@@ -125,8 +177,18 @@ class Registry:
                 dist=dist_name,
                 version=version,
             )
-            if ep.name in self._plugins:
-                # the same entry point seen twice (e.g. duplicate dist-info): first wins
+            holder = self._plugins.get(ep.name)
+            if holder is not None:
+                # another distribution already has a plugin of this name (built-ins
+                # and earlier-sorted third parties win); not registered, not listed
+                held = f" ({holder.dist} {holder.version})" if holder.dist else ""
+                info.status = f"refused: plugin name {ep.name!r} taken by {holder.source}{held}"
+                self._refused.append(info)
+                warn_user(
+                    f"nnrt plugin {ep.name!r}{where}, entry point {ep.value}, was refused: "
+                    f"the plugin name {ep.name!r} is already taken by {holder.source}{held}",
+                    PluginWarning,
+                )
                 continue
             self._plugins[ep.name] = info
             if ep.name in disabled:
@@ -134,15 +196,23 @@ class Registry:
                 continue
             try:
                 plugin = ep.load()
-                self._register(plugin, ep.name, dist_name, info)
+                refused = self._register(plugin, ep.name, dist_name, info, refuse_clashes=True)
             except Exception as exc:
                 info.status = f"failed: {type(exc).__name__}: {exc}"
-                where = f" (from {dist_name} {version})" if dist_name else ""
-                warnings.warn(
+                warn_user(
                     f"nnrt plugin {ep.name!r}{where} failed to load and was skipped: "
                     f"{type(exc).__name__}: {exc}",
                     PluginWarning,
-                    stacklevel=3,
+                )
+                continue
+            for name, holder_entry in refused:
+                warn_user(
+                    f"nnrt plugin {ep.name!r}{where} registers layer name {name!r}, which "
+                    f"plugin {holder_entry.plugin!r} already registered "
+                    f"({holder_entry.cls.__module__}.{holder_entry.cls.__qualname__}); "
+                    f"{ep.name!r} was refused that name and still serves "
+                    f"{', '.join(repr(n) for n in info.layers) or 'no layer'}",
+                    PluginWarning,
                 )
 
     # ------------------------------------------------------------ registration
@@ -158,27 +228,80 @@ class Registry:
                 existing = self.pm.get_name(plugin)
                 assert existing is not None
                 return existing
-            pname = name if name is not None else _plugin_default_name(plugin)
+            if name is not None and (not isinstance(name, str) or not name):
+                raise TypeError(f"register_plugin: name must be a non-empty str, got {name!r}")
+            pname = name if name is not None else _plugin_default_name(self.pm, plugin)
+            if pname in self._plugins:
+                raise ValueError(
+                    f"an nnrt plugin named {pname!r} is already registered "
+                    f"({self._plugins[pname].source}); pass register_plugin(..., name=...)"
+                )
             info = PluginInfo(name=pname, status="ok", source="registered at run time")
             self._register(plugin, pname, None, info)
             self._plugins[pname] = info
             return pname
 
-    def _register(self, plugin: object, pname: str, dist: str | None, info: PluginInfo) -> None:
+    def _register(
+        self,
+        plugin: object,
+        pname: str,
+        dist: str | None,
+        info: PluginInfo,
+        refuse_clashes: bool = False,
+    ) -> list[tuple[str, LayerEntry]]:
+        """Register ``plugin`` with pluggy and its layers in the table, or nothing at all.
+
+        With ``refuse_clashes`` (installed plugins) a layer name that is already
+        taken is left out and returned as ``(name, holder)``; otherwise it raises.
+        """
         if self.pm.get_plugin(pname) is not None:
             raise ValueError(f"an nnrt plugin named {pname!r} is already registered")
         try:
             self.pm.register(plugin, name=pname)
         except pluggy.PluginValidationError as exc:
+            self._forget(plugin, pname)  # pluggy < 1.7 leaves a rejected plugin half-registered
             raise PluginError(f"nnrt plugin {pname!r} has an invalid hook: {exc}") from exc
+        except BaseException:
+            self._forget(plugin, pname)
+            raise
+        refused: list[tuple[str, LayerEntry]] = []
         try:
             self._check_hooknames(plugin, pname)
-            staged = self._collect_layers(plugin, pname, dist)
+            staged = self._collect_layers(plugin, pname, dist, refused if refuse_clashes else None)
         except BaseException:
-            self.pm.unregister(plugin)
+            self._forget(plugin, pname)
             raise
+        if refused and not staged:
+            # every layer it offers belongs to another plugin: its other hooks
+            # (network checks, export) would act on layers it does not own
+            self._forget(plugin, pname)
+            info.status = "refused: " + ", ".join(
+                f"layer {n!r} belongs to plugin {h.plugin!r}" for n, h in refused
+            )
+        elif refused:
+            info.status = "ok; refused: " + ", ".join(
+                f"layer {n!r} (belongs to plugin {h.plugin!r})" for n, h in refused
+            )
         self._layers.update(staged)
         info.layers = sorted(staged)
+        return refused
+
+    def _forget(self, plugin: object, pname: str) -> None:
+        """Remove every trace of ``plugin`` from the plugin manager (any pluggy version)."""
+        try:
+            if self.pm.get_plugin(pname) is plugin or self.pm.is_registered(plugin):
+                self.pm.unregister(plugin=plugin)
+        except Exception:  # pragma: no cover - defensive: cleaned up below
+            pass
+        # pluggy < 1.7 may have added some hookimpls before rejecting one
+        for caller in list(vars(self.pm.hook).values()):
+            if not isinstance(caller, pluggy.HookCaller):
+                continue
+            if any(impl.plugin is plugin for impl in caller.get_hookimpls()):
+                caller._remove_plugin(plugin)
+        name2plugin = getattr(self.pm, "_name2plugin", None)
+        if isinstance(name2plugin, dict) and name2plugin.get(pname) is plugin:
+            del name2plugin[pname]
 
     def _check_hooknames(self, plugin: object, pname: str) -> None:
         # pluggy accepts a hookimpl whose name matches no spec; a typo like
@@ -194,13 +317,20 @@ class Registry:
         return [n for n in dir(hookspecs) if n.startswith("nnrt_")]
 
     def _collect_layers(
-        self, plugin: object, pname: str, dist: str | None
+        self,
+        plugin: object,
+        pname: str,
+        dist: str | None,
+        refused: list[tuple[str, LayerEntry]] | None = None,
     ) -> dict[str, LayerEntry]:
         staged: dict[str, LayerEntry] = {}
 
         def register(name: str, cls: type[Layer], /) -> None:
             self._validate_layer(pname, name, cls)
             clash = self._layers.get(name) or staged.get(name)
+            if clash is not None and refused is not None and clash.plugin != pname:
+                refused.append((name, clash))
+                return
             if clash is not None:
                 raise ValueError(
                     f"nnrt plugin {pname!r} registers layer name {name!r}, which plugin "
@@ -268,6 +398,11 @@ class Registry:
     def plugins(self) -> dict[str, PluginInfo]:
         self.ensure_loaded()
         return dict(self._plugins)
+
+    def refused_plugins(self) -> list[PluginInfo]:
+        """Installed entry points not loaded because another plugin holds their name."""
+        self.ensure_loaded()
+        return list(self._refused)
 
     def get(self, name: str) -> LayerEntry:
         self.ensure_loaded()

@@ -2,7 +2,10 @@
 
 ``gradcheck(layer, X)`` compares ``backward`` (dX and every parameter gradient)
 with central differences of ``L = sum(forward(X, training=True) * R)`` for a
-fixed random projection ``R``, in float64.
+fixed random projection ``R``, in float64. ``R`` and the inputs ``check_layer``
+makes come from independent random streams (never the same numbers), and the
+tolerance includes the rounding floor of the finite difference, which grows
+with the magnitudes summed into ``L`` (so wide layers do not fail spuriously).
 
 ``check_layer(factory, in_features)`` runs the checks every built-in layer
 passes: forward shapes and dtypes, params/grads agreement, backward shape,
@@ -24,6 +27,16 @@ import numpy as np
 __all__ = ["check_layer", "gradcheck"]
 
 _SEED = 20240611
+# independent streams (numpy SeedSequence with distinct spawn keys): the inputs
+# check_layer makes, gradcheck's projection R, dY for backward checks, ...
+_STREAM_X, _STREAM_R, _STREAM_DY, _STREAM_STATE, _STREAM_INT = range(5)
+# central differences lose about this many ulps of the sum L (each term's own
+# rounding plus the summation); a safety factor over what was observed at width 512
+_FD_ROUNDING_ULPS = 16.0
+
+
+def _rng(stream: int) -> np.random.Generator:
+    return np.random.default_rng(np.random.SeedSequence(_SEED, spawn_key=(stream,)))
 
 
 class LayerLike(Protocol):
@@ -91,6 +104,8 @@ class _Worst:
     analytic: float = 0.0
     numeric: float = 0.0
 
+    floor: float = 0.0
+
     def update(
         self,
         where: str,
@@ -98,9 +113,10 @@ class _Worst:
         numeric: np.ndarray,
         rtol: float,
         atol: float,
+        floor: float = 0.0,
     ) -> None:
         with np.errstate(divide="ignore", invalid="ignore"):
-            ratio = np.abs(analytic - numeric) / (atol + rtol * np.abs(numeric))
+            ratio = np.abs(analytic - numeric) / (atol + floor + rtol * np.abs(numeric))
         ratio = np.where(np.isnan(ratio), np.inf, ratio)  # NaN in either: a failure
         if ratio.size == 0:
             return
@@ -110,6 +126,7 @@ class _Worst:
             idx = tuple(int(i) for i in np.unravel_index(flat, ratio.shape))
             self.ratio, self.where, self.index = r, where, idx
             self.analytic, self.numeric = float(analytic[idx]), float(numeric[idx])
+            self.floor = floor
 
 
 def gradcheck(
@@ -126,8 +143,13 @@ def gradcheck(
     ``L = sum(forward(X, training=True) * R)``, the analytic ``dX = backward(R)``
     and every parameter gradient from ``grads()`` are compared with
     ``(L(x + eps) - L(x - eps)) / (2 eps)`` for every entry of X and of each
-    parameter (perturbed in place and restored exactly). An entry passes when
-    ``|analytic - numeric| <= atol + rtol * |numeric|``.
+    parameter (perturbed in place and restored exactly). ``R`` is drawn from
+    its own seeded stream, independent of any X the caller drew. An entry passes
+    when ``|analytic - numeric| <= atol + floor + rtol * |numeric|``, where
+    ``floor = 16 * machine_eps * sum(|Y * R|) / eps`` is the rounding error of
+    the central difference itself: L sums every output, so its last bits (and
+    the difference quotient's) scale with that sum, i.e. with the width and
+    batch. A wrong gradient (a factor off, a sum left out) is off by far more.
 
     ``buffers()`` are saved and restored around every forward, so layers that
     update running statistics in training (BatchNorm) see the same state each
@@ -154,7 +176,9 @@ def gradcheck(
             f"gradcheck({name}): forward on float64 input must return a float64 array, "
             f"got {getattr(Y, 'dtype', type(Y).__name__)}"
         )
-    R = np.random.default_rng(_SEED).standard_normal(Y.shape)
+    R = _rng(_STREAM_R).standard_normal(Y.shape)
+    floor = _FD_ROUNDING_ULPS * float(np.finfo(np.float64).eps) * float(np.sum(np.abs(Y * R)))
+    floor /= eps
 
     def loss() -> float:
         return float(np.vdot(forward(), R))
@@ -175,9 +199,10 @@ def gradcheck(
         )
 
     worst = _Worst()
-    worst.update("dX", dX, _numeric_grad(X, loss, eps), rtol, atol)
+    worst.update("dX", dX, _numeric_grad(X, loss, eps), rtol, atol, floor)
     for key, p in params.items():
-        worst.update(f"grad of {key!r}", grads[key], _numeric_grad(p, loss, eps), rtol, atol)
+        numeric = _numeric_grad(p, loss, eps)
+        worst.update(f"grad of {key!r}", grads[key], numeric, rtol, atol, floor)
     forward()  # leave the cache of a training forward on the unperturbed input
     _restore(layer, saved)
     if worst.ratio > 1.0:
@@ -185,7 +210,8 @@ def gradcheck(
             f"gradcheck({name}): {worst.where}{list(worst.index)} analytic "
             f"{worst.analytic!r} vs numeric {worst.numeric!r} "
             f"(|diff| {abs(worst.analytic - worst.numeric):.3g} exceeds "
-            f"atol + rtol*|numeric| = {atol + rtol * abs(worst.numeric):.3g})"
+            f"atol + rounding floor + rtol*|numeric| = "
+            f"{atol + worst.floor + rtol * abs(worst.numeric):.3g})"
         )
     return True
 
@@ -202,8 +228,8 @@ class _Ctx:
     dY_rng: np.random.Generator = field(init=False)
 
     def __post_init__(self) -> None:
-        self.X = np.random.default_rng(_SEED).standard_normal((self.batch, self.in_features))
-        self.dY_rng = np.random.default_rng(_SEED + 1)
+        self.X = _rng(_STREAM_X).standard_normal((self.batch, self.in_features))
+        self.dY_rng = _rng(_STREAM_DY)
 
     def fresh(self) -> LayerLike:
         """A new float64 layer from the factory."""
@@ -328,7 +354,7 @@ def _check_config(ctx: _Ctx) -> None:
 
 def _check_state_roundtrip(ctx: _Ctx) -> None:
     src = ctx.fresh()
-    rng = np.random.default_rng(_SEED + 2)
+    rng = _rng(_STREAM_STATE)
     # move buffers (running statistics) away from their initial values, then params
     for shift in (0.5, -1.0):
         src.forward(ctx.X * 1.5 + shift, training=True)
@@ -357,7 +383,7 @@ def _check_float32(ctx: _Ctx) -> None:
             if a.dtype != np.float32:
                 raise AssertionError(f"after to_dtype('float32') {get}()[{k!r}] is {a.dtype}")
     _copy_state(ref, layer)
-    X_int = np.random.default_rng(_SEED + 3).integers(-3, 4, size=ctx.X.shape)
+    X_int = _rng(_STREAM_INT).integers(-3, 4, size=ctx.X.shape)
     shape = (ctx.batch, ctx.out_width(layer))
     for label, X in (("float64", ctx.X), ("int64", X_int)):
         want = ref.forward(X.astype(np.float64), training=False)

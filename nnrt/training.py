@@ -24,17 +24,15 @@ once per ``fit``; forward outputs are buffers the next call reuses, so
 
 from __future__ import annotations
 
-import functools
 import math
 import sys
-import threading
-import weakref
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from nnrt._locks import serialised, state_lock
 from nnrt.warnings import TrainingWarning, warn_user
 
 if TYPE_CHECKING:
@@ -377,52 +375,10 @@ class _Snapshot:
 
 
 # ---------------------------------------------------------------- thread safety
-# Layers reuse their output buffers (BatchNorm its scratch too) and the kernels
-# release the GIL, so two threads inside forward() of one network would overwrite
-# each other's results. predict/evaluate/fit hold a per-network re-entrant lock
-# (callbacks may predict inside fit); a second fit on a network that is already
-# training raises instead of waiting. Locks live in a weak dictionary, not on the
-# network, so copying or pickling a network is unaffected. (docs/reliability.md)
-_P = ParamSpec("_P")
-_R = TypeVar("_R")
-_LOCKS: weakref.WeakKeyDictionary[Any, tuple[Any, Any]] = weakref.WeakKeyDictionary()
-_LOCKS_GUARD = threading.Lock()
-
-
-def network_locks(net: Sequential) -> tuple[Any, Any]:
-    """``(inference RLock, training Lock)`` of ``net``, created on first use."""
-    with _LOCKS_GUARD:
-        locks = _LOCKS.get(net)
-        if locks is None:
-            locks = _LOCKS[net] = (threading.RLock(), threading.Lock())
-        return locks
-
-
-def _serialised(exclusive: bool) -> Callable[[Callable[_P, _R]], Callable[_P, _R]]:
-    """Run the function holding its network's lock; ``exclusive``: refuse a second fit."""
-
-    def deco(fn: Callable[_P, _R]) -> Callable[_P, _R]:
-        @functools.wraps(fn)
-        def wrapper(*args: _P.args, **kwargs: _P.kwargs) -> _R:
-            net = args[0] if args else kwargs["net"]
-            lock, training = network_locks(net)  # type: ignore[arg-type]
-            if exclusive and not training.acquire(blocking=False):
-                raise RuntimeError(
-                    f"{fn.__name__}: this network is already being trained (by another "
-                    f"thread, or from a callback of its own fit); training one network "
-                    f"from two threads at once would corrupt its weights. Wait for the "
-                    f"first fit, or train a copy (save it and nnrt.load the file)."
-                )
-            try:
-                with lock:
-                    return fn(*args, **kwargs)
-            finally:
-                if exclusive:
-                    training.release()
-
-        return wrapper
-
-    return deco
+# predict/evaluate hold the network's state lock for the whole call; fit holds the
+# training lock for the whole call and the state lock for each step (nnrt/_locks.py,
+# docs/reliability.md).
+_serialised = serialised
 
 
 # ---------------------------------------------------------------- inference
@@ -631,24 +587,28 @@ def fit(
                 m = idx.shape[0]
                 Xb = np.take(Xa, idx, axis=0, out=Xbuf[:m])
                 yb = np.take(ya, idx, axis=0, out=ybuf[:m])
-                snapshot.take()
-                Y = net.forward(Xb, training=True)
-                value, dY = _call_loss(loss_fn, Y, yb, loss_name)
-                if not math.isfinite(value):
-                    # the weights before the previous step gave the last finite loss
-                    snapshot.restore("previous" if step_index > 0 else "last")
-                    raise FloatingPointError(
-                        f"fit: the loss became {value} at epoch {epoch}, batch {b} "
-                        f"(step {step_index}; loss {loss_name!r}, optimizer "
-                        f"{type(optimizer).__name__}); the network keeps the weights of "
-                        f"the last finite loss. Lower the learning rate or check the data "
-                        f"scale."
-                    )
-                if classes:
-                    correct += _n_correct(Y, yb)
-                total += value * m
-                net.backward(dY)
-                optimizer.step()
+                # NOTE: one whole step under the state lock (looked up per step: a
+                # forked child gets a new one), so another thread's save, state_dict,
+                # predict or load_state_dict sees the weights between two steps.
+                with state_lock(net):
+                    snapshot.take()
+                    Y = net.forward(Xb, training=True)
+                    value, dY = _call_loss(loss_fn, Y, yb, loss_name)
+                    if not math.isfinite(value):
+                        # the weights before the previous step gave the last finite loss
+                        snapshot.restore("previous" if step_index > 0 else "last")
+                        raise FloatingPointError(
+                            f"fit: the loss became {value} at epoch {epoch}, batch {b} "
+                            f"(step {step_index}; loss {loss_name!r}, optimizer "
+                            f"{type(optimizer).__name__}); the network keeps the weights "
+                            f"of the last finite loss. Lower the learning rate or check "
+                            f"the data scale."
+                        )
+                    if classes:
+                        correct += _n_correct(Y, yb)
+                    total += value * m
+                    net.backward(dY)
+                    optimizer.step()
                 step_index += 1
                 if bar is not None:
                     bar.update(1)

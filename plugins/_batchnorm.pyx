@@ -28,7 +28,8 @@ Nothing is allocated per call once the batch size is known.
 import numpy as np
 cimport numpy as cnp
 
-from nnrt.layer cimport Layer, NNRT_ABI_VERSION, _unaliased, reuse_buffer
+from nnrt.layer cimport (LAYER_BUILT, LAYER_FROZEN, NNRT_ABI_VERSION, Layer, cache_input,
+                         check_array, grad_as, overlaps, reuse_buffer, unaliased)
 
 from nnrt._validate import batchnorm_config
 from nnrt.layer import check_abi
@@ -92,11 +93,11 @@ cdef extern from "nnrt/_vmath.h" nogil:
                           const double* c, Py_ssize_t n, Py_ssize_t f)
 
 
-cdef inline void* _data(object arr) noexcept:
+cdef inline void* _data(cnp.ndarray arr) noexcept:
     # data pointer of an ndarray, NULL for None
     if arr is None:
         return NULL
-    return cnp.PyArray_DATA(<cnp.ndarray>arr)
+    return cnp.PyArray_DATA(arr)
 
 
 cdef class BatchNorm(Layer):
@@ -107,26 +108,36 @@ cdef class BatchNorm(Layer):
     mean and biased variance and updates the running statistics with
     ``momentum`` (unbiased variance); eval uses the running statistics.
     A training batch of one sample raises ValueError (its variance is 0).
+    ``in_features``, ``out_features`` and ``dtype`` are read-only.
     """
 
-    cdef readonly object num_features
+    # the width the kernels use is Layer._n_in (== _n_out), set once by __init__
     cdef readonly double momentum, eps
     cdef cnp.ndarray gamma, beta, dgamma, dbeta, running_mean, running_var
-    # float64 per-feature scratch: mean, invstd of the last training batch;
-    # scale/shift for the affine pass; two backward accumulators
-    cdef cnp.ndarray _mean, _invstd, _var, _scale, _shift, _acc1, _acc2
-    # the same in the layer's dtype: batch mean, affine scale, backward a/b/c
+    # float64 per-feature scratch: mean, var, invstd of the last training batch;
+    # two backward accumulators
+    cdef cnp.ndarray _mean, _invstd, _var, _acc1, _acc2
+    # the same in the layer's dtype: batch mean, affine scale/shift, backward a/b/c
     cdef cnp.ndarray _mean_t, _scale_t, _shift_t, _a_t, _b_t, _c_t
-    cdef object _X, _Y_train, _Y_eval, _dX
+    # input of the last training forward (a private copy of the caller's X, or the
+    # previous built-in layer's output) and its batch size (-1: none)
+    cdef cnp.ndarray _X
+    cdef Py_ssize_t _rows
+    cdef object _Y_train, _Y_eval, _dX, _Xcopy
+
+    def __cinit__(self, *args, **kwargs):
+        # even an instance made with BatchNorm.__new__ refuses width/dtype assignment
+        self._flags |= LAYER_FROZEN
+        self._rows = -1
 
     def __init__(self, num_features, momentum=0.1, eps=1e-5):
         n, momentum, eps = batchnorm_config("BatchNorm", num_features, momentum, eps)
-        self.num_features = n
-        self.in_features = n
-        self.out_features = n
+        self._flags &= ~LAYER_BUILT
+        self._n_in = n
+        self._n_out = n
         self.momentum = momentum
         self.eps = eps
-        self.dtype = np.float64
+        self._set_dtype(np.float64)
         self.gamma = np.ones(n)
         self.beta = np.zeros(n)
         self.dgamma = np.zeros(n)
@@ -136,15 +147,21 @@ cdef class BatchNorm(Layer):
         self._mean = np.zeros(n)
         self._invstd = np.zeros(n)
         self._var = np.zeros(n)
-        self._scale = np.zeros(n)
-        self._shift = np.zeros(n)
         self._acc1 = np.zeros(n)
         self._acc2 = np.zeros(n)
-        self._alloc_scratch()
+        self._alloc_scratch(np.float64)
+        self._X = None
+        self._rows = -1
+        self._Y_train = self._Y_eval = self._dX = self._Xcopy = None
+        self._flags |= LAYER_BUILT
 
-    def _alloc_scratch(self):
-        n = self.num_features
-        dt = self._dtype
+    @property
+    def num_features(self):
+        """Width of the input and output (None only for an instance never initialised)."""
+        return None if self._n_in < 0 else self._n_in
+
+    def _alloc_scratch(self, dt):
+        n = self._n_in
         self._mean_t = np.zeros(n, dtype=dt)
         self._scale_t = np.zeros(n, dtype=dt)
         self._shift_t = np.zeros(n, dtype=dt)
@@ -154,101 +171,128 @@ cdef class BatchNorm(Layer):
 
     def reset_parameters(self, rng=None):
         """gamma = 1, beta = 0, running_mean = 0, running_var = 1 (no randomness)."""
+        self._check_built()
         self.gamma[...] = 1
         self.beta[...] = 0
         self.running_mean[...] = 0
         self.running_var[...] = 1
 
     cpdef dict params(self):
+        self._check_built()
         return {"gamma": self.gamma, "beta": self.beta}
 
     cpdef dict grads(self):
+        self._check_built()
         return {"gamma": self.dgamma, "beta": self.dbeta}
 
     cpdef dict buffers(self):
+        self._check_built()
         return {"running_mean": self.running_mean, "running_var": self.running_var}
 
     cpdef dict config(self):
-        return {"num_features": self.num_features, "momentum": self.momentum, "eps": self.eps}
+        self._check_built()
+        return {"num_features": self._n_in, "momentum": self.momentum, "eps": self.eps}
 
     cpdef object to_dtype(self, object dtype):
-        self.dtype = dtype
-        dt = self._dtype
+        self._check_built()
+        dt = np.dtype(dtype)
+        if dt != np.float32 and dt != np.float64:
+            raise TypeError(f"{type(self).__name__}: dtype must be float32 or float64, got {dt}")
+        # the layer is not runnable while its arrays are of mixed dtypes
+        self._flags &= ~LAYER_BUILT
+        self._set_dtype(dt)
         self.gamma = np.ascontiguousarray(self.gamma, dtype=dt)
         self.beta = np.ascontiguousarray(self.beta, dtype=dt)
         self.dgamma = np.ascontiguousarray(self.dgamma, dtype=dt)
         self.dbeta = np.ascontiguousarray(self.dbeta, dtype=dt)
         self.running_mean = np.ascontiguousarray(self.running_mean, dtype=dt)
         self.running_var = np.ascontiguousarray(self.running_var, dtype=dt)
-        self._alloc_scratch()
-        self._X = self._Y_train = self._Y_eval = self._dX = None
+        self._alloc_scratch(dt)
+        self._X = None
+        self._rows = -1
+        self._Y_train = self._Y_eval = self._dX = self._Xcopy = None
+        self._flags |= LAYER_BUILT
         return self
 
-    cdef void _fold_train(self, Py_ssize_t n) noexcept:
-        # per-feature constants of a training forward from the batch statistics,
-        # and the running-statistics update (unbiased variance, as torch)
-        cdef Py_ssize_t f = self.num_features
-        cdef double* mean = <double*>cnp.PyArray_DATA(self._mean)
-        cdef double* var = <double*>cnp.PyArray_DATA(self._var)
-        cdef double* invstd = <double*>cnp.PyArray_DATA(self._invstd)
-        if self._typenum == cnp.NPY_FLOAT32:
-            nnrt_bn_fold_train_f(f, n, self.momentum, self.eps, mean, var, invstd,
-                                 <float*>_data(self.gamma), <float*>_data(self.beta),
-                                 <float*>_data(self._scale_t), <float*>_data(self._mean_t),
-                                 <float*>_data(self._shift_t), <float*>_data(self.running_mean),
-                                 <float*>_data(self.running_var))
-        else:
-            nnrt_bn_fold_train_d(f, n, self.momentum, self.eps, mean, var, invstd,
-                                 <double*>_data(self.gamma), <double*>_data(self.beta),
-                                 <double*>_data(self._scale_t), <double*>_data(self._mean_t),
-                                 <double*>_data(self._shift_t),
-                                 <double*>_data(self.running_mean),
-                                 <double*>_data(self.running_var))
-
-    cdef void _fold_eval(self) noexcept:
-        cdef Py_ssize_t f = self.num_features
-        if self._typenum == cnp.NPY_FLOAT32:
-            nnrt_bn_fold_eval_f(f, self.eps, <float*>_data(self.gamma),
-                                <float*>_data(self.running_var), <float*>_data(self._scale_t))
-        else:
-            nnrt_bn_fold_eval_d(f, self.eps, <double*>_data(self.gamma),
-                                <double*>_data(self.running_var), <double*>_data(self._scale_t))
-
-    cdef void _forward_into(self, cnp.ndarray Xa, bint training, cnp.ndarray Y,
-                            bint sig) noexcept:
+    cdef int _forward_into(self, cnp.ndarray Xa, bint training, cnp.ndarray Y,
+                           bint sig) except -1:
         # batch statistics (training) or running statistics (eval), then the affine
-        # pass into Y, followed by the sigmoid in the same sweep when sig is set
+        # pass into Y, followed by the sigmoid in the same sweep when sig is set.
+        # NOTE: every array is taken into a local (another thread may replace the
+        # layer's arrays while the kernels run without the GIL) and checked against
+        # the C width and dtype after the last Python call.
         cdef Py_ssize_t n = cnp.PyArray_DIM(Xa, 0)
-        cdef Py_ssize_t f = cnp.PyArray_DIM(Xa, 1)
-        cdef cnp.ndarray center, shift
-        cdef double* mean = <double*>cnp.PyArray_DATA(self._mean)
-        cdef double* var = <double*>cnp.PyArray_DATA(self._var)
-        if training:
-            if self._typenum == cnp.NPY_FLOAT32:
-                with nogil:
-                    nnrt_bn_stats_f(<float*>cnp.PyArray_DATA(Xa), n, f, mean, var)
-            else:
-                with nogil:
-                    nnrt_bn_stats_d(<double*>cnp.PyArray_DATA(Xa), n, f, mean, var)
-            self._fold_train(n)
-            center = self._mean_t
-            shift = self._shift_t
-        else:
-            self._fold_eval()
-            center = self.running_mean
-            shift = self.beta
-        if self._typenum == cnp.NPY_FLOAT32:
+        cdef Py_ssize_t f = self._n_in
+        cdef int t = self._typenum
+        cdef double momentum = self.momentum, eps = self.eps
+        cdef cnp.ndarray gamma = self.gamma, beta = self.beta
+        cdef cnp.ndarray rmean = self.running_mean, rvar = self.running_var
+        cdef cnp.ndarray mean = self._mean, var = self._var, invstd = self._invstd
+        cdef cnp.ndarray mean_t = self._mean_t, scale_t = self._scale_t
+        cdef cnp.ndarray shift_t = self._shift_t
+        check_array(self, Xa, "input", n, f, t, False)
+        check_array(self, Y, "output buffer", n, f, t, True)
+        check_array(self, gamma, "gamma", f, -1, t, False)
+        check_array(self, beta, "beta", f, -1, t, False)
+        check_array(self, rmean, "running_mean", f, -1, t, training)
+        check_array(self, rvar, "running_var", f, -1, t, training)
+        check_array(self, mean, "batch mean", f, -1, cnp.NPY_FLOAT64, True)
+        check_array(self, var, "batch variance", f, -1, cnp.NPY_FLOAT64, True)
+        check_array(self, invstd, "batch invstd", f, -1, cnp.NPY_FLOAT64, True)
+        check_array(self, mean_t, "batch mean", f, -1, t, True)
+        check_array(self, scale_t, "scale", f, -1, t, True)
+        check_array(self, shift_t, "shift", f, -1, t, True)
+        cdef void* x = cnp.PyArray_DATA(Xa)
+        cdef void* y = cnp.PyArray_DATA(Y)
+        cdef double* m = <double*>cnp.PyArray_DATA(mean)
+        cdef double* v = <double*>cnp.PyArray_DATA(var)
+        cdef double* istd = <double*>cnp.PyArray_DATA(invstd)
+        cdef void* pg = _data(gamma)
+        cdef void* pb = _data(beta)
+        cdef void* prm = _data(rmean)
+        cdef void* prv = _data(rvar)
+        cdef void* pmt = _data(mean_t)
+        cdef void* psc = _data(scale_t)
+        cdef void* psh = _data(shift_t)
+        cdef void* center
+        cdef void* shift
+        if t == cnp.NPY_FLOAT32:
             with nogil:
-                nnrt_bn_affine_f(<float*>cnp.PyArray_DATA(Xa), <float*>cnp.PyArray_DATA(Y), n, f,
-                                 <float*>cnp.PyArray_DATA(center),
-                                 <float*>cnp.PyArray_DATA(self._scale_t),
-                                 <float*>cnp.PyArray_DATA(shift), sig)
+                if training:
+                    nnrt_bn_stats_f(<float*>x, n, f, m, v)
+                    nnrt_bn_fold_train_f(f, n, momentum, eps, m, v, istd,
+                                         <float*>pg, <float*>pb,
+                                         <float*>psc, <float*>pmt,
+                                         <float*>psh, <float*>prm,
+                                         <float*>prv)
+                    center = pmt
+                    shift = psh
+                else:
+                    nnrt_bn_fold_eval_f(f, eps, <float*>pg, <float*>prv,
+                                        <float*>psc)
+                    center = prm
+                    shift = pb
+                nnrt_bn_affine_f(<float*>x, <float*>y, n, f, <float*>center,
+                                 <float*>psc, <float*>shift, sig)
         else:
             with nogil:
-                nnrt_bn_affine_d(<double*>cnp.PyArray_DATA(Xa), <double*>cnp.PyArray_DATA(Y),
-                                 n, f, <double*>cnp.PyArray_DATA(center),
-                                 <double*>cnp.PyArray_DATA(self._scale_t),
-                                 <double*>cnp.PyArray_DATA(shift), sig)
+                if training:
+                    nnrt_bn_stats_d(<double*>x, n, f, m, v)
+                    nnrt_bn_fold_train_d(f, n, momentum, eps, m, v, istd,
+                                         <double*>pg, <double*>pb,
+                                         <double*>psc, <double*>pmt,
+                                         <double*>psh, <double*>prm,
+                                         <double*>prv)
+                    center = pmt
+                    shift = psh
+                else:
+                    nnrt_bn_fold_eval_d(f, eps, <double*>pg, <double*>prv,
+                                        <double*>psc)
+                    center = prm
+                    shift = pb
+                nnrt_bn_affine_d(<double*>x, <double*>y, n, f, <double*>center,
+                                 <double*>psc, <double*>shift, sig)
+        return 0
 
     cdef int _check_train_batch(self, cnp.ndarray Xa) except -1:
         if cnp.PyArray_DIM(Xa, 0) < 2:
@@ -259,89 +303,117 @@ cdef class BatchNorm(Layer):
         return 0
 
     cpdef object forward(self, object X, bint training=False):
+        return self._forward_from(X, training, False)
+
+    cdef object _forward_from(self, object X, bint training, bint trusted):
+        self._check_built()
         cdef cnp.ndarray Xa = self.prepare_input(X)
         cdef Py_ssize_t n = cnp.PyArray_DIM(Xa, 0)
-        cdef Py_ssize_t f = cnp.PyArray_DIM(Xa, 1)
-        cdef cnp.ndarray Y
+        cdef Py_ssize_t f = self._n_in
+        cdef cnp.ndarray Y, Xc
         if training:
             self._check_train_batch(Xa)
+            Xc = cache_input(X, Xa, self._Xcopy, trusted)
+            if Xc is not Xa:
+                self._Xcopy = Xc
             # the cached X must survive this forward: never write Y over it
-            Y = reuse_buffer(_unaliased(self._Y_train, Xa), n, f, self._typenum)
+            Y = reuse_buffer(unaliased(self._Y_train, Xa), n, f, self._typenum)
             self._Y_train = Y
-            self._X = Xa
+            self._X = Xc
+            self._rows = n
         else:
-            Y = reuse_buffer(_unaliased(self._Y_eval, Xa), n, f, self._typenum)
+            Y = reuse_buffer(unaliased(self._Y_eval, Xa), n, f, self._typenum)
             self._Y_eval = Y
         self._forward_into(Xa, training, Y, False)
         return Y
 
-    cdef void _fold_backward(self, Py_ssize_t n) noexcept:
+    cdef int _backward_into(self, cnp.ndarray X, cnp.ndarray dYa, cnp.ndarray S,
+                            cnp.ndarray dX) except -1:
+        # two sweeps: float64 sums, then dX; with S (a following sigmoid's cached
+        # output) dYa is the gradient of the sigmoid's output instead of this layer's.
         # dbeta = sum dy; dgamma = sum dy * xhat = invstd * sum dy (x - mean);
         # dx = a dy + c (x - mean) + b with a = gamma invstd, b = -a mean(dy),
         # c = -a invstd mean(dy xhat). NOTE: the sums pass centred x on mean_t (the
         # dtype-rounded mean): sum dy (x - mean) = sum dy (x - mean_t) + (mean_t - mean) sum dy
-        cdef Py_ssize_t f = self.num_features
-        cdef double* invstd = <double*>cnp.PyArray_DATA(self._invstd)
-        cdef double* s1 = <double*>cnp.PyArray_DATA(self._acc1)
-        cdef double* s2 = <double*>cnp.PyArray_DATA(self._acc2)
-        cdef double* mean = <double*>cnp.PyArray_DATA(self._mean)
-        if self._typenum == cnp.NPY_FLOAT32:
-            nnrt_bn_fold_backward_f(f, n, mean, invstd, s1, s2, <float*>_data(self._mean_t),
-                                    <float*>_data(self.gamma), <float*>_data(self.dgamma),
-                                    <float*>_data(self.dbeta), <float*>_data(self._a_t),
-                                    <float*>_data(self._b_t), <float*>_data(self._c_t))
-        else:
-            nnrt_bn_fold_backward_d(f, n, mean, invstd, s1, s2, <double*>_data(self._mean_t),
-                                    <double*>_data(self.gamma), <double*>_data(self.dgamma),
-                                    <double*>_data(self.dbeta), <double*>_data(self._a_t),
-                                    <double*>_data(self._b_t), <double*>_data(self._c_t))
-
-    cdef void _backward_into(self, cnp.ndarray X, cnp.ndarray dYa, object S,
-                             cnp.ndarray dX) noexcept:
-        # two sweeps: float64 sums, then dX; with S (a following sigmoid's cached
-        # output) dYa is the gradient of the sigmoid's output instead of this layer's
-        cdef Py_ssize_t n = cnp.PyArray_DIM(X, 0)
-        cdef Py_ssize_t f = cnp.PyArray_DIM(X, 1)
-        cdef double* a1 = <double*>cnp.PyArray_DATA(self._acc1)
-        cdef double* a2 = <double*>cnp.PyArray_DATA(self._acc2)
+        cdef Py_ssize_t n = self._rows
+        cdef Py_ssize_t f = self._n_in
+        cdef int t = self._typenum
+        cdef cnp.ndarray gamma = self.gamma, dgamma = self.dgamma, dbeta = self.dbeta
+        cdef cnp.ndarray mean = self._mean, invstd = self._invstd
+        cdef cnp.ndarray acc1 = self._acc1, acc2 = self._acc2
+        cdef cnp.ndarray mean_t = self._mean_t, a_t = self._a_t, b_t = self._b_t
+        cdef cnp.ndarray c_t = self._c_t
+        check_array(self, X, "cached input (of the last training forward)", n, f, t, False)
+        check_array(self, dYa, "gradient", n, f, t, False)
+        if S is not None:
+            check_array(self, S, "following sigmoid's cached output", n, f, t, False)
+        check_array(self, dX, "input-gradient buffer", n, f, t, True)
+        check_array(self, gamma, "gamma", f, -1, t, False)
+        check_array(self, dgamma, "gamma gradient", f, -1, t, True)
+        check_array(self, dbeta, "beta gradient", f, -1, t, True)
+        check_array(self, mean, "batch mean", f, -1, cnp.NPY_FLOAT64, False)
+        check_array(self, invstd, "batch invstd", f, -1, cnp.NPY_FLOAT64, False)
+        check_array(self, acc1, "accumulator", f, -1, cnp.NPY_FLOAT64, True)
+        check_array(self, acc2, "accumulator", f, -1, cnp.NPY_FLOAT64, True)
+        check_array(self, mean_t, "batch mean", f, -1, t, False)
+        check_array(self, a_t, "scratch", f, -1, t, True)
+        check_array(self, b_t, "scratch", f, -1, t, True)
+        check_array(self, c_t, "scratch", f, -1, t, True)
+        cdef void* x = cnp.PyArray_DATA(X)
+        cdef void* dy = cnp.PyArray_DATA(dYa)
         cdef void* sp = _data(S)
-        if self._typenum == cnp.NPY_FLOAT32:
+        cdef void* dx = cnp.PyArray_DATA(dX)
+        cdef double* s1 = <double*>cnp.PyArray_DATA(acc1)
+        cdef double* s2 = <double*>cnp.PyArray_DATA(acc2)
+        cdef double* m = <double*>cnp.PyArray_DATA(mean)
+        cdef double* istd = <double*>cnp.PyArray_DATA(invstd)
+        cdef void* pmt = _data(mean_t)
+        cdef void* pg = _data(gamma)
+        cdef void* pdg = _data(dgamma)
+        cdef void* pdb = _data(dbeta)
+        cdef void* pa = _data(a_t)
+        cdef void* pbb = _data(b_t)
+        cdef void* pc = _data(c_t)
+        if t == cnp.NPY_FLOAT32:
             with nogil:
-                nnrt_bn_bwd_sums_f(<float*>cnp.PyArray_DATA(X), <float*>cnp.PyArray_DATA(dYa),
-                                   <float*>sp, <float*>cnp.PyArray_DATA(self._mean_t),
-                                   a1, a2, n, f)
+                nnrt_bn_bwd_sums_f(<float*>x, <float*>dy, <float*>sp, <float*>pmt,
+                                   s1, s2, n, f)
+                nnrt_bn_fold_backward_f(f, n, m, istd, s1, s2, <float*>pmt,
+                                        <float*>pg, <float*>pdg,
+                                        <float*>pdb, <float*>pa,
+                                        <float*>pbb, <float*>pc)
+                nnrt_bn_bwd_dx_f(<float*>x, <float*>dy, <float*>sp, <float*>dx,
+                                 <float*>pmt, <float*>pa,
+                                 <float*>pbb, <float*>pc, n, f)
         else:
             with nogil:
-                nnrt_bn_bwd_sums_d(<double*>cnp.PyArray_DATA(X),
-                                   <double*>cnp.PyArray_DATA(dYa), <double*>sp,
-                                   <double*>cnp.PyArray_DATA(self._mean_t), a1, a2, n, f)
-        self._fold_backward(n)
-        if self._typenum == cnp.NPY_FLOAT32:
-            with nogil:
-                nnrt_bn_bwd_dx_f(<float*>cnp.PyArray_DATA(X), <float*>cnp.PyArray_DATA(dYa),
-                                 <float*>sp, <float*>cnp.PyArray_DATA(dX),
-                                 <float*>cnp.PyArray_DATA(self._mean_t),
-                                 <float*>cnp.PyArray_DATA(self._a_t),
-                                 <float*>cnp.PyArray_DATA(self._b_t),
-                                 <float*>cnp.PyArray_DATA(self._c_t), n, f)
-        else:
-            with nogil:
-                nnrt_bn_bwd_dx_d(<double*>cnp.PyArray_DATA(X), <double*>cnp.PyArray_DATA(dYa),
-                                 <double*>sp, <double*>cnp.PyArray_DATA(dX),
-                                 <double*>cnp.PyArray_DATA(self._mean_t),
-                                 <double*>cnp.PyArray_DATA(self._a_t),
-                                 <double*>cnp.PyArray_DATA(self._b_t),
-                                 <double*>cnp.PyArray_DATA(self._c_t), n, f)
+                nnrt_bn_bwd_sums_d(<double*>x, <double*>dy, <double*>sp,
+                                   <double*>pmt, s1, s2, n, f)
+                nnrt_bn_fold_backward_d(f, n, m, istd, s1, s2, <double*>pmt,
+                                        <double*>pg, <double*>pdg,
+                                        <double*>pdb, <double*>pa,
+                                        <double*>pbb, <double*>pc)
+                nnrt_bn_bwd_dx_d(<double*>x, <double*>dy, <double*>sp, <double*>dx,
+                                 <double*>pmt, <double*>pa,
+                                 <double*>pbb, <double*>pc, n, f)
+        return 0
+
+    cdef cnp.ndarray _grad_for_kernel(self, object dY):
+        # dY as a (rows, f) array of the dtype recorded at forward; a copy when it
+        # shares memory with a gradient the kernel writes (e.g. a view of dbeta)
+        cdef cnp.ndarray dYa = grad_as(self, dY, self._rows, self._n_in, self._typenum)
+        if overlaps(dYa, self.dgamma) or overlaps(dYa, self.dbeta):
+            dYa = dYa.copy()
+        return dYa
 
     cpdef object backward(self, object dY):
-        if self._X is None:
+        self._check_built()
+        if self._rows < 0 or self._X is None:
             raise self._no_forward_error()
-        cdef cnp.ndarray X = <cnp.ndarray>self._X
-        # the output of the last training forward has X's shape and dtype (a fused
-        # forward inside Sequential does not write this layer's own output buffer)
-        cdef cnp.ndarray dYa = self.prepare_grad(dY, X)
-        cdef cnp.ndarray dX = reuse_buffer(_unaliased(self._dX, dYa), cnp.PyArray_DIM(X, 0),
-                                           cnp.PyArray_DIM(X, 1), self._typenum)
+        cdef cnp.ndarray X = self._X
+        cdef cnp.ndarray dYa = self._grad_for_kernel(dY)
+        cdef cnp.ndarray dX = reuse_buffer(unaliased(self._dX, dYa), self._rows,
+                                           self._n_in, self._typenum)
         self._dX = dX
         self._backward_into(X, dYa, None, dX)
         return dX
@@ -356,36 +428,46 @@ cdef class BatchNorm(Layer):
         """True when ``nxt`` is a plain Sigmoid this exact BatchNorm type can fuse with."""
         return type(self) is BatchNorm and type(nxt) is Sigmoid
 
-    def _nnrt_forward_pair(self, object X, bint training, Layer nxt):
+    def _nnrt_forward_pair(self, object X, bint training, Layer nxt, bint trusted=False):
         """``nxt.forward(self.forward(X, training), training)`` in one sweep."""
-        if nxt._typenum != self._typenum or self._typenum < 0:
-            return nxt.forward(self.forward(X, training), training)
+        self._check_built()
+        if (type(nxt) is not Sigmoid or nxt._typenum != self._typenum
+                or self._typenum < 0):
+            return nxt.forward(self._forward_from(X, training, trusted), training)
         cdef cnp.ndarray Xa = self.prepare_input(X)
         cdef Py_ssize_t n = cnp.PyArray_DIM(Xa, 0)
-        cdef Py_ssize_t f = cnp.PyArray_DIM(Xa, 1)
-        cdef cnp.ndarray S
+        cdef Py_ssize_t f = self._n_in
+        cdef cnp.ndarray S, Xc
         if training:
             self._check_train_batch(Xa)
-            S = reuse_buffer(_unaliased(nxt._S_train, Xa), n, f, self._typenum)
+            Xc = cache_input(X, Xa, self._Xcopy, trusted)
+            if Xc is not Xa:
+                self._Xcopy = Xc
+            S = reuse_buffer(unaliased(nxt._S_train, Xa), n, f, self._typenum)
             nxt._S_train = S
-            self._X = Xa
+            self._X = Xc
+            self._rows = n
         else:
-            S = reuse_buffer(_unaliased(nxt._S_eval, Xa), n, f, self._typenum)
+            S = reuse_buffer(unaliased(nxt._S_eval, Xa), n, f, self._typenum)
             nxt._S_eval = S
         self._forward_into(Xa, training, S, True)
         return S
 
     def _nnrt_backward_pair(self, object dS, Layer nxt):
         """``self.backward(nxt.backward(dS))`` in two sweeps, without the middle array."""
-        S = nxt._S_train
-        X = self._X
-        if (S is None or X is None or nxt._typenum != self._typenum
-                or (<object>S).shape != (<object>X).shape
-                or cnp.PyArray_TYPE(<cnp.ndarray>S) != cnp.PyArray_TYPE(<cnp.ndarray>X)):
+        self._check_built()
+        S_obj = nxt._S_train if type(nxt) is Sigmoid else None
+        if (S_obj is None or self._X is None or self._rows < 0
+                or nxt._typenum != self._typenum
+                or not isinstance(S_obj, cnp.ndarray)
+                or (<object>S_obj).shape != (self._rows, self._n_in)
+                or cnp.PyArray_TYPE(<cnp.ndarray>S_obj) != self._typenum):
             return self.backward(nxt.backward(dS))
-        cdef cnp.ndarray dSa = nxt.prepare_grad(dS, <cnp.ndarray>S)
-        cdef cnp.ndarray dX = reuse_buffer(_unaliased(self._dX, dSa), cnp.PyArray_DIM(dSa, 0),
-                                           cnp.PyArray_DIM(dSa, 1), self._typenum)
+        cdef cnp.ndarray S = <cnp.ndarray>S_obj
+        cdef cnp.ndarray X = self._X
+        cdef cnp.ndarray dSa = self._grad_for_kernel(dS)
+        cdef cnp.ndarray dX = reuse_buffer(unaliased(unaliased(self._dX, dSa), S), self._rows,
+                                           self._n_in, self._typenum)
         self._dX = dX
-        self._backward_into(<cnp.ndarray>X, dSa, S, dX)
+        self._backward_into(X, dSa, S, dX)
         return dX

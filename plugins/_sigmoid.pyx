@@ -7,7 +7,8 @@
 
 cimport numpy as cnp
 
-from nnrt.layer cimport Layer, NNRT_ABI_VERSION, reuse_buffer
+from nnrt.layer cimport (LAYER_BUILT, LAYER_FROZEN, NNRT_ABI_VERSION, Layer, check_array,
+                         grad_as, reuse_buffer, unaliased)
 
 from nnrt.layer import check_abi
 
@@ -27,29 +28,37 @@ cdef class Sigmoid(Layer):
     """Element-wise logistic sigmoid (registry name ``sigmoid``); keeps the width."""
 
     # public: BatchNorm's fused batchnorm+sigmoid path inside Sequential writes the
-    # output caches too, so this layer's backward works after a fused forward
-    cdef public object _S_train, _S_eval, _dX
+    # output caches too, so this layer's backward works after a fused forward.
+    # NOTE: so Python can assign them: every use checks what they hold.
+    cdef public object _S_train, _S_eval
+    cdef object _dX
+
+    def __cinit__(self, *args, **kwargs):
+        # no parameters: even an instance made with __new__ is complete
+        self._flags |= LAYER_FROZEN | LAYER_BUILT
 
     def __init__(self):
-        self.in_features = None
-        self.out_features = None
+        pass
 
     cpdef object to_dtype(self, object dtype):
-        self.dtype = dtype
+        self._set_dtype(dtype)
         self._S_train = self._S_eval = self._dX = None
         return self
 
     cpdef object forward(self, object X, bint training=False):
         cdef cnp.ndarray Xa = self.prepare_input(X)
         cdef int t = cnp.PyArray_TYPE(Xa)
+        cdef Py_ssize_t rows = cnp.PyArray_DIM(Xa, 0), cols = cnp.PyArray_DIM(Xa, 1)
         cdef cnp.ndarray S
         if training:
-            S = reuse_buffer(self._S_train, cnp.PyArray_DIM(Xa, 0), cnp.PyArray_DIM(Xa, 1), t)
+            S = reuse_buffer(unaliased(self._S_train, Xa), rows, cols, t)
             self._S_train = S
         else:
-            S = reuse_buffer(self._S_eval, cnp.PyArray_DIM(Xa, 0), cnp.PyArray_DIM(Xa, 1), t)
+            S = reuse_buffer(unaliased(self._S_eval, Xa), rows, cols, t)
             self._S_eval = S
-        cdef Py_ssize_t n = cnp.PyArray_SIZE(Xa)
+        check_array(self, Xa, "input", rows, cols, t, False)
+        check_array(self, S, "output buffer", rows, cols, t, True)
+        cdef Py_ssize_t n = rows * cols
         if t == cnp.NPY_FLOAT32:
             with nogil:
                 nnrt_sigmoidf_array(<float*>cnp.PyArray_DATA(Xa), <float*>cnp.PyArray_DATA(S), n)
@@ -59,15 +68,34 @@ cdef class Sigmoid(Layer):
         return S
 
     cpdef object backward(self, object dY):
-        if self._S_train is None:
+        S_obj = self._S_train
+        if S_obj is None:
             raise self._no_forward_error()
-        cdef cnp.ndarray S = <cnp.ndarray>self._S_train
-        cdef cnp.ndarray dYa = self.prepare_grad(dY, S)
+        if not isinstance(S_obj, cnp.ndarray) or cnp.PyArray_NDIM(<cnp.ndarray>S_obj) != 2:
+            raise RuntimeError(
+                f"{self!r}: the cached output of the last training forward is no longer a "
+                f"2-D array (now {type(S_obj).__name__}); run forward(X, training=True) again"
+            )
+        # element-wise: the kernel needs S, dY and dX of one shape and dtype; the
+        # shape is S's as it is now (an in-place reshape of S keeps its memory)
+        cdef cnp.ndarray S = <cnp.ndarray>S_obj
         cdef int t = cnp.PyArray_TYPE(S)
-        cdef cnp.ndarray dX = reuse_buffer(self._dX, cnp.PyArray_DIM(S, 0),
-                                           cnp.PyArray_DIM(S, 1), t)
+        if (t != cnp.NPY_FLOAT32 and t != cnp.NPY_FLOAT64) or (
+                self._typenum >= 0 and t != self._typenum):
+            raise RuntimeError(
+                f"{self!r}: the cached output of the last training forward has dtype "
+                f"{S.dtype}, not the layer's; run forward(X, training=True) again"
+            )
+        cdef Py_ssize_t rows = cnp.PyArray_DIM(S, 0), cols = cnp.PyArray_DIM(S, 1)
+        cdef cnp.ndarray dYa = grad_as(self, dY, rows, cols, t)
+        cdef cnp.ndarray dX = reuse_buffer(unaliased(unaliased(self._dX, dYa), S), rows, cols, t)
         self._dX = dX
-        cdef Py_ssize_t n = cnp.PyArray_SIZE(S)
+        # last checks, after everything that may have run Python code
+        check_array(self, S, "cached output (of the last training forward)", rows, cols, t,
+                    False)
+        check_array(self, dYa, "gradient", rows, cols, t, False)
+        check_array(self, dX, "input-gradient buffer", rows, cols, t, True)
+        cdef Py_ssize_t n = rows * cols
         if t == cnp.NPY_FLOAT32:
             with nogil:
                 nnrt_sigmoid_bwd_f(<float*>cnp.PyArray_DATA(S), <float*>cnp.PyArray_DATA(dYa),

@@ -6,7 +6,7 @@ bias right before a ``batchnorm`` gets an ``nnrt.BiasBeforeBatchNormWarning``.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -21,7 +21,9 @@ if TYPE_CHECKING:
 
 __all__ = [
     "BatchNorm",
+    "check_running_stats",
     "nnrt_check_network",
+    "nnrt_check_state",
     "nnrt_layer_flops",
     "nnrt_onnx_export",
     "nnrt_register_layers",
@@ -49,6 +51,27 @@ def nnrt_check_network(net: Sequential) -> None:
             f"(see help(nnrt.BiasBeforeBatchNormWarning))",
             BiasBeforeBatchNormWarning,
         )
+
+
+def check_running_stats(layer: Layer, state: dict[str, Any]) -> None:
+    """Running statistics a batch-normalisation layer may be given: finite, variance >= 0."""
+    for name in ("running_mean", "running_var"):
+        arr = state.get(name)
+        if arr is None:
+            continue
+        arr = np.asarray(arr)
+        if not np.isfinite(arr).all():
+            raise ValueError(f"{layer!r}: {name} contains NaN or Inf")
+        if name == "running_var" and (arr < 0).any():
+            raise ValueError(
+                f"{layer!r}: running_var must be >= 0 (a variance), got minimum {float(arr.min())!r}"
+            )
+
+
+@hookimpl
+def nnrt_check_state(layer: Layer, state: dict[str, Any]) -> None:
+    if type(layer) is BatchNorm:
+        check_running_stats(layer, state)
 
 
 @hookimpl

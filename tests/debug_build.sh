@@ -94,5 +94,6 @@ EOF
 echo "== fuzz suite and core kernel tests against the debug build"
 "$PY" -m pytest -q -p no:cacheprovider --hypothesis-profile="${HYPOTHESIS_PROFILE:-ci}" \
     tests/test_fuzz_api.py tests/test_layers.py tests/test_inputs.py tests/test_sequential.py \
-    tests/test_cython_suite.py tests/test_threads.py tests/test_plugin_faults.py "$@"
+    tests/test_cython_suite.py tests/test_threads.py tests/test_plugin_faults.py \
+    tests/test_reliability_state.py "$@"
 echo "== debug build suite passed in $(($(date +%s) - start))s"

@@ -9,11 +9,14 @@ import pathlib
 import re
 import subprocess
 import sys
+import types
+from typing import Any
 
 import numpy as np
 import pytest
 
 import nnrt
+from nnrt.cli import CLIError, build_layers, parse_layers
 
 
 def run(*args: str, cwd: pathlib.Path | None = None) -> subprocess.CompletedProcess[str]:
@@ -66,6 +69,8 @@ def test_demo_prints_accuracy_progress_and_plot(tmp_path: pathlib.Path) -> None:
     assert proc.returncode == 0, proc.stderr
     m = re.search(r"test accuracy: ([0-9.]+)%", proc.stdout)
     assert m is not None, proc.stdout
+    # the held-out digits are the test set, and labelled so
+    assert "test_accuracy" in proc.stdout and "val_accuracy" not in proc.stdout
     assert float(m.group(1)) >= 95.0
     assert "batch/s" in proc.stderr or "it/s" in proc.stderr  # the tqdm bar
     png = tmp_path / "nnrt-demo.png"
@@ -200,3 +205,285 @@ def test_demo_can_save_its_model(tmp_path: pathlib.Path) -> None:
     assert proc.stderr == ""
     arch = json.loads(str(np.load(out, allow_pickle=False)["architecture"]))
     assert [s["name"] for s in arch["layers"]] == ["dense_nobias", "batchnorm", "sigmoid", "dense"]
+
+
+# --------------------------------------------------------------- --layers grammar
+class _Slope(nnrt.Layer):
+    """A width-keeping layer with one hyperparameter (like leaky_relu)."""
+
+    def __init__(self, negative_slope: float = 0.01) -> None:
+        super().__init__()
+        self.negative_slope = float(negative_slope)
+
+    def forward(self, X: Any, training: bool = False) -> np.ndarray:
+        Xa = self.prepare_input(X)
+        return np.where(Xa > 0, Xa, self.negative_slope * Xa)
+
+    def backward(self, dY: Any) -> np.ndarray:
+        return np.asarray(dY)
+
+    def config(self) -> dict[str, Any]:
+        return {"negative_slope": self.negative_slope}
+
+
+@pytest.fixture(scope="module")
+def slope_layer() -> str:
+    name = f"cli_slope_{os.getpid()}"
+    mod = types.ModuleType(f"cli_slope_plugin_{os.getpid()}")
+
+    @nnrt.hookimpl
+    def nnrt_register_layers(register: Any) -> None:
+        register(name, _Slope)
+
+    mod.nnrt_register_layers = nnrt_register_layers  # type: ignore[attr-defined]
+    nnrt.register_plugin(mod)
+    return name
+
+
+def test_a_width_never_becomes_a_hyperparameter(slope_layer: str) -> None:
+    layers = build_layers(f"dense:32,{slope_layer},dense:10", 5)
+    assert [(type(la).__name__, la.in_features, la.out_features) for la in layers] == [
+        ("Dense", 5, 32),
+        ("_Slope", None, None),
+        ("Dense", 32, 10),
+    ]
+    assert layers[1].negative_slope == 0.01  # the default, not 32
+    layers = build_layers(f"dense:3,{slope_layer}:negative_slope=0.25", 4)
+    assert layers[1].negative_slope == 0.25
+    with pytest.raises(CLIError, match=r"entry 2 .*takes no width argument, got 32"):
+        build_layers(f"dense:32,{slope_layer}:32,dense:10", 5)
+    with pytest.raises(CLIError, match=r"'0.2' is neither a width .* nor KEY=VALUE"):
+        build_layers(f"dense:32,{slope_layer}:0.2", 5)
+
+
+def test_layers_grammar_builds_what_it_says() -> None:
+    layers = build_layers("dense_nobias:16, batchnorm:momentum=0.25:eps=1e-3 ,sigmoid,dense:3", 7)
+    assert [la.config() for la in layers] == [
+        {"in_features": 7, "out_features": 16},
+        {"num_features": 16, "momentum": 0.25, "eps": 1e-3},
+        {},
+        {"in_features": 16, "out_features": 3},
+    ]
+    # batchnorm:N is accepted when N is the width it keeps
+    assert build_layers("dense:6,batchnorm:6", 2)[1].in_features == 6
+    assert parse_layers("dense:10:flag=true:name=abc:x=none") == [
+        ("dense", [10], {"flag": True, "name": "abc", "x": None})
+    ]
+
+
+@pytest.mark.parametrize(
+    "spec, needles",
+    [
+        ("batchnorm:momentum=x", ["entry 1", "batchnorm", "momentum='x'"]),
+        ("dense:abc", ["entry 1", "'abc'", "positive integer", "KEY=VALUE"]),
+        ("dense:0", ["entry 1", "'dense:0'", "positive integer", "got 0"]),
+        ("dense:-3", ["entry 1", "'-3'", "positive integer"]),
+        ("dense:2.5", ["entry 1", "'2.5'"]),
+        ("dense", ["entry 1", "needs an output width", "dense:10"]),
+        ("dense:4,sigmoid:4", ["entry 2", "sigmoid", "no width", "got 4"]),
+        ("dense:4,batchnorm:5", ["entry 2", "keeps the width", "4", "batchnorm:5"]),
+        ("dense:4:8", ["entry 1", "more than one width"]),
+        ("dense:4,,sigmoid", ["entry 2 is empty"]),
+        ("dense:4,:3", ["entry 2", "no layer name"]),
+        ("dense:4:=3", ["entry 1", "KEY=VALUE"]),
+        ("batchnorm:momentum=", ["entry 1", "momentum= has no value"]),
+        ("batchnorm:eps=1:eps=2", ["entry 1", "eps is given twice"]),
+        ("dense:4,warp_drive", ["entry 2", "unknown layer 'warp_drive'", "available:"]),
+        ("batchnorm:momentum=2", ["entry 1", "batchnorm(", "momentum=2"]),
+    ],
+)
+def test_layers_errors_name_the_entry_value_and_expectation(spec: str, needles: list[str]) -> None:
+    with pytest.raises(CLIError) as info:
+        build_layers(spec, 5)
+    msg = str(info.value)
+    assert "\n" not in msg
+    for needle in needles:
+        assert needle in msg, msg
+
+
+def test_layers_error_through_the_command(blobs_npz: pathlib.Path, tmp_path: pathlib.Path) -> None:
+    out = tmp_path / "never.npz"
+    proc = run("train", "--data", str(blobs_npz), "--layers", "dense:abc", "--out", str(out))
+    _assert_one_line_error(proc, "'abc'", "positive integer")
+    assert not out.exists()
+
+
+def test_help_documents_the_grammar_and_the_data_format() -> None:
+    proc = run("train", "--help")
+    assert proc.returncode == 0
+    for needle in ("NAME[:WIDTH][:KEY=VALUE]", "batchnorm:momentum=0.2", ".npz", "named X",
+                   "named y", ".csv", "last column"):  # fmt: skip
+        assert needle in proc.stdout, needle
+    proc = run("predict", "--help")
+    assert proc.returncode == 0 and "named X" in proc.stdout
+
+
+# ------------------------------------------------------------ command-line errors
+def test_bad_flag_prints_the_subcommand_usage(blobs_npz: pathlib.Path) -> None:
+    proc = run("train", "--data", str(blobs_npz), "--bogus")
+    assert proc.returncode == 2
+    assert proc.stderr.startswith("usage: nnrt train"), proc.stderr
+    assert (
+        proc.stderr.strip().splitlines()[-1] == "nnrt train: error: unrecognized arguments: --bogus"
+    )
+    proc = run("predict", "m.npz", "d.npz", "--frob")
+    assert proc.returncode == 2 and proc.stderr.startswith("usage: nnrt predict")
+
+
+@pytest.mark.parametrize(
+    "flag, value, needle",
+    [
+        ("--epochs", "0", "positive integer"),
+        ("--epochs", "-2", "positive integer"),
+        ("--epochs", "ten", "'ten'"),
+        ("--batch-size", "0", "positive integer"),
+        ("--lr", "0", "positive"),
+        ("--lr", "nan", "positive and finite"),
+        ("--validation-split", "1.5", "(0, 1)"),
+        ("--momentum", "-0.1", "[0, 1)"),
+    ],
+)
+def test_bad_numbers_are_refused_before_training(
+    blobs_npz: pathlib.Path, tmp_path: pathlib.Path, flag: str, value: str, needle: str
+) -> None:
+    out = tmp_path / "m.npz"
+    proc = run("train", "--data", str(blobs_npz), flag, value, "--out", str(out))
+    assert proc.returncode == 2
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("nnrt train: error: argument " + flag) and needle in last, last
+    assert "Traceback" not in proc.stderr and not out.exists()
+
+
+def test_out_is_checked_before_training(blobs_npz: pathlib.Path, tmp_path: pathlib.Path) -> None:
+    missing = tmp_path / "no" / "such" / "dir" / "m.npz"
+    proc = run("train", "--data", str(blobs_npz), "--out", str(missing), "--epochs", "50")
+    _assert_one_line_error(proc, str(missing.parent), "does not exist")
+    assert "trained" not in proc.stdout
+    proc = run("train", "--data", str(blobs_npz), "--out", str(tmp_path))
+    _assert_one_line_error(proc, "is a directory")
+    if os.geteuid() != 0:  # root writes anywhere
+        ro = tmp_path / "ro"
+        ro.mkdir()
+        ro.chmod(0o500)
+        proc = run("train", "--data", str(blobs_npz), "--out", str(ro / "m.npz"))
+        _assert_one_line_error(proc, "cannot write")
+
+
+def test_data_file_errors_are_truthful(tmp_path: pathlib.Path, model: pathlib.Path) -> None:
+    text = tmp_path / "notes.npz"
+    text.write_text("just some text\n")
+    proc = run("train", "--data", str(text))
+    _assert_one_line_error(proc, "notes.npz", "not an .npz file")
+    assert "pickle" not in proc.stderr and "unsafe" not in proc.stderr
+    proc = run("info", str(text))
+    _assert_one_line_error(proc, "not an nnrt model file")
+    assert "pickle" not in proc.stderr
+    one_d = tmp_path / "flat.npz"
+    np.savez(one_d, X=np.arange(10.0), y=np.arange(10))
+    _assert_one_line_error(run("train", "--data", str(one_d)), "2-D", "(10,)")
+    _assert_one_line_error(run("predict", str(model), str(one_d)), "2-D", "(10,)")
+    short_y = tmp_path / "short.npz"
+    np.savez(short_y, X=np.ones((10, 5)), y=np.arange(3))
+    _assert_one_line_error(run("train", "--data", str(short_y)), "labels", "10 samples")
+    strings = tmp_path / "strings.npz"
+    np.savez(strings, X=np.array([["a", "b"], ["c", "d"]]), y=np.arange(2))
+    _assert_one_line_error(run("train", "--data", str(strings)), "numbers", "<U1")
+    objects = tmp_path / "objects.npz"
+    np.savez(objects, X=np.array([[1, None]], dtype=object), y=np.arange(1))
+    proc = run("train", "--data", str(objects))
+    _assert_one_line_error(proc, "objects.npz", "Python objects")
+    assert "allow_pickle" not in proc.stderr and "unsafely" not in proc.stderr
+
+
+@pytest.mark.parametrize("content", ["", "\n\n", "a,b,c\n"], ids=["empty", "blank", "header"])
+def test_empty_csv_is_a_clean_message(tmp_path: pathlib.Path, content: str) -> None:
+    csv = tmp_path / "empty.csv"
+    csv.write_text(content)
+    proc = run("train", "--data", str(csv))
+    _assert_one_line_error(proc, "empty.csv", "no data rows")
+    assert "Warning" not in proc.stderr
+
+
+def test_fifo_paths_do_not_hang(tmp_path: pathlib.Path, model: pathlib.Path) -> None:
+    if not hasattr(os, "mkfifo"):
+        pytest.skip("no FIFOs on this platform")
+    fifo = tmp_path / "pipe.npz"
+    os.mkfifo(fifo)
+    _assert_one_line_error(run("train", "--data", str(fifo)), "not a regular file")
+    _assert_one_line_error(run("predict", str(fifo), str(fifo)), "model file", "regular file")
+    _assert_one_line_error(run("predict", str(model), str(fifo)), "data file", "regular file")
+    _assert_one_line_error(run("info", str(fifo)), "not a regular file")
+
+
+def test_info_names_the_source_of_each_layer(model: pathlib.Path) -> None:
+    proc = run("info", str(model))
+    assert proc.returncode == 0, proc.stderr
+    assert "(nnrt )" not in proc.stdout and "[nnrt (nnrt" not in proc.stdout
+    rows = [line for line in proc.stdout.splitlines() if re.match(r"\s+\d+\s", line)]
+    assert rows[3].split()[1] == "dense" and rows[3].endswith("[nnrt]"), rows
+    assert rows[1].endswith(f"[batchnorm (nnrt {nnrt.__version__})]"), rows
+
+
+def _forged_model(model: pathlib.Path, path: pathlib.Path, **changes: Any) -> pathlib.Path:
+    with np.load(model, allow_pickle=False) as data:
+        arrays = {k: data[k] for k in data.files}
+    arch = json.loads(str(arrays["architecture"]))
+    for key, value in changes.items():
+        if key.startswith("layer_"):
+            arch["layers"][1][key[len("layer_") :]] = value
+        else:
+            arch[key] = value
+    arrays["architecture"] = np.array(json.dumps(arch))
+    np.savez(path, **arrays)  # type: ignore[arg-type]
+    return path
+
+
+EVIL = "\x1b[2J\x1b]0;pwned\x07\n  9  dense   123456  forged row\r\u202eevil\x9b"
+
+
+def _no_controls(text: str) -> None:
+    for ch in ("\x1b", "\x07", "\r", "\u202e", "\x9b"):
+        assert ch not in text, repr(text)
+
+
+def test_info_escapes_control_characters_from_the_file(
+    model: pathlib.Path, tmp_path: pathlib.Path
+) -> None:
+    forged = _forged_model(
+        model, tmp_path / "forged.npz",
+        nnrt_version=EVIL, layer_plugin=EVIL, layer_distribution=EVIL, layer_version=EVIL,
+    )  # fmt: skip
+    proc = run("info", str(forged))
+    assert proc.returncode == 0, proc.stderr
+    _no_controls(proc.stdout)
+    assert "forged row" in proc.stdout  # shown, escaped, on the line it belongs to
+    assert not any(line.lstrip().startswith("9  dense") for line in proc.stdout.splitlines())
+    assert "\\x1b[2J" in proc.stdout and "\\n" in proc.stdout and "\\u202e" in proc.stdout
+
+
+def test_errors_quoting_the_file_are_escaped(
+    model: pathlib.Path, tmp_path: pathlib.Path, blobs_npz: pathlib.Path
+) -> None:
+    forged = _forged_model(model, tmp_path / "forged.npz", layer_name="bn" + EVIL)
+    for proc in (run("predict", str(forged), str(blobs_npz)), run("info", str(forged))):
+        if proc.returncode == 0:  # a reader that accepts the name must show it escaped
+            _no_controls(proc.stdout)
+            continue
+        _assert_one_line_error(proc)
+        _no_controls(proc.stderr)
+    weird = tmp_path / ("data\x1b[31m\x07.npz")
+    proc = run("train", "--data", str(weird))
+    _assert_one_line_error(proc, "does not exist")
+    _no_controls(proc.stderr)
+
+
+def test_warnings_are_one_escaped_line(blobs_npz: pathlib.Path, tmp_path: pathlib.Path) -> None:
+    proc = run(
+        "train", "--data", str(blobs_npz), "--layers", "dense:4,batchnorm,dense:3",
+        "--epochs", "1", "--out", str(tmp_path / "m.npz"), "--no-progress",
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(
+        "nnrt: warning: BiasBeforeBatchNormWarning: layer 0"
+    ), lines

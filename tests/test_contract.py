@@ -1175,18 +1175,26 @@ def test_register_plugin_runtime_module_name() -> None:
     assert isinstance(layer, _Scale)
 
 
-def test_register_plugin_runtime_class_name() -> None:
-    """ "a plugin registered at run time is named by its pluggy name (default: ... or class
-    name)"."""
-    layer_name = f"scale_{_uid()}"
+def test_register_plugin_runtime_object_name() -> None:
+    """ "`nnrt.register_plugin(obj, name=None)` names a plugin by `name`, else by a module's
+    `__name__`, else pluggy's default for objects (so two instances of one plugin class can
+    both be registered)"."""
+    names = [f"scale_{_uid()}", f"scale_{_uid()}"]
     cls_name = f"ContractPlugin{_uid()}"
 
     def nnrt_register_layers(self: Any, register: Any) -> None:
-        register(layer_name, _Scale)
+        register(self.layer_name, _Scale)
 
     plugin_cls = type(cls_name, (), {"nnrt_register_layers": nnrt.hookimpl(nnrt_register_layers)})
-    nnrt.register_plugin(plugin_cls())
-    assert nnrt.available_layers()[layer_name] == cls_name
+    plugins = [plugin_cls(), plugin_cls()]
+    for plugin, layer_name in zip(plugins, names, strict=True):
+        plugin.layer_name = layer_name
+        assert nnrt.register_plugin(plugin) == str(id(plugin))
+        assert nnrt.available_layers()[layer_name] == str(id(plugin))
+    named = plugin_cls()
+    named.layer_name = f"scale_{_uid()}"
+    assert nnrt.register_plugin(named, name=cls_name) == cls_name
+    assert nnrt.available_layers()[named.layer_name] == cls_name
 
 
 def test_registered_python_layer_saves_and_loads(tmp_path: Path) -> None:

@@ -5,6 +5,8 @@ Convention (also stated in docs/index.md):
 * a fenced block whose info string starts with ``python`` is executed; the
   blocks of one file run in order, in one namespace, in a fresh interpreter
   whose working directory is an empty temporary directory;
+* README.md is different: each of its ``python`` blocks runs **on its own**, in
+  a fresh interpreter (a reader copies one block, not the whole page);
 * ``python requires=torch`` (comma-separated modules) runs only where those
   modules are installed;
 * ``text``, ``bash``, ``console``, ``toml``, ``ini``, ``cython`` ... blocks
@@ -93,10 +95,15 @@ _RUNNER = textwrap.dedent(
 )
 
 
-def run_markdown(path: Path, cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+def run_markdown(
+    path: Path, cwd: Path, timeout: float = 300, only: Block | None = None
+) -> subprocess.CompletedProcess[str]:
+    """Run the executed blocks of ``path`` in order in one fresh interpreter, or
+    just the block ``only``."""
     import json
 
-    blocks = [(b.line, b.code) for b in extract_blocks(path.read_text()) if is_executed(b)]
+    chosen = [only] if only is not None else extract_blocks(path.read_text())
+    blocks = [(b.line, b.code) for b in chosen if is_executed(b)]
     env = dict(os.environ, MPLBACKEND="Agg", PYTHONHASHSEED="0")
     return subprocess.run(
         [sys.executable, "-c", _RUNNER, str(path)],
@@ -116,12 +123,34 @@ def _markdown_files() -> list[Path]:
     return files
 
 
-@pytest.mark.parametrize("path", _markdown_files(), ids=lambda p: str(p.relative_to(ROOT)))
+def _readme_blocks() -> list[Block]:
+    readme = ROOT / "README.md"
+    if not readme.exists():
+        return []
+    return [b for b in extract_blocks(readme.read_text()) if b.lang in ("python", "py", "python3")]
+
+
+@pytest.mark.parametrize("path", sorted(DOCS.glob("*.md")), ids=lambda p: str(p.relative_to(ROOT)))
 def test_markdown_python_blocks_run(path: Path, tmp_path: Path) -> None:
     result = run_markdown(path, tmp_path)
     assert result.returncode == 0, (
         f"a ```python block in {path.relative_to(ROOT)} failed:\n{result.stderr[-4000:]}"
     )
+
+
+@pytest.mark.parametrize("block", _readme_blocks(), ids=lambda b: f"README.md:{b.line}")
+def test_each_readme_block_runs_on_its_own(block: Block, tmp_path: Path) -> None:
+    if not is_executed(block):
+        pytest.skip(f"needs {', '.join(block.requires)}")
+    result = run_markdown(ROOT / "README.md", tmp_path, only=block)
+    assert result.returncode == 0, (
+        f"the ```python block at README.md:{block.line} fails when run on its own "
+        f"(copy-pasted into a fresh interpreter):\n{result.stderr[-4000:]}"
+    )
+
+
+def test_readme_has_executed_blocks() -> None:
+    assert sum(is_executed(b) for b in _readme_blocks()) >= 4
 
 
 def test_docs_have_executed_blocks() -> None:
@@ -165,6 +194,15 @@ def test_runner_shares_one_namespace_and_skips_other_languages(tmp_path: Path) -
     result = run_markdown(md, tmp_path)
     assert result.returncode == 0, result.stderr
     assert "ran 3 blocks" in result.stdout
+
+
+def test_runner_runs_one_block_alone(tmp_path: Path) -> None:
+    md = tmp_path / "alone.md"
+    md.write_text("```python\nvalue = 41\n```\n\n```python\nvalue += 1\n```\n")
+    first, second = extract_blocks(md.read_text())
+    assert run_markdown(md, tmp_path, only=first).returncode == 0
+    alone = run_markdown(md, tmp_path, only=second)
+    assert alone.returncode != 0 and "NameError" in alone.stderr and "line 6" in alone.stderr
 
 
 def test_extract_blocks_positions() -> None:

@@ -254,18 +254,26 @@ def test_module_plugin_layer_works_in_sequential(dtype: str) -> None:
         np.testing.assert_allclose(g, ref[key], **tol, err_msg=key)
 
 
-def test_object_plugin_is_named_by_its_class() -> None:
-    lname = _uid("pytanh")
+def test_object_plugin_gets_pluggys_default_name() -> None:
+    """DESIGN.md: an object without ``__name__`` is named as pluggy names it (its id),
+    so two instances of one plugin class can both be registered."""
+    lname, other = _uid("pytanh"), _uid("pytanh_other")
 
     class TanhPluginForTest:
+        def __init__(self, layer_name: str) -> None:
+            self.layer_name = layer_name
+
         @nnrt.hookimpl
         def nnrt_register_layers(self, register: RegisterLayer) -> None:
-            register(lname, PyTanh)
+            register(self.layer_name, PyTanh)
 
-    # named by the class: TanhPluginForTest is used by this test only
-    name = nnrt.register_plugin(TanhPluginForTest())
-    assert name == "TanhPluginForTest"
-    assert nnrt.available_layers()[lname] == "TanhPluginForTest"
+    first, second = TanhPluginForTest(lname), TanhPluginForTest(other)
+    name = nnrt.register_plugin(first)
+    assert name == str(id(first))  # pluggy's get_canonical_name for objects
+    name2 = nnrt.register_plugin(second)
+    assert name2 == str(id(second)) and name2 != name
+    assert nnrt.available_layers()[lname] == name
+    assert nnrt.available_layers()[other] == name2
 
     net = nnrt.Sequential([nnrt.layer("dense", 3, 4), nnrt.layer(lname)], seed=1, dtype="float64")
     X = np.random.default_rng(2).standard_normal((5, 3))
@@ -512,7 +520,41 @@ def test_entry_point_that_fails_to_import_warns_and_others_work(
     assert reg.make("sigmoid").forward(np.zeros((1, 2))).shape == (1, 2)
 
 
-def test_entry_point_whose_hook_fails_warns_and_others_work(
+@pytest.mark.parametrize("ep_first", [True, False], ids=["listed-first", "listed-last"])
+def test_entry_point_clashing_with_a_builtin_is_refused_whatever_the_order(
+    clean_env: pytest.MonkeyPatch, ep_first: bool
+) -> None:
+    modname = _uid("nnrt_fake_ep_module")
+    own = _uid("own_layer")
+    mod = types.ModuleType(modname)
+
+    @nnrt.hookimpl
+    def nnrt_register_layers(register: Any) -> None:
+        register("sigmoid", PyTanh)  # clashes with the built-in sigmoid
+        register(own, PyTanh)
+
+    mod.nnrt_register_layers = nnrt_register_layers  # type: ignore[attr-defined]
+    clean_env.setitem(sys.modules, modname, mod)
+    ep = ilm.EntryPoint(name="clashing_ep", value=modname, group=ENTRY_POINT_GROUP)
+    real = list(ilm.entry_points(group=ENTRY_POINT_GROUP))
+    eps = [ep, *real] if ep_first else [*real, ep]
+    clean_env.setattr(sys.modules["nnrt.registry"].ilm, "entry_points", lambda **kw: eps)
+    reg = Registry()
+    with pytest.warns(PluginWarning) as record:
+        reg.ensure_loaded()
+    msgs = [str(w.message) for w in record if issubclass(w.category, PluginWarning)]
+    assert len(msgs) == 1, msgs
+    assert "'clashing_ep'" in msgs[0] and "'sigmoid'" in msgs[0] and own in msgs[0]
+    # the built-in keeps its name; the rest of the plugin still loads
+    assert reg.layers()["sigmoid"].plugin == "sigmoid"
+    assert reg.layers()["sigmoid"].cls is not PyTanh
+    assert reg.layers()[own].plugin == "clashing_ep"
+    status = reg.plugins()["clashing_ep"].status
+    assert "refused" in status and "'sigmoid'" in status
+    assert reg.plugins()["clashing_ep"].layers == [own]
+
+
+def test_entry_point_whose_every_layer_clashes_leaves_nothing(
     clean_env: pytest.MonkeyPatch,
 ) -> None:
     modname = _uid("nnrt_fake_ep_module")
@@ -520,20 +562,99 @@ def test_entry_point_whose_hook_fails_warns_and_others_work(
 
     @nnrt.hookimpl
     def nnrt_register_layers(register: Any) -> None:
-        register("sigmoid", PyTanh)  # clashes with the built-in sigmoid
+        register("batchnorm", PyTanh)
 
     mod.nnrt_register_layers = nnrt_register_layers  # type: ignore[attr-defined]
     clean_env.setitem(sys.modules, modname, mod)
-    ep = ilm.EntryPoint(name="clashing_ep", value=modname, group=ENTRY_POINT_GROUP)
-    # the built-ins come first here so the clash is on the fake plugin's side
+    ep = ilm.EntryPoint(name="all_clash_ep", value=modname, group=ENTRY_POINT_GROUP)
     real = list(ilm.entry_points(group=ENTRY_POINT_GROUP))
-    clean_env.setattr(sys.modules["nnrt.registry"].ilm, "entry_points", lambda **kw: [*real, ep])
+    clean_env.setattr(sys.modules["nnrt.registry"].ilm, "entry_points", lambda **kw: [ep, *real])
     reg = Registry()
-    with pytest.warns(PluginWarning, match="clashing_ep"):
+    with pytest.warns(PluginWarning, match="all_clash_ep"):
         reg.ensure_loaded()
-    assert reg.layers()["sigmoid"].plugin == "sigmoid"
-    assert reg.plugins()["clashing_ep"].status.startswith("failed")
-    assert reg.pm.get_plugin("clashing_ep") is None
+    assert reg.plugins()["all_clash_ep"].status.startswith("refused")
+    assert reg.pm.get_plugin("all_clash_ep") is None
+    assert not any(impl.plugin is mod for impl in reg.pm.hook.nnrt_register_layers.get_hookimpls())
+    assert reg.layers()["batchnorm"].plugin == "batchnorm"
+
+
+def _ep_module(clean_env: pytest.MonkeyPatch, layer_name: str, cls: type) -> str:
+    modname = _uid("nnrt_fake_ep_module")
+    mod = types.ModuleType(modname)
+
+    @nnrt.hookimpl
+    def nnrt_register_layers(register: Any) -> None:
+        register(layer_name, cls)
+
+    mod.nnrt_register_layers = nnrt_register_layers  # type: ignore[attr-defined]
+    clean_env.setitem(sys.modules, modname, mod)
+    return modname
+
+
+class _FakeDist:
+    def __init__(self, name: str) -> None:
+        self.metadata = {"Name": name}
+        self.version = "1.0"
+
+
+def _ep_from(dist: str, name: str, value: str) -> Any:
+    ep = ilm.EntryPoint(name=name, value=value, group=ENTRY_POINT_GROUP)
+    try:
+        return ep._for(_FakeDist(dist))  # type: ignore[attr-defined,arg-type]
+    except AttributeError:  # pragma: no cover - other importlib.metadata versions
+        object.__setattr__(ep, "dist", _FakeDist(dist))
+        return ep
+
+
+def test_third_party_clash_does_not_depend_on_listing_order(
+    clean_env: pytest.MonkeyPatch,
+) -> None:
+    """Two distributions register one name: the one sorted first (by distribution
+    name, then entry-point name) keeps it, whichever order the file system lists them."""
+    shared = _uid("shared_layer")
+    mod_a = _ep_module(clean_env, shared, PyTanh)
+    mod_z = _ep_module(clean_env, shared, PyScaleShift)
+    ep_a = _ep_from("Alpha-Layers", "alpha", mod_a)
+    ep_z = _ep_from("zulu_layers", "zulu", mod_z)
+    real = list(ilm.entry_points(group=ENTRY_POINT_GROUP))
+    for order in ([ep_a, ep_z], [ep_z, ep_a]):
+        eps = [*order, *real]
+        clean_env.setattr(
+            sys.modules["nnrt.registry"].ilm, "entry_points", lambda eps=eps, **kw: eps
+        )
+        reg = Registry()
+        with pytest.warns(PluginWarning) as record:
+            reg.ensure_loaded()
+        msgs = [str(w.message) for w in record if issubclass(w.category, PluginWarning)]
+        assert len(msgs) == 1 and "'zulu'" in msgs[0] and "'alpha'" in msgs[0], msgs
+        assert reg.layers()[shared].plugin == "alpha"
+        assert reg.layers()[shared].cls is PyTanh
+        assert "refused" in reg.plugins()["zulu"].status
+        names = list(reg.plugins())
+        assert names[0] == "nnrt" and set(names[1:5]) == {
+            "dense_nobias", "sigmoid", "batchnorm", "sync_batchnorm"
+        }  # fmt: skip
+        assert names[5:] == ["alpha", "zulu"]
+
+
+def test_entry_point_with_a_taken_plugin_name_is_refused(
+    clean_env: pytest.MonkeyPatch,
+) -> None:
+    lname = _uid("impostor_layer")
+    modname = _ep_module(clean_env, lname, PyTanh)
+    ep = _ep_from("impostor", "batchnorm", modname)
+    real = list(ilm.entry_points(group=ENTRY_POINT_GROUP))
+    clean_env.setattr(sys.modules["nnrt.registry"].ilm, "entry_points", lambda **kw: [ep, *real])
+    reg = Registry()
+    with pytest.warns(PluginWarning, match="impostor") as record:
+        reg.ensure_loaded()
+    assert len([w for w in record if issubclass(w.category, PluginWarning)]) == 1
+    assert reg.plugins()["batchnorm"].source.startswith("entry point nnrt_plugins.")
+    assert reg.layers()["batchnorm"].plugin == "batchnorm"
+    assert lname not in reg.layers()
+    refused = reg.refused_plugins()
+    assert [(p.name, p.dist) for p in refused] == [("batchnorm", "impostor")]
+    assert refused[0].status.startswith("refused")
 
 
 def test_disable_plugins_env_blocks_a_plugin(clean_env: pytest.MonkeyPatch) -> None:
@@ -581,3 +702,49 @@ def test_check_abi_rejects_other_version() -> None:
         nnrt.check_abi(ABI_VERSION + 1, "fake")
     msg = str(info.value)
     assert "'fake'" in msg and str(ABI_VERSION + 1) in msg and str(ABI_VERSION) in msg
+
+
+def _traces_of(plugin: object) -> list[str]:
+    """Every hook caller of the global plugin manager that still holds ``plugin``."""
+    out = []
+    for name, caller in vars(nnrt.registry.pm.hook).items():
+        if any(impl.plugin is plugin for impl in getattr(caller, "get_hookimpls", list)()):
+            out.append(name)
+    return out
+
+
+def test_plugin_rejected_by_pluggy_leaves_nothing_behind() -> None:
+    """A valid hook listed before an invalid one: pluggy < 1.7 adds the first and then
+    rejects the second; nothing of the plugin may stay (any pluggy version)."""
+    pname = _uid("half_valid_plugin")
+    plugin = types.ModuleType(pname)
+    seen: list[object] = []
+
+    @nnrt.hookimpl
+    def nnrt_check_network(net: Any) -> None:  # valid, and sorts first
+        seen.append(net)
+
+    @nnrt.hookimpl
+    def nnrt_register_layers(registr: Any) -> None:  # invalid argument name
+        registr("x", PyTanh)
+
+    plugin.nnrt_check_network = nnrt_check_network  # type: ignore[attr-defined]
+    plugin.nnrt_register_layers = nnrt_register_layers  # type: ignore[attr-defined]
+    with pytest.raises(PluginError, match=pname):
+        nnrt.register_plugin(plugin)
+    _assert_nothing_registered(pname, [])
+    assert _traces_of(plugin) == []
+    assert not nnrt.registry.pm.is_registered(plugin)
+    nnrt.Sequential([nnrt.layer("dense", 2, 2)])
+    assert seen == []  # its network check is not called
+    # the same name is free for a correct plugin
+    fixed = _module_plugin(pname, **{_uid("fixed_layer"): PyTanh})
+    assert nnrt.register_plugin(fixed) == pname
+
+
+def test_register_plugin_rejects_a_bad_name() -> None:
+    plugin = _module_plugin(_uid("bad_name_plugin"), **{_uid("l"): PyTanh})
+    for bad in ("", 3):
+        with pytest.raises(TypeError, match="name"):
+            nnrt.register_plugin(plugin, name=bad)  # type: ignore[arg-type]
+    assert _traces_of(plugin) == []

@@ -155,34 +155,63 @@ def test_second_fit_on_the_same_network_raises_and_weights_stay_intact() -> None
     net.fit(X, y, epochs=1, progress=False)
 
 
-def test_predict_waits_for_a_running_fit_and_sees_consistent_weights() -> None:
+class _RecordingSGD(nnrt.optim.SGD):
+    """SGD that keeps a copy of the whole state (weights, running stats) after each step."""
+
+    def __init__(self, net: nnrt.Sequential, lr: float) -> None:
+        super().__init__(net, lr=lr)
+        self.net = net
+        self.states = [net.state_dict()]
+
+    def step(self) -> None:
+        super().step()
+        self.states.append(self.net.state_dict())
+
+
+def test_predict_during_fit_sees_the_weights_of_one_whole_step() -> None:
+    # fit holds the network's lock per step (forward, loss, backward, optimizer
+    # step), so a predict from another thread runs between two steps: its answer is
+    # that of the state after some whole step, never of a half-updated network.
     rng = np.random.default_rng(5)
     X = rng.normal(size=(256, 32))
     y = rng.integers(0, 10, 256)
     Xq = rng.normal(size=(40, 32))
-    net = _net()
-    out: list[np.ndarray] = []
+    net = _net("float64")
+    opt = _RecordingSGD(net, lr=0.5)
+    seen: list[np.ndarray] = []
     in_fit = threading.Event()
+    done = threading.Event()
 
     def on_begin(state: Any) -> None:
         in_fit.set()
 
     def trainer() -> None:
-        net.fit(
-            X,
-            y,
-            epochs=3,
-            batch_size=8,
-            progress=False,
-            callbacks=[nnrt.LambdaCallback(on_train_begin=on_begin)],
-        )
+        try:
+            net.fit(
+                X,
+                y,
+                optimizer=opt,
+                epochs=3,
+                batch_size=8,
+                progress=False,
+                callbacks=[nnrt.LambdaCallback(on_train_begin=on_begin)],
+            )
+        finally:
+            done.set()
 
     t = threading.Thread(target=trainer)
     t.start()
     assert in_fit.wait(60)
-    out.append(net.predict(Xq))  # blocks until the fit has finished
+    while not done.is_set():
+        seen.append(net.predict(Xq))
     t.join(60)
-    np.testing.assert_array_equal(out[0], net.predict(Xq))
+    assert len(opt.states) == 3 * 32 + 1
+    refs = [_numpy_forward_state(state, Xq) for state in opt.states]
+    assert seen
+    for out in seen:
+        errs = [float(np.abs(out - ref).max()) for ref in refs]
+        assert min(errs) < 1e-9, f"predict during fit matched no whole step (closest {min(errs)})"
+    np.testing.assert_allclose(net.predict(Xq), refs[-1], rtol=0, atol=1e-9)
 
 
 def test_separate_networks_run_in_parallel_threads(tmp_path: Any) -> None:
@@ -204,8 +233,13 @@ def test_separate_networks_run_in_parallel_threads(tmp_path: Any) -> None:
 
 def _numpy_forward(net: nnrt.Sequential, X: np.ndarray) -> np.ndarray:
     """float64 reference of the network above in eval mode."""
-    p = {k: v.astype(np.float64) for k, v in net.state_dict().items()}
-    h = X.astype(net.dtype).astype(np.float64) @ p["0.weight"]
+    return _numpy_forward_state(net.state_dict(), X.astype(net.dtype))
+
+
+def _numpy_forward_state(state: dict[str, np.ndarray], X: np.ndarray) -> np.ndarray:
+    """float64 reference of the network above in eval mode, from a state dict."""
+    p = {k: v.astype(np.float64) for k, v in state.items()}
+    h = X.astype(np.float64) @ p["0.weight"]
     h = (h - p["1.running_mean"]) / np.sqrt(p["1.running_var"] + 1e-5) * p["1.gamma"] + p["1.beta"]
     h = 1 / (1 + np.exp(-h))
     h = 1 / (1 + np.exp(-(h @ p["3.weight"] + p["3.bias"])))
