@@ -35,7 +35,8 @@ def worker(args: argparse.Namespace) -> None:
     from threadpoolctl import threadpool_limits
 
     import nnrt
-    from nnrt.distributed import Communicator, DistributedTrainer, shard_bounds
+    from nnrt.distributed import Communicator, GradientAllreduce, shard_bounds
+    from nnrt.engine import TrainStep
     from nnrt.optim import SGD
 
     comm = Communicator(timeout=None if args.blocking else 600)
@@ -46,29 +47,30 @@ def worker(args: argparse.Namespace) -> None:
         layers += [nnrt.layer("dense_nobias", a, b), nnrt.layer(args.bn, b), nnrt.layer("sigmoid")]
     layers.append(nnrt.layer("dense", SIZES[-2], SIZES[-1]))
     net = nnrt.Sequential(layers, seed=0, dtype="float32")
-    trainer = DistributedTrainer(net, SGD(net, lr=0.01), comm=comm)
+    sync = GradientAllreduce(net, comm)
+    step = TrainStep(net, SGD(net, lr=0.01), sync=sync)
     rng = np.random.default_rng(0)
     X = rng.normal(size=(GLOBAL_BATCH, SIZES[0])).astype(np.float32)
     y = rng.integers(0, SIZES[-1], size=GLOBAL_BATCH)
     lo, hi = shard_bounds(GLOBAL_BATCH, comm.size, comm.rank)
     Xl, yl = X[lo:hi].copy(), y[lo:hi].copy()
     for _ in range(5):
-        trainer.step(Xl, yl, GLOBAL_BATCH)
+        step(Xl, yl, GLOBAL_BATCH)
     times, grad_ar, all_ar = [], [], []
     for _ in range(args.steps):
         comm.barrier()
-        g0, a0 = trainer.allreduce_seconds, comm.allreduce_seconds
+        g0, a0 = sync.allreduce_seconds, comm.allreduce_seconds
         t0 = time.perf_counter()
-        trainer.step(Xl, yl, GLOBAL_BATCH)
+        step(Xl, yl, GLOBAL_BATCH)
         times.append(time.perf_counter() - t0)
-        grad_ar.append(trainer.allreduce_seconds - g0)
+        grad_ar.append(sync.allreduce_seconds - g0)
         all_ar.append(comm.allreduce_seconds - a0)
     # the allreduce alone, after a barrier: its cost without waiting for a slower rank
     alone = []
     for _ in range(args.steps):
         comm.barrier()
         t0 = time.perf_counter()
-        comm.allreduce_sum(trainer.flat)
+        comm.allreduce_sum(sync.flat)
         alone.append(time.perf_counter() - t0)
     if comm.rank == 0:
         res = {
@@ -81,7 +83,7 @@ def worker(args: argparse.Namespace) -> None:
             "step_ms_min": 1e3 * float(np.min(times)),
             "grad_allreduce_ms": 1e3 * float(np.median(grad_ar)),
             "bn_allreduce_ms": max(0.0, 1e3 * float(np.median(np.subtract(all_ar, grad_ar)))),
-            "flat_buffer_elements": int(trainer.flat.size),
+            "flat_buffer_elements": int(sync.flat.size),
         }
         print("RESULT " + json.dumps(res), flush=True)
 

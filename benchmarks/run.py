@@ -17,6 +17,18 @@ Contenders, all from the same initial weights (nnrt's, seed 0):
           dense layer, dW = X.T @ dY for every one, dX = dY @ W.T for all but
           the first (the input needs no gradient); inference: forward GEMMs only
 
+The ``fit`` row: one epoch of ``net.fit`` (shuffled, SGD, ``FIT_STEPS`` batches
+of the configuration's size, data in numpy arrays) per call, reported per step,
+interleaved in the same rounds with
+  step    the bare training step above, on one fixed batch (target: fit per step
+          <= 1.05x this)
+  loop    the bare step in a plain loop over the same shuffled batches (each
+          one gathered with np.take), i.e. what fit adds beyond gathering data
+  torch   torch's idiomatic epoch: randperm, index the tensors, forward, loss,
+          zero_grad, backward, step, loss.item() (when importable)
+  keras   Keras 3 ``model.fit`` on the jax backend, one epoch (only when keras
+          and jax are importable; never installed by this script)
+
 Before timing, nnrt (in float64) must match the numpy reference: loss, every
 parameter gradient, the updated parameters and the running statistics, to
 rtol 1e-9 (plus an atol of 1e-12 of each array's largest entry, for entries
@@ -74,6 +86,10 @@ TARGETS: dict[str, dict[str, float]] = {
 }
 LR = 0.01
 CONTENDERS = ("nnrt", "numpy", "torch", "floor")
+# batches per epoch in the fit row (samples = FIT_STEPS * batch)
+FIT_STEPS = {"tiny": 128, "small": 128, "medium": 32, "large": 8}
+FIT_CONTENDERS = ("fit", "step", "loop", "torch", "keras")
+FIT_TARGET = 1.05  # nnrt fit per step / bare step
 
 
 # ------------------------------------------------------------------ networks
@@ -241,6 +257,127 @@ def make_contenders(batch: int, sizes: list[int]) -> dict[str, dict[str, Any]]:
     return out
 
 
+def _keras() -> Any:
+    """Keras 3 on the jax backend, or None (never installed here)."""
+    os.environ.setdefault("KERAS_BACKEND", "jax")
+    try:
+        import jax  # noqa: F401
+        import keras
+    except Exception:  # optional contender: absent or broken
+        return None
+    if keras.backend.backend() != "jax":
+        return None
+    return keras
+
+
+def make_fit_contenders(cfg: str) -> dict[str, Fn]:
+    """name -> one epoch over FIT_STEPS batches (see the module docstring)."""
+    batch, sizes = CONFIGS[cfg]
+    steps = FIT_STEPS[cfg]
+    X, y = make_data(batch * steps, sizes, np.float32)
+    Xb, yb = X[:batch].copy(), y[:batch].copy()
+    net = build_nnrt(sizes, "float32")
+    state = net.state_dict()
+    opt = nnrt.optim.SGD(net, lr=LR)
+    sce = nnrt.losses.softmax_cross_entropy
+    rng = np.random.default_rng(0)
+    Xg = np.empty_like(Xb)
+    yg = np.empty_like(yb)
+
+    def fit() -> None:
+        net.fit(X, y, optimizer=opt, epochs=1, batch_size=batch, progress=False)
+
+    def step() -> None:
+        for _ in range(steps):
+            logits = net.forward(Xb, training=True)
+            _, dY = sce(logits, yb)
+            net.backward(dY, input_grad=False)
+            opt.step()
+
+    def loop() -> None:
+        order = rng.permutation(len(X))
+        for b in range(steps):
+            idx = order[b * batch : (b + 1) * batch]
+            np.take(X, idx, axis=0, out=Xg)
+            np.take(y, idx, axis=0, out=yg)
+            logits = net.forward(Xg, training=True)
+            _, dY = sce(logits, yg)
+            net.backward(dY, input_grad=False)
+            opt.step()
+
+    out: dict[str, Fn] = {"fit": fit, "step": step, "loop": loop}
+    if torch is not None:
+        model = build_torch(state, sizes, torch.float32)
+        topt = torch.optim.SGD(model.parameters(), lr=LR)
+        Xt, yt = torch.from_numpy(X), torch.from_numpy(y)
+        ce = torch.nn.functional.cross_entropy
+
+        def torch_epoch() -> None:
+            model.train()
+            perm = torch.randperm(len(Xt))
+            total = 0.0
+            for b in range(steps):
+                idx = perm[b * batch : (b + 1) * batch]
+                loss = ce(model(Xt[idx]), yt[idx])
+                topt.zero_grad()
+                loss.backward()
+                topt.step()
+                total += loss.item()
+
+        out["torch"] = torch_epoch
+    keras = _keras()
+    if keras is not None:
+        kl = keras.layers
+        mods: list[Any] = [keras.Input((sizes[0],))]
+        for b in sizes[1:-1]:
+            mods += [kl.Dense(b, use_bias=False), kl.BatchNormalization(momentum=0.9,
+                     epsilon=1e-5), kl.Activation("sigmoid")]  # fmt: skip
+        mods.append(kl.Dense(sizes[-1]))
+        kmodel = keras.Sequential(mods)
+        kmodel.compile(
+            optimizer=keras.optimizers.SGD(LR),
+            loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        )
+
+        def keras_epoch() -> None:
+            kmodel.fit(X, y, batch_size=batch, epochs=1, shuffle=True, verbose=0)
+
+        out["keras"] = keras_epoch
+    return out
+
+
+def time_fit(cfg: str, rounds: int, sample_s: float) -> dict[str, Any]:
+    """Per-step times of one epoch of each fit contender, interleaved in rounds."""
+    steps = FIT_STEPS[cfg]
+    cons = make_fit_contenders(cfg)
+    names = list(cons)
+    ns = {name: calibrate(cons[name], sample_s) for name in names}
+    samples: dict[str, list[float]] = {name: [] for name in names}
+    for r in range(rounds):
+        for name in names[r % len(names) :] + names[: r % len(names)]:
+            cons[name]()  # pre-roll
+            samples[name].append(_loop(cons[name], ns[name]) / steps)
+    res: dict[str, Any] = {"steps": steps}
+    for name in FIT_CONTENDERS:
+        s = np.array(samples.get(name, []))
+        res[name] = (
+            None
+            if not len(s)
+            else {
+                "median_us": float(np.median(s) * 1e6),
+                "min_us": float(s.min() * 1e6),
+                "max_us": float(s.max() * 1e6),
+                "samples": len(s),
+            }
+        )
+    med = {k: v["median_us"] for k, v in res.items() if isinstance(v, dict)}
+    res["ratios"] = {
+        f"fit/{k}": (med["fit"] / med[k] if k in med else None)
+        for k in ("step", "loop", "torch", "keras")
+    }
+    return res
+
+
 def _loop(fn: Fn, n: int) -> float:
     t0 = time.perf_counter()
     for _ in range(n):
@@ -404,6 +541,38 @@ def format_table(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def format_fit_table(results: dict[str, Any]) -> str:
+    lines = [
+        "| config | nnrt fit | bare step | bare loop | torch loop | keras fit | fit/step "
+        "| fit/loop | fit/torch | fit/keras | target fit/step |",
+        "|" + "---|" * 11,
+    ]
+    for cfg, res in results["configs"].items():
+        r = res.get("fit")
+        if r is None:
+            continue
+        label = f"{cfg} b{res['batch']} × {r['steps']} steps"
+        cells = []
+        for name in FIT_CONTENDERS:
+            v = r[name]
+            cells.append(
+                "not installed"
+                if v is None
+                else f"{_fmt_t(v['median_us'])} ({_fmt_t(v['min_us'])}–{_fmt_t(v['max_us'])})"
+            )
+        ratios = [_fmt_ratio(r["ratios"][f"fit/{k}"]) for k in ("step", "loop", "torch", "keras")]
+        v = r["ratios"]["fit/step"]
+        verdict = "ok" if v is not None and v <= FIT_TARGET else "MISSED"
+        lines.append(
+            f"| {label} | "
+            + " | ".join(cells)
+            + " | "
+            + " | ".join(ratios)
+            + f" | ≤ {FIT_TARGET:.2f} {verdict} |"
+        )
+    return "\n".join(lines)
+
+
 def warm_blas() -> None:
     """One large GEMM through each BLAS copy (numpy's, scipy's, torch's)."""
     import scipy.linalg.blas as sblas
@@ -433,6 +602,7 @@ def main(argv: list[str] | None = None) -> int:
         help="comma-separated subset of " + ",".join(CONFIGS),
     )
     ap.add_argument("--rounds", type=int, help="override the number of rounds")
+    ap.add_argument("--no-fit", action="store_true", help="skip the fit row")
     args = ap.parse_args(argv)
     cfgs = [c.strip() for c in args.configs.split(",") if c.strip()]
     for c in cfgs:
@@ -484,6 +654,8 @@ def main(argv: list[str] | None = None) -> int:
         sample_s = 0.02 if args.quick else 0.05
         t0 = time.perf_counter()
         results["configs"][c] = time_config(c, rounds, sample_s, args.threads)
+        if not args.no_fit:
+            results["configs"][c]["fit"] = time_fit(c, rounds, sample_s)
         r = results["configs"][c]
         print(
             f"{c}: {rounds} rounds in {time.perf_counter() - t0:.1f} s; train nnrt/torch "
@@ -494,6 +666,10 @@ def main(argv: list[str] | None = None) -> int:
     results["seconds"] = time.perf_counter() - t_start
     print()
     print(format_table(results))
+    if not args.no_fit:
+        print()
+        print(f"fit: one epoch of net.fit, per step ({'/'.join(FIT_CONTENDERS)} per step)")
+        print(format_fit_table(results))
     print(
         f"\ntotal {results['seconds']:.0f} s; times are medians per call (min–max over "
         f"samples); ratios are of medians from this run"

@@ -16,13 +16,21 @@ from typing import TYPE_CHECKING, Any
 
 from nnrt import layer as _layer_module
 from nnrt.dense import Dense
+from nnrt.engine import (
+    Callback,
+    Checkpoint,
+    EarlyStopping,
+    History,
+    LambdaCallback,
+    ProgressBar,
+    TrainingState,
+)
 from nnrt.hookspecs import hookimpl, hookspec
 from nnrt.interop import from_torch
 from nnrt.layer import ABI_VERSION, Layer, check_abi
 from nnrt.network import Sequential
 from nnrt.perf import get_num_threads, profile, set_num_threads
 from nnrt.registry import PluginError, PluginWarning, registry
-from nnrt.training import Callback, EarlyStopping, History, LambdaCallback, TrainingState
 from nnrt.warnings import BiasBeforeBatchNormWarning, NetworkWarning, TrainingWarning
 
 __version__ = "0.1.0"
@@ -31,6 +39,7 @@ __all__ = [
     "ABI_VERSION",
     "BiasBeforeBatchNormWarning",
     "Callback",
+    "Checkpoint",
     "EarlyStopping",
     "History",
     "LambdaCallback",
@@ -42,6 +51,7 @@ __all__ = [
     "Layer",
     "PluginError",
     "PluginWarning",
+    "ProgressBar",
     "Sequential",
     "available_layers",
     "check_abi",

@@ -5,17 +5,20 @@ Launch one process per rank, e.g. ``mpirun -n 4 python train.py`` (or
 machine needs); docs/distributed.md has the commands, a hostfile example and
 measurements.
 
-Model (as torch's DistributedDataParallel):
+Model (as torch's DistributedDataParallel). :func:`fit` is ``nnrt.engine.fit``
+(the keywords and ``History`` of ``Sequential.fit``) with a
+:class:`GradientAllreduce` strategy, which the engine's step calls between
+backward and the optimizer step:
 
-- Every rank holds the same network. :func:`fit` (or :class:`DistributedTrainer`)
-  broadcasts rank 0's parameters and buffers first, so ranks may build it
-  with different seeds.
-- Every rank walks the same sequence of *global* batches (same seed, same
-  permutation) and computes only its shard of each: rows
-  ``np.array_split(batch, size)[rank]``.
+- Every rank holds the same network: the strategy broadcasts rank 0's
+  parameters and buffers first, so ranks may build it with different seeds.
+- Every rank walks the same sequence of *global* batches (the engine's one
+  shuffle stream, seeded with rank 0's seed) and computes only its shard of
+  each: rows ``np.array_split(batch, size)[rank]``.
 - After the backward pass, ONE ``Allreduce`` (sum) over a single preallocated
-  flat buffer carries every parameter gradient (plus the loss, plus averaged
-  BatchNorm running statistics). Nothing is sent per parameter.
+  flat buffer carries every parameter gradient (plus the loss, the correct
+  count, and averaged BatchNorm running statistics). Nothing is sent per
+  parameter.
 - Scaling. A mean-reduced loss gives ``dY`` with ``1/N_local``; the update on
   the global batch needs ``1/N_global``. So each rank multiplies ``dY`` by
   ``N_local / N_global`` *before* its backward pass; backward is linear in
@@ -26,7 +29,8 @@ Model (as torch's DistributedDataParallel):
   :class:`SyncBatchNorm`'s cross-rank backward sums consistent.
 - Every rank then runs the same optimizer step on the same gradients, so the
   parameters stay identical without further messages. Only rank 0 writes
-  checkpoints and shows progress.
+  checkpoints and shows progress. On one rank, ``fit`` gives bit for bit the
+  weights of ``Sequential.fit``.
 
 BatchNorm across ranks:
 
@@ -54,32 +58,31 @@ one collective waits longer than ``timeout`` seconds: ``NNRT_MPI_TIMEOUT``,
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import shutil
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
 from nnrt._validate import batchnorm_config
+from nnrt.engine import History
+from nnrt.engine import fit as _engine_fit
 from nnrt.layer import Layer
+from nnrt.network import Sequential
 
 __all__ = [
     "Communicator",
     "DistributedError",
-    "DistributedHistory",
-    "DistributedTrainer",
+    "GradientAllreduce",
     "LocalCommunicator",
     "SyncBatchNorm",
     "convert_sync_batchnorm",
     "default_communicator",
     "fit",
-    "global_batches",
     "mpirun_command",
     "shard_bounds",
 ]
@@ -309,6 +312,8 @@ class SyncBatchNorm(Layer):
     others. A global batch of one sample raises ValueError on every rank.
     """
 
+    uses_batch_statistics = True
+
     def __init__(self, num_features: int, momentum: float = 0.1, eps: float = 1e-5) -> None:
         super().__init__()
         n, momentum, eps = batchnorm_config("SyncBatchNorm", num_features, momentum, eps)
@@ -469,7 +474,6 @@ class SyncBatchNorm(Layer):
 def convert_sync_batchnorm(net: Any) -> Any:
     """A new ``Sequential`` with every ``batchnorm`` replaced by a :class:`SyncBatchNorm`
     (same config, parameters and buffers); the other layers are the same objects."""
-    from nnrt.network import Sequential
     from nnrt_plugins.batchnorm import BatchNorm
 
     state = net.state_dict()
@@ -482,7 +486,7 @@ def convert_sync_batchnorm(net: Any) -> Any:
     return new
 
 
-# ---------------------------------------------------------------------------- batching
+# ---------------------------------------------------------------------------- training
 def shard_bounds(n: int, size: int, rank: int) -> tuple[int, int]:
     """Rows ``[lo, hi)`` of a global batch of ``n`` that ``rank`` of ``size`` computes
     (``np.array_split``: the first ``n % size`` ranks get one row more)."""
@@ -491,73 +495,27 @@ def shard_bounds(n: int, size: int, rank: int) -> tuple[int, int]:
     return lo, lo + q + (1 if rank < r else 0)
 
 
-def global_batches(
-    n: int, batch_size: int, epochs: int, seed: int | None, shuffle: bool = True
-) -> Iterator[tuple[int, np.ndarray]]:
-    """The ``(epoch, indices)`` of every global batch, identical on every rank.
+class GradientAllreduce:
+    """The data-parallel strategy ``nnrt.engine`` runs between backward and the optimizer step.
 
-    One generator ``np.random.default_rng(seed)``; each epoch draws
-    ``rng.permutation(n)`` (``np.arange(n)`` without shuffling) and cuts it into
-    consecutive batches of ``batch_size`` (the last one may be shorter).
-    """
-    rng = np.random.default_rng(seed)
-    for epoch in range(epochs):
-        order = rng.permutation(n) if shuffle else np.arange(n)
-        for start in range(0, n, batch_size):
-            yield epoch, order[start : start + batch_size]
-
-
-# ---------------------------------------------------------------------------- training
-@dataclass
-class DistributedHistory:
-    """Per-epoch records: ``history["loss"]`` (mean global-batch loss), ``"val_loss"``."""
-
-    history: dict[str, list[float]] = field(default_factory=dict)
-    epochs: int = 0
-    steps: int = 0
-    skipped_batches: int = 0
-
-
-def _has_local_batchnorm(net: Any) -> bool:
-    try:
-        from nnrt_plugins.batchnorm import BatchNorm
-    except ImportError:  # pragma: no cover
-        return False
-    return any(isinstance(layer, BatchNorm) for layer in net.layers)
-
-
-class DistributedTrainer:
-    """Data-parallel training of one ``Sequential`` on every rank of ``comm``.
-
-    ``DistributedTrainer(net, optimizer, loss="softmax_cross_entropy", comm=None)``
-    broadcasts rank 0's parameters and buffers, points every
-    :class:`SyncBatchNorm` at ``comm`` and preallocates the flat message buffer
-    (every gradient, then one slot for the loss, then the float buffers of
-    layers that are not :class:`SyncBatchNorm`, in the network's dtype).
-    ``step(X_local, y_local, n_global)`` runs one global step;
-    :meth:`fit` runs epochs. The optimizer must be built on ``net`` (it is
-    stepped identically on every rank).
+    ``GradientAllreduce(net, comm=None)`` broadcasts rank 0's parameters and
+    buffers, points every :class:`SyncBatchNorm` at ``comm`` and preallocates
+    one flat buffer in the network's dtype: every gradient, then two slots (the
+    loss and the number of correct rows), then the float buffers of the layers
+    that are not :class:`SyncBatchNorm` (their running statistics). Called
+    after backward with this rank's share of the loss and correct count, it
+    fills the buffer, runs ONE ``Allreduce`` (sum), copies the summed gradients
+    and the averaged buffers back and returns the global loss and count.
     """
 
-    def __init__(
-        self,
-        net: Any,
-        optimizer: Any,
-        loss: str | Callable[[Any, Any], tuple[float, np.ndarray]] = "softmax_cross_entropy",
-        comm: AnyComm | None = None,
-    ) -> None:
-        from nnrt.losses import get_loss
-
+    def __init__(self, net: Any, comm: AnyComm | None = None) -> None:
         self.net = net
-        self.optimizer = optimizer
-        self.loss_fn = get_loss(loss)
         self.comm: AnyComm = default_communicator() if comm is None else comm
         self.rank = self.comm.rank
         self.size = self.comm.size
         for layer in net.layers:
             if isinstance(layer, SyncBatchNorm):
                 layer.comm = self.comm
-        dtype = np.dtype(net.dtype)
         self._grads = list(net.grads().values())
         sync_ids = {i for i, layer in enumerate(net.layers) if isinstance(layer, SyncBatchNorm)}
         self._avg_buffers = [
@@ -567,23 +525,15 @@ class DistributedTrainer:
         ]
         n_grad = sum(g.size for g in self._grads)
         n_buf = sum(b.size for b in self._avg_buffers)
-        self._loss_slot = n_grad
-        self.flat = np.zeros(n_grad + 1 + n_buf, dtype=dtype)
-        self._grad_views = self._views(self.flat, 0, self._grads)
-        self._buf_views = self._views(self.flat, n_grad + 1, self._avg_buffers)
+        self._slot = n_grad  # loss, then correct count
+        self.flat = np.zeros(n_grad + 2 + n_buf, dtype=np.dtype(net.dtype))
+        self._grad_views = _views(self.flat, 0, self._grads)
+        self._buf_views = _views(self.flat, n_grad + 2, self._avg_buffers)
         self.allreduce_seconds = 0.0
         self.broadcast_state()
 
-    @staticmethod
-    def _views(flat: np.ndarray, start: int, arrays: Sequence[np.ndarray]) -> list[np.ndarray]:
-        out = []
-        for a in arrays:
-            out.append(flat[start : start + a.size].reshape(a.shape))
-            start += a.size
-        return out
-
     def broadcast_state(self) -> None:
-        """Copy rank 0's parameters and buffers to every rank (one broadcast)."""
+        """Copy rank 0's parameters and buffers to every rank (one broadcast per dtype)."""
         if self.size == 1:
             return
         arrays = list(self.net.params().values()) + list(self.net.buffers().values())
@@ -593,25 +543,40 @@ class DistributedTrainer:
         for dt, group in by_dtype.items():
             flat = np.concatenate([a.ravel() for a in group]).astype(dt, copy=False)
             self.comm.bcast(flat, root=0, what="broadcast of the initial parameters")
-            for a, v in zip(group, self._views(flat, 0, group), strict=True):
+            for a, v in zip(group, _views(flat, 0, group), strict=True):
                 np.copyto(a, v)
 
-    def step(self, X_local: np.ndarray, y_local: np.ndarray, n_global: int) -> float:
-        """One global step on this rank's shard; returns the global batch's mean loss."""
-        n_local = int(X_local.shape[0])
-        Y = self.net.forward(X_local, training=True)
-        loss, dY = self.loss_fn(Y, y_local)
-        # NOTE: dY carries 1/n_local (mean-reduced loss); the global mean needs
-        # 1/n_global, so scale before backward: every gradient then is this
-        # shard's exact share of the global-batch gradient.
-        share = n_local / n_global
-        if share != 1.0:
-            dY = np.multiply(dY, share, out=dY if dY.flags.writeable else None)
-        self.net.backward(dY)
+    def shard(self, n: int) -> tuple[int, int]:
+        """Rows of a global batch of ``n`` that this rank computes."""
+        return shard_bounds(n, self.size, self.rank)
+
+    def min_batch(self, net: Any) -> int:
+        """The shortest global batch: two rows per rank for a BatchNorm that is not
+        synchronised, two in all for :class:`SyncBatchNorm`, else a row per rank."""
+        local = any(
+            getattr(type(layer), "uses_batch_statistics", False)
+            and not isinstance(layer, SyncBatchNorm)
+            for layer in net.layers
+        )
+        synced = any(isinstance(layer, SyncBatchNorm) for layer in net.layers)
+        return max(self.size * (2 if local else 1), 2 if synced else 1)
+
+    def common_seed(self, seed: int | None) -> int | None:
+        """Rank 0's shuffling seed, on every rank (None: rank 0 draws one)."""
+        if self.size == 1:
+            return seed
+        if seed is None:
+            seed = int(np.random.SeedSequence().entropy % 2**63)  # type: ignore[operator]
+        buf = np.array([seed], dtype=np.int64)
+        self.comm.bcast(buf, root=0, what="broadcast of the shuffling seed")
+        return int(buf[0])
+
+    def __call__(self, loss: float, correct: int) -> tuple[float, int]:
         flat = self.flat
         for view, g in zip(self._grad_views, self._grads, strict=True):
             np.copyto(view, g)
-        flat[self._loss_slot] = loss * share
+        flat[self._slot] = loss
+        flat[self._slot + 1] = correct
         if self._buf_views:
             inv = 1.0 / self.size
             for view, b in zip(self._buf_views, self._avg_buffers, strict=True):
@@ -623,116 +588,15 @@ class DistributedTrainer:
             np.copyto(g, view)
         for view, b in zip(self._buf_views, self._avg_buffers, strict=True):
             np.copyto(b, view)
-        self.optimizer.step()
-        return float(flat[self._loss_slot])
+        return float(flat[self._slot]), int(round(float(flat[self._slot + 1])))
 
-    def evaluate_loss(self, X: Any, y: Any, batch_size: int = 1024) -> float:
-        """Mean loss over ``(X, y)`` (eval mode), each rank computing a shard; all get it."""
-        n = len(X)
-        acc = np.zeros(2, dtype=np.float64)
-        lo, hi = shard_bounds(n, self.size, self.rank)
-        for start in range(lo, hi, batch_size):
-            stop = min(start + batch_size, hi)
-            loss, _ = self.loss_fn(self.net.forward(X[start:stop], training=False), y[start:stop])
-            acc[0] += loss * (stop - start)
-            acc[1] += stop - start
-        self.comm.allreduce_sum(acc, what="validation loss allreduce")
-        return float(acc[0] / acc[1])
 
-    def fit(
-        self,
-        X: Any,
-        y: Any,
-        *,
-        epochs: int = 1,
-        batch_size: int = 32,
-        shuffle: bool = True,
-        seed: int | None = None,
-        validation_data: tuple[Any, Any] | None = None,
-        checkpoint: str | os.PathLike[str] | None = None,
-        verbose: bool = True,
-    ) -> DistributedHistory:
-        """Train for ``epochs`` over ``(X, y)``; ``batch_size`` is the GLOBAL batch.
-
-        Every rank passes the same ``X``/``y`` (a ``np.load(..., mmap_mode="r")``
-        array keeps each rank's memory at its shards) and computes rows
-        ``shard_bounds(len(batch), size, rank)`` of each global batch from
-        :func:`global_batches` (``seed`` default: the network's seed). A batch
-        too small to give every rank a row (or, with ``batchnorm``, two rows)
-        is skipped on every rank. After each epoch rank 0 saves ``checkpoint``
-        (``net.save``) and updates the progress bar.
-        """
-        if len(X) != len(y):
-            raise ValueError(f"fit: X has {len(X)} rows but y has {len(y)}")
-        if isinstance(batch_size, bool) or int(batch_size) < 1:
-            raise ValueError(f"fit: batch_size must be a positive int, got {batch_size!r}")
-        batch_size = int(batch_size)
-        n = len(X)
-        min_rows = 2 if _has_local_batchnorm(self.net) else 1
-        min_global = max(self.size * min_rows, 2 if self._has_sync_bn() else 1)
-        if seed is None:
-            seed = self.net.seed
-        hist = DistributedHistory(history={"loss": []})
-        if validation_data is not None:
-            hist.history["val_loss"] = []
-        steps_per_epoch = math.ceil(n / batch_size)
-        bar = self._progress(epochs * steps_per_epoch, verbose)
-        total = 0.0
-        count = 0
-        current = 0
-        try:
-            for epoch, idx in global_batches(n, batch_size, epochs, seed, shuffle):
-                if epoch != current:
-                    self._end_epoch(hist, total, count, validation_data, checkpoint, bar)
-                    total, count, current = 0.0, 0, epoch
-                if len(idx) < min_global:
-                    hist.skipped_batches += 1
-                    if bar is not None:
-                        bar.update(1)
-                    continue
-                lo, hi = shard_bounds(len(idx), self.size, self.rank)
-                rows = np.sort(idx[lo:hi])
-                loss = self.step(np.asarray(X[rows]), np.asarray(y[rows]), len(idx))
-                total += loss
-                count += 1
-                hist.steps += 1
-                if bar is not None:
-                    bar.update(1)
-                    bar.set_postfix(epoch=epoch + 1, loss=f"{loss:.4f}", refresh=False)
-            if epochs > 0:
-                self._end_epoch(hist, total, count, validation_data, checkpoint, bar)
-        finally:
-            if bar is not None:
-                bar.close()
-        return hist
-
-    def _has_sync_bn(self) -> bool:
-        return any(isinstance(layer, SyncBatchNorm) for layer in self.net.layers)
-
-    def _progress(self, total: int, verbose: bool) -> Any:
-        if self.rank != 0 or not verbose:
-            return None
-        from tqdm.auto import tqdm
-
-        return tqdm(total=total, desc=f"fit on {self.size} ranks", unit="step", leave=True)
-
-    def _end_epoch(
-        self,
-        hist: DistributedHistory,
-        total: float,
-        count: int,
-        validation_data: tuple[Any, Any] | None,
-        checkpoint: str | os.PathLike[str] | None,
-        bar: Any,
-    ) -> None:
-        hist.epochs += 1
-        hist.history["loss"].append(total / count if count else float("nan"))
-        if validation_data is not None:
-            hist.history["val_loss"].append(self.evaluate_loss(*validation_data))
-        if checkpoint is not None and self.rank == 0:
-            self.net.save(os.fspath(checkpoint))
-        if bar is not None:
-            bar.set_postfix(epoch=hist.epochs, loss=f"{hist.history['loss'][-1]:.4f}")
+def _views(flat: np.ndarray, start: int, arrays: Sequence[np.ndarray]) -> list[np.ndarray]:
+    out = []
+    for a in arrays:
+        out.append(flat[start : start + a.size].reshape(a.shape))
+        start += a.size
+    return out
 
 
 def fit(
@@ -740,36 +604,25 @@ def fit(
     X: Any,
     y: Any,
     *,
-    loss: str | Callable[[Any, Any], tuple[float, np.ndarray]] = "softmax_cross_entropy",
-    optimizer: Any = None,
-    epochs: int = 1,
-    batch_size: int = 32,
-    shuffle: bool = True,
-    seed: int | None = None,
-    validation_data: tuple[Any, Any] | None = None,
-    checkpoint: str | os.PathLike[str] | None = None,
-    verbose: bool = True,
     comm: AnyComm | None = None,
-) -> DistributedHistory:
-    """Data-parallel ``fit`` over all ranks of ``comm`` (default: MPI.COMM_WORLD under
-    ``mpirun``, else one process). ``batch_size`` is the global batch;
-    ``optimizer`` defaults to ``nnrt.optim.Adam(net)``. See :class:`DistributedTrainer`."""
-    if optimizer is None:
-        from nnrt.optim import Adam
+    **kwargs: Any,
+) -> History:
+    """``Sequential.fit`` over all ranks of ``comm`` (default: MPI.COMM_WORLD under
+    ``mpirun``, else one process): the same keywords and ``History``, run by
+    ``nnrt.engine.fit`` with a :class:`GradientAllreduce`.
 
-        optimizer = Adam(net)
-    trainer = DistributedTrainer(net, optimizer, loss=loss, comm=comm)
-    return trainer.fit(
-        X,
-        y,
-        epochs=epochs,
-        batch_size=batch_size,
-        shuffle=shuffle,
-        seed=seed,
-        validation_data=validation_data,
-        checkpoint=checkpoint,
-        verbose=verbose,
-    )
+    Every rank passes the same ``X``/``y`` (a ``np.load(..., mmap_mode="r")``
+    array keeps each rank's memory at its rows); ``batch_size`` is the GLOBAL
+    batch; rank ``r`` computes rows ``shard_bounds(len(batch), size, r)`` of
+    each. ``seed`` defaults to rank 0's network seed. Only rank 0 draws the
+    progress bar and writes ``nnrt.Checkpoint`` files; every rank evaluates
+    the whole validation set (so all get the same logs and early-stopping
+    decisions). On one rank the weights are bit-identical to ``net.fit``'s.
+    """
+    sync = GradientAllreduce(net, comm)
+    if sync.rank != 0:
+        kwargs["progress"] = False
+    return _engine_fit(net, X, y, sync=sync, **kwargs)
 
 
 # ---------------------------------------------------------------------------- launcher

@@ -22,9 +22,12 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from nnrt._locks import holding
+from nnrt.network import Sequential
+from nnrt.registry import registry
+
 if TYPE_CHECKING:
     from nnrt.layer import Layer
-    from nnrt.network import Sequential
 
 __all__ = ["fold_batchnorm"]
 
@@ -32,14 +35,10 @@ _DENSE_NAMES = ("dense", "dense_nobias")
 
 
 def _is_batchnorm(layer: Layer) -> bool:
-    from nnrt.registry import registry
-
     return registry.name_of(type(layer)) == "batchnorm"
 
 
 def _is_dense(layer: Layer) -> bool:
-    from nnrt.registry import registry
-
     return registry.name_of(type(layer)) in _DENSE_NAMES
 
 
@@ -68,16 +67,11 @@ def fold_batchnorm(net: Sequential) -> Sequential:
     ``dense``/``dense_nobias`` layer. Reads the weights under the network's lock
     (those of one whole step when another thread is training it).
     """
-    from nnrt._locks import holding
-
     with holding(net):
         return _fold_batchnorm(net)
 
 
 def _fold_batchnorm(net: Sequential) -> Sequential:
-    from nnrt.network import Sequential
-    from nnrt.registry import registry
-
     new_layers: list[Layer] = []
     # (index in the new network, arrays to copy in: name -> float64/any array)
     fills: list[dict[str, np.ndarray]] = []

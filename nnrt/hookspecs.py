@@ -15,12 +15,26 @@ import pluggy
 
 if TYPE_CHECKING:
     from nnrt.layer import Layer
-    from nnrt.network import Sequential
 
 PROJECT_NAME = "nnrt"
 
 hookspec = pluggy.HookspecMarker(PROJECT_NAME)
 hookimpl = pluggy.HookimplMarker(PROJECT_NAME)
+
+
+class Network(Protocol):
+    """What ``nnrt_check_network`` is given: the finished ``nnrt.Sequential``.
+
+    (A structural type, so that this module, which the registry imports, does
+    not import ``nnrt.network``, which imports the registry.)
+    """
+
+    layers: list[Layer]
+    dtype: Any
+
+    def __len__(self) -> int: ...
+
+    def __getitem__(self, index: int, /) -> Layer: ...
 
 
 class RegisterLayer(Protocol):
@@ -50,7 +64,7 @@ def nnrt_register_layers(register: RegisterLayer) -> None:
 
 
 @hookspec
-def nnrt_check_network(net: Sequential) -> None:
+def nnrt_check_network(net: Network) -> None:
     """Inspect a network when it is built and warn about likely mistakes.
 
     ``Sequential`` calls this hook once, at the end of its construction, with

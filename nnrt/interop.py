@@ -27,11 +27,13 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from nnrt.network import Sequential
+from nnrt.registry import registry
+
 if TYPE_CHECKING:
     import torch
 
     from nnrt.layer import Layer
-    from nnrt.network import Sequential
 
 __all__ = ["from_torch", "to_torch"]
 
@@ -61,8 +63,6 @@ def from_torch(module: torch.nn.Module, *, dtype: Any = None, seed: int | None =
     naming the module and its position.
     """
     torch = _require_torch()
-    import nnrt
-
     nn = torch.nn
     if isinstance(module, nn.Sequential):
         children = list(module.children())
@@ -86,9 +86,9 @@ def from_torch(module: torch.nn.Module, *, dtype: Any = None, seed: int | None =
         if type(child) is nn.Linear:
             W = _np(child.weight).T  # (out, in) -> (in, out)
             if child.bias is None:
-                layers.append(nnrt.layer("dense_nobias", child.in_features, child.out_features))
+                layers.append(registry.make("dense_nobias", child.in_features, child.out_features))
             else:
-                layers.append(nnrt.layer("dense", child.in_features, child.out_features))
+                layers.append(registry.make("dense", child.in_features, child.out_features))
                 state[f"{k}.bias"] = _np(child.bias)
             state[f"{k}.weight"] = W
         elif type(child) is nn.BatchNorm1d:
@@ -103,7 +103,7 @@ def from_torch(module: torch.nn.Module, *, dtype: Any = None, seed: int | None =
                     f"has no nnrt counterpart; set a float momentum"
                 )
             layers.append(
-                nnrt.layer(
+                registry.make(
                     "batchnorm",
                     child.num_features,
                     momentum=float(child.momentum),
@@ -115,7 +115,7 @@ def from_torch(module: torch.nn.Module, *, dtype: Any = None, seed: int | None =
             state[f"{k}.running_mean"] = _np(child.running_mean)
             state[f"{k}.running_var"] = _np(child.running_var)
         elif type(child) is nn.Sigmoid:
-            layers.append(nnrt.layer("sigmoid"))
+            layers.append(registry.make("sigmoid"))
         else:
             raise TypeError(
                 f"nnrt.from_torch: {where} has no nnrt counterpart; supported: Linear, "
@@ -131,7 +131,7 @@ def from_torch(module: torch.nn.Module, *, dtype: Any = None, seed: int | None =
                 f"and float64 (convert the module, or pass dtype=)"
             )
         dtype = "float64" if "float64" in found_dtypes else "float32"
-    net = nnrt.Sequential(layers, seed=seed, dtype=dtype)
+    net = Sequential(layers, seed=seed, dtype=dtype)
     net.load_state_dict(state)
     return net
 
@@ -146,8 +146,6 @@ def to_torch(net: Sequential) -> torch.nn.Sequential:
     semantics. Any other layer raises ``TypeError`` naming it and its plugin.
     """
     torch = _require_torch()
-    from nnrt.registry import registry
-
     nn = torch.nn
     tdtype = {np.dtype(np.float32): torch.float32, np.dtype(np.float64): torch.float64}[
         np.dtype(net.dtype)

@@ -5,7 +5,7 @@ against these signatures (override with compatible ones, e.g.
 ``def forward(self, X: np.ndarray, training: bool = False) -> np.ndarray``).
 """
 
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import numpy.typing as npt
@@ -38,6 +38,7 @@ class Layer:
     """Input width, or None; a positive int or None when a Python subclass assigns it."""
     out_features: int | None
     """Output width, or None; a positive int or None when a Python subclass assigns it."""
+    uses_batch_statistics: ClassVar[bool]
     def __init__(self, *args: Any, **kwargs: Any) -> None: ...
     @property
     def dtype(self) -> np.dtype[Any] | None:

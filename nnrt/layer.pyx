@@ -243,7 +243,12 @@ cdef class Layer:
       params() / grads() / buffers()    live arrays, same keys in params and grads
       config()                          JSON-able kwargs: type(layer)(**config) rebuilds it
       in_features, out_features         ints, or None where the layer keeps the width
+      uses_batch_statistics             class attribute: True where the training forward
+                                        depends on the whole batch (training loops then
+                                        skip a batch too short for it)
     """
+
+    uses_batch_statistics = False
 
     def __init__(self, *args, **kwargs):
         # Accepts (and ignores) arguments so that Python subclasses may call

@@ -20,6 +20,7 @@ from nnrt._kernels import backward_chain as _backward_chain
 from nnrt._kernels import forward_chain as _forward_chain
 from nnrt._locks import holding as _holding
 from nnrt.layer import Layer
+from nnrt.registry import PluginError, registry
 
 __all__ = ["Sequential"]
 
@@ -91,7 +92,6 @@ class Sequential:
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
-        self._python_layers = [i for i, layer in enumerate(self.layers) if _is_python_layer(layer)]
         self._last_out = None
 
     # --------------------------------------------------------------- structure
@@ -113,8 +113,6 @@ class Sequential:
             prev = (i, layer)
 
     def _run_network_checks(self) -> None:
-        from nnrt.registry import registry
-
         hook = getattr(registry.pm.hook, "nnrt_check_network", None)
         if hook is None:
             return
@@ -131,8 +129,6 @@ class Sequential:
             except Warning:
                 raise
             except Exception as exc:
-                from nnrt.registry import PluginError
-
                 raise PluginError(
                     f"nnrt plugin {impl.plugin_name!r}: its nnrt_check_network hook raised "
                     f"{type(exc).__name__}: {exc} (checking a network of "
@@ -320,8 +316,6 @@ class Sequential:
             and (cols is None or result.shape[1] == cols)
         ):
             return
-        from nnrt.registry import PluginError, registry
-
         name = registry.name_of(type(layer))
         origin = (
             f"layer type {name!r} from nnrt plugin {registry.get(name).plugin!r}"
@@ -410,7 +404,9 @@ class Sequential:
             np.copyto(live[key], value, casting="unsafe")
 
     # ------------------------------------------------- training, files, inference
-    # Thin wrappers: the work is in nnrt.training, nnrt.io and nnrt.fold.
+    # Thin wrappers: the work is in nnrt.engine, nnrt.io, nnrt.fold and nnrt.interop.
+    # NOTE: those modules import this one (they work on networks); these seven
+    # delegations are the only imports in the other direction, made at call time.
     def fit(self, X: Any, y: Any, **kwargs: Any) -> Any:
         """Train on (X, y) with mini-batches; returns a ``nnrt.History``.
 
@@ -425,21 +421,21 @@ class Sequential:
         and leaves the weights that gave the last finite loss. A final
         mini-batch of one sample is skipped (one ``nnrt.TrainingWarning``)
         when the network has BatchNorm. ``progress`` (tqdm bar) defaults to on
-        when stderr is a terminal. See ``nnrt.training.fit``.
+        when stderr is a terminal. See ``nnrt.engine.fit``.
         """
-        from nnrt.training import fit
+        from nnrt.engine import fit
 
         return fit(self, X, y, **kwargs)
 
     def predict(self, X: Any, batch_size: int | None = None) -> np.ndarray:
         """Scores (samples, out_features) in eval mode, in batches; a new array."""
-        from nnrt.training import predict
+        from nnrt.engine import predict
 
         return predict(self, X, batch_size=batch_size)
 
     def predict_classes(self, X: Any, batch_size: int | None = None) -> np.ndarray:
         """Class labels: argmax of ``predict`` (``score > 0`` for one output)."""
-        from nnrt.training import predict_classes
+        from nnrt.engine import predict_classes
 
         return predict_classes(self, X, batch_size=batch_size)
 
@@ -447,7 +443,7 @@ class Sequential:
         self, X: Any, y: Any, loss: Any = None, batch_size: int | None = None
     ) -> dict[str, float]:
         """``{"loss": ..., "accuracy": ...}`` in eval mode (accuracy for integer labels)."""
-        from nnrt.training import evaluate
+        from nnrt.engine import evaluate
 
         return evaluate(self, X, y, loss=loss, batch_size=batch_size)
 

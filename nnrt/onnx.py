@@ -28,6 +28,9 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from nnrt.dense import Dense
+from nnrt.registry import registry
+
 # NOTE: this module is ``nnrt.onnx``; ``import onnx`` below is absolute and
 # gets the real onnx package (imported lazily, it is an optional extra).
 if TYPE_CHECKING:
@@ -116,8 +119,6 @@ def _export_dense(layer: Layer, input: str, ctx: ExportContext) -> str:
 
 
 def _describe_layer(i: int, layer: Layer) -> str:
-    from nnrt.registry import registry
-
     name = registry.name_of(type(layer))
     cls = f"{type(layer).__module__}.{type(layer).__qualname__}"
     if name is None:
@@ -138,8 +139,6 @@ def to_model(
 ) -> onnx.ModelProto:
     """Build the ONNX model of ``net`` in evaluation mode (see ``export``); checked."""
     onnx = _require_onnx()
-    from nnrt.dense import Dense
-    from nnrt.registry import registry
 
     if not isinstance(batch_dim, (str, int)) or isinstance(batch_dim, bool):
         raise TypeError(

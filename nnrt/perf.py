@@ -20,6 +20,9 @@ from typing import Any
 
 import numpy as np
 
+from nnrt import losses, optim
+from nnrt.engine import TrainStep
+
 __all__ = ["LayerProfile", "Profile", "get_num_threads", "profile", "set_num_threads"]
 
 
@@ -96,9 +99,9 @@ class LayerProfile:
 class Profile:
     """What ``nnrt.profile`` measured; ``str(profile)`` is a table.
 
-    ``total`` is the median time of the whole step as a user runs it
-    (``forward``, loss, ``backward(input_grad=False)``, ``optimizer.step()``;
-    only ``forward(training=False)`` when profiling inference); the per-layer
+    ``total`` is the median time of the whole step as ``fit`` runs it
+    (``nnrt.engine.TrainStep``: ``forward``, loss, ``backward(input_grad=False)``,
+    ``optimizer.step()``; only ``forward(training=False)`` when profiling inference); the per-layer
     times and ``loss`` are measured one call at a time, so their sum
     (``layer_sum``) is close to but not exactly ``total``.
     """
@@ -183,8 +186,6 @@ def profile(
     The network's parameters and buffers are restored afterwards; a given
     optimizer's state is not (it takes ``warmup + repeat`` extra steps).
     """
-    from nnrt import losses, optim
-
     if isinstance(repeat, bool) or not isinstance(repeat, int) or repeat < 1:
         raise ValueError(f"profile: repeat must be a positive int, got {repeat!r}")
     if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
@@ -222,13 +223,11 @@ def profile(
                     g = np.array(layers[i].backward(g), copy=True)
         first = net._first_trainable() if training else len(layers)
 
+        train_step = TrainStep(net, opt, loss) if training else None
+
         def step() -> None:
-            if training:
-                assert loss_fn is not None
-                out = net.forward(Xa, training=True)
-                _, dY = loss_fn(out, y)
-                net.backward(dY, input_grad=False)
-                opt.step()
+            if train_step is not None:
+                train_step(Xa, y)  # the training step of fit: nnrt.engine.TrainStep
             else:
                 net.forward(Xa, training=False)
 

@@ -12,12 +12,14 @@ int ``w`` in ``hidden`` is the default block of width ``w``:
 32)``, ``"tanh"``), so any plugin layer can be used. ``hidden=()`` is a
 linear model.
 
-Training is mini-batch (``batch_size``, reshuffled every epoch from
-``random_state``) with ``optimizer`` ``"adam"`` (default), ``"adamw"`` or
-``"sgd"`` (``momentum``); a last mini-batch of one sample is merged into
-the previous one (BatchNorm cannot train on one sample), so every sample is
-used every epoch. ``fit`` starts from new weights; ``partial_fit`` runs one
-epoch and keeps the weights and the optimizer state between calls.
+Training is ``nnrt.engine.fit`` (the loop behind ``Sequential.fit``):
+mini-batches of ``batch_size``, reshuffled every epoch (each ``fit`` /
+``partial_fit`` call seeds the shuffling from ``random_state``'s stream), with
+``optimizer`` ``"adam"`` (default), ``"adamw"`` or ``"sgd"`` (``momentum``); as
+in ``Sequential.fit``, a last mini-batch of one sample is skipped with a
+``nnrt.TrainingWarning`` when the network has BatchNorm, and a non-finite loss
+raises ``FloatingPointError``. ``fit`` starts from new weights; ``partial_fit``
+runs one epoch and keeps the weights and the optimizer state between calls.
 
 The classifier minimises softmax cross-entropy over ``len(classes_)``
 outputs; the regressor minimises the mean squared error of standardised
@@ -55,7 +57,7 @@ except ImportError:  # pragma: no cover - older scikit-learn
 
 
 import nnrt
-from nnrt.losses import mse, softmax_cross_entropy
+from nnrt import engine
 from nnrt.network import Sequential
 from nnrt.optim import SGD, Adam, AdamW, Optimizer
 from nnrt.registry import registry
@@ -178,57 +180,31 @@ class _BaseMLP(BaseEstimator):
         seed, self._rng = self._seeds()
         self.net_ = self._build(n_in, n_out, seed)
         self._optim = self._make_optimizer(self.net_)
-        self._has_bn = any(
-            registry.name_of(type(layer)) == "batchnorm" for layer in self.net_.layers
-        )
         self.loss_curve_: list[float] = []
         self.n_iter_ = 0
 
     # --------------------------------------------------------------- training
-    def _batches(self, n: int) -> list[np.ndarray]:
-        order = self._rng.permutation(n)
-        bs = int(self.batch_size)
-        chunks = [order[i : i + bs] for i in range(0, n, bs)]
-        if len(chunks) > 1 and len(chunks[-1]) == 1 and self._has_bn:
-            chunks[-2] = np.concatenate([chunks[-2], chunks[-1]])
-            chunks.pop()
-        return chunks
-
-    def _loss(self, out: np.ndarray, target: np.ndarray) -> tuple[float, np.ndarray]:
-        raise NotImplementedError
+    _loss_name = ""
 
     def _run_epochs(self, X: np.ndarray, T: np.ndarray, epochs: int) -> None:
-        n = X.shape[0]
-        if n < 2 and self._has_bn:
-            raise ValueError(
-                f"{type(self).__name__}: training needs at least 2 samples (BatchNorm "
-                f"cannot normalise 1 sample), got 1 sample, X of shape {X.shape}"
-            )
-        net, opt = self.net_, self._optim
-        for _ in range(epochs):
-            total = 0.0
-            for idx in self._batches(n):
-                out = net.forward(X[idx], training=True)
-                loss, dY = self._loss(out, T[idx])
-                if not np.isfinite(loss):
-                    raise FloatingPointError(
-                        f"{type(self).__name__}: the training loss became {loss} at epoch "
-                        f"{self.n_iter_ + 1}; lower lr (now {self.lr!r})"
-                    )
-                net.backward(dY)
-                opt.step()
-                total += loss * len(idx)
-            self.loss_curve_.append(total / n)
-            self.n_iter_ += 1
+        # NOTE: each call shuffles with a new seed drawn from random_state's stream, so
+        # successive partial_fit calls do not repeat one permutation
+        hist = engine.fit(
+            self.net_,
+            X,
+            T,
+            loss=self._loss_name,
+            optimizer=self._optim,
+            epochs=epochs,
+            batch_size=int(self.batch_size),
+            seed=int(self._rng.integers(2**63 - 1)),
+            progress=False,
+        )
+        self.loss_curve_ += hist.history.get("loss", [])
+        self.n_iter_ += len(hist.epoch)
 
     def _forward(self, X: np.ndarray) -> np.ndarray:
-        out = np.empty((X.shape[0], self.net_.out_features or 0), dtype=np.float64)
-        for i in range(0, X.shape[0], _PREDICT_BATCH):
-            out[i : i + _PREDICT_BATCH] = self.net_.forward(X[i : i + _PREDICT_BATCH])
-        return out
-
-    def _prepare_X(self, X: Any) -> np.ndarray:
-        return np.ascontiguousarray(X, dtype=str(self.dtype))
+        return np.asarray(engine.predict(self.net_, X, _PREDICT_BATCH), dtype=np.float64)
 
     # ---------------------------------------------------------------- pickling
     # The fitted network is pickled as (layer names, configs, arrays) and rebuilt
@@ -302,8 +278,7 @@ class MLPClassifier(ClassifierMixin, _BaseMLP):
         Epochs run so far.
     """
 
-    def _loss(self, out: np.ndarray, target: np.ndarray) -> tuple[float, np.ndarray]:
-        return softmax_cross_entropy(out, target)
+    _loss_name = "softmax_cross_entropy"
 
     def _encode(self, y: np.ndarray) -> np.ndarray:
         idx = np.searchsorted(self.classes_, y)
@@ -328,7 +303,7 @@ class MLPClassifier(ClassifierMixin, _BaseMLP):
             )
         self.classes_ = classes
         self._initialize(X.shape[1], len(classes))
-        self._run_epochs(self._prepare_X(X), self._encode(y), int(self.epochs))
+        self._run_epochs(X, self._encode(y), int(self.epochs))
         return self
 
     def partial_fit(self, X: Any, y: Any, classes: Any = None) -> MLPClassifier:
@@ -359,13 +334,13 @@ class MLPClassifier(ClassifierMixin, _BaseMLP):
                 f"{type(self).__name__}: classes {np.unique(classes).tolist()} differ from "
                 f"those of the first partial_fit call {self.classes_.tolist()}"
             )
-        self._run_epochs(self._prepare_X(X), self._encode(y), 1)
+        self._run_epochs(X, self._encode(y), 1)
         return self
 
     def _logits(self, X: Any) -> np.ndarray:
         check_is_fitted(self)
         X = _sk_validate_data(self, X, dtype=[np.float64, np.float32], reset=False)
-        return self._forward(self._prepare_X(X))
+        return self._forward(X)
 
     def decision_function(self, X: Any) -> np.ndarray:
         """Scores, float64: the logits (n_samples, n_classes); for two classes, as
@@ -411,8 +386,7 @@ class MLPRegressor(RegressorMixin, _BaseMLP):
     error of the standardised targets), ``n_iter_``, ``y_mean_``, ``y_scale_``.
     """
 
-    def _loss(self, out: np.ndarray, target: np.ndarray) -> tuple[float, np.ndarray]:
-        return mse(out, target)
+    _loss_name = "mse"
 
     def __sklearn_tags__(self) -> Any:  # scikit-learn >= 1.6
         tags = super().__sklearn_tags__()
@@ -441,7 +415,7 @@ class MLPRegressor(RegressorMixin, _BaseMLP):
         )
         y = np.asarray(y, dtype=np.float64)
         self._start(X, y)
-        self._run_epochs(self._prepare_X(X), self._targets(y), int(self.epochs))
+        self._run_epochs(X, self._targets(y), int(self.epochs))
         return self
 
     def partial_fit(self, X: Any, y: Any) -> MLPRegressor:
@@ -470,12 +444,12 @@ class MLPRegressor(RegressorMixin, _BaseMLP):
                     f"{type(self).__name__}: y has {got} target(s), but the model was "
                     f"started with {n_out}"
                 )
-        self._run_epochs(self._prepare_X(X), self._targets(y), 1)
+        self._run_epochs(X, self._targets(y), 1)
         return self
 
     def predict(self, X: Any) -> np.ndarray:
         """Predictions in the units of ``y``: (n_samples,) or (n_samples, n_targets), float64."""
         check_is_fitted(self)
         X = _sk_validate_data(self, X, dtype=[np.float64, np.float32], reset=False)
-        out = self._forward(self._prepare_X(X)) * self.y_scale_ + self.y_mean_
+        out = self._forward(X) * self.y_scale_ + self.y_mean_
         return out.ravel() if self._y_1d else out

@@ -1,5 +1,7 @@
 """Type stub for the compiled ``nnrt_plugins._batchnorm`` module (``_batchnorm.pyx``)."""
 
+from typing import ClassVar
+
 import numpy as np
 
 from nnrt.layer import Layer
@@ -10,6 +12,7 @@ class BatchNorm(Layer):
     params ``gamma``, ``beta``; buffers ``running_mean``, ``running_var``.
     """
 
+    uses_batch_statistics: ClassVar[bool]
     in_features: int
     out_features: int
     @property

@@ -111,6 +111,8 @@ cdef class BatchNorm(Layer):
     ``in_features``, ``out_features`` and ``dtype`` are read-only.
     """
 
+    uses_batch_statistics = True
+
     # the width the kernels use is Layer._n_in (== _n_out), set once by __init__
     cdef readonly double momentum, eps
     cdef cnp.ndarray gamma, beta, dgamma, dbeta, running_mean, running_var

@@ -22,15 +22,14 @@ import pytest
 
 import nnrt
 from nnrt.distributed import (
-    DistributedTrainer,
     LocalCommunicator,
     SyncBatchNorm,
     convert_sync_batchnorm,
-    global_batches,
+    fit,
     mpirun_command,
     shard_bounds,
 )
-from nnrt.optim import SGD
+from nnrt.optim import SGD, Adam
 from nnrt.testing import check_layer, gradcheck
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -84,18 +83,13 @@ def test_sync_batchnorm_float32_and_errors(rng: np.random.Generator) -> None:
         SyncBatchNorm(0)
 
 
-def test_shards_and_batches() -> None:
+def test_shards() -> None:
     for n in (1, 7, 16, 33):
         for size in (1, 2, 3, 5):
             parts = np.array_split(np.arange(n), size)
             for r in range(size):
                 lo, hi = shard_bounds(n, size, r)
                 assert list(range(lo, hi)) == list(parts[r])
-    got = [idx for _, idx in global_batches(10, 4, 2, seed=3)]
-    rng = np.random.default_rng(3)
-    p1, p2 = rng.permutation(10), rng.permutation(10)
-    want = [p1[:4], p1[4:8], p1[8:], p2[:4], p2[4:8], p2[8:]]
-    assert all(np.array_equal(a, b) for a, b in zip(got, want, strict=True))
 
 
 def _net(bn: str, seed: int = 0) -> nnrt.Sequential:
@@ -111,28 +105,62 @@ def _net(bn: str, seed: int = 0) -> nnrt.Sequential:
     )
 
 
-def test_trainer_on_one_rank_equals_reference(rng: np.random.Generator) -> None:
+def test_fit_on_one_rank_equals_reference(rng: np.random.Generator) -> None:
     X = rng.normal(size=(40, 8))
     y = rng.integers(0, 3, size=40)
     net = _net("sync_batchnorm")
     init = net.state_dict()
-    trainer = DistributedTrainer(net, SGD(net, lr=0.1, momentum=0.9), comm=LocalCommunicator())
-    hist = trainer.fit(X, y, epochs=2, batch_size=16, seed=1, verbose=False)
+    opt = SGD(net, lr=0.1, momentum=0.9)
+    hist = fit(net, X, y, optimizer=opt, epochs=2, batch_size=16, seed=1, progress=False,
+               comm=LocalCommunicator())  # fmt: skip
     want, losses = train(init, X, y, batches(40, 16, 2, seed=1))
     for k, v in want.items():
         np.testing.assert_allclose(net.state_dict()[k], v, rtol=1e-10, atol=1e-12, err_msg=k)
-    np.testing.assert_allclose(
-        hist.history["loss"], [np.mean(losses[:3]), np.mean(losses[3:])], rtol=1e-10
-    )
+    # the epoch's loss is the mean over its samples (batches of 16, 16, 8)
+    sizes = np.array([16, 16, 8])
+    per_epoch = [np.dot(losses[:3], sizes) / 40, np.dot(losses[3:], sizes) / 40]
+    np.testing.assert_allclose(hist.history["loss"], per_epoch, rtol=1e-10)
 
 
-def test_trainer_skips_batches_too_small_for_batchnorm(rng: np.random.Generator) -> None:
+def test_fit_skips_batches_too_small_for_batchnorm(rng: np.random.Generator) -> None:
     X = rng.normal(size=(17, 8))
     y = rng.integers(0, 3, size=17)
     net = _net("batchnorm")
-    trainer = DistributedTrainer(net, SGD(net, lr=0.1), comm=LocalCommunicator())
-    hist = trainer.fit(X, y, epochs=1, batch_size=8, verbose=False)  # last batch: 1 row
-    assert hist.steps == 2 and hist.skipped_batches == 1
+    with pytest.warns(nnrt.TrainingWarning, match="mini-batch of 1 sample"):
+        hist = fit(net, X, y, optimizer=SGD(net, lr=0.1), epochs=1, batch_size=8,
+                   progress=False, comm=LocalCommunicator())  # fmt: skip
+    assert hist.params["steps"] == 2 and hist.params["skipped"] == 1
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("bn", ["batchnorm", "sync_batchnorm"])
+def test_distributed_fit_on_one_rank_is_net_fit_bit_for_bit(
+    rng: np.random.Generator, dtype: str, bn: str
+) -> None:
+    # one engine: the same batches, short-batch rule, step and update on one rank
+    X = rng.normal(size=(53, 8)).astype(dtype)  # 53 = 3 * 16 + 5: a short last batch
+    y = rng.integers(0, 3, size=53)
+    kwargs = dict(epochs=3, batch_size=16, validation=(X[:10], y[:10]), progress=False)
+
+    def run(distributed: bool) -> tuple[dict[str, np.ndarray], nnrt.History]:
+        net = nnrt.Sequential(_net(bn).layers, seed=0, dtype=dtype)
+        opt = Adam(net, lr=0.01)
+        if distributed:
+            hist = fit(net, X, y, optimizer=opt, comm=LocalCommunicator(), **kwargs)
+        else:
+            hist = net.fit(X, y, optimizer=opt, **kwargs)
+        return net.state_dict(), hist
+
+    (single, h1), (dist, h2) = run(False), run(True)
+    assert max(float(np.max(np.abs(single[k] - _net(bn).state_dict()[k]))) for k in single) > 1e-3
+    for k in single:
+        assert single[k].tobytes() == dist[k].tobytes(), k
+    assert (
+        h1.history.keys() == h2.history.keys() == {"loss", "accuracy", "val_loss", "val_accuracy"}
+    )
+    assert h1.history["accuracy"] == h2.history["accuracy"]
+    assert h1.history["val_loss"] == h2.history["val_loss"]
+    np.testing.assert_allclose(h1.history["loss"], h2.history["loss"], rtol=1e-6)
 
 
 def test_convert_sync_batchnorm(rng: np.random.Generator) -> None:

@@ -65,7 +65,10 @@ def test_hookspec_is_typed_and_documented() -> None:
     assert spec.__doc__ and "warn" in spec.__doc__
     sig = inspect.signature(spec)
     assert list(sig.parameters) == ["net"]
-    assert sig.parameters["net"].annotation in ("Sequential", nnrt.Sequential)
+    # a structural type (hookspecs does not import nnrt.network, which imports the registry)
+    assert sig.parameters["net"].annotation in ("Network", hookspecs.Network)
+    for member in ("layers", "dtype", "__len__", "__getitem__"):
+        assert hasattr(nnrt.Sequential([nnrt.layer("dense", 2, 2)]), member)
     assert sig.return_annotation in ("None", None)
 
 

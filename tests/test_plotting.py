@@ -18,8 +18,8 @@ import numpy as np
 import pytest
 
 import nnrt
+from nnrt import History
 from nnrt.plotting import PANEL_SIZE, plot_history
-from nnrt.training import History
 
 
 def png_size(path: Path) -> tuple[int, int]:

@@ -2,9 +2,9 @@
 
 Layers reuse per-layer output buffers and BatchNorm per-feature scratch, and
 the kernels release the GIL, so two threads inside ``forward`` of the same
-network would overwrite each other's results. ``predict``/``evaluate``/``fit``
-serialise on a per-network lock (``predict`` from 8 threads equals sequential
-``predict``), and a second ``fit`` on a network that is already training
+network would overwrite each other's results. ``predict``/``evaluate`` and each
+step of ``fit`` serialise on a per-network lock (``predict`` from 8 threads equals
+sequential ``predict``; during a ``fit`` it sees the weights after a whole step), and a second ``fit`` on a network that is already training
 raises RuntimeError instead of corrupting the weights. Separate networks run
 in parallel.
 """
@@ -212,6 +212,41 @@ def test_predict_during_fit_sees_the_weights_of_one_whole_step() -> None:
         errs = [float(np.abs(out - ref).max()) for ref in refs]
         assert min(errs) < 1e-9, f"predict during fit matched no whole step (closest {min(errs)})"
     np.testing.assert_allclose(net.predict(Xq), refs[-1], rtol=0, atol=1e-9)
+
+
+def test_predict_during_fit_sees_the_state_a_callback_recorded() -> None:
+    # fit holds the inference lock around each step (optimizer update included), so a
+    # predict from another thread runs between two steps: it sees the weights after
+    # some step, never half an update
+    rng = np.random.default_rng(5)
+    X = rng.normal(size=(256, 32))
+    y = rng.integers(0, 10, 256)
+    Xq = rng.normal(size=(40, 32))
+    net = _net()
+    states: list[dict[str, np.ndarray]] = [net.state_dict()]
+    in_fit = threading.Event()
+
+    class Record(nnrt.Callback):
+        def on_batch_end(self, state: Any, epoch: int, batch: int, loss: float) -> None:
+            states.append(state.net.state_dict())  # the next step waits for this
+            in_fit.set()
+
+    def trainer() -> None:
+        net.fit(X, y, epochs=3, batch_size=8, progress=False, callbacks=[Record()])
+
+    t = threading.Thread(target=trainer)
+    t.start()
+    assert in_fit.wait(60)
+    seen = [net.predict(Xq) for _ in range(5)]
+    t.join(60)
+    assert not t.is_alive()
+    copy = _net()
+    outputs = []
+    for st in states:
+        copy.load_state_dict(st)
+        outputs.append(copy.predict(Xq))
+    for got in seen:
+        assert any(np.array_equal(got, want) for want in outputs)
 
 
 def test_separate_networks_run_in_parallel_threads(tmp_path: Any) -> None:

@@ -17,7 +17,8 @@ import sys
 import numpy as np
 
 import nnrt
-from nnrt.distributed import Communicator, DistributedTrainer, shard_bounds
+from nnrt.distributed import Communicator, GradientAllreduce, shard_bounds
+from nnrt.engine import TrainStep
 from nnrt.optim import SGD
 
 
@@ -34,7 +35,7 @@ def main() -> None:
         ],
         seed=0,
     )
-    trainer = DistributedTrainer(net, SGD(net, lr=0.1), comm=comm)
+    step_fn = TrainStep(net, SGD(net, lr=0.1), sync=GradientAllreduce(net, comm))
     rng = np.random.default_rng(0)
     X = rng.normal(size=(64, 16))
     y = rng.integers(0, 4, size=64)
@@ -43,7 +44,7 @@ def main() -> None:
         if step == 5 and comm.rank == 1:
             print(f"rank 1: sending myself {mode.upper()} at step {step}", flush=True)
             os.kill(os.getpid(), signal.SIGKILL if mode == "kill" else signal.SIGSTOP)
-        trainer.step(X[lo:hi], y[lo:hi], 64)
+        step_fn(X[lo:hi], y[lo:hi], 64)
     print(f"UNEXPECTED-FINISH on rank {comm.rank}", flush=True)
 
 

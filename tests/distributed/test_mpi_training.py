@@ -15,7 +15,7 @@ import pytest
 from _reference import batches, train
 
 import nnrt
-from nnrt.distributed import Communicator, DistributedTrainer, fit
+from nnrt.distributed import Communicator, fit
 from nnrt.optim import SGD, Adam
 
 N_IN, N_HIDDEN, N_OUT = 8, 6, 3
@@ -86,9 +86,9 @@ def test_sync_batchnorm_equals_single_process(comm: Communicator, opt: str) -> N
     # every rank builds different weights: fit must broadcast rank 0's
     net = build("sync_batchnorm", seed=0 if comm.rank == 0 else 100 + comm.rank)
     o = SGD(net, lr=0.1, momentum=0.9) if opt == "sgd" else Adam(net, lr=0.01)
-    hist = fit(net, X, y, optimizer=o, epochs=3, batch_size=16, seed=5, verbose=False, comm=comm)
+    hist = fit(net, X, y, optimizer=o, epochs=3, batch_size=16, seed=5, progress=False, comm=comm)
     order = batches(len(X), 16, 3, seed=5)
-    assert hist.steps == len(order) == 18
+    assert hist.params["steps"] * 3 == len(order) == 18
     got = net.state_dict()
     assert max_diff(got, init) > 1e-2  # training moved the weights
     assert_state_close(got, single_process(init, opt, X, y, order))
@@ -110,7 +110,7 @@ def test_uneven_shards_sync(comm: Communicator) -> None:
     init = build("batchnorm").state_dict()
     net = build("sync_batchnorm")
     o = SGD(net, lr=0.1, momentum=0.9)
-    fit(net, X, y, optimizer=o, epochs=2, batch_size=15, seed=3, verbose=False, comm=comm)
+    fit(net, X, y, optimizer=o, epochs=2, batch_size=15, seed=3, progress=False, comm=comm)
     want, _ = train(init, X, y, batches(50, 15, 2, seed=3), groups=1)
     assert_state_close(net.state_dict(), want)
 
@@ -122,7 +122,7 @@ def test_local_batchnorm_normalises_each_shard(comm: Communicator) -> None:
     init = build("batchnorm").state_dict()
     net = build("batchnorm")
     o = SGD(net, lr=0.1, momentum=0.9)
-    fit(net, X, y, optimizer=o, epochs=3, batch_size=16, seed=5, verbose=False, comm=comm)
+    fit(net, X, y, optimizer=o, epochs=3, batch_size=16, seed=5, progress=False, comm=comm)
     order = batches(len(X), 16, 3, seed=5)
     got = net.state_dict()
     per_shard, _ = train(init, X, y, order, groups=comm.size)
@@ -136,7 +136,7 @@ def test_float32_ranks_agree(comm: Communicator) -> None:
     init = build("batchnorm").state_dict()
     net = build("sync_batchnorm", dtype="float32")
     o = SGD(net, lr=0.1, momentum=0.9)
-    fit(net, X, y, optimizer=o, epochs=2, batch_size=16, seed=5, verbose=False, comm=comm)
+    fit(net, X, y, optimizer=o, epochs=2, batch_size=16, seed=5, progress=False, comm=comm)
     got = net.state_dict()
     assert all(v.dtype == np.float32 for v in got.values())
     states = gather(comm, got)
@@ -150,23 +150,25 @@ def test_checkpoint_only_on_rank_0(comm: Communicator) -> None:
     folder = comm.comm.bcast(tempfile.mkdtemp(prefix="nnrt-mpi-") if comm.rank == 0 else None)
     X, y = data()
     net = build("sync_batchnorm")
-    trainer = DistributedTrainer(net, SGD(net, lr=0.1), comm=comm)
     path = os.path.join(folder, f"ckpt-rank{comm.rank}.npz")
-    hist = trainer.fit(
+    hist = fit(
+        net,
         X,
         y,
+        optimizer=SGD(net, lr=0.1),
         epochs=2,
         batch_size=32,
-        checkpoint=path,
-        verbose=False,
-        validation_data=(X[:40], y[:40]),
+        callbacks=[nnrt.Checkpoint(path)],
+        progress=False,
+        validation=(X[:40], y[:40]),
+        comm=comm,
     )
     comm.barrier()
     files = sorted(os.listdir(folder))
     assert files == ["ckpt-rank0.npz"]
     loaded = nnrt.load(os.path.join(folder, "ckpt-rank0.npz"))
     assert_state_close(loaded.state_dict(), net.state_dict(), tol=0.0)
-    # validation loss: every rank evaluates a shard; all get the global mean
+    # validation loss: every rank evaluates the whole set; all get the same value
     loss, _ = nnrt.losses.softmax_cross_entropy(net.forward(X[:40]), y[:40])
     np.testing.assert_allclose(hist.history["val_loss"][-1], loss, rtol=1e-12)
     comm.barrier()

@@ -1,0 +1,995 @@
+"""The training engine: one training step and one epoch loop behind every way to train.
+
+``Sequential.fit``, ``nnrt.distributed.fit``, the scikit-learn estimators, the
+CLI's ``train`` and ``nnrt.profile`` all run :class:`TrainStep` (one step) and,
+except the profiler, :func:`fit` (the epochs). A step is::
+
+    Y = net.forward(Xb, training=True);  loss, dY = loss_fn(Y, yb)
+    net.backward(dY, input_grad=False)          # parameter gradients only
+    sync(...)                                   # data-parallel: one allreduce
+    if loss is finite: optimizer.step()
+
+The rules every caller gets from here:
+
+- Batches. One generator ``np.random.default_rng(seed)`` (``seed`` defaults to
+  the network's; under MPI rank 0's) draws a permutation per epoch, cut into
+  consecutive batches of ``batch_size``; with ``shuffle=False`` the rows stay in
+  order. Each process gathers its rows of a batch (all of them in one process,
+  its ``np.array_split`` shard under MPI) in increasing index order.
+- Short batches. A network with a layer whose class sets
+  ``uses_batch_statistics = True`` (BatchNorm) cannot train on one sample: a
+  final batch too short for that (one sample; under MPI, fewer than two rows per
+  rank) is skipped in every epoch, with one ``nnrt.TrainingWarning``.
+- Non-finite loss. Training stops, the network (parameters, buffers) and the
+  optimizer get back the state that gave the last finite loss, and
+  ``FloatingPointError`` is raised. Nothing is copied per step: the state is
+  copied at the start of each epoch (this one's and the previous one's are
+  kept) and the steps since are replayed, minus the last, which is exact
+  because training is deterministic.
+- Data. X and y may be numpy arrays (also ``np.load(..., mmap_mode="r")``
+  memory maps), pandas DataFrames/Series or anything ``np.asarray`` takes.
+  They are never copied whole: each batch's rows are gathered (and cast to the
+  network's dtype) as they are used; ``fit`` scans them for NaN/Inf once, in
+  chunks.
+- Threads. ``fit`` holds the network's training lock throughout (a second
+  ``fit`` raises) and its inference lock around each step, so ``predict`` or
+  ``save`` from another thread sees whole steps.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import os
+import sys
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Protocol
+
+import numpy as np
+
+from nnrt._locks import network_locks
+from nnrt.losses import get_loss
+from nnrt.optim import Adam
+from nnrt.warnings import TrainingWarning, warn_user
+
+if TYPE_CHECKING:
+    from nnrt.network import Sequential
+
+__all__ = [
+    "Callback",
+    "Checkpoint",
+    "EarlyStopping",
+    "GradientSync",
+    "History",
+    "LambdaCallback",
+    "ProgressBar",
+    "TrainStep",
+    "TrainingState",
+    "evaluate",
+    "fit",
+    "has_batch_statistics",
+    "predict",
+    "predict_classes",
+]
+
+LossFn = Callable[[Any, Any], tuple[float, np.ndarray]]
+
+DEFAULT_PREDICT_BATCH = 1024
+_SCAN_ROWS = 4096  # rows per chunk of the NaN/Inf scan
+_CHUNK_BYTES = 1 << 18  # input bytes gathered at once (several small batches share the cost)
+
+
+# ---------------------------------------------------------------- results
+@dataclass
+class History:
+    """What ``fit`` returns.
+
+    ``history`` maps ``"loss"`` (mean training loss of each epoch, over the
+    samples used), ``"accuracy"`` (for integer class labels), and with
+    validation data ``"val_loss"`` / ``"val_accuracy"`` to per-epoch lists;
+    ``epoch`` lists the epoch indices that ran (shorter than ``epochs`` after
+    early stopping); ``stopped_early`` says whether a callback stopped
+    training; ``params`` holds the settings (``epochs``, ``batch_size``,
+    ``steps`` per epoch, ``skipped`` batches per epoch, ``samples``, ``loss``,
+    ``optimizer``, ``ranks``).
+    """
+
+    history: dict[str, list[float]] = field(default_factory=dict)
+    epoch: list[int] = field(default_factory=list)
+    params: dict[str, Any] = field(default_factory=dict)
+    stopped_early: bool = False
+
+    def append(self, epoch: int, logs: Mapping[str, float]) -> None:
+        self.epoch.append(epoch)
+        for key, value in logs.items():
+            self.history.setdefault(key, []).append(float(value))
+
+    def plot(self, path: Any = None, **kwargs: Any) -> Any:
+        """Training curves (loss and every metric, train vs validation); see ``nnrt.plotting``."""
+        from nnrt.plotting import plot_history
+
+        return plot_history(self, path, **kwargs)
+
+    def __repr__(self) -> str:
+        last = {k: round(v[-1], 6) for k, v in self.history.items() if v}
+        return f"History(epochs={len(self.epoch)}, last={last})"
+
+
+@dataclass
+class TrainingState:
+    """Handed to every callback: the network, the history so far, and a stop flag.
+
+    A callback sets ``stop_training = True`` to end training after the current
+    epoch. ``rank``/``ranks`` say which process of a data-parallel run this is
+    (0 and 1 in one process).
+    """
+
+    net: Sequential
+    history: History
+    epochs: int
+    stop_training: bool = False
+    rank: int = 0
+    ranks: int = 1
+
+
+# ---------------------------------------------------------------- callbacks
+class Callback:
+    """Base class for ``fit(callbacks=[...])``; override what you need.
+
+    ``logs`` holds the epoch's entries (``"loss"``, ``"val_loss"``, metrics).
+    ``on_batch_end`` is called after every step with its loss; only callbacks
+    that override it cost anything per step.
+    """
+
+    def on_train_begin(self, state: TrainingState) -> None:
+        """Called once before the first epoch."""
+
+    def on_epoch_begin(self, state: TrainingState, epoch: int) -> None:
+        """Called at the start of each epoch."""
+
+    def on_batch_end(self, state: TrainingState, epoch: int, batch: int, loss: float) -> None:
+        """Called after each step with the loss of its (global) batch."""
+
+    def on_epoch_end(self, state: TrainingState, epoch: int, logs: dict[str, float]) -> None:
+        """Called after each epoch (and its validation) with that epoch's logs."""
+
+    def on_train_end(self, state: TrainingState) -> None:
+        """Called once after the last epoch (also after an early stop)."""
+
+
+class LambdaCallback(Callback):
+    """A callback from plain functions, e.g. ``LambdaCallback(on_epoch_end=fn)``."""
+
+    def __init__(
+        self,
+        on_train_begin: Callable[[TrainingState], None] | None = None,
+        on_epoch_begin: Callable[[TrainingState, int], None] | None = None,
+        on_epoch_end: Callable[[TrainingState, int, dict[str, float]], None] | None = None,
+        on_train_end: Callable[[TrainingState], None] | None = None,
+    ) -> None:
+        self._fns = (on_train_begin, on_epoch_begin, on_epoch_end, on_train_end)
+
+    def on_train_begin(self, state: TrainingState) -> None:
+        if self._fns[0] is not None:
+            self._fns[0](state)
+
+    def on_epoch_begin(self, state: TrainingState, epoch: int) -> None:
+        if self._fns[1] is not None:
+            self._fns[1](state, epoch)
+
+    def on_epoch_end(self, state: TrainingState, epoch: int, logs: dict[str, float]) -> None:
+        if self._fns[2] is not None:
+            self._fns[2](state, epoch, logs)
+
+    def on_train_end(self, state: TrainingState) -> None:
+        if self._fns[3] is not None:
+            self._fns[3](state)
+
+
+class EarlyStopping(Callback):
+    """Stop after ``patience`` epochs in a row in which ``monitor`` did not improve.
+
+    ``patience=0`` stops at the first epoch without improvement.
+
+    ``monitor`` is a history key (``"val_loss"`` by default; ``"loss"``,
+    ``"val_accuracy"``, ...). ``mode`` is ``"min"``, ``"max"`` or ``"auto"``
+    (max for names containing "accuracy", else min). An epoch improves when it
+    beats the best value by more than ``min_delta``. With
+    ``restore_best_weights=True`` the network gets the parameters and buffers
+    of the best epoch back when training ends. After training, ``best``,
+    ``best_epoch`` and ``stopped_epoch`` (None if it never stopped) tell what
+    happened.
+    """
+
+    def __init__(
+        self,
+        monitor: str = "val_loss",
+        patience: int = 0,
+        min_delta: float = 0.0,
+        mode: str = "auto",
+        restore_best_weights: bool = False,
+    ) -> None:
+        if isinstance(patience, bool) or not isinstance(patience, int) or patience < 0:
+            raise ValueError(f"EarlyStopping: patience must be an int >= 0, got {patience!r}")
+        if not (isinstance(min_delta, (int, float)) and min_delta >= 0):
+            raise ValueError(f"EarlyStopping: min_delta must be >= 0, got {min_delta!r}")
+        if mode not in ("auto", "min", "max"):
+            raise ValueError(f"EarlyStopping: mode must be 'auto', 'min' or 'max', got {mode!r}")
+        if mode == "auto":
+            mode = "max" if "acc" in monitor else "min"
+        self.monitor = monitor
+        self.patience = patience
+        self.min_delta = float(min_delta)
+        self.mode = mode
+        self.restore_best_weights = bool(restore_best_weights)
+        self.best: float | None = None
+        self.best_epoch: int | None = None
+        self.stopped_epoch: int | None = None
+        self._wait = 0
+        self._best_state: dict[str, np.ndarray] | None = None
+
+    def on_train_begin(self, state: TrainingState) -> None:
+        self.best = None
+        self.best_epoch = None
+        self.stopped_epoch = None
+        self._wait = 0
+        self._best_state = None
+
+    def _improved(self, value: float) -> bool:
+        if self.best is None:
+            return True
+        if self.mode == "min":
+            return value < self.best - self.min_delta
+        return value > self.best + self.min_delta
+
+    def on_epoch_end(self, state: TrainingState, epoch: int, logs: dict[str, float]) -> None:
+        if self.monitor not in logs:
+            raise KeyError(
+                f"EarlyStopping: monitored quantity {self.monitor!r} is not logged; "
+                f"available: {sorted(logs)} (val_* needs validation= or validation_split=)"
+            )
+        value = float(logs[self.monitor])
+        if self._improved(value):
+            self.best = value
+            self.best_epoch = epoch
+            self._wait = 0
+            if self.restore_best_weights:
+                self._best_state = state.net.state_dict()
+            return
+        self._wait += 1
+        if self._wait >= self.patience:
+            self.stopped_epoch = epoch
+            state.stop_training = True
+
+    def on_train_end(self, state: TrainingState) -> None:
+        if self.restore_best_weights and self._best_state is not None:
+            state.net.load_state_dict(self._best_state)
+
+
+class ProgressBar(Callback):
+    """A tqdm bar on stderr (rank 0 only): one tick per step, the loss, the epoch's logs.
+
+    ``fit(progress=True)`` adds one; ``progress=None`` (the default) adds one
+    when stderr is a terminal.
+    """
+
+    def __init__(self, leave: bool = True) -> None:
+        self.leave = leave
+        self._bar: Any = None
+
+    def on_train_begin(self, state: TrainingState) -> None:
+        steps = int(state.history.params.get("steps", 0))
+        if state.rank != 0 or state.epochs == 0:
+            return
+        from tqdm.auto import tqdm
+
+        self._bar = tqdm(
+            total=state.epochs * steps,
+            unit="batch",
+            file=sys.stderr,
+            dynamic_ncols=True,
+            leave=self.leave,
+        )
+
+    def on_batch_end(self, state: TrainingState, epoch: int, batch: int, loss: float) -> None:
+        bar = self._bar
+        if bar is None:
+            return
+        bar.update(1)
+        if batch % 16 == 0:
+            bar.set_description(f"epoch {epoch + 1}/{state.epochs}", refresh=False)
+            bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
+
+    def on_epoch_end(self, state: TrainingState, epoch: int, logs: dict[str, float]) -> None:
+        if self._bar is not None:
+            self._bar.set_description(f"epoch {epoch + 1}/{state.epochs}", refresh=False)
+            self._bar.set_postfix({k: f"{v:.4f}" for k, v in logs.items()}, refresh=True)
+
+    def on_train_end(self, state: TrainingState) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+
+
+class Checkpoint(Callback):
+    """Save the network (``net.save``) to ``path`` after every ``every``-th epoch, on rank 0 only.
+
+    The file is written atomically, so a crash mid-save leaves the previous one.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], every: int = 1) -> None:
+        if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+            raise ValueError(f"Checkpoint: every must be an int >= 1, got {every!r}")
+        self.path = os.fspath(path)
+        self.every = every
+
+    def on_epoch_end(self, state: TrainingState, epoch: int, logs: dict[str, float]) -> None:
+        if state.rank == 0 and (epoch + 1) % self.every == 0:
+            state.net.save(self.path)
+
+
+# ---------------------------------------------------------------- gradient synchronisation
+class GradientSync(Protocol):
+    """What :func:`fit` needs from a data-parallel strategy (``nnrt.distributed.GradientAllreduce``).
+
+    Every process runs the same epochs and global batches; ``shard`` says which
+    rows of a global batch of ``n`` this one computes; after backward the engine
+    calls the strategy with this process's share of the loss and of the correct
+    count, and it returns the global ones with every gradient summed over the
+    processes. ``min_batch`` is the shortest global batch the network can
+    train on; ``common_seed`` makes every process shuffle alike.
+    """
+
+    rank: int
+    size: int
+
+    def shard(self, n: int) -> tuple[int, int]: ...
+
+    def min_batch(self, net: Sequential) -> int: ...
+
+    def common_seed(self, seed: int | None) -> int | None: ...
+
+    def __call__(self, loss: float, correct: int) -> tuple[float, int]: ...
+
+
+# ---------------------------------------------------------------- the step
+class TrainStep:
+    """One training step of ``net``: forward, loss, backward, gradient sync, update.
+
+    ``TrainStep(net, optimizer, loss="softmax_cross_entropy", sync=None,
+    count_correct=False)``; ``step(Xb, yb, n_global=None)`` trains on the
+    batch (this process's rows of a global batch of ``n_global`` rows) and
+    returns ``(loss, correct)``: the mean loss of the global batch and its
+    number of correctly classified rows (0 unless ``count_correct``). When the
+    loss is not finite the optimizer is not stepped: the parameters are still
+    those that produced it. Holds the network's inference lock.
+    """
+
+    def __init__(
+        self,
+        net: Sequential,
+        optimizer: Any,
+        loss: str | LossFn = "softmax_cross_entropy",
+        sync: GradientSync | None = None,
+        count_correct: bool = False,
+    ) -> None:
+        self.net = net
+        self.optimizer = optimizer
+        self.loss_name, self.loss_fn = _resolve_loss(loss)
+        self.sync = sync
+        self.count_correct = count_correct
+        self._lock = network_locks(net)[0]
+
+    def __call__(
+        self, Xb: np.ndarray, yb: np.ndarray, n_global: int | None = None
+    ) -> tuple[float, int]:
+        net = self.net
+        n = Xb.shape[0]
+        with self._lock:
+            Y = net.forward(Xb, training=True)
+            loss, dY = _call_loss(self.loss_fn, Y, yb, self.loss_name)
+            correct = _n_correct(Y, yb) if self.count_correct else 0
+            if n_global is not None and n_global != n:
+                # NOTE: a mean-reduced loss puts 1/n into dY; this process's share of
+                # the global batch's mean needs 1/n_global. Backward is linear in dY,
+                # so every gradient becomes this shard's exact share of the global one.
+                share = n / n_global
+                dY = np.multiply(dY, share, out=dY if _writeable(dY) else None)
+                loss *= share
+            net.backward(dY, input_grad=False)
+            if self.sync is not None:  # one allreduce: gradients, loss, correct count
+                loss, correct = self.sync(loss, correct)
+            if math.isfinite(loss):
+                self.optimizer.step()
+        return loss, correct
+
+
+# ---------------------------------------------------------------- fit
+def fit(
+    net: Sequential,
+    X: Any,
+    y: Any,
+    loss: str | LossFn = "softmax_cross_entropy",
+    optimizer: Any = None,
+    epochs: int = 1,
+    batch_size: int = 32,
+    shuffle: bool = True,
+    validation: tuple[Any, Any] | None = None,
+    validation_split: float | None = None,
+    callbacks: Iterable[Callback] | None = None,
+    progress: bool | None = None,
+    seed: int | None = None,
+    sync: GradientSync | None = None,
+) -> History:
+    """Train ``net`` on (X, y) in mini-batches; returns a :class:`History`.
+
+    The keywords are those of ``Sequential.fit``; ``sync`` is a data-parallel
+    strategy (``nnrt.distributed.fit`` passes one; ``batch_size`` is then the
+    global batch). See the module docstring for the rules.
+    """
+    _lock, training = network_locks(net)
+    if not training.acquire(blocking=False):
+        raise RuntimeError(
+            "fit: this network is already being trained (by another thread, or from a "
+            "callback of its own fit); training one network from two threads at once "
+            "would corrupt its weights. Wait for the first fit, or train a copy (save it "
+            "and nnrt.load the file)."
+        )
+    try:
+        return _fit(net, X, y, loss, optimizer, epochs, batch_size, shuffle, validation,
+                    validation_split, callbacks, progress, seed, sync)  # fmt: skip
+    finally:
+        training.release()
+
+
+def _fit(
+    net: Sequential,
+    X: Any,
+    y: Any,
+    loss: str | LossFn,
+    optimizer: Any,
+    epochs: int,
+    batch_size: int,
+    shuffle: bool,
+    validation: tuple[Any, Any] | None,
+    validation_split: float | None,
+    callbacks: Iterable[Callback] | None,
+    progress: bool | None,
+    seed: int | None,
+    sync: GradientSync | None,
+) -> History:
+    if isinstance(epochs, bool) or not isinstance(epochs, (int, np.integer)) or epochs < 0:
+        raise ValueError(f"fit: epochs must be an int >= 0, got {epochs!r}")
+    epochs = int(epochs)
+    batch_size = _check_batch_size(batch_size, "fit")
+    Xs = _Rows(X, net, "fit: X")
+    ys = _Rows(y, net, "fit: y", targets=Xs.n)
+    Xs.check_finite()
+    ys.check_finite()
+    Xv, yv = _validation_data(net, Xs, ys, validation, validation_split)
+    if validation_split is not None and Xv is not None:
+        Xs, ys = Xs.head(Xs.n - Xv.n), ys.head(ys.n - Xv.n)
+    optimizer = _check_optimizer(net, optimizer)
+    cbs = _check_callbacks(callbacks, progress)
+    step = TrainStep(net, optimizer, loss, sync, count_correct=ys.class_labels)
+    rank, size = (sync.rank, sync.size) if sync is not None else (0, 1)
+
+    # ---- batches: the same global batches on every process; a short last one is skipped
+    n = Xs.n
+    full, last = divmod(n, batch_size)
+    min_batch = sync.min_batch(net) if sync is not None else (2 if has_batch_statistics(net) else 1)
+    if full == 0 and last < min_batch:
+        raise ValueError(
+            f"fit: {n} sample{'s' if n != 1 else ''} left for training, fewer than the "
+            f"{min_batch} that one batch needs (BatchNorm cannot normalise a single sample"
+            f"{'; every rank needs its rows' if size > 1 else ''}); pass more samples"
+        )
+    skip_last = 0 < last < min_batch
+    if skip_last:
+        warn_user(
+            f"fit: {n} training samples with batch_size={batch_size} leave a final "
+            f"mini-batch of {last} sample{'s' if last > 1 else ''}, fewer than the "
+            f"{min_batch} that BatchNorm needs{f' on {size} ranks' if size > 1 else ''}; it "
+            f"is skipped in every epoch (a different sample each epoch when shuffling). Pick "
+            f"another batch_size to use every sample.",
+            TrainingWarning,
+        )
+    steps = full + (1 if last and not skip_last else 0)
+    n_used = full * batch_size + (last if last and not skip_last else 0)
+    seed = net.seed if seed is None else seed
+    rng = np.random.default_rng(sync.common_seed(seed) if sync is not None else seed)
+
+    history = History(
+        params={
+            "epochs": epochs,
+            "batch_size": batch_size,
+            "steps": steps,
+            "skipped": 1 if skip_last else 0,
+            "samples": n,
+            "loss": step.loss_name,
+            "optimizer": type(optimizer).__name__,
+            "ranks": size,
+        }
+    )
+    state = TrainingState(net=net, history=history, epochs=epochs, rank=rank, ranks=size)
+    per_batch = [cb for cb in cbs if type(cb).on_batch_end is not Callback.on_batch_end]
+    rewind = _Rewind(net, optimizer)
+    batches = _Batches(Xs, ys, batch_size, steps, sync)
+
+    net._fit_loss = loss  # type: ignore[attr-defined]
+    try:
+        for cb in cbs:
+            cb.on_train_begin(state)
+        for epoch in range(epochs):
+            for cb in cbs:
+                cb.on_epoch_begin(state, epoch)
+            order = rng.permutation(n) if shuffle else np.arange(n)
+            rewind.epoch_start(order)
+            total, correct = 0.0, 0
+            for b, (Xb, yb, n_batch) in enumerate(batches.epoch(order)):
+                value, right = step(Xb, yb, n_batch)
+                if not math.isfinite(value):
+                    rewind.restore(step, batches, epoch, b)
+                    raise FloatingPointError(
+                        f"fit: the loss became {value} at epoch {epoch}, batch {b} (loss "
+                        f"{step.loss_name!r}, optimizer {type(optimizer).__name__}); "
+                        f"{rewind.what}. Lower the learning rate or check the data scale."
+                    )
+                rewind.steps += 1
+                total += value * n_batch
+                correct += right
+                for cb in per_batch:
+                    cb.on_batch_end(state, epoch, b, value)
+            logs: dict[str, float] = {"loss": total / n_used}
+            if ys.class_labels:
+                logs["accuracy"] = correct / n_used
+            if Xv is not None and yv is not None:
+                val = _evaluate(net, Xv, yv, step.loss_fn, step.loss_name, DEFAULT_PREDICT_BATCH)
+                logs.update({f"val_{k}": v for k, v in val.items()})
+            history.append(epoch, logs)
+            for cb in cbs:
+                cb.on_epoch_end(state, epoch, logs)
+            if state.stop_training:
+                history.stopped_early = True
+                break
+        for cb in cbs:
+            cb.on_train_end(state)
+    finally:
+        for cb in cbs:
+            if isinstance(cb, ProgressBar):
+                cb.close()
+    return history
+
+
+class _Batches:
+    """This process's rows of every global batch of an epoch, gathered a chunk at a time.
+
+    Global batch ``b`` is ``order[b * batch_size : (b + 1) * batch_size]``; this
+    process computes its shard (``sync.shard``; all of it in one process), with
+    the rows in increasing index order. The rows of several consecutive batches
+    (up to ``_CHUNK_BYTES`` of input) are gathered by one call, so that small
+    batches share the Python cost of gathering; a batch's data does not depend
+    on the chunking.
+    """
+
+    def __init__(
+        self, Xs: _Rows, ys: _Rows, batch_size: int, steps: int, sync: GradientSync | None
+    ) -> None:
+        self.Xs, self.ys, self.bs, self.steps, self.sync = Xs, ys, batch_size, steps, sync
+        batch_bytes = batch_size * max(1, int(np.prod(Xs.shape[1:]))) * Xs.dtype.itemsize
+        self.k = max(1, min(steps, _CHUNK_BYTES // batch_bytes))
+        self.Xbuf, self.ybuf = Xs.buffer(self.k * batch_size), ys.buffer(self.k * batch_size)
+
+    def _shard(self, n: int) -> tuple[int, int]:
+        return self.sync.shard(n) if self.sync is not None else (0, n)
+
+    def epoch(self, order: np.ndarray) -> Iterator[tuple[np.ndarray, np.ndarray, int]]:
+        """``(X rows, y rows, global batch size)`` of each batch, in order."""
+        bs, n = self.bs, order.shape[0]
+        for c0 in range(0, self.steps, self.k):
+            c1 = min(c0 + self.k, self.steps)
+            f1 = min(c1, n // bs)  # batches c0..f1 are full, batch f1 < c1 is the short last
+            lo, hi = self._shard(bs)
+            full = order[c0 * bs : f1 * bs].reshape(-1, bs)[:, lo:hi]
+            parts = [np.sort(full, axis=1).ravel()]
+            if f1 < c1:
+                t_lo, t_hi = self._shard(n - f1 * bs)
+                parts.append(np.sort(order[f1 * bs + t_lo : f1 * bs + t_hi]))
+            rows = np.concatenate(parts) if len(parts) > 1 else parts[0]
+            Xc, yc = self.Xs.gather(rows, self.Xbuf), self.ys.gather(rows, self.ybuf)
+            w = hi - lo
+            for j in range(f1 - c0):
+                yield Xc[j * w : (j + 1) * w], yc[j * w : (j + 1) * w], bs
+            if f1 < c1:
+                start = (f1 - c0) * w
+                yield Xc[start:], yc[start:], n - f1 * bs
+
+
+@dataclass
+class _Snapshot:
+    arrays: list[np.ndarray]  # copies of the parameters and buffers
+    optimizer: Any  # the optimizer's state_dict(), or None
+    order: np.ndarray  # the epoch's row order
+    steps: int = 0  # steps the epoch ran (known once the next one starts)
+
+
+class _Rewind:
+    """Puts the network and optimizer back to the state that gave the last finite loss.
+
+    At the start of each epoch the parameters, buffers and optimizer state are
+    copied (this epoch's copy and the previous one's are kept, with their row
+    orders). After a non-finite loss at batch ``b`` the state before batch
+    ``b - 1`` is rebuilt: the epoch's copy is restored and its first ``b - 1``
+    steps are replayed (for ``b == 0``: the previous epoch's copy, and all but
+    its last step). An optimizer without ``state_dict``/``load_state_dict``
+    cannot be replayed: the epoch's copy is restored as it is.
+    """
+
+    def __init__(self, net: Sequential, optimizer: Any) -> None:
+        self.live = list(net.params().values()) + list(net.buffers().values())
+        self.optimizer = optimizer
+        self.replayable = callable(getattr(optimizer, "state_dict", None)) and callable(
+            getattr(optimizer, "load_state_dict", None)
+        )
+        self.current: _Snapshot | None = None
+        self.previous: _Snapshot | None = None
+        self.steps = 0  # steps run in the current epoch
+        self.what = ""
+
+    def epoch_start(self, order: np.ndarray) -> None:
+        recycled = self.previous.arrays if self.previous is not None else None
+        if self.current is not None:
+            self.current.steps = self.steps
+        self.previous = self.current
+        arrays = recycled or [np.empty_like(a) for a in self.live]
+        for dst, src in zip(arrays, self.live, strict=True):
+            np.copyto(dst, src)
+        opt = self.optimizer.state_dict() if self.replayable else None
+        self.current = _Snapshot(arrays, opt, order)
+        self.steps = 0
+
+    def restore(self, step: TrainStep, batches: _Batches, epoch: int, b: int) -> None:
+        back = b == 0 and self.previous is not None
+        snap = self.previous if back else self.current
+        assert snap is not None
+        for dst, src in zip(self.live, snap.arrays, strict=True):
+            np.copyto(dst, src)
+        if not self.replayable:
+            self.what = f"the network is back to its weights at the start of epoch {epoch - back}"
+            return
+        self.optimizer.load_state_dict(snap.optimizer)
+        replay = (snap.steps if back else b) - 1
+        if replay < 0:
+            self.what = "no loss was finite: the network keeps its initial weights"
+            return
+        with np.errstate(all="ignore"):
+            for args in itertools.islice(batches.epoch(snap.order), replay):
+                step(*args)
+        self.what = "the network keeps the weights that gave the last finite loss"
+
+
+def _validation_data(
+    net: Sequential,
+    Xs: _Rows,
+    ys: _Rows,
+    validation: tuple[Any, Any] | None,
+    validation_split: float | None,
+) -> tuple[_Rows | None, _Rows | None]:
+    if validation is not None and validation_split is not None:
+        raise ValueError("fit: pass validation=(X, y) or validation_split=, not both")
+    if validation is not None:
+        if not isinstance(validation, (tuple, list)) or len(validation) != 2:
+            raise TypeError("fit: validation must be a pair (X_val, y_val)")
+        Xv = _Rows(validation[0], net, "fit: validation X")
+        yv = _Rows(validation[1], net, "fit: validation y", targets=Xv.n)
+        Xv.check_finite()
+        yv.check_finite()
+        return Xv, yv
+    if validation_split is None:
+        return None, None
+    vs = float(validation_split)
+    if not 0.0 < vs < 1.0:
+        raise ValueError(f"fit: validation_split must be in (0, 1), got {validation_split!r}")
+    # the last fraction of the rows, taken before any shuffling (as Keras)
+    n_val = int(math.floor(Xs.n * vs))
+    if n_val < 1 or n_val >= Xs.n:
+        raise ValueError(
+            f"fit: validation_split={vs} of {Xs.n} samples leaves {n_val} validation and "
+            f"{Xs.n - n_val} training samples; both must be >= 1"
+        )
+    return Xs.tail(n_val), ys.tail(n_val)
+
+
+def _check_optimizer(net: Sequential, optimizer: Any) -> Any:
+    if optimizer is None:
+        return Adam(net)
+    if not callable(getattr(optimizer, "step", None)):
+        raise TypeError(
+            f"fit: optimizer must be an optimizer instance with step() (e.g. "
+            f"nnrt.optim.Adam(net)), got {type(optimizer).__name__}"
+        )
+    return optimizer
+
+
+def _check_callbacks(callbacks: Iterable[Callback] | None, progress: bool | None) -> list[Callback]:
+    cbs = list(callbacks or [])
+    for cb in cbs:
+        if not isinstance(cb, Callback):
+            raise TypeError(f"fit: callbacks must be nnrt Callback instances, got {cb!r}")
+    if progress is None:
+        try:
+            progress = sys.stderr is not None and sys.stderr.isatty()
+        except (AttributeError, ValueError):
+            progress = False
+    if progress and not any(isinstance(cb, ProgressBar) for cb in cbs):
+        cbs.append(ProgressBar())
+    return cbs
+
+
+# ---------------------------------------------------------------- inference
+def predict(net: Sequential, X: Any, batch_size: int | None = None) -> np.ndarray:
+    """Scores (samples, out_features) of ``net`` in eval mode, computed in batches.
+
+    Returns a new array of the network's dtype (never an internal buffer).
+    """
+    bs = DEFAULT_PREDICT_BATCH if batch_size is None else _check_batch_size(batch_size, "predict")
+    Xs = _Rows(X, net, "predict: X")
+    out: np.ndarray | None = None
+    with network_locks(net)[0]:
+        for start in range(0, Xs.n, bs):
+            Y = net.forward(Xs.rows(start, start + bs), training=False)
+            if out is None:
+                out = np.empty((Xs.n, Y.shape[1]), dtype=Y.dtype)
+            out[start : start + Y.shape[0]] = Y
+    assert out is not None
+    return out
+
+
+def predict_classes(net: Sequential, X: Any, batch_size: int | None = None) -> np.ndarray:
+    """Predicted class labels (int64): argmax of the scores, or ``score > 0`` for one output."""
+    scores = predict(net, X, batch_size)
+    if scores.shape[1] == 1:
+        return (scores[:, 0] > 0).astype(np.int64)
+    return scores.argmax(axis=1).astype(np.int64)
+
+
+def evaluate(
+    net: Sequential,
+    X: Any,
+    y: Any,
+    loss: str | LossFn | None = None,
+    batch_size: int | None = None,
+) -> dict[str, float]:
+    """Mean loss (eval mode) and, for integer class labels, accuracy.
+
+    ``loss`` defaults to the loss of the last ``fit``, else to
+    ``softmax_cross_entropy`` for integer labels and ``mse`` otherwise. The mean
+    is weighted by batch size, so it equals the loss of the whole set for the
+    built-in ("mean"-reduced) losses.
+    """
+    bs = DEFAULT_PREDICT_BATCH if batch_size is None else _check_batch_size(batch_size, "evaluate")
+    Xs = _Rows(X, net, "evaluate: X")
+    ys = _Rows(y, net, "evaluate: y", targets=Xs.n)
+    if loss is None:
+        loss = getattr(net, "_fit_loss", None) or (
+            "softmax_cross_entropy" if ys.class_labels else "mse"
+        )
+    name, fn = _resolve_loss(loss)
+    return _evaluate(net, Xs, ys, fn, name, bs)
+
+
+def _evaluate(
+    net: Sequential, Xs: _Rows, ys: _Rows, fn: LossFn, name: str, bs: int
+) -> dict[str, float]:
+    total = 0.0
+    correct = 0
+    with network_locks(net)[0]:
+        for start in range(0, Xs.n, bs):
+            Y = net.forward(Xs.rows(start, start + bs), training=False)
+            yb = ys.rows(start, start + bs)
+            value, _ = _call_loss(fn, Y, yb, name)
+            total += value * Y.shape[0]
+            if ys.class_labels:
+                correct += _n_correct(Y, yb)
+    result = {"loss": total / Xs.n}
+    if ys.class_labels:
+        result["accuracy"] = correct / Xs.n
+    return result
+
+
+# ---------------------------------------------------------------- data in
+class _Rows:
+    """Samples of X or y, read by rows and cast to the network's dtype batch by batch.
+
+    Holds numpy arrays that are views of the caller's data (a memory map stays
+    one; a pandas DataFrame is one view of its values when its columns share a
+    dtype, else one view per column), so nothing is copied whole. Features are
+    2-D with the network's input width; targets have ``targets`` rows, and keep
+    an integer dtype (class labels) or are cast to the network's dtype.
+    """
+
+    def __init__(self, data: Any, net: Sequential, what: str, targets: int | None = None) -> None:
+        self.what = what
+        self.columns = _columns(data, what)
+        if self.columns is not None:  # a pandas DataFrame of mixed dtypes: one array per column
+            first = self.columns[0]
+            shape: tuple[int, ...] = (first.shape[0], len(self.columns))
+            kinds = {c.dtype.kind for c in self.columns}
+            src_dtype = np.result_type(*self.columns)
+            self.arr = first  # only for messages
+        else:
+            self.arr = _as_array(data)
+            shape, kinds, src_dtype = self.arr.shape, {self.arr.dtype.kind}, self.arr.dtype
+        desc = f"shape {shape} dtype {src_dtype}"
+        if not kinds <= set("fiub"):
+            raise TypeError(
+                f"{what}: must be a real numeric array (float, int or bool), got {desc}"
+            )
+        if targets is None:
+            if len(shape) != 2:
+                raise ValueError(f"{what}: must be 2-D (samples, features), got {desc}")
+            if shape[0] == 0:
+                raise ValueError(f"{what}: is empty: {desc}")
+            n_in = net.in_features
+            if n_in is not None and shape[1] != n_in:
+                raise ValueError(
+                    f"{what}: has {shape[1]} features ({desc}), the network's first layer "
+                    f"{net.layers[0]!r} expects {n_in}"
+                )
+            self.dtype = net.dtype
+        else:
+            if len(shape) == 0 or shape[0] != targets:
+                raise ValueError(
+                    f"{what}: has shape {shape}, expected {targets} rows to match the inputs"
+                )
+            self.dtype = src_dtype if src_dtype.kind in "iu" else net.dtype
+        self.shape = shape
+        self.n = int(shape[0])
+        self.class_labels = targets is not None and len(shape) == 1 and src_dtype.kind in "iu"
+        self.direct = self.columns is None and self.arr.dtype == self.dtype
+
+    def _parts(self) -> list[np.ndarray]:
+        return self.columns if self.columns is not None else [self.arr]
+
+    def head(self, n: int) -> _Rows:
+        return self._sliced(slice(0, n))
+
+    def tail(self, n: int) -> _Rows:
+        return self._sliced(slice(self.n - n, self.n))
+
+    def _sliced(self, s: slice) -> _Rows:
+        new = object.__new__(_Rows)
+        new.__dict__.update(self.__dict__)
+        if self.columns is not None:
+            new.columns = [c[s] for c in self.columns]
+        new.arr = self.arr[s]
+        new.n = len(range(*s.indices(self.n)))
+        new.shape = (new.n, *self.shape[1:])
+        return new
+
+    def check_finite(self) -> None:
+        """Raise ValueError naming the first NaN/Inf (read in chunks: no full-size temporaries)."""
+        for j, part in enumerate(self._parts()):
+            if part.dtype.kind != "f":
+                continue
+            for start in range(0, self.n, _SCAN_ROWS):
+                chunk = part[start : start + _SCAN_ROWS]
+                if np.isfinite(chunk).all():
+                    continue
+                bad = ~np.isfinite(chunk)
+                first = [int(i) for i in np.argwhere(bad)[0]]
+                first[0] += start
+                if self.columns is not None:
+                    first = [first[0], j]
+                n_bad = sum(int((~np.isfinite(part[s : s + _SCAN_ROWS])).sum())
+                            for s in range(start, self.n, _SCAN_ROWS))  # fmt: skip
+                raise ValueError(
+                    f"{self.what}: contains {n_bad} non-finite value(s) (NaN/Inf) from index "
+                    f"{tuple(first)} on (shape {self.shape} dtype {part.dtype}); clean or "
+                    f"impute them before fit"
+                )
+
+    def buffer(self, rows: int) -> tuple[np.ndarray, np.ndarray | None]:
+        """Batch buffer of the target dtype, and a scratch of the source dtype if they differ."""
+        rows = min(rows, self.n)
+        out = np.empty((rows, *self.shape[1:]), dtype=self.dtype)
+        if self.direct:
+            return out, None
+        if self.columns is not None:
+            return out, None
+        return out, np.empty((rows, *self.shape[1:]), dtype=self.arr.dtype)
+
+    def gather(self, idx: np.ndarray, buf: tuple[np.ndarray, np.ndarray | None]) -> np.ndarray:
+        """Rows ``idx`` in the network's dtype, in ``buf`` (from :meth:`buffer`)."""
+        m = idx.shape[0]
+        out, scratch = buf[0][:m], buf[1]
+        if self.columns is not None:  # column by column, each cast into place
+            for j, col in enumerate(self.columns):
+                out[:, j] = col[idx]
+            return out
+        if scratch is None:
+            return np.take(self.arr, idx, axis=0, out=out)
+        np.copyto(out, np.take(self.arr, idx, axis=0, out=scratch[:m]), casting="unsafe")
+        return out
+
+    def rows(self, start: int, stop: int) -> np.ndarray:
+        """Rows ``start:stop`` in the network's dtype (a view where no cast is needed)."""
+        if self.columns is None:
+            return np.ascontiguousarray(self.arr[start:stop], dtype=self.dtype)
+        return np.stack([c[start:stop] for c in self.columns], axis=1).astype(
+            self.dtype, copy=False
+        )
+
+
+def _columns(data: Any, what: str) -> list[np.ndarray] | None:
+    """A pandas DataFrame whose columns do not share one dtype: a view of each column."""
+    mod = type(data).__module__ or ""
+    if not mod.startswith("pandas") or not hasattr(data, "dtypes") or data.ndim != 2:
+        return None
+    dtypes = list(data.dtypes)
+    if len(set(dtypes)) <= 1:
+        return None
+    cols = []
+    for name in data.columns:
+        arr = data[name].to_numpy(copy=False)
+        if arr.dtype.kind not in "fiub":
+            raise TypeError(
+                f"{what}: column {name!r} has dtype {data[name].dtype}, not a real numeric one "
+                f"(float, int or bool; convert or drop it, and fill missing values)"
+            )
+        cols.append(arr)
+    return cols
+
+
+def _as_array(data: Any) -> np.ndarray:
+    """An ndarray view of ``data``: pandas objects through ``to_numpy`` (a view of one block)."""
+    if isinstance(data, np.ndarray):
+        return data
+    to_numpy = getattr(data, "to_numpy", None)
+    if callable(to_numpy) and (type(data).__module__ or "").startswith("pandas"):
+        return np.asarray(to_numpy(copy=False))
+    return np.asarray(data)
+
+
+# ---------------------------------------------------------------- helpers
+def has_batch_statistics(net: Sequential) -> bool:
+    """True if some layer's class sets ``uses_batch_statistics = True`` (e.g. BatchNorm)."""
+    return any(getattr(type(layer), "uses_batch_statistics", False) for layer in net.layers)
+
+
+def _resolve_loss(loss: str | LossFn) -> tuple[str, LossFn]:
+    fn = get_loss(loss)
+    name = loss if isinstance(loss, str) else getattr(loss, "__name__", type(loss).__name__)
+    return name, fn
+
+
+def _call_loss(fn: LossFn, Y: np.ndarray, target: np.ndarray, name: str) -> tuple[float, Any]:
+    result = fn(Y, target)
+    if not isinstance(result, tuple) or len(result) != 2:
+        raise TypeError(f"loss {name!r} must return (loss, dY), got {type(result).__name__}")
+    value, dY = result
+    return float(value), dY
+
+
+def _n_correct(Y: np.ndarray, labels: np.ndarray) -> int:
+    if Y.shape[1] == 1:
+        pred = (Y[:, 0] > 0).astype(labels.dtype)
+    else:
+        pred = Y.argmax(axis=1)
+    return int(np.count_nonzero(pred == labels))
+
+
+def _writeable(a: Any) -> bool:
+    return isinstance(a, np.ndarray) and a.flags.writeable
+
+
+def _check_batch_size(batch_size: Any, what: str) -> int:
+    if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)):
+        raise TypeError(f"{what}: batch_size must be a positive int, got {batch_size!r}")
+    if batch_size <= 0:
+        raise ValueError(f"{what}: batch_size must be a positive int, got {batch_size!r}")
+    return int(batch_size)
