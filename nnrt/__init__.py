@@ -15,6 +15,7 @@ import types
 from typing import TYPE_CHECKING, Any
 
 from nnrt import layer as _layer_module
+from nnrt import registry
 from nnrt.dense import Dense
 from nnrt.engine import (
     Callback,
@@ -30,7 +31,7 @@ from nnrt.interop import from_torch
 from nnrt.layer import ABI_VERSION, Layer, check_abi
 from nnrt.network import Sequential
 from nnrt.perf import get_num_threads, profile, set_num_threads
-from nnrt.registry import PluginError, PluginWarning, registry
+from nnrt.registry import PluginError, PluginWarning
 from nnrt.warnings import BiasBeforeBatchNormWarning, NetworkWarning, TrainingWarning
 
 __version__ = "0.1.0"
@@ -54,14 +55,18 @@ __all__ = [
     "ProgressBar",
     "Sequential",
     "available_layers",
+    "available_losses",
+    "available_optimizers",
     "check_abi",
     "from_torch",
     "get_num_threads",
     "hookimpl",
     "hookspec",
     "layer",
+    "loss",
     "losses",
     "optim",
+    "optimizer",
     "profile",
     "register_plugin",
     "set_num_threads",
@@ -73,6 +78,33 @@ __all__ = [
 def available_layers() -> dict[str, str]:
     """Map each registered layer name to the name of the plugin that provides it."""
     return {name: entry.plugin for name, entry in sorted(registry.layers().items())}
+
+
+def available_losses() -> dict[str, str]:
+    """Map each registered loss name to the name of the plugin that provides it."""
+    return {name: entry.plugin for name, entry in sorted(registry.losses().items())}
+
+
+def available_optimizers() -> dict[str, str]:
+    """Map each registered optimizer name to the name of the plugin that provides it."""
+    return {name: entry.plugin for name, entry in sorted(registry.optimizers().items())}
+
+
+def loss(name: str) -> Any:
+    """The loss function registered as ``name``: ``loss_value, dY = nnrt.loss(name)(Y, target)``.
+
+    Unknown names raise KeyError listing the registered ones.
+    """
+    return registry.get_loss(name).fn
+
+
+def optimizer(name: str, net: Any, **kwargs: Any) -> Any:
+    """Build the optimizer registered as ``name`` over ``net`` (e.g. ``("sgd", net, lr=0.1)``).
+
+    Unknown names raise KeyError listing the registered ones; keyword arguments
+    go to the optimizer's constructor.
+    """
+    return registry.make_optimizer(name, net, **kwargs)
 
 
 def register_plugin(plugin: object, name: str | None = None) -> str:

@@ -1,7 +1,13 @@
-"""The core's own plugin: registers the Cython ``dense`` layer under the name ``dense``."""
+"""The core's own plugin: the ``dense`` layer, the built-in losses and optimizers.
 
+They register through the same hooks as any third-party plugin, so a plugin's
+``mse`` or ``adam`` would clash with these (and be refused) exactly as two
+third-party plugins would clash with each other.
+"""
+
+from nnrt import losses, optim
 from nnrt.dense import Dense
-from nnrt.hookspecs import RegisterLayer, hookimpl
+from nnrt.hookspecs import RegisterLayer, RegisterLoss, RegisterOptimizer, hookimpl
 from nnrt.layer import Layer
 
 
@@ -17,3 +23,17 @@ def nnrt_layer_flops(layer: Layer, in_features: int) -> int | None:
         return None
     out = int(layer.out_features or 0)
     return 2 * in_features * out + out
+
+
+@hookimpl
+def nnrt_register_losses(register: RegisterLoss) -> None:
+    register("softmax_cross_entropy", losses.softmax_cross_entropy)
+    register("mse", losses.mse)
+    register("bce_with_logits", losses.bce_with_logits)
+
+
+@hookimpl
+def nnrt_register_optimizers(register: RegisterOptimizer) -> None:
+    register("sgd", optim.SGD)
+    register("adam", optim.Adam)
+    register("adamw", optim.AdamW)

@@ -19,7 +19,7 @@ def batchnorm_config(
     if (
         isinstance(num_features, (bool, np.bool_))
         or not isinstance(num_features, (int, np.integer))
-        or num_features <= 0
+        or not 0 < num_features <= 2**31 - 1  # kernels index with C int (as dense)
     ):
         raise ValueError(f"{owner}: num_features must be a positive int, got {num_features!r}")
     momentum = real_number(owner, "momentum", momentum)

@@ -25,13 +25,14 @@ import stat
 import sys
 import tempfile
 import time
-import unicodedata
 import warnings
 import zipfile
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+
+from nnrt._text import escape_controls
 
 __all__ = ["build_layers", "load_data", "main", "parse_layers"]
 
@@ -43,22 +44,10 @@ class CLIError(Exception):
 
 
 # ------------------------------------------------------------------ output
-_ESCAPE_CATEGORIES = ("Cc", "Cf", "Zl", "Zp", "Cs", "Co", "Cn")
-
-
 def clean(text: object) -> str:
     """``str(text)`` with every control/format character escaped (``\\x1b``, ``\\n``,
     ``\\u202e``): safe to print whatever a file contained."""
-    s = str(text)
-    if s.isprintable():
-        return s
-    out = []
-    for ch in s:
-        if ch == " " or unicodedata.category(ch) not in _ESCAPE_CATEGORIES:
-            out.append(ch)
-        else:
-            out.append(ch.encode("unicode_escape", "backslashreplace").decode("ascii"))
-    return "".join(out)
+    return escape_controls(text)
 
 
 def _say(*parts: object, file: Any = None) -> None:
@@ -381,35 +370,38 @@ def _model_file(path: str) -> None:
         )
 
 
-def _check_writable(path: str) -> None:
+def _check_writable(path: str, flag: str = "--out") -> None:
     """Fail now, not after training, if ``path`` cannot be written."""
     directory = os.path.dirname(os.path.abspath(path))
     if os.path.isdir(path):
-        raise CLIError(f"--out {path!r} is a directory; give a file name such as model.npz")
+        raise CLIError(f"{flag} {path!r} is a directory; give a file name")
     if not os.path.isdir(directory):
-        raise CLIError(f"--out {path!r}: directory {directory!r} does not exist")
+        raise CLIError(f"{flag} {path!r}: directory {directory!r} does not exist")
     if os.path.exists(path) and not os.path.isfile(path):
-        raise CLIError(f"--out {path!r} exists and is not a regular file")
+        raise CLIError(f"{flag} {path!r} exists and is not a regular file")
     try:
         with tempfile.NamedTemporaryFile(dir=directory, prefix=".nnrt-write-test-"):
             pass
     except OSError as exc:
         raise CLIError(
-            f"--out {path!r}: cannot write in {directory!r}: {exc.strerror or exc}"
+            f"{flag} {path!r}: cannot write in {directory!r}: {exc.strerror or exc}"
         ) from None
 
 
 def _make_optimizer(name: str, net: Any, lr: float, momentum: float, weight_decay: float) -> Any:
-    from nnrt import optim
+    from nnrt.registry import registry
 
-    name = name.lower()
-    if name == "sgd":
-        return optim.SGD(net, lr=lr, momentum=momentum, weight_decay=weight_decay)
-    if name == "adam":
-        return optim.Adam(net, lr=lr, weight_decay=weight_decay)
-    if name == "adamw":
-        return optim.AdamW(net, lr=lr, weight_decay=weight_decay)
-    raise CLIError(f"--optimizer: unknown optimizer {name!r}; choose sgd, adam or adamw")
+    known = registry.optimizers()
+    if name not in known:
+        raise CLIError(
+            f"--optimizer: unknown optimizer {name!r}; registered: {', '.join(sorted(known))}"
+        )
+    try:
+        return registry.make_optimizer_from(
+            name, net, lr=lr, momentum=momentum, weight_decay=weight_decay
+        )
+    except (TypeError, ValueError) as exc:
+        raise CLIError(f"--optimizer {name}: {exc}") from exc
 
 
 def _progress(args: argparse.Namespace) -> bool | None:
@@ -478,13 +470,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
     print(f"test accuracy: {100 * result['accuracy']:.2f}% ({len(test)} samples)")
     if args.out:
         net.save(args.out)
-        print(f"model written to {os.path.abspath(args.out)}")
+        _say(f"model written to {os.path.abspath(args.out)}")
     if not args.no_plot:
         where = _plot(history, args.plot, "nnrt demo: 8x8 digits", held_out="test")
         if where is None:
             print("matplotlib is not installed: no training-curve plot (pip install 'nnrt[plot]')")
         else:
-            print(f"training curve written to {where}")
+            _say(f"training curve written to {where}")
     return 0
 
 
@@ -505,6 +497,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         from nnrt.plotting import require_matplotlib
 
         require_matplotlib()
+        _check_writable(args.plot, "--plot")
     t0 = time.perf_counter()
     history = net.fit(
         X,
@@ -522,9 +515,9 @@ def cmd_train(args: argparse.Namespace) -> int:
         f"{_format_logs(history.history)}"
     )
     net.save(args.out)
-    print(f"model written to {os.path.abspath(args.out)}")
+    _say(f"model written to {os.path.abspath(args.out)}")
     if args.plot:
-        print(f"training curve written to {_plot(history, args.plot, 'nnrt train')}")
+        _say(f"training curve written to {_plot(history, args.plot, 'nnrt train')}")
     return 0
 
 
@@ -547,7 +540,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
         else:
             fmt = "%d" if result.dtype.kind in "iu" else "%.9g"
             np.savetxt(args.out, result.reshape(result.shape[0], -1), fmt=fmt, delimiter=",")
-        print(
+        _say(
             f"{result.shape[0]} predictions written to {os.path.abspath(args.out)}", file=sys.stderr
         )
     else:
@@ -559,7 +552,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
         sys.stdout.write("\n".join(lines) + "\n")
     if y is not None and y.ndim == 1 and y.dtype.kind in "iu":
         acc = float(np.mean(net.predict_classes(X, batch_size=args.batch_size) == y))
-        print(
+        _say(
             f"accuracy against the labels in {args.data}: {100 * acc:.2f}% ({X.shape[0]} samples)",
             file=sys.stderr,
         )
@@ -605,12 +598,20 @@ def cmd_info(args: argparse.Namespace) -> int:
         print(f"total trainable parameters: {total}")
         from nnrt.summary import file_summary
 
-        print(f"\nsummary:\n{file_summary(args.model, args.batch_size)}")
+        print("\nsummary:")
+        for line in file_summary(args.model, args.batch_size).splitlines():
+            print(clean(line))
         return 0
-    # the installation: what a user pastes into a bug report
+    # the installation: what a user pastes into a bug report (plugin statuses quote
+    # third-party error messages: escaped like everything else)
+    import io
+
     from nnrt.config import show_config
 
-    show_config(as_json=bool(getattr(args, "json", False)))
+    buf = io.StringIO()
+    show_config(buf, as_json=bool(getattr(args, "json", False)))
+    for line in buf.getvalue().splitlines():
+        print(clean(line))
     return 0
 
 
@@ -740,13 +741,18 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=_positive_int, default=10)
     p.add_argument("--batch-size", type=_positive_int, default=32)
     p.add_argument("--lr", type=_POSITIVE, default=1e-3)
-    p.add_argument("--optimizer", default="adam", help="adam (default), adamw or sgd")
+    p.add_argument(
+        "--optimizer",
+        default="adam",
+        help="a registered optimizer: adam (default), adamw, sgd, or a plugin's (nnrt plugins)",
+    )
     p.add_argument("--momentum", type=_FRACTION, default=0.0, help="SGD momentum, in [0, 1)")
     p.add_argument("--weight-decay", type=_NON_NEGATIVE, default=0.0)
     p.add_argument(
         "--loss",
         default=None,
-        help="softmax_cross_entropy (default for integer labels), mse, bce_with_logits",
+        help="a registered loss: softmax_cross_entropy (default for integer labels), mse, "
+        "bce_with_logits, or a plugin's (nnrt plugins)",
     )
     p.add_argument(
         "--validation-split",
@@ -781,7 +787,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("model", nargs="?")
     common(p)
     p.add_argument("--json", action="store_true", help="installation info as JSON")
-    p.add_argument("--batch-size", type=int, default=32, help="batch for activation memory")
+    p.add_argument(
+        "--batch-size", type=_positive_int, default=32, help="batch for activation memory"
+    )
     p.set_defaults(func=cmd_info)
 
     p = sub.add_parser("plugins", help="list installed plugins and their layers")

@@ -48,9 +48,8 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
-from nnrt._locks import network_locks
-from nnrt.losses import get_loss
-from nnrt.optim import Adam
+from nnrt._locks import state_lock, training_guard
+from nnrt.registry import registry
 from nnrt.warnings import TrainingWarning, warn_user
 
 if TYPE_CHECKING:
@@ -106,7 +105,7 @@ class History:
             self.history.setdefault(key, []).append(float(value))
 
     def plot(self, path: Any = None, **kwargs: Any) -> Any:
-        """Training curves (loss and every metric, train vs validation); see ``nnrt.plotting``."""
+        """Loss and metric curves, train vs validation (``nnrt.plotting.plot_history``)."""
         from nnrt.plotting import plot_history
 
         return plot_history(self, path, **kwargs)
@@ -382,16 +381,20 @@ class TrainStep:
         self.loss_name, self.loss_fn = _resolve_loss(loss)
         self.sync = sync
         self.count_correct = count_correct
-        self._lock = network_locks(net)[0]
 
     def __call__(
         self, Xb: np.ndarray, yb: np.ndarray, n_global: int | None = None
     ) -> tuple[float, int]:
         net = self.net
         n = Xb.shape[0]
-        with self._lock:
+        with state_lock(net):  # looked up per step: a forked child has new locks
             Y = net.forward(Xb, training=True)
-            loss, dY = _call_loss(self.loss_fn, Y, yb, self.loss_name)
+            result = self.loss_fn(Y, yb)
+            if type(result) is not tuple or len(result) != 2:
+                raise TypeError(
+                    f"loss {self.loss_name!r} must return (loss, dY), got {result!r:.80}"
+                )
+            loss, dY = float(result[0]), result[1]
             correct = _n_correct(Y, yb) if self.count_correct else 0
             if n_global is not None and n_global != n:
                 # NOTE: a mean-reduced loss puts 1/n into dY; this process's share of
@@ -431,19 +434,9 @@ def fit(
     strategy (``nnrt.distributed.fit`` passes one; ``batch_size`` is then the
     global batch). See the module docstring for the rules.
     """
-    _lock, training = network_locks(net)
-    if not training.acquire(blocking=False):
-        raise RuntimeError(
-            "fit: this network is already being trained (by another thread, or from a "
-            "callback of its own fit); training one network from two threads at once "
-            "would corrupt its weights. Wait for the first fit, or train a copy (save it "
-            "and nnrt.load the file)."
-        )
-    try:
+    with training_guard(net, "fit"):  # a second fit on this network raises
         return _fit(net, X, y, loss, optimizer, epochs, batch_size, shuffle, validation,
                     validation_split, callbacks, progress, seed, sync)  # fmt: skip
-    finally:
-        training.release()
 
 
 def _fit(
@@ -539,11 +532,12 @@ def _fit(
                         f"{step.loss_name!r}, optimizer {type(optimizer).__name__}); "
                         f"{rewind.what}. Lower the learning rate or check the data scale."
                     )
-                rewind.steps += 1
+                rewind.steps = b + 1
                 total += value * n_batch
                 correct += right
-                for cb in per_batch:
-                    cb.on_batch_end(state, epoch, b, value)
+                if per_batch:
+                    for cb in per_batch:
+                        cb.on_batch_end(state, epoch, b, value)
             logs: dict[str, float] = {"loss": total / n_used}
             if ys.class_labels:
                 logs["accuracy"] = correct / n_used
@@ -653,6 +647,10 @@ class _Rewind:
         self.steps = 0
 
     def restore(self, step: TrainStep, batches: _Batches, epoch: int, b: int) -> None:
+        with state_lock(step.net):  # another thread's predict sees before or after
+            self._restore(step, batches, epoch, b)
+
+    def _restore(self, step: TrainStep, batches: _Batches, epoch: int, b: int) -> None:
         back = b == 0 and self.previous is not None
         snap = self.previous if back else self.current
         assert snap is not None
@@ -705,14 +703,11 @@ def _validation_data(
 
 
 def _check_optimizer(net: Sequential, optimizer: Any) -> Any:
-    if optimizer is None:
-        return Adam(net)
-    if not callable(getattr(optimizer, "step", None)):
-        raise TypeError(
-            f"fit: optimizer must be an optimizer instance with step() (e.g. "
-            f"nnrt.optim.Adam(net)), got {type(optimizer).__name__}"
-        )
-    return optimizer
+    """``optimizer`` itself, or the registered one of that name (default ``"adam"``)."""
+    try:
+        return registry.resolve_optimizer(optimizer, net)
+    except TypeError as exc:
+        raise TypeError(f"fit: {exc}") from exc
 
 
 def _check_callbacks(callbacks: Iterable[Callback] | None, progress: bool | None) -> list[Callback]:
@@ -739,7 +734,7 @@ def predict(net: Sequential, X: Any, batch_size: int | None = None) -> np.ndarra
     bs = DEFAULT_PREDICT_BATCH if batch_size is None else _check_batch_size(batch_size, "predict")
     Xs = _Rows(X, net, "predict: X")
     out: np.ndarray | None = None
-    with network_locks(net)[0]:
+    with state_lock(net):
         for start in range(0, Xs.n, bs):
             Y = net.forward(Xs.rows(start, start + bs), training=False)
             if out is None:
@@ -787,7 +782,7 @@ def _evaluate(
 ) -> dict[str, float]:
     total = 0.0
     correct = 0
-    with network_locks(net)[0]:
+    with state_lock(net):
         for start in range(0, Xs.n, bs):
             Y = net.forward(Xs.rows(start, start + bs), training=False)
             yb = ys.rows(start, start + bs)
@@ -824,7 +819,7 @@ class _Rows:
         else:
             self.arr = _as_array(data)
             shape, kinds, src_dtype = self.arr.shape, {self.arr.dtype.kind}, self.arr.dtype
-        desc = f"shape {shape} dtype {src_dtype}"
+        desc = _Desc(shape, src_dtype)  # formatted only for an error message
         if not kinds <= set("fiub"):
             raise TypeError(
                 f"{what}: must be a real numeric array (float, int or bool), got {desc}"
@@ -925,6 +920,14 @@ class _Rows:
         )
 
 
+class _Desc:
+    def __init__(self, shape: tuple[int, ...], dtype: np.dtype) -> None:
+        self.shape, self.dtype = shape, dtype
+
+    def __str__(self) -> str:
+        return f"shape {self.shape} dtype {self.dtype}"
+
+
 def _columns(data: Any, what: str) -> list[np.ndarray] | None:
     """A pandas DataFrame whose columns do not share one dtype: a view of each column."""
     mod = type(data).__module__ or ""
@@ -962,7 +965,7 @@ def has_batch_statistics(net: Sequential) -> bool:
 
 
 def _resolve_loss(loss: str | LossFn) -> tuple[str, LossFn]:
-    fn = get_loss(loss)
+    fn = registry.resolve_loss(loss)
     name = loss if isinstance(loss, str) else getattr(loss, "__name__", type(loss).__name__)
     return name, fn
 
@@ -977,10 +980,8 @@ def _call_loss(fn: LossFn, Y: np.ndarray, target: np.ndarray, name: str) -> tupl
 
 def _n_correct(Y: np.ndarray, labels: np.ndarray) -> int:
     if Y.shape[1] == 1:
-        pred = (Y[:, 0] > 0).astype(labels.dtype)
-    else:
-        pred = Y.argmax(axis=1)
-    return int(np.count_nonzero(pred == labels))
+        return int(np.count_nonzero((Y[:, 0] > 0) == labels))
+    return int(np.count_nonzero(Y.argmax(axis=1) == labels))
 
 
 def _writeable(a: Any) -> bool:

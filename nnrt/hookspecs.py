@@ -43,6 +43,24 @@ class RegisterLayer(Protocol):
     def __call__(self, name: str, cls: type[Layer], /) -> None: ...
 
 
+class LossFunction(Protocol):
+    """A loss: ``loss, dY = fn(Y, target)``, mean-reduced, ``dY`` carrying the ``1/N``."""
+
+    def __call__(self, Y: Any, target: Any, /) -> tuple[float, Any]: ...
+
+
+class RegisterLoss(Protocol):
+    """The callback handed to ``nnrt_register_losses``."""
+
+    def __call__(self, name: str, fn: LossFunction, /) -> None: ...
+
+
+class RegisterOptimizer(Protocol):
+    """The callback handed to ``nnrt_register_optimizers``."""
+
+    def __call__(self, name: str, cls: type[Any], /) -> None: ...
+
+
 @hookspec
 def nnrt_register_layers(register: RegisterLayer) -> None:
     """Add layer types to the registry.
@@ -60,6 +78,52 @@ def nnrt_register_layers(register: RegisterLayer) -> None:
         @nnrt.hookimpl
         def nnrt_register_layers(register):
             register("tanh", Tanh)
+    """
+
+
+@hookspec
+def nnrt_register_losses(register: RegisterLoss) -> None:
+    """Add loss functions to the registry.
+
+    Call ``register(name, fn)`` once per loss. ``fn(Y, target) -> (loss, dY)``
+    takes the network's output ``Y`` (batch, out) and the targets, and returns
+    the loss as a Python float, reduced as torch's ``reduction="mean"``, with
+    ``dY = dloss/dY`` (the shape and dtype of ``Y``, already carrying the
+    ``1/N`` of the mean). Users then pick it by name: ``nnrt.loss(name)``,
+    ``net.fit(..., loss=name)``, ``nnrt train --loss name`` and the
+    scikit-learn estimators. A name that is already registered (the built-in
+    ``softmax_cross_entropy``, ``mse``, ``bce_with_logits`` included) is
+    refused, naming both plugins; so is anything that is not callable with two
+    positional arguments. Return nothing.
+
+    Example::
+
+        @nnrt.hookimpl
+        def nnrt_register_losses(register):
+            register("huber", huber)
+    """
+
+
+@hookspec
+def nnrt_register_optimizers(register: RegisterOptimizer) -> None:
+    """Add optimizers to the registry.
+
+    Call ``register(name, cls)`` once per optimizer. ``cls(net, **kwargs)``
+    builds one over a network's (or layer's) live ``params()``/``grads()``;
+    it must have ``step()`` (update every parameter in place from the
+    gradients ``backward`` wrote) and ``zero_grad()``. Subclassing
+    ``nnrt.optim.Optimizer`` gives ``zero_grad``, ``state_dict`` and the
+    parameter resolution for free. Users then pick it by name:
+    ``nnrt.optimizer(name, net, **kwargs)``, ``net.fit(..., optimizer=name)``,
+    ``nnrt train --optimizer name`` and the scikit-learn estimators. A name
+    that is already registered (``sgd``, ``adam``, ``adamw`` included) is
+    refused, naming both plugins. Return nothing.
+
+    Example::
+
+        @nnrt.hookimpl
+        def nnrt_register_optimizers(register):
+            register("lion", Lion)
     """
 
 

@@ -18,15 +18,22 @@ directory, flushed and fsync'ed, renamed over ``path`` with ``os.replace``,
 and the directory is fsync'ed, so a crash (even ``kill -9``) mid-save leaves
 either the old file or the new one, never a mix.
 
-Reading never unpickles (``np.load(allow_pickle=False)``) and validates
-before it allocates: every array's ``.npy`` header (shape, dtype) is read
-first and checked against the shapes the JSON declares, against the size the
-zip directory records, and against a limit of 2**31 - 1 elements per array;
-the integer arguments in each layer's config must fit the declared shapes.
-Only then are layers built and arrays read. Problems raise
-``ModelFileError`` (a ``ValueError``) naming the file and what is wrong; a
-layer name no installed plugin provides raises ``MissingPluginError`` naming
-the plugin and distribution that wrote it.
+Reading never unpickles and validates before it allocates
+(docs/reliability.md §3): the file is opened only if it is a regular file
+(``open_regular_file``: never blocks on a FIFO or device); nnrt reads the zip
+itself rather than through ``np.load``, and the archive must hold exactly
+``architecture.npy`` and one ``<key>.npy`` per declared array, each once,
+stored, unencrypted, inside the file and not overlapping another (so the
+arrays read add up to at most the file's size); every ``.npy`` header
+(shape, dtype) is checked against the JSON and the member's size, with a
+limit of 2**31 - 1 elements per array. The architecture JSON is size- and
+depth-limited and holds finite numbers and unique keys only; each layer built
+from its config must report that config back (strict types, whatever the
+plugin), and the constructors check ranges. Arrays must be finite and pass
+the plugins' ``nnrt_check_state`` hooks (a variance >= 0). Only then are the
+arrays copied in. Problems raise ``ModelFileError`` (a ``ValueError``) naming
+the file and what is wrong; a layer name no installed plugin provides raises
+``MissingPluginError`` naming the plugin and distribution that wrote it.
 """
 
 from __future__ import annotations
@@ -56,8 +63,10 @@ __all__ = [
     "FORMAT_VERSION",
     "MissingPluginError",
     "ModelFileError",
+    "NotARegularFileError",
     "architecture",
     "load",
+    "open_regular_file",
     "read_architecture",
     "save",
 ]
@@ -137,6 +146,16 @@ def architecture(net: Sequential) -> dict[str, Any]:
 
 
 _umask_lock = threading.Lock()
+
+
+def _new_umask_lock_after_fork() -> None:
+    # a fork while another thread held it would leave the child's save blocked forever
+    global _umask_lock
+    _umask_lock = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_new_umask_lock_after_fork)
 
 
 def _new_file_mode(path: str) -> int:
@@ -593,16 +612,16 @@ def _missing_plugin(path: str, i: int, spec: dict[str, Any]) -> MissingPluginErr
     plugin = spec.get("plugin")
     dist = spec.get("distribution")
     version = spec.get("version")
-    source = f"plugin {plugin!r}" if plugin else "an unknown plugin"
+    source = f"plugin {plugin!r:.80}" if plugin else "an unknown plugin"
     if dist:
-        source += f" from distribution {dist!r}" + (f" {version}" if version else "")
-    hint = f"install it (pip install {dist})" if dist else "install or register that plugin"
+        source += f" from distribution {dist!r:.80}" + (f" {version!s:.40}" if version else "")
+    hint = f"install it (pip install {dist!s:.80})" if dist else "install or register that plugin"
     info = registry.plugins().get(plugin) if isinstance(plugin, str) else None
     if info is not None and info.status != "ok":
         hint = f"that plugin is installed but {info.status}"
     known = ", ".join(sorted(registry.layers()))
     return MissingPluginError(
-        f"{path}: layer {i} is {spec['name']!r}, which no loaded plugin provides; the file "
+        f"{path}: layer {i} is {spec['name']!r:.80}, which no loaded plugin provides; the file "
         f"was written with {source}: {hint}. Registered layers: {known}"
     )
 

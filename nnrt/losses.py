@@ -6,10 +6,13 @@ Python float (the final mean accumulated in float64) together with
 shape of ``Y`` and its dtype (float32 or float64; any other real dtype is
 computed in float64). Inputs are never modified.
 
-The functions are written for small batches: inputs are validated once, then a
-handful of numpy calls work in place on at most three temporaries, so a call on
+The functions are written for small batches: ``softmax_cross_entropy`` is one
+C pass (nnrt/_kernels.pyx) over already-valid input and validates and converts
+anything else once before that pass; ``mse`` and ``bce_with_logits`` are a
+handful of numpy calls working in place on at most three temporaries. A call on
 a (32, 10) float32 array costs a few microseconds. No state is kept between
-calls (thread safe).
+calls (thread safe). The float64 references these are tested against live in
+tests/test_losses.py.
 
 Derivations (docs/derivations.md):
   softmax_cross_entropy  l_i = logsumexp(x_i) - x_i[y_i];  dY = (softmax(x) - onehot(y)) / N
@@ -26,16 +29,11 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-try:  # fused Cython kernel (nnrt/_kernels.pyx); None where the extension is not built
-    from nnrt._kernels import softmax_cross_entropy as _fused_sce
-except ImportError:  # pragma: no cover
-    _fused_sce = None
+from nnrt._kernels import softmax_cross_entropy as _sce_kernel
 
 __all__ = [
-    "LOSSES",
     "LossFn",
     "bce_with_logits",
-    "get_loss",
     "mse",
     "softmax_cross_entropy",
 ]
@@ -100,12 +98,21 @@ def softmax_cross_entropy(logits: Any, labels: Any) -> tuple[float, FloatArray]:
     ``torch.nn.functional.cross_entropy(logits, labels)``. Returns ``(loss, dY)``
     with ``dY = (softmax(logits) - onehot(labels)) / batch``.
     """
-    if _fused_sce is not None:
-        # one C pass for float32/float64 C-contiguous logits and int64 labels; None
-        # for anything else (the numpy path below handles and validates it)
-        fused = _fused_sce(logits, labels)
-        if fused is not None:
-            return fused
+    # NOTE: one implementation, the C kernel (nnrt/_kernels.pyx); it takes plain
+    # float32/float64 C-contiguous logits and int64 labels in range and returns None for
+    # anything else, which is then validated (descriptive errors) and converted once.
+    result = _sce_kernel(logits, labels)
+    if result is None:
+        x, y = _sce_inputs(logits, labels)
+        result = _sce_kernel(x, y)
+        if result is None:  # pragma: no cover - _sce_inputs guarantees the kernel's input
+            raise RuntimeError("softmax_cross_entropy: the kernel refused validated input")
+    loss, dY = result
+    return loss, dY
+
+
+def _sce_inputs(logits: Any, labels: Any) -> tuple[np.ndarray, np.ndarray]:
+    """Validated C-contiguous float logits and int64 labels in range, or a clear error."""
     fn = "softmax_cross_entropy"
     x = _as_float(logits, fn, "logits")
     if x.ndim != 2:
@@ -121,34 +128,13 @@ def softmax_cross_entropy(logits: Any, labels: Any) -> tuple[float, FloatArray]:
         raise ValueError(
             f"{fn}: labels must have shape ({n},) to match logits {x.shape}, got {_describe(y)}"
         )
-    y = y.astype(np.intp, copy=False)
-    # NOTE: viewed as unsigned, a negative label wraps to a huge value, so one max()
-    # checks both ends of the range.
-    if int(y.view(np.uintp).max()) >= c:
-        bad = y[(y < 0) | (y >= c)]
+    bad = y[(y < 0) | (y >= c)]
+    if bad.size:
         raise ValueError(
             f"{fn}: labels must lie in [0, {c}) for logits {_describe(x)}; "
             f"{bad.size} label(s) out of range, e.g. {int(bad[0])}"
         )
-    flat = y + np.arange(0, n * c, c, dtype=np.intp)  # flat index of each row's label
-
-    # z = x - rowmax(x) keeps exp() from overflowing; z becomes dY in place below.
-    z = np.subtract(x, np.maximum.reduce(x, axis=1, keepdims=True))
-    picked = z.reshape(-1)[flat]  # z[i, y_i]
-    np.exp(z, out=z)
-    # Row sums through a GEMV (much cheaper than a short-axis reduction for small
-    # batches); each lies in [1, classes] since the row max contributes exp(0) = 1.
-    s = np.matmul(z, np.ones(c, dtype=z.dtype))
-    # l_i = log(sum_j exp(z_ij)) - z[i, y_i]; the mean is accumulated in float64
-    lse = np.log(s)
-    lse -= picked
-    loss = float(lse.sum(dtype=np.float64)) / n
-    # dY = softmax / N - onehot / N
-    np.multiply(s, n, out=s)
-    np.reciprocal(s, out=s)
-    np.multiply(z, s[:, None], out=z)
-    z.reshape(-1)[flat] -= 1.0 / n
-    return loss, z
+    return np.ascontiguousarray(x), np.ascontiguousarray(y, dtype=np.int64)
 
 
 def mse(pred: Any, target: Any) -> tuple[float, FloatArray]:
@@ -198,31 +184,3 @@ def bce_with_logits(logits: Any, target: Any) -> tuple[float, FloatArray]:
     out -= t
     out *= 1.0 / size
     return loss, out
-
-
-LOSSES: dict[str, LossFn] = {
-    "softmax_cross_entropy": softmax_cross_entropy,
-    "mse": mse,
-    "bce_with_logits": bce_with_logits,
-}
-"""Loss name -> function: the names ``fit(loss=...)`` accepts."""
-
-
-def get_loss(name_or_callable: str | LossFn) -> LossFn:
-    """Return the loss registered as ``name_or_callable``, or a callable unchanged.
-
-    Raises KeyError listing the known names for an unknown name, and TypeError
-    for anything that is neither a string nor callable.
-    """
-    if isinstance(name_or_callable, str):
-        try:
-            return LOSSES[name_or_callable]
-        except KeyError:
-            known = ", ".join(sorted(LOSSES))
-            raise KeyError(f"unknown loss {name_or_callable!r}; known losses: {known}") from None
-    if callable(name_or_callable):
-        return name_or_callable
-    raise TypeError(
-        f"loss must be a name ({', '.join(sorted(LOSSES))}) or a callable "
-        f"(Y, target) -> (loss, dY), got {type(name_or_callable).__name__}"
-    )

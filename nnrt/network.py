@@ -90,7 +90,23 @@ class Sequential:
             state["layers"] = [_PickledLayer.of(layer) for layer in self.layers]
         return state
 
+    def __copy__(self) -> Sequential:
+        # a shallow copy shares the layer objects (a new list), as before pickling
+        # support; not through __getstate__, which packs Python layers for pickle
+        new = type(self).__new__(type(self))
+        state = {k: v for k, v in self.__dict__.items() if not k.startswith("_")}
+        state["layers"] = list(self.layers)
+        if isinstance(self.__dict__.get("_fit_loss"), str):
+            state["_fit_loss"] = self.__dict__["_fit_loss"]
+        new.__setstate__(state)
+        return new
+
     def __setstate__(self, state: dict[str, Any]) -> None:
+        state = dict(state)
+        state["layers"] = [
+            _rebuild_layer(*layer.args) if isinstance(layer, _PickledLayer) else layer
+            for layer in state.get("layers", ())
+        ]
         self.__dict__.update(state)
         self._last_out = None
 
@@ -412,9 +428,10 @@ class Sequential:
 
         ``fit(X, y, loss="softmax_cross_entropy", optimizer=None, epochs=1,
         batch_size=32, shuffle=True, validation=None, validation_split=None,
-        callbacks=None, progress=None, seed=None)``. ``loss`` is a name from
-        ``nnrt.losses.LOSSES`` or a callable ``(Y, target) -> (loss, dY)``;
-        ``optimizer`` an instance (default ``nnrt.optim.Adam(self)``). Rows are
+        callbacks=None, progress=None, seed=None)``. ``loss`` is a registered name
+        (``nnrt.available_losses()``) or a callable ``(Y, target) -> (loss, dY)``;
+        ``optimizer`` an instance or a registered name built with its defaults
+        (``nnrt.available_optimizers()``; default ``"adam"``). Rows are
         shuffled with a generator seeded from the network's seed (or ``seed``),
         so the same seed gives bit-identical weights. NaN/Inf in X or y raise
         ValueError before training; a non-finite loss raises FloatingPointError

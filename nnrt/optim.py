@@ -19,18 +19,15 @@ and every later update runs numpy ufuncs with ``out=``.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Mapping
 from typing import Any, Protocol
 
 import numpy as np
 
-try:  # fused Cython updates over all parameters (nnrt/_kernels.pyx)
-    from nnrt._kernels import adam_step as _fused_adam_step
-    from nnrt._kernels import sgd_step as _fused_sgd_step
-except ImportError:  # pragma: no cover
-    _fused_adam_step = None
-    _fused_sgd_step = None
+from nnrt._kernels import adam_step as _adam_kernel
+from nnrt._kernels import sgd_step as _sgd_kernel
 
 __all__ = ["SGD", "Adam", "AdamW", "Optimizer"]
 
@@ -98,6 +95,44 @@ def _resolve(net: HasParams, owner: str) -> tuple[list[str], list[np.ndarray], l
     return names, ps, gs
 
 
+def _kernel_problem(opt: Optimizer) -> str | None:
+    """Why the update kernels cannot take ``opt``'s parameters/gradients, or None."""
+    for name, p, g in zip(opt._names, opt._params, opt._grads, strict=True):
+        if not (p.flags.c_contiguous and p.flags.aligned and p.flags.writeable):
+            return f"parameter {name!r} must be a C-contiguous, aligned, writeable array"
+        if not (g.flags.c_contiguous and g.flags.aligned):
+            return f"the gradient of {name!r} must be a C-contiguous, aligned array"
+        if p.dtype not in (np.float32, np.float64) or g.dtype != p.dtype or g.size != p.size:
+            return (
+                f"parameter {name!r} ({p.dtype}, {p.size} elements) and its gradient "
+                f"({g.dtype}, {g.size} elements) must be float32/float64 of one dtype and size"
+            )
+    return None
+
+
+def _not_plain(opt: Optimizer) -> ValueError:
+    """The error for arrays the update kernel refused (checked again at every step)."""
+    why = _kernel_problem(opt) or "its state arrays no longer match the parameters"
+    return ValueError(f"{type(opt).__name__}: cannot update in place: {why}")
+
+
+def _locked_step(step: Any) -> Any:
+    """``step`` run under the state lock of the optimizer's network (if it has one)."""
+
+    @functools.wraps(step)
+    def locked(self: Any) -> None:
+        net = self.__dict__.get("_lock_net")
+        if net is None:
+            step(self)
+            return
+        from nnrt._locks import holding
+
+        with holding(net):
+            step(self)
+
+    return locked
+
+
 class Optimizer:
     """Base class: holds the resolved parameters, their gradients and per-parameter state.
 
@@ -110,6 +145,9 @@ class Optimizer:
 
     def __init__(self, net: HasParams) -> None:
         self._names, self._params, self._grads = _resolve(net, type(self).__name__)
+        # a network's optimizer steps under the network's state lock (nnrt/_locks.py):
+        # a predict or save in another thread sees the weights before or after a step
+        self._lock_net: Any = net if hasattr(net, "layers") else None
         n = len(self._params)
         # per-parameter state arrays (allocated at the first step) and scratch buffers
         self.state: dict[str, dict[str, np.ndarray]] = {k: {} for k in self._names}
@@ -122,6 +160,17 @@ class Optimizer:
         self.step_count += 1
         for i in range(len(self._params)):
             self._update(i, self._params[i], self._grads[i])
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "step" in cls.__dict__:  # every optimizer's own step takes the lock too
+            cls.step = _locked_step(cls.__dict__["step"])  # type: ignore[method-assign]
+
+    def __getstate__(self) -> dict[str, Any]:
+        # the network is not part of an optimizer's pickle (its arrays are)
+        state = dict(self.__dict__)
+        state["_lock_net"] = None
+        return state
 
     def zero_grad(self) -> None:
         """Fill every gradient with zeros, in place."""
@@ -208,6 +257,9 @@ class Optimizer:
         return bufs[j]
 
 
+Optimizer.step = _locked_step(Optimizer.step)  # type: ignore[method-assign]
+
+
 class SGD(Optimizer):
     """Stochastic gradient descent with momentum, as ``torch.optim.SGD``.
 
@@ -229,6 +281,8 @@ class SGD(Optimizer):
         dampening: float = 0.0,
     ) -> None:
         super().__init__(net)
+        if _kernel_problem(self) is not None:
+            raise _not_plain(self)
         self._set_hyperparams(
             lr=lr,
             momentum=momentum,
@@ -267,59 +321,34 @@ class SGD(Optimizer):
         }
 
     def step(self) -> None:
-        """Apply one update to every parameter, in place (one fused C loop when possible)."""
-        if _fused_sgd_step is not None:
-            bufs: list[np.ndarray] | None = None
-            fresh: list[bool] | None = None
-            if self.momentum != 0.0:
-                pairs = [
-                    self._state(i, "momentum_buffer", zeros=False) for i in range(len(self._params))
-                ]
-                bufs = [b for b, _ in pairs]
-                fresh = [f for _, f in pairs]
-            if _fused_sgd_step(
-                self._params,
-                self._grads,
-                bufs,
-                self.lr,
-                self.momentum,
-                self.dampening,
-                self.weight_decay,
-                self.nesterov,
-                fresh,
-            ):
-                self.step_count += 1
-                return
-            if fresh is not None:  # undo the lazily created buffers: the fallback makes them
+        """Apply one update to every parameter, in place (one C loop, nnrt/_kernels.pyx)."""
+        bufs: list[np.ndarray] | None = None
+        fresh: list[bool] | None = None
+        if self.momentum != 0.0:
+            # NOTE: as torch, a new momentum buffer starts as the first (decayed) gradient,
+            # not 0: the kernel copies d into the buffers flagged fresh.
+            pairs = [
+                self._state(i, "momentum_buffer", zeros=False) for i in range(len(self._params))
+            ]
+            bufs = [b for b, _ in pairs]
+            fresh = [f for _, f in pairs]
+        if not _sgd_kernel(
+            self._params,
+            self._grads,
+            bufs,
+            self.lr,
+            self.momentum,
+            self.dampening,
+            self.weight_decay,
+            self.nesterov,
+            fresh,
+        ):
+            if fresh is not None:  # undo the lazily created buffers
                 for name, f in zip(self._names, fresh, strict=True):
                     if f:
                         del self.state[name]["momentum_buffer"]
-        super().step()
-
-    def _update(self, i: int, p: np.ndarray, g: np.ndarray) -> None:
-        d = g
-        if self.weight_decay != 0.0:
-            # d = g + wd * p  (the gradient array itself is left untouched)
-            d = np.multiply(p, self.weight_decay, out=self._buf(i, 0))
-            np.add(g, d, out=d)
-        tmp = self._buf(i, 1)
-        if self.momentum != 0.0:
-            buf, fresh = self._state(i, "momentum_buffer", zeros=False)
-            if fresh:
-                # NOTE: as torch, the buffer starts as the first (decayed) gradient, not 0.
-                np.copyto(buf, d)
-            else:
-                np.multiply(buf, self.momentum, out=buf)
-                if self.dampening != 0.0:
-                    buf += np.multiply(d, 1.0 - self.dampening, out=tmp)
-                else:
-                    buf += d
-            if self.nesterov:
-                np.multiply(buf, self.momentum, out=tmp)
-                d = np.add(d, tmp, out=tmp)
-            else:
-                d = buf
-        p -= np.multiply(d, self.lr, out=tmp)
+            raise _not_plain(self)
+        self.step_count += 1
 
 
 class _AdamBase(Optimizer):
@@ -337,6 +366,8 @@ class _AdamBase(Optimizer):
         weight_decay: float,
     ) -> None:
         super().__init__(net)
+        if _kernel_problem(self) is not None:
+            raise _not_plain(self)
         self._set_hyperparams(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
 
     def _set_hyperparams(self, **hp: Any) -> None:
@@ -363,73 +394,31 @@ class _AdamBase(Optimizer):
         }
 
     def step(self) -> None:
-        """Apply one update to every parameter, in place (one fused C loop when possible).
+        """Apply one update to every parameter, in place (one C loop, nnrt/_kernels.pyx).
 
-        The fused kernel does the numpy path's operations in the same order and
-        dtype, so both give identical parameters and state.
+        Per element, as torch:  m = lerp(m, g, 1 - beta1);  v = beta2 v + (1 - beta2) g g;
+        p -= lr / (1 - beta1^t) * m / (sqrt(v) / sqrt(1 - beta2^t) + eps), with
+        g += wd p first (Adam) or p *= 1 - lr wd first (AdamW).
         """
-        if _fused_adam_step is not None:
-            n = len(self._params)
-            ms = [self._state(i, "exp_avg", zeros=True)[0] for i in range(n)]
-            vs = [self._state(i, "exp_avg_sq", zeros=True)[0] for i in range(n)]
-            beta1, beta2 = self.betas
-            if _fused_adam_step(
-                self._params,
-                self._grads,
-                ms,
-                vs,
-                self.lr,
-                beta1,
-                beta2,
-                self.eps,
-                self.weight_decay,
-                self._decoupled,
-                self.step_count + 1,
-            ):
-                self.step_count += 1
-                return
-        super().step()
-
-    def _update(self, i: int, p: np.ndarray, g: np.ndarray) -> None:
+        n = len(self._params)
+        ms = [self._state(i, "exp_avg", zeros=True)[0] for i in range(n)]
+        vs = [self._state(i, "exp_avg_sq", zeros=True)[0] for i in range(n)]
         beta1, beta2 = self.betas
-        lr, wd = self.lr, self.weight_decay
-        tmp = self._buf(i, 0)
-        if wd != 0.0:
-            if self._decoupled:
-                # AdamW: p *= 1 - lr * wd, before the moment update
-                p *= 1.0 - lr * wd
-            else:
-                # Adam: L2 added to the gradient, g = g + wd * p
-                g = np.add(g, np.multiply(p, wd, out=self._buf(i, 1)), out=self._buf(i, 1))
-        m, _ = self._state(i, "exp_avg", zeros=True)
-        v, _ = self._state(i, "exp_avg_sq", zeros=True)
-        # m = lerp(m, g, 1 - beta1) = m + (1 - beta1) (g - m), as torch's lerp_
-        w = 1.0 - beta1
-        if w < 0.5:
-            np.subtract(g, m, out=tmp)
-            tmp *= w
-            m += tmp
-        else:
-            # torch's lerp for weight >= 0.5: g - (g - m) (1 - w)
-            np.subtract(g, m, out=tmp)
-            tmp *= 1.0 - w
-            np.subtract(g, tmp, out=m)
-        # v = beta2 v + (1 - beta2) g g
-        v *= beta2
-        np.multiply(g, 1.0 - beta2, out=tmp)
-        tmp *= g
-        v += tmp
-        t = self.step_count
-        bias_correction1 = 1.0 - beta1**t
-        bias_correction2 = 1.0 - beta2**t
-        step_size = lr / bias_correction1
-        # denom = sqrt(v) / sqrt(bc2) + eps;  p -= step_size * m / denom
-        np.sqrt(v, out=tmp)
-        tmp /= math.sqrt(bias_correction2)
-        tmp += self.eps
-        np.divide(m, tmp, out=tmp)
-        tmp *= step_size
-        p -= tmp
+        if not _adam_kernel(
+            self._params,
+            self._grads,
+            ms,
+            vs,
+            self.lr,
+            beta1,
+            beta2,
+            self.eps,
+            self.weight_decay,
+            self._decoupled,
+            self.step_count + 1,
+        ):
+            raise _not_plain(self)
+        self.step_count += 1
 
 
 class Adam(_AdamBase):

@@ -20,8 +20,9 @@ from typing import Any
 
 import numpy as np
 
-from nnrt import losses, optim
+from nnrt import optim
 from nnrt.engine import TrainStep
+from nnrt.registry import registry
 
 __all__ = ["LayerProfile", "Profile", "get_num_threads", "profile", "set_num_threads"]
 
@@ -197,7 +198,7 @@ def profile(
         Xa = net.layers[0].prepare_input(X) if layers else np.asarray(X)
         batch = int(Xa.shape[0])
         rows_2 = min(2, batch)
-        loss_fn = losses.get_loss(loss) if training else None
+        loss_fn = registry.resolve_loss(loss) if training else None
         opt = optimizer
         if training and opt is None:
             opt = optim.SGD(net, lr=0.0)

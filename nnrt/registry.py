@@ -18,6 +18,7 @@ removed from the plugin manager altogether.
 from __future__ import annotations
 
 import importlib.metadata as ilm
+import inspect
 import os
 import re
 import threading
@@ -28,6 +29,7 @@ from typing import Any
 import pluggy
 
 from nnrt import hookspecs
+from nnrt._text import escape_controls
 from nnrt.layer import Layer
 from nnrt.warnings import warn_user
 
@@ -36,6 +38,8 @@ __all__ = [
     "PluginWarning",
     "PluginInfo",
     "LayerEntry",
+    "LossEntry",
+    "OptimizerEntry",
     "Registry",
     "registry",
 ]
@@ -66,6 +70,36 @@ class LayerEntry:
 
 
 @dataclass
+class LossEntry:
+    """One registered loss function."""
+
+    name: str
+    fn: Callable[..., Any]
+    plugin: str
+    dist: str | None = None
+
+
+@dataclass
+class OptimizerEntry:
+    """One registered optimizer class."""
+
+    name: str
+    cls: type[Any]
+    plugin: str
+    dist: str | None = None
+
+
+@dataclass
+class Refusal:
+    """A name an installed plugin offered but another plugin already held."""
+
+    kind: str  # "layer", "loss" or "optimizer"
+    name: str
+    holder: str  # the plugin that holds the name
+    where: str  # module.qualname of what the holder registered
+
+
+@dataclass
 class PluginInfo:
     """What `nnrt plugins` shows for one plugin."""
 
@@ -75,6 +109,8 @@ class PluginInfo:
     dist: str | None = None
     version: str | None = None
     layers: list[str] = field(default_factory=list)
+    losses: list[str] = field(default_factory=list)
+    optimizers: list[str] = field(default_factory=list)
 
 
 def _plugin_default_name(pm: pluggy.PluginManager, plugin: object) -> str:
@@ -138,6 +174,31 @@ def _defines(cls: type, member: str) -> bool:
     return False
 
 
+def _check_name(pname: str, kind: str, name: object) -> None:
+    if not isinstance(name, str) or not _NAME_RE.match(name):
+        raise ValueError(
+            f"nnrt plugin {pname!r}: {kind} name must be a non-empty identifier-like "
+            f"string (letters, digits, '_', '-', '.'), got {name!r}"
+        )
+
+
+def _takes_positional(fn: Callable[..., Any], n: int, partial: bool = False) -> bool:
+    """False when ``fn``'s signature is known and cannot take ``n`` positional arguments
+    (followed by keywords, for ``partial``)."""
+    try:
+        sig = inspect.signature(fn)
+    except (TypeError, ValueError):  # builtins, extension types: cannot tell
+        return True
+    try:
+        if partial:
+            sig.bind_partial(*range(n))
+        else:
+            sig.bind(*range(n))
+    except TypeError:
+        return False
+    return True
+
+
 class Registry:
     """Holds the plugin manager and the name → layer class table."""
 
@@ -145,6 +206,8 @@ class Registry:
         self.pm = pluggy.PluginManager(hookspecs.PROJECT_NAME)
         self.pm.add_hookspecs(hookspecs)
         self._layers: dict[str, LayerEntry] = {}
+        self._losses: dict[str, LossEntry] = {}
+        self._optimizers: dict[str, OptimizerEntry] = {}
         self._plugins: dict[str, PluginInfo] = {}
         self._refused: list[PluginInfo] = []  # entry points whose plugin name was taken
         self._loaded = False
@@ -169,7 +232,7 @@ class Registry:
         disabled = {s.strip() for s in os.environ.get(DISABLE_ENV, "").split(",") if s.strip()}
         for row in _sorted_entry_points(ilm.entry_points(group=ENTRY_POINT_GROUP)):
             ep, dist_name, version = row.ep, row.dist, row.version
-            where = f" (from {dist_name} {version})" if dist_name else ""
+            where = escape_controls(f" (from {dist_name} {version})") if dist_name else ""
             info = PluginInfo(
                 name=ep.name,
                 status="ok",
@@ -198,20 +261,21 @@ class Registry:
                 plugin = ep.load()
                 refused = self._register(plugin, ep.name, dist_name, info, refuse_clashes=True)
             except Exception as exc:
-                info.status = f"failed: {type(exc).__name__}: {exc}"
+                # the reason is third-party text: one line, control characters escaped
+                reason = escape_controls(f"{type(exc).__name__}: {exc}")
+                info.status = f"failed: {reason}"
                 warn_user(
-                    f"nnrt plugin {ep.name!r}{where} failed to load and was skipped: "
-                    f"{type(exc).__name__}: {exc}",
+                    f"nnrt plugin {ep.name!r}{where} failed to load and was skipped: {reason}",
                     PluginWarning,
                 )
                 continue
-            for name, holder_entry in refused:
+            serves = [*info.layers, *info.losses, *info.optimizers]
+            for r in refused:
                 warn_user(
-                    f"nnrt plugin {ep.name!r}{where} registers layer name {name!r}, which "
-                    f"plugin {holder_entry.plugin!r} already registered "
-                    f"({holder_entry.cls.__module__}.{holder_entry.cls.__qualname__}); "
+                    f"nnrt plugin {ep.name!r}{where} registers {r.kind} name {r.name!r}, which "
+                    f"plugin {r.holder!r} already registered ({r.where}); "
                     f"{ep.name!r} was refused that name and still serves "
-                    f"{', '.join(repr(n) for n in info.layers) or 'no layer'}",
+                    f"{', '.join(repr(n) for n in serves) or 'nothing'}",
                     PluginWarning,
                 )
 
@@ -231,10 +295,12 @@ class Registry:
             if name is not None and (not isinstance(name, str) or not name):
                 raise TypeError(f"register_plugin: name must be a non-empty str, got {name!r}")
             pname = name if name is not None else _plugin_default_name(self.pm, plugin)
-            if pname in self._plugins:
+            held = self._plugins.get(pname)
+            # a failed, disabled or refused entry point holds its name only as a record
+            if held is not None and (held.status == "ok" or self.pm.get_plugin(pname) is not None):
                 raise ValueError(
                     f"an nnrt plugin named {pname!r} is already registered "
-                    f"({self._plugins[pname].source}); pass register_plugin(..., name=...)"
+                    f"({held.source}); pass register_plugin(..., name=...)"
                 )
             info = PluginInfo(name=pname, status="ok", source="registered at run time")
             self._register(plugin, pname, None, info)
@@ -248,7 +314,7 @@ class Registry:
         dist: str | None,
         info: PluginInfo,
         refuse_clashes: bool = False,
-    ) -> list[tuple[str, LayerEntry]]:
+    ) -> list[Refusal]:
         """Register ``plugin`` with pluggy and its layers in the table, or nothing at all.
 
         With ``refuse_clashes`` (installed plugins) a layer name that is already
@@ -264,26 +330,33 @@ class Registry:
         except BaseException:
             self._forget(plugin, pname)
             raise
-        refused: list[tuple[str, LayerEntry]] = []
+        refused: list[Refusal] = []
         try:
             self._check_hooknames(plugin, pname)
-            staged = self._collect_layers(plugin, pname, dist, refused if refuse_clashes else None)
+            sink = refused if refuse_clashes else None
+            staged = self._collect_layers(plugin, pname, dist, sink)
+            staged_losses = self._collect_losses(plugin, pname, dist, sink)
+            staged_optimizers = self._collect_optimizers(plugin, pname, dist, sink)
         except BaseException:
             self._forget(plugin, pname)
             raise
-        if refused and not staged:
-            # every layer it offers belongs to another plugin: its other hooks
+        if refused and not (staged or staged_losses or staged_optimizers):
+            # everything it offers belongs to other plugins: its other hooks
             # (network checks, export) would act on layers it does not own
             self._forget(plugin, pname)
             info.status = "refused: " + ", ".join(
-                f"layer {n!r} belongs to plugin {h.plugin!r}" for n, h in refused
+                f"{r.kind} {r.name!r} belongs to plugin {r.holder!r}" for r in refused
             )
         elif refused:
             info.status = "ok; refused: " + ", ".join(
-                f"layer {n!r} (belongs to plugin {h.plugin!r})" for n, h in refused
+                f"{r.kind} {r.name!r} (belongs to plugin {r.holder!r})" for r in refused
             )
         self._layers.update(staged)
+        self._losses.update(staged_losses)
+        self._optimizers.update(staged_optimizers)
         info.layers = sorted(staged)
+        info.losses = sorted(staged_losses)
+        info.optimizers = sorted(staged_optimizers)
         return refused
 
     def _forget(self, plugin: object, pname: str) -> None:
@@ -316,30 +389,11 @@ class Registry:
     def _spec_names(self) -> list[str]:
         return [n for n in dir(hookspecs) if n.startswith("nnrt_")]
 
-    def _collect_layers(
-        self,
-        plugin: object,
-        pname: str,
-        dist: str | None,
-        refused: list[tuple[str, LayerEntry]] | None = None,
-    ) -> dict[str, LayerEntry]:
-        staged: dict[str, LayerEntry] = {}
-
-        def register(name: str, cls: type[Layer], /) -> None:
-            self._validate_layer(pname, name, cls)
-            clash = self._layers.get(name) or staged.get(name)
-            if clash is not None and refused is not None and clash.plugin != pname:
-                refused.append((name, clash))
-                return
-            if clash is not None:
-                raise ValueError(
-                    f"nnrt plugin {pname!r} registers layer name {name!r}, which plugin "
-                    f"{clash.plugin!r} already registered ({clash.cls.__module__}."
-                    f"{clash.cls.__qualname__}); pick another name"
-                )
-            staged[name] = LayerEntry(name=name, cls=cls, plugin=pname, dist=dist)
-
-        for impl in self.pm.hook.nnrt_register_layers.get_hookimpls():
+    def _call_register_hook(
+        self, plugin: object, pname: str, hook: str, register: Callable[..., None], what: str
+    ) -> None:
+        """Call ``plugin``'s implementation of ``hook`` with ``register``; it must return None."""
+        for impl in getattr(self.pm.hook, hook).get_hookimpls():
             if impl.plugin is not plugin:
                 continue
             kwargs: dict[str, Any] = {"register": register}
@@ -349,24 +403,95 @@ class Registry:
                 raise
             except Exception as exc:
                 raise PluginError(
-                    f"nnrt plugin {pname!r}: its nnrt_register_layers hook raised "
-                    f"{type(exc).__name__}: {exc}"
+                    f"nnrt plugin {pname!r}: its {hook} hook raised {type(exc).__name__}: {exc}"
                 ) from exc
             if result is not None:
                 raise PluginError(
-                    f"nnrt plugin {pname!r}: nnrt_register_layers must return None and call "
-                    f"register(name, cls) for each layer; it returned {type(result).__name__} "
+                    f"nnrt plugin {pname!r}: {hook} must return None and call "
+                    f"register(name, {what}) for each one; it returned {type(result).__name__} "
                     f"{result!r:.80}"
                 )
+
+    @staticmethod
+    def _free(
+        pname: str, kind: str, name: str, clash: Any, obj: Any, refused: list[Refusal] | None
+    ) -> bool:
+        """True when ``name`` is free. A name another plugin holds is refused into
+        ``refused`` (installed plugins: the rest of the plugin still loads) or raises."""
+        if clash is None:
+            return True
+        where = f"{obj.__module__}.{obj.__qualname__}" if hasattr(obj, "__qualname__") else obj
+        if refused is not None and clash.plugin != pname:
+            refused.append(Refusal(kind, name, clash.plugin, str(where)))
+            return False
+        raise ValueError(
+            f"nnrt plugin {pname!r} registers {kind} name {name!r}, which plugin "
+            f"{clash.plugin!r} already registered ({where}); pick another name"
+        )
+
+    def _collect_layers(
+        self, plugin: object, pname: str, dist: str | None, refused: list[Refusal] | None = None
+    ) -> dict[str, LayerEntry]:
+        staged: dict[str, LayerEntry] = {}
+
+        def register(name: str, cls: type[Layer], /) -> None:
+            self._validate_layer(pname, name, cls)
+            clash = self._layers.get(name) or staged.get(name)
+            if self._free(pname, "layer", name, clash, clash and clash.cls, refused):
+                staged[name] = LayerEntry(name=name, cls=cls, plugin=pname, dist=dist)
+
+        self._call_register_hook(plugin, pname, "nnrt_register_layers", register, "cls")
+        return staged
+
+    def _collect_losses(
+        self, plugin: object, pname: str, dist: str | None, refused: list[Refusal] | None = None
+    ) -> dict[str, LossEntry]:
+        staged: dict[str, LossEntry] = {}
+
+        def register(name: str, fn: Callable[..., Any], /) -> None:
+            _check_name(pname, "loss", name)
+            if not callable(fn) or not _takes_positional(fn, 2):
+                raise TypeError(
+                    f"nnrt plugin {pname!r}: loss {name!r} must be a function "
+                    f"fn(Y, target) -> (loss, dY), got {type(fn).__name__} {fn!r:.80}"
+                )
+            clash = self._losses.get(name) or staged.get(name)
+            if self._free(pname, "loss", name, clash, clash and clash.fn, refused):
+                staged[name] = LossEntry(name=name, fn=fn, plugin=pname, dist=dist)
+
+        self._call_register_hook(plugin, pname, "nnrt_register_losses", register, "fn")
+        return staged
+
+    def _collect_optimizers(
+        self, plugin: object, pname: str, dist: str | None, refused: list[Refusal] | None = None
+    ) -> dict[str, OptimizerEntry]:
+        staged: dict[str, OptimizerEntry] = {}
+
+        def register(name: str, cls: type[Any], /) -> None:
+            _check_name(pname, "optimizer", name)
+            if not isinstance(cls, type):
+                raise TypeError(
+                    f"nnrt plugin {pname!r}: register({name!r}, cls) needs an optimizer "
+                    f"class, got {type(cls).__name__} {cls!r:.80}"
+                )
+            missing = [m for m in ("step", "zero_grad") if not callable(getattr(cls, m, None))]
+            if missing or not _takes_positional(cls, 1, partial=True):
+                need = f"lacks {', '.join(missing)}" if missing else "cannot be called as cls(net)"
+                raise TypeError(
+                    f"nnrt plugin {pname!r}: optimizer {name!r} class {cls.__qualname__} "
+                    f"{need}; an optimizer is built as cls(net, **kwargs) and has step() "
+                    f"and zero_grad()"
+                )
+            clash = self._optimizers.get(name) or staged.get(name)
+            if self._free(pname, "optimizer", name, clash, clash and clash.cls, refused):
+                staged[name] = OptimizerEntry(name=name, cls=cls, plugin=pname, dist=dist)
+
+        self._call_register_hook(plugin, pname, "nnrt_register_optimizers", register, "cls")
         return staged
 
     @staticmethod
     def _validate_layer(pname: str, name: object, cls: object) -> None:
-        if not isinstance(name, str) or not _NAME_RE.match(name):
-            raise ValueError(
-                f"nnrt plugin {pname!r}: layer name must be a non-empty identifier-like "
-                f"string (letters, digits, '_', '-', '.'), got {name!r}"
-            )
+        _check_name(pname, "layer", name)
         if not isinstance(cls, type):
             raise TypeError(
                 f"nnrt plugin {pname!r}: register({name!r}, cls) needs a class, "
@@ -426,6 +551,89 @@ class Registry:
     def make(self, name: str, *args: Any, **kwargs: Any) -> Layer:
         return self.get(name).cls(*args, **kwargs)
 
+    def losses(self) -> dict[str, LossEntry]:
+        self.ensure_loaded()
+        return dict(self._losses)
+
+    def optimizers(self) -> dict[str, OptimizerEntry]:
+        self.ensure_loaded()
+        return dict(self._optimizers)
+
+    def get_loss(self, name: str) -> LossEntry:
+        self.ensure_loaded()
+        return _lookup(self._losses, name, "loss", "losses")
+
+    def get_optimizer(self, name: str) -> OptimizerEntry:
+        self.ensure_loaded()
+        return _lookup(self._optimizers, name, "optimizer", "optimizers")
+
+    def resolve_loss(self, loss: Any) -> Callable[[Any, Any], tuple[float, Any]]:
+        """The loss registered as ``loss`` (a name), or ``loss`` itself when it is callable.
+
+        An unknown name raises KeyError listing the registered ones; anything
+        that is neither a string nor callable raises TypeError.
+        """
+        if isinstance(loss, str):
+            fn: Callable[[Any, Any], tuple[float, Any]] = self.get_loss(loss).fn
+            return fn
+        if callable(loss):
+            return loss
+        known = ", ".join(sorted(self.losses()))
+        raise TypeError(
+            f"loss must be a registered name ({known}) or a callable "
+            f"(Y, target) -> (loss, dY), got {type(loss).__name__}"
+        )
+
+    def resolve_optimizer(self, optimizer: Any, net: Any, default: str = "adam") -> Any:
+        """An optimizer over ``net``: ``optimizer`` itself (an instance with ``step()``),
+        the one registered under that name built with its defaults, or ``default``
+        for None."""
+        if optimizer is None:
+            optimizer = default
+        if isinstance(optimizer, str):
+            try:
+                return self.make_optimizer(optimizer, net)
+            except TypeError as exc:
+                raise TypeError(
+                    f"{exc}; pass a built optimizer instead, e.g. "
+                    f"optimizer=nnrt.optimizer({optimizer!r}, net, lr=0.1)"
+                ) from exc
+        if not callable(getattr(optimizer, "step", None)):
+            known = ", ".join(sorted(self.optimizers()))
+            raise TypeError(
+                f"optimizer must be a registered name ({known}) or an optimizer instance "
+                f"with step() (e.g. nnrt.optimizer('adam', net)), got {type(optimizer).__name__}"
+            )
+        return optimizer
+
+    def make_optimizer_from(self, name: str, net: Any, **hyper: Any) -> Any:
+        """Build optimizer ``name`` over ``net`` with those of ``hyper`` its constructor takes.
+
+        For front ends with a fixed set of knobs (the CLI's ``--lr``/``--momentum``/
+        ``--weight-decay``, the scikit-learn estimators' ``lr``/``momentum``/
+        ``weight_decay``): ``momentum`` goes to ``sgd`` and is not offered to
+        ``adam``. A constructor with ``**kwargs`` gets every knob.
+        """
+        cls = self.get_optimizer(name).cls
+        try:
+            params = inspect.signature(cls).parameters
+        except (TypeError, ValueError):
+            accepted: dict[str, Any] = hyper
+        else:
+            if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+                accepted = hyper
+            else:
+                accepted = {k: v for k, v in hyper.items() if k in params}
+        return self.make_optimizer(name, net, **accepted)
+
+    def make_optimizer(self, name: str, net: Any, **kwargs: Any) -> Any:
+        """Build the optimizer registered as ``name`` over ``net``."""
+        cls = self.get_optimizer(name).cls
+        try:
+            return cls(net, **kwargs)
+        except TypeError as exc:
+            raise TypeError(f"optimizer {name!r} ({cls.__qualname__}): {exc}") from exc
+
     def call_hook(self, hook: str, **kwargs: Any) -> list[Any]:
         """Call hook ``hook`` of every plugin (for hooks beyond layer registration)."""
         self.ensure_loaded()
@@ -433,4 +641,34 @@ class Registry:
         return caller(**kwargs)
 
 
+def _lookup(table: dict[str, Any], name: object, kind: str, plural: str) -> Any:
+    if not isinstance(name, str):
+        raise TypeError(f"{kind} name must be a str, got {type(name).__name__} {name!r:.80}")
+    try:
+        return table[name]
+    except KeyError:
+        known = ", ".join(sorted(table)) or "(none)"
+        raise KeyError(
+            f"unknown {kind} {name!r}; registered {plural}: {known}. "
+            f"Is the plugin that provides it installed (nnrt plugins)?"
+        ) from None
+
+
 registry = Registry()
+
+# ``nnrt.registry`` is this module; these names act on the process-wide ``registry``
+# (``nnrt.registry.layers()`` and ``nnrt.registry.registry.layers()`` are the same call).
+layers = registry.layers
+plugins = registry.plugins
+refused_plugins = registry.refused_plugins
+get = registry.get
+name_of = registry.name_of
+make = registry.make
+losses = registry.losses
+optimizers = registry.optimizers
+get_loss = registry.get_loss
+get_optimizer = registry.get_optimizer
+make_optimizer = registry.make_optimizer
+register_plugin = registry.register_plugin
+call_hook = registry.call_hook
+pm = registry.pm  # the pluggy PluginManager (project "nnrt")

@@ -15,7 +15,9 @@ linear model.
 Training is ``nnrt.engine.fit`` (the loop behind ``Sequential.fit``):
 mini-batches of ``batch_size``, reshuffled every epoch (each ``fit`` /
 ``partial_fit`` call seeds the shuffling from ``random_state``'s stream), with
-``optimizer`` ``"adam"`` (default), ``"adamw"`` or ``"sgd"`` (``momentum``); as
+``optimizer`` any registered optimizer name (``nnrt.available_optimizers()``:
+``"adam"`` (default), ``"adamw"``, ``"sgd"`` (``momentum``) or a plugin's; it
+gets those of ``lr``, ``momentum``, ``weight_decay`` its constructor takes); as
 in ``Sequential.fit``, a last mini-batch of one sample is skipped with a
 ``nnrt.TrainingWarning`` when the network has BatchNorm, and a non-finite loss
 raises ``FloatingPointError``. ``fit`` starts from new weights; ``partial_fit``
@@ -59,12 +61,11 @@ except ImportError:  # pragma: no cover - older scikit-learn
 import nnrt
 from nnrt import engine
 from nnrt.network import Sequential
-from nnrt.optim import SGD, Adam, AdamW, Optimizer
+from nnrt.optim import Optimizer
 from nnrt.registry import registry
 
 __all__ = ["MLPClassifier", "MLPRegressor"]
 
-_OPTIMIZERS = ("adam", "adamw", "sgd")
 _PREDICT_BATCH = 4096
 
 
@@ -120,9 +121,11 @@ class _BaseMLP(BaseEstimator):
         _check_float("lr", self.lr, owner, positive=True)
         _check_float("weight_decay", self.weight_decay, owner, positive=False)
         _check_float("momentum", self.momentum, owner, positive=False)
-        if self.optimizer not in _OPTIMIZERS:
+        known = registry.optimizers()
+        if not isinstance(self.optimizer, str) or self.optimizer not in known:
             raise ValueError(
-                f"{owner}: optimizer must be one of {_OPTIMIZERS}, got {self.optimizer!r}"
+                f"{owner}: optimizer must be a registered optimizer name "
+                f"({', '.join(sorted(known))}), got {self.optimizer!r}"
             )
         if str(self.dtype) not in ("float32", "float64"):
             raise ValueError(f"{owner}: dtype must be 'float32' or 'float64', got {self.dtype!r}")
@@ -169,11 +172,10 @@ class _BaseMLP(BaseEstimator):
         return Sequential(layers, seed=seed, dtype=str(self.dtype))
 
     def _make_optimizer(self, net: Sequential) -> Optimizer:
-        if self.optimizer == "adam":
-            return Adam(net, lr=self.lr, weight_decay=self.weight_decay)
-        if self.optimizer == "adamw":
-            return AdamW(net, lr=self.lr, weight_decay=self.weight_decay)
-        return SGD(net, lr=self.lr, momentum=self.momentum, weight_decay=self.weight_decay)
+        opt: Optimizer = registry.make_optimizer_from(
+            self.optimizer, net, lr=self.lr, momentum=self.momentum, weight_decay=self.weight_decay
+        )
+        return opt
 
     def _initialize(self, n_in: int, n_out: int) -> None:
         self._check_params()
@@ -255,7 +257,8 @@ class MLPClassifier(ClassifierMixin, _BaseMLP):
         Passes over the data in ``fit`` (``partial_fit`` always runs one).
     batch_size : int, default 32
     lr : float, default 1e-3
-    optimizer : {"adam", "adamw", "sgd"}, default "adam"
+    optimizer : str, default "adam"
+        A registered optimizer name: "adam", "adamw", "sgd" or a plugin's.
     weight_decay : float, default 0.0
         L2 (adam, sgd) or decoupled (adamw) weight decay.
     momentum : float, default 0.9

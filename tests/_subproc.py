@@ -4,8 +4,10 @@
 worker process (one per pytest process, started with the ``spawn`` method so
 that it is a fresh interpreter that shares no threads or BLAS state with
 pytest) and returns its result. If the worker dies (segfault, abort, ``kill
--9``, an AddressSanitizer report), the call raises ``WorkerCrashed`` with the
-signal and the arguments, and the next call starts a new worker. Exceptions
+-9``, an AddressSanitizer report) or hangs (no answer within
+``NNRT_TEST_WORKER_TIMEOUT`` seconds, default 120: the worker is killed), the
+call raises ``WorkerCrashed`` with the signal and the arguments, and the next
+call starts a new worker. Exceptions
 raised by ``fn`` are re-raised in the caller as themselves.
 
 ``fn`` and its arguments must be picklable: define ``fn`` at module level in a
@@ -89,6 +91,16 @@ def isolated(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
     try:
         future = pool.submit(fn, *args, **kwargs)
         return future.result(timeout=_TIMEOUT)
+    except TimeoutError as exc:
+        # a hang: kill the worker (the next call starts a new one) and fail the case
+        _pool = None
+        for proc in list(getattr(pool, "_processes", {}).values()):
+            proc.kill()
+        pool.shutdown(wait=False, cancel_futures=True)
+        raise WorkerCrashed(
+            f"the worker process running {fn.__module__}.{fn.__qualname__} hung "
+            f"(no answer in {_TIMEOUT:.0f} s; NNRT_TEST_WORKER_TIMEOUT): killed"
+        ) from exc
     except BrokenProcessPool as exc:
         how = _describe_exit(pool)
         _pool = None

@@ -2,7 +2,8 @@
 # Debug build: compile nnrt with NNRT_DEBUG_BUILD=1 (Cython boundscheck, wraparound and
 # initializedcheck on, -O0 -g) plus AddressSanitizer, in a temporary copy of the
 # repository (never in place: the checkout's own .so files stay untouched), and run the
-# fuzz suite and the core kernel tests against it.
+# fuzz suites (tests/test_fuzz_api.py and the stateful tests/test_fuzz_stateful.py), the
+# reliability regression tests and the core kernel tests against it.
 #
 # Cython's boundscheck covers memoryview/buffer indexing (an out-of-bounds index raises
 # IndexError); the kernels index raw pointers, which only AddressSanitizer sees: an
@@ -91,9 +92,10 @@ else:
 print("debug build OK:", nnrt.__file__, "| asan:", bool(os.environ.get("LD_PRELOAD")))
 EOF
 
-echo "== fuzz suite and core kernel tests against the debug build"
+echo "== fuzz suites (API and stateful) and core kernel tests against the debug build"
 "$PY" -m pytest -q -p no:cacheprovider --hypothesis-profile="${HYPOTHESIS_PROFILE:-ci}" \
-    tests/test_fuzz_api.py tests/test_layers.py tests/test_inputs.py tests/test_sequential.py \
-    tests/test_cython_suite.py tests/test_threads.py tests/test_plugin_faults.py \
-    tests/test_reliability_state.py "$@"
+    tests/test_fuzz_api.py tests/test_fuzz_stateful.py tests/test_layers.py \
+    tests/test_inputs.py tests/test_sequential.py tests/test_cython_suite.py \
+    tests/test_threads.py tests/test_plugin_faults.py tests/test_reliability_state.py \
+    tests/test_reliability_files.py tests/test_reliability_concurrency.py "$@"
 echo "== debug build suite passed in $(($(date +%s) - start))s"

@@ -475,6 +475,11 @@ def test_errors_quoting_the_file_are_escaped(
     proc = run("train", "--data", str(weird))
     _assert_one_line_error(proc, "does not exist")
     _no_controls(proc.stderr)
+    weird.write_bytes(blobs_npz.read_bytes())  # a real data file under that name
+    proc = run("predict", str(model), str(weird), "--out", str(tmp_path / "p\x1b[2J.csv"))
+    assert proc.returncode == 0, proc.stderr
+    assert "accuracy against the labels" in proc.stderr and "predictions written" in proc.stderr
+    _no_controls(proc.stderr)
 
 
 def test_warnings_are_one_escaped_line(blobs_npz: pathlib.Path, tmp_path: pathlib.Path) -> None:
@@ -487,3 +492,68 @@ def test_warnings_are_one_escaped_line(blobs_npz: pathlib.Path, tmp_path: pathli
     assert len(lines) == 1 and lines[0].startswith(
         "nnrt: warning: BiasBeforeBatchNormWarning: layer 0"
     ), lines
+
+
+def test_plugin_metadata_and_errors_are_escaped(tmp_path: pathlib.Path) -> None:
+    """An installed plugin's name, version and import error reach `nnrt plugins` and
+    `nnrt info` escaped."""
+    info = tmp_path / "evil_meta-1.0.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text(
+        "Metadata-Version: 2.1\nName: evil-meta\nVersion: 1.0\x1b[5m\x07\n"
+    )
+    (info / "entry_points.txt").write_text("[nnrt]\nevil_meta = nnrt_evil_meta_mod\n")
+    (tmp_path / "nnrt_evil_meta_mod.py").write_text(
+        "raise ImportError('broken\\x1b]0;owned\\x07\\n  fake  row')\n"
+    )
+    env = dict(
+        os.environ, PYTHONPATH=os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")])
+    )
+    env.pop("NNRT_DISABLE_PLUGINS", None)
+    for args in (["plugins"], ["info"], ["info", "--json"]):
+        proc = subprocess.run(
+            [sys.executable, "-m", "nnrt", *args], capture_output=True, text=True, env=env,
+            timeout=120,
+        )  # fmt: skip
+        assert proc.returncode == 0, proc.stderr
+        _no_controls(proc.stdout)
+        _no_controls(proc.stderr)
+        assert "evil_meta" in proc.stdout, proc.stdout
+        assert not any(line.strip().startswith("fake  row") for line in proc.stdout.splitlines())
+        warning = [line for line in proc.stderr.splitlines() if "evil_meta" in line]
+        assert len(warning) == 1 and warning[0].startswith("nnrt: warning: PluginWarning:")
+
+
+def test_plot_path_is_checked_before_training(
+    blobs_npz: pathlib.Path, tmp_path: pathlib.Path
+) -> None:
+    pytest.importorskip("matplotlib")
+    bad = tmp_path / "missing" / "curve.png"
+    proc = run("train", "--data", str(blobs_npz), "--out", str(tmp_path / "m.npz"),
+               "--plot", str(bad), "--no-progress")  # fmt: skip
+    _assert_one_line_error(proc, "--plot", "does not exist")
+    assert "trained" not in proc.stdout and not (tmp_path / "m.npz").exists()
+
+
+def test_plugins_lists_what_was_refused(tmp_path: pathlib.Path) -> None:
+    """An installed entry point named like a built-in plugin is refused and listed so."""
+    info = tmp_path / "impostor-1.0.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: impostor\nVersion: 1.0\n")
+    (info / "entry_points.txt").write_text("[nnrt]\nbatchnorm = nnrt_impostor_mod\n")
+    (tmp_path / "nnrt_impostor_mod.py").write_text("raise RuntimeError('must never be imported')\n")
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(tmp_path), env.get("PYTHONPATH")) if p)
+    env.pop("NNRT_DISABLE_PLUGINS", None)
+    proc = subprocess.run(
+        [sys.executable, "-m", "nnrt", "plugins"], capture_output=True, text=True, env=env,
+        timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    rows = [line for line in proc.stdout.splitlines() if line.startswith("batchnorm ")]
+    assert len(rows) == 2, proc.stdout
+    assert "nnrt_plugins.batchnorm" in rows[0] and " ok " in rows[0]
+    assert "impostor 1.0" in rows[1] and "refused: plugin name 'batchnorm' taken" in rows[1]
+    assert "must never be imported" not in proc.stdout + proc.stderr
+    warning = [line for line in proc.stderr.splitlines() if "impostor" in line]
+    assert len(warning) == 1 and warning[0].startswith("nnrt: warning: PluginWarning:")

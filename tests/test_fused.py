@@ -268,34 +268,32 @@ def _adam_ref(p, g, m, v, t, lr, b1, b2, eps, wd, decoupled):
         ("AdamW", {"weight_decay": 0.0, "betas": (0.6, 0.9), "eps": 1e-3}),
     ],
 )
-def test_fused_adam_matches_reference_and_numpy_path(
-    dtype: str, cls: str, kwargs: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+def test_adam_kernel_matches_float64_reference(
+    dtype: str, cls: str, kwargs: dict[str, Any]
 ) -> None:
     import nnrt.optim as optim
 
-    nets = [_net(dtype), _net(dtype)]
-    opts = [getattr(optim, cls)(net, lr=0.01, **kwargs) for net in nets]
-    hp = opts[0].hyperparams()
+    net = _net(dtype)
+    opt = getattr(optim, cls)(net, lr=0.01, **kwargs)
+    hp = opt.hyperparams()
     rng = np.random.default_rng(9)
-    ref = {k: (v.astype(np.float64), 0.0, 0.0) for k, v in nets[0].params().items()}
+    ref = {k: (v.astype(np.float64), 0.0, 0.0) for k, v in net.params().items()}
     for t in range(1, 4):
-        grads = {k: rng.normal(size=v.shape) for k, v in nets[0].grads().items()}
-        for net in nets:
-            for k, g in net.grads().items():
-                g[...] = grads[k]
-        opts[0].step()  # fused
-        with monkeypatch.context() as mp:
-            mp.setattr(optim, "_fused_adam_step", None)
-            opts[1].step()  # numpy path
+        grads = {k: rng.normal(size=v.shape) for k, v in net.grads().items()}
+        for k, g in net.grads().items():
+            g[...] = grads[k]
+        opt.step()
         for k, (p, m, v) in ref.items():
             g64 = grads[k].astype(dtype).astype(np.float64)
             ref[k] = _adam_ref(
                 p, g64, m, v, t, 0.01, *hp["betas"], hp["eps"], hp["weight_decay"], cls == "AdamW"
             )
-        for k, p in nets[0].params().items():
-            np.testing.assert_array_equal(p, nets[1].params()[k], err_msg=k)
+        for k, p in net.params().items():
             np.testing.assert_allclose(p, ref[k][0], err_msg=k, **_tols(dtype))
-        for k, st in opts[0].state.items():
-            for s, arr in st.items():
-                np.testing.assert_array_equal(arr, opts[1].state[k][s], err_msg=f"{k} {s}")
-    assert opts[0].step_count == opts[1].step_count == 3
+            np.testing.assert_allclose(
+                opt.state[k]["exp_avg"], ref[k][1], err_msg=k, **_tols(dtype)
+            )
+            np.testing.assert_allclose(
+                opt.state[k]["exp_avg_sq"], ref[k][2], err_msg=k, rtol=1e-4, atol=1e-12
+            )
+    assert opt.step_count == 3

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 import nnrt
-from nnrt import History
+from nnrt.engine import History
 from nnrt.plotting import PANEL_SIZE, plot_history
 
 

@@ -136,7 +136,7 @@ def test_network_check_hook_raising_names_the_plugin() -> None:
         with pytest.raises(PluginError, match="raising_check_plugin.*check exploded"):
             nnrt.Sequential([nnrt.layer("dense", 3, 2)])
     finally:
-        nnrt.registry.pm.unregister(plugin)
+        nnrt.registry.registry.pm.unregister(plugin)
     net = nnrt.Sequential([nnrt.layer("dense", 3, 2)])  # fine again once it is gone
     assert net.predict(np.ones((1, 3))).shape == (1, 2)
 
@@ -190,9 +190,9 @@ def _faulty_registered() -> Any:
     plugin = _FaultyPlugin()
     nnrt.register_plugin(plugin)
     yield
-    nnrt.registry.pm.unregister(plugin)
-    nnrt.registry._layers.pop("faulty", None)
-    nnrt.registry._plugins.pop("faulty_layer_plugin", None)
+    nnrt.registry.registry.pm.unregister(plugin)
+    nnrt.registry.registry._layers.pop("faulty", None)
+    nnrt.registry.registry._plugins.pop("faulty_layer_plugin", None)
 
 
 MODES = [

@@ -84,7 +84,7 @@ def _threads(targets: list[Any]) -> None:
         except BaseException as exc:  # reported below
             errors.append(exc)
 
-    threads = [threading.Thread(target=run, args=(fn,)) for fn in targets]
+    threads = [threading.Thread(target=run, args=(fn,), daemon=True) for fn in targets]
     for t in threads:
         t.start()
     for t in threads:
@@ -372,3 +372,61 @@ def test_pickle_keeps_public_attributes_and_drops_private_ones() -> None:
     X = np.random.default_rng(8).normal(size=(7, 6))
     np.testing.assert_array_equal(back.predict(X), net.predict(X))
     back.fit(X, np.arange(7) % 4, epochs=1, progress=False)  # trains after unpickling
+
+
+# ----------------------------------------------------------------- optimizer steps
+@pytest.mark.parametrize("name", ["SGD", "Adam"])
+def test_state_dict_never_sees_half_an_optimizer_step(name: str) -> None:
+    # a manual loop's optimizer step writes the parameters one array after another;
+    # it holds the network's lock, so a concurrent state_dict/save sees whole steps
+    net = nnrt.Sequential(
+        [nnrt.layer("dense", 6, 32), nnrt.layer("dense", 32, 32), nnrt.layer("dense", 32, 4)],
+        dtype="float64",
+    )
+    for g in net.grads().values():
+        g.fill(1.0)
+    opt = nnrt.optim.SGD(net, lr=0.5) if name == "SGD" else nnrt.optim.Adam(net, lr=0.5)
+    start = net.state_dict()
+    stop = threading.Event()
+    seen: list[dict[str, np.ndarray]] = []
+
+    reading = threading.Event()
+
+    def stepper() -> None:
+        assert reading.wait(HANG_TIMEOUT)
+        for _ in range(400):
+            opt.step()
+        stop.set()
+
+    def reader() -> None:
+        while not stop.is_set():
+            seen.append(net.state_dict())
+            reading.set()
+
+    _threads([stepper, reader])
+    assert len(seen) > 1
+    for state in seen:
+        # SGD: p = p0 - 0.5 k; Adam with a constant gradient: p = p0 - 0.5 k as well
+        # (m_hat / sqrt(v_hat) = 1 exactly up to eps): the same k in every array
+        ks = {round(float(np.median((start[key] - v) / 0.5))) for key, v in state.items()}
+        assert len(ks) == 1, f"state_dict saw parameters from different steps: {sorted(ks)}"
+
+
+@pytest.mark.parametrize("protocol", range(pickle.HIGHEST_PROTOCOL + 1))
+def test_pickle_protocols_copy_and_deepcopy_rebuild_real_layers(protocol: int) -> None:
+    net = nnrt.Sequential(
+        [nnrt.layer("dense", 6, 8), nnrt.layer("sync_batchnorm", 8), nnrt.layer("dense", 8, 2)],
+        dtype="float64",
+    )
+    X = np.random.default_rng(9).normal(size=(5, 6))
+    want = net.predict(X)
+    back = pickle.loads(pickle.dumps(net, protocol=protocol))
+    shallow = copy.copy(net)
+    deep = copy.deepcopy(net)
+    for other in (back, shallow, deep):
+        assert [type(a) for a in other.layers] == [type(a) for a in net.layers]
+        np.testing.assert_array_equal(other.predict(X), want)
+    # a shallow copy shares the layer objects; pickles and deep copies do not
+    assert all(a is b for a, b in zip(shallow.layers, net.layers, strict=True))
+    assert shallow.layers is not net.layers
+    assert not any(a is b for a, b in zip(deep.layers, net.layers, strict=True))

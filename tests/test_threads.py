@@ -2,11 +2,12 @@
 
 Layers reuse per-layer output buffers and BatchNorm per-feature scratch, and
 the kernels release the GIL, so two threads inside ``forward`` of the same
-network would overwrite each other's results. ``predict``/``evaluate`` and each
-step of ``fit`` serialise on a per-network lock (``predict`` from 8 threads equals
-sequential ``predict``; during a ``fit`` it sees the weights after a whole step), and a second ``fit`` on a network that is already training
-raises RuntimeError instead of corrupting the weights. Separate networks run
-in parallel.
+network would overwrite each other's results. ``predict``/``evaluate`` hold a
+per-network lock for a whole call and ``fit`` for each step (``predict`` from 8
+threads equals sequential ``predict``; ``predict`` during ``fit`` sees the weights
+of one whole step), and a second ``fit`` on a network that is already training
+raises RuntimeError instead of corrupting the weights. Separate networks run in
+parallel. More in tests/test_reliability_concurrency.py.
 """
 
 from __future__ import annotations

@@ -1,0 +1,265 @@
+"""nnrt.engine: the one training loop (non-finite rewind, callbacks, data in).
+
+References: a hand-written loop of forward / loss / backward / optimizer step
+(the exact steps fit must take), numpy arrays for the data-in equivalences, and
+tracemalloc for "never copied whole".
+"""
+
+from __future__ import annotations
+
+import tracemalloc
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+import nnrt
+from nnrt.engine import TrainStep, has_batch_statistics
+
+
+def _bn_net(dtype: str = "float32", n_in: int = 6) -> nnrt.Sequential:
+    return nnrt.Sequential(
+        [
+            nnrt.layer("dense_nobias", n_in, 8),
+            nnrt.layer("batchnorm", 8),
+            nnrt.layer("sigmoid"),
+            nnrt.layer("dense", 8, 3),
+        ],
+        seed=0,
+        dtype=dtype,
+    )
+
+
+def _blobs(n: int = 90, n_in: int = 6, seed: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, 3, size=n)
+    X = rng.normal(size=(n, n_in)) + y[:, None]
+    return X, y
+
+
+def _same_state(a: nnrt.Sequential, b: nnrt.Sequential) -> bool:
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(sa[k].tobytes() == sb[k].tobytes() for k in sa)
+
+
+# ----------------------------------------------------------- non-finite rewind
+@pytest.mark.parametrize(("lr", "where"), [(0.15, 2), (1.0, 0)], ids=["mid-epoch", "epoch-start"])
+def test_non_finite_loss_restores_weights_and_optimizer_state(lr: float, where: int) -> None:
+    # 4 batches per epoch, in order; SGD with momentum diverges after some epochs. The
+    # reference loop records the weights and the optimizer state before every step.
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(16, 4)) * 10
+    T = rng.normal(size=(16, 2)) * 10
+
+    def make() -> tuple[nnrt.Sequential, nnrt.optim.SGD]:
+        net = nnrt.Sequential([nnrt.layer("dense", 4, 2)], seed=0, dtype="float64")
+        return net, nnrt.optim.SGD(net, lr=lr, momentum=0.9)
+
+    ref, ref_opt = make()
+    weights, opt_states, losses = [], [], []
+    with np.errstate(all="ignore"):
+        for s in range(2000):
+            b = s % 4
+            weights.append(ref.state_dict())
+            opt_states.append(ref_opt.state_dict())
+            value, dY = nnrt.losses.mse(
+                ref.forward(X[4 * b : 4 * b + 4], training=True), T[4 * b : 4 * b + 4]
+            )
+            losses.append(value)
+            if not np.isfinite(value):
+                break
+            ref.backward(dY)
+            ref_opt.step()
+    k = len(losses) - 1
+    assert not np.isfinite(losses[k]) and np.isfinite(losses[k - 1])
+    assert k % 4 == where and k >= 8  # the case this parameter is about
+
+    net, opt = make()
+    with np.errstate(all="ignore"), pytest.raises(FloatingPointError, match="last finite loss"):
+        net.fit(
+            X,
+            T,
+            loss="mse",
+            optimizer=opt,
+            epochs=1000,
+            batch_size=4,
+            shuffle=False,
+            progress=False,
+        )
+    got = net.state_dict()
+    for key, want in weights[k - 1].items():
+        assert np.array_equal(got[key], want), key
+    # the optimizer is back where it was too (momentum buffers, step count)
+    want_opt, got_opt = opt_states[k - 1], opt.state_dict()
+    assert got_opt["step"] == want_opt["step"]
+    for name, st in want_opt["state"].items():
+        for key, arr in st.items():
+            assert np.array_equal(got_opt["state"][name][key], arr), (name, key)
+
+
+def test_non_finite_on_the_first_step_keeps_initial_weights() -> None:
+    X = np.full((8, 4), 1e300)
+    net = nnrt.Sequential([nnrt.layer("dense", 4, 2)], seed=0, dtype="float64")
+    before = net.state_dict()
+    with np.errstate(all="ignore"), pytest.raises(FloatingPointError, match="no loss was finite"):
+        net.fit(X, np.zeros((8, 2)), loss="mse", epochs=2, batch_size=4, progress=False)
+    assert all(np.array_equal(before[k], v) for k, v in net.state_dict().items())
+
+
+# ----------------------------------------------------------- the step and its rules
+def test_train_step_is_forward_loss_backward_update() -> None:
+    X, y = _blobs(32)
+    net, ref = _bn_net("float64"), _bn_net("float64")
+    step = TrainStep(net, nnrt.optim.SGD(net, lr=0.1), "softmax_cross_entropy", count_correct=True)
+    loss, correct = step(X, y)
+    ref_opt = nnrt.optim.SGD(ref, lr=0.1)
+    Y = ref.forward(X, training=True)
+    want_loss, dY = nnrt.losses.softmax_cross_entropy(Y, y)
+    assert correct == int(np.sum(Y.argmax(axis=1) == y))
+    ref.backward(dY)
+    ref_opt.step()
+    assert loss == want_loss and _same_state(net, ref)
+
+
+def test_short_batch_rule_follows_the_class_attribute() -> None:
+    class Recorder(nnrt.Layer):
+        uses_batch_statistics = True
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.in_features = self.out_features = None
+            self.sizes: list[int] = []
+
+        def forward(self, X: Any, training: bool = False) -> np.ndarray:
+            if training:
+                self.sizes.append(len(X))
+            return np.asarray(X)
+
+        def backward(self, dY: Any) -> np.ndarray:
+            return np.asarray(dY)
+
+    rec = Recorder()
+    net = nnrt.Sequential([nnrt.layer("dense", 6, 3), rec], seed=0)
+    assert has_batch_statistics(net) and has_batch_statistics(_bn_net())
+    assert not has_batch_statistics(nnrt.Sequential([nnrt.layer("dense", 2, 2)]))
+    X, y = _blobs(17)
+    with pytest.warns(nnrt.TrainingWarning, match="mini-batch of 1 sample"):
+        hist = net.fit(X, y, epochs=2, batch_size=8, progress=False)
+    assert rec.sizes == [8, 8, 8, 8] and hist.params["skipped"] == 1
+    with pytest.raises(ValueError, match="1 sample left for training"):
+        net.fit(X[:1], y[:1], progress=False)
+
+
+# ----------------------------------------------------------- callbacks
+def test_checkpoint_and_per_batch_callbacks(tmp_path: Path) -> None:
+    X, y = _blobs(40)
+    net = _bn_net()
+    seen: list[tuple[int, int]] = []
+    saved: list[dict[str, np.ndarray]] = []
+
+    class Batches(nnrt.Callback):
+        def on_batch_end(self, state: Any, epoch: int, batch: int, loss: float) -> None:
+            assert np.isfinite(loss)
+            seen.append((epoch, batch))
+
+        def on_epoch_end(self, state: Any, epoch: int, logs: dict[str, float]) -> None:
+            saved.append(state.net.state_dict())
+
+    path = tmp_path / "ckpt.npz"
+    with pytest.raises(ValueError, match="every"):
+        nnrt.Checkpoint(path, every=0)
+    net.fit(
+        X,
+        y,
+        epochs=4,
+        batch_size=16,
+        callbacks=[nnrt.Checkpoint(path, every=2), Batches()],
+        progress=False,
+    )
+    assert seen == [(e, b) for e in range(4) for b in range(3)]
+    loaded = nnrt.load(path)  # written after epochs 1 and 3: the last one stays
+    assert all(np.array_equal(v, saved[3][k]) for k, v in loaded.state_dict().items())
+
+
+def test_progress_bar_draws_to_stderr(capsys: pytest.CaptureFixture[str]) -> None:
+    pytest.importorskip("tqdm")
+    X, y = _blobs(40)
+    hist = _bn_net().fit(X, y, epochs=2, batch_size=16, progress=True)
+    err = capsys.readouterr().err
+    assert "epoch 2/2" in err and "6/6" in err and len(hist.epoch) == 2
+
+
+# ----------------------------------------------------------- data in
+def _fit_state(X: Any, y: Any, **kwargs: Any) -> nnrt.Sequential:
+    net = _bn_net()
+    net.fit(X, y, epochs=2, batch_size=16, progress=False, **kwargs)
+    return net
+
+
+def test_memory_mapped_npy_is_read_batch_by_batch(tmp_path: Path) -> None:
+    rng = np.random.default_rng(3)
+    X = rng.normal(size=(40_000, 50))  # float64, 16 MB, for a float32 network
+    y = rng.integers(0, 3, size=40_000)
+    np.save(tmp_path / "X.npy", X)
+    Xm = np.load(tmp_path / "X.npy", mmap_mode="r")
+    net = nnrt.Sequential(
+        [nnrt.layer("dense", 50, 16), nnrt.layer("sigmoid"), nnrt.layer("dense", 16, 3)], seed=0
+    )
+    ref = nnrt.Sequential(
+        [nnrt.layer("dense", 50, 16), nnrt.layer("sigmoid"), nnrt.layer("dense", 16, 3)], seed=0
+    )
+    tracemalloc.start()
+    try:
+        hist = net.fit(
+            Xm, y, epochs=1, batch_size=256, validation=(Xm[:5000], y[:5000]), progress=False
+        )
+        scores = net.predict(Xm)
+        result = net.evaluate(Xm, y)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    # no copy of X (16 MB, or 8 MB cast to float32): batches, the chunked NaN scan and
+    # the (40000, 3) scores are all that is allocated
+    assert peak < 3 * 2**20, peak
+    ref_hist = ref.fit(
+        X.astype(np.float32),
+        y,
+        epochs=1,
+        batch_size=256,
+        validation=(X[:5000], y[:5000]),
+        progress=False,
+    )
+    assert _same_state(net, ref) and hist.history == ref_hist.history
+    assert np.array_equal(scores, ref.predict(X))
+    assert result == ref.evaluate(X, y)
+
+
+def test_pandas_frames_and_series() -> None:
+    pd = pytest.importorskip("pandas")
+    X, y = _blobs(70)
+    ref = _fit_state(X, y, validation=(X[:20], y[:20]))
+    # one dtype: a view of the frame's block (Fortran-ordered)
+    df = pd.DataFrame(X, columns=[f"f{i}" for i in range(6)])
+    got = _fit_state(df, pd.Series(y), validation=(df.iloc[:20], pd.Series(y[:20])))
+    assert _same_state(got, ref)
+    np.testing.assert_array_equal(got.predict(df), ref.predict(X))
+    assert got.evaluate(df, pd.Series(y)) == ref.evaluate(X, y)
+    # mixed dtypes: read column by column, cast per batch
+    mixed = df.copy()
+    mixed["f0"] = mixed["f0"].astype(np.float32)
+    mixed["f5"] = (X[:, 5] > 0).astype(np.int64)
+    Xmixed = np.column_stack([X[:, 0].astype(np.float32), X[:, 1:5], (X[:, 5] > 0)]).astype(
+        np.float64
+    )
+    got = _fit_state(mixed, y)
+    assert _same_state(got, _fit_state(Xmixed, y))
+    np.testing.assert_array_equal(got.predict(mixed), got.predict(Xmixed))
+    # what cannot be a feature is named
+    bad = df.assign(f3=["a"] * 70)
+    with pytest.raises(TypeError, match="column 'f3'"):
+        _bn_net().fit(bad, y, progress=False)
+    nan = df.copy()
+    nan.iloc[4, 2] = np.nan
+    with pytest.raises(ValueError, match=r"non-finite.*\(4, 2\)"):
+        _bn_net().fit(nan, y, progress=False)
