@@ -418,12 +418,12 @@ def _format_logs(logs: dict[str, list[float]], held_out: str = "val") -> str:
     )
 
 
-def _plot(history: Any, path: str, title: str) -> str | None:
+def _plot(history: Any, path: str, title: str, held_out: str = "validation") -> str | None:
     """Training curves to ``path`` if matplotlib is importable; returns the path."""
     from nnrt.plotting import plot_history
 
     try:
-        plot_history(history, path, title=title)
+        plot_history(history, path, title=title, val_label=held_out)
     except ImportError:
         return None
     return os.path.abspath(path)
@@ -472,7 +472,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         net.save(args.out)
         _say(f"model written to {os.path.abspath(args.out)}")
     if not args.no_plot:
-        where = _plot(history, args.plot, "nnrt demo: 8x8 digits")
+        where = _plot(history, args.plot, "nnrt demo: 8x8 digits", held_out="test")
         if where is None:
             print("matplotlib is not installed: no training-curve plot (pip install 'nnrt[plot]')")
         else:

@@ -73,12 +73,15 @@ def plot_history(
     *,
     title: str | None = None,
     dpi: int = 100,
+    val_label: str = "validation",
 ) -> Any:
     """Plot every curve of ``history`` (an ``nnrt.History`` or its ``.history`` dict).
 
     Returns the ``matplotlib.figure.Figure``; with ``path`` also writes it there
-    (see the module docstring). Raises ImportError naming ``nnrt[plot]`` when
-    matplotlib is missing and ValueError for an empty history.
+    (see the module docstring). ``val_label`` names the held-out curves in the
+    legend (``"test"`` when the validation data is a test set). Raises ImportError
+    naming ``nnrt[plot]`` when matplotlib is missing and ValueError for an empty
+    history.
     """
     epochs, logs = _series(history)
     panels = _panels(logs)
@@ -97,7 +100,7 @@ def plot_history(
     fig.set_dpi(dpi)
     axes = fig.subplots(1, len(panels), squeeze=False)[0]
     for ax, base in zip(axes, panels, strict=True):
-        for key, label, style in ((base, "train", "-"), (f"val_{base}", "validation", "--")):
+        for key, label, style in ((base, "train", "-"), (f"val_{base}", val_label, "--")):
             if key in logs:
                 values = logs[key]
                 ax.plot(epochs[: len(values)], values, style, marker=".", label=label)

@@ -111,6 +111,11 @@ def test_without_validation_and_extra_metrics(mpl: Any, tmp_path: Path) -> None:
     )
 
 
+def test_val_label(mpl: Any, tmp_path: Path) -> None:
+    fig = plot_history(_history(), tmp_path / "c.png", val_label="test")
+    assert {line.get_label() for line in fig.axes[0].get_lines()} == {"train", "test"}
+
+
 def test_plot_from_fit(mpl: Any, tmp_path: Path) -> None:
     rng = np.random.default_rng(0)
     X = rng.normal(size=(120, 4))
