@@ -34,7 +34,7 @@ from nnrt.layer cimport (LAYER_BUILT, LAYER_FROZEN, NNRT_ABI_VERSION, Layer, cac
 from nnrt._validate import batchnorm_config
 from nnrt.layer import check_abi
 
-from nnrt_plugins._sigmoid import Sigmoid
+from nnrt_plugins._sigmoid import Sigmoid, _output_buffer
 
 cnp.import_array()
 check_abi(NNRT_ABI_VERSION, __name__)
@@ -455,13 +455,11 @@ cdef class BatchNorm(Layer):
             Xc = cache_input(X, Xa, self._Xcopy, trusted)
             if Xc is not Xa:
                 self._Xcopy = Xc
-            S = reuse_buffer(unaliased(nxt._S_train, Xa), n, f, self._typenum)
-            nxt._S_train = S
+            S = _output_buffer(nxt, True, Xa, n, f, self._typenum)
             self._X = Xc
             self._rows = n
         else:
-            S = reuse_buffer(unaliased(nxt._S_eval, Xa), n, f, self._typenum)
-            nxt._S_eval = S
+            S = _output_buffer(nxt, False, Xa, n, f, self._typenum)
         self._forward_into(Xa, training, S, True)
         return S
 

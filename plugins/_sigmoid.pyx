@@ -27,10 +27,11 @@ check_abi(NNRT_ABI_VERSION, __name__)
 cdef class Sigmoid(Layer):
     """Element-wise logistic sigmoid (registry name ``sigmoid``); keeps the width."""
 
-    # public: BatchNorm's fused batchnorm+sigmoid path inside Sequential writes the
-    # output caches too, so this layer's backward works after a fused forward.
-    # NOTE: so Python can assign them: every use checks what they hold.
-    cdef public object _S_train, _S_eval
+    # readonly: Python may look but not assign. BatchNorm's fused batchnorm+sigmoid
+    # path inside Sequential writes the output caches through _output_buffer below,
+    # so this layer's backward works after a fused forward; every use still checks
+    # what they hold.
+    cdef readonly object _S_train, _S_eval
     cdef object _dX
 
     def __cinit__(self, *args, **kwargs):
@@ -108,3 +109,18 @@ cdef class Sigmoid(Layer):
                 nnrt_sigmoid_bwd_d(<double*>cnp.PyArray_DATA(S), <double*>cnp.PyArray_DATA(dYa),
                                    <double*>cnp.PyArray_DATA(dX), n)
         return dX
+
+
+def _output_buffer(Sigmoid layer, bint training, cnp.ndarray src, Py_ssize_t rows,
+                   Py_ssize_t cols, int typenum):
+    """The (rows, cols) output buffer of ``layer`` for a forward on ``src``, kept as its
+    training or eval output cache (internal: BatchNorm's fused forward writes it)."""
+    check_self(layer, Sigmoid)
+    cdef cnp.ndarray S
+    if training:
+        S = reuse_buffer(unaliased(layer._S_train, src), rows, cols, typenum)
+        layer._S_train = S
+    else:
+        S = reuse_buffer(unaliased(layer._S_eval, src), rows, cols, typenum)
+        layer._S_eval = S
+    return S

@@ -557,52 +557,54 @@ def test_load_state_dict_keeps_the_arrays_the_kernels_check() -> None:
     isolated(case_load_state_dict_keeps_layout)
 
 
-def case_sigmoid_cache_assigned(value_kind: str) -> str:
-    s = nnrt.layer("sigmoid")
-    s.forward(np.ones((3, 2)), training=True)
-    value: Any = {
-        "str": "junk",
-        "1d": np.ones(6),
-        "f32": np.ones((3, 2), np.float32),
-        "int": np.ones((3, 2), np.int64),
-        "fortran": np.asfortranarray(np.ones((3, 4))),
-        "readonly": np.ones((3, 2)),
-    }[value_kind]
-    if value_kind == "readonly":
-        value.setflags(write=False)
-    s._S_train = value
+def case_sigmoid_cache_changed(how: str) -> str:
+    s = nnrt.layer("sigmoid").to_dtype("float64")
+    S = s.forward(np.ones((3, 2)), training=True)  # the returned array is the cache
+    with pytest.raises(AttributeError):
+        s._S_train = np.ones((3, 2))
+    with pytest.raises(AttributeError):
+        s._S_eval = "junk"
+    if how == "reshape":
+        S.shape = (2, 3)
+    elif how == "retype":
+        S.dtype = np.float32
+    elif how == "readonly":
+        S.setflags(write=False)
+    elif how == "strides":
+        S.strides = (8, 24)
     try:
-        dX = s.backward(np.ones(np.shape(value) if np.ndim(value) == 2 else (3, 2)))
+        dX = s.backward(np.ones(S.shape))
     except (RuntimeError, ValueError) as exc:
         return f"refused: {exc}"
     return f"ok {dX.shape}"
 
 
-@pytest.mark.parametrize("value_kind", ["str", "1d", "f32", "int", "fortran", "readonly"])
-def test_sigmoid_cached_output_replaced_from_python(value_kind: str) -> None:
-    result = isolated(case_sigmoid_cache_assigned, value_kind)
-    assert result.startswith("refused") or value_kind in ("f32", "readonly"), result
+@pytest.mark.parametrize("how", ["reshape", "retype", "readonly", "strides", "none"])
+def test_sigmoid_cached_output_changed_from_python(how: str) -> None:
+    result = isolated(case_sigmoid_cache_changed, how)
+    assert result.startswith("refused") or how in ("reshape", "readonly", "none"), result
 
 
-def case_fused_pair_with_replaced_cache() -> None:
+def case_fused_pair_with_changed_cache(how: str) -> None:
     net = nnrt.Sequential([nnrt.layer("batchnorm", 4), nnrt.layer("sigmoid")], dtype="float64")
     assert net._fuse_plan() == b"\x01\x00"
     X = _data(6, 4)
-    net.forward(X, training=True)
-    net[1]._S_train = np.ones((2, 2))  # the fused backward must not trust it
+    S = net.forward(X, training=True)  # the sigmoid's cached output
+    if how == "reshape":
+        S.shape = (2, 12)
+    else:
+        S.dtype = np.float32
     with pytest.raises((RuntimeError, ValueError)):
         net.backward(np.ones((6, 4)))
-    net[1]._S_train = "junk"
-    with pytest.raises((RuntimeError, ValueError)):
-        net.backward(np.ones((6, 4)))
-    net[1]._S_eval = "junk"
-    net.forward(X)  # a junk reuse candidate is replaced, not written through
-    net.forward(X, training=True)
+    net.forward(X)  # eval: its own buffer
+    S = net.forward(X, training=True)  # a fresh cache (the old one no longer fits)
+    assert S.shape == (6, 4)
     net.backward(np.ones((6, 4)))
 
 
-def test_fused_batchnorm_sigmoid_with_caches_replaced_from_python() -> None:
-    isolated(case_fused_pair_with_replaced_cache)
+@pytest.mark.parametrize("how", ["reshape", "retype"])
+def test_fused_batchnorm_sigmoid_with_cache_changed_in_place(how: str) -> None:
+    isolated(case_fused_pair_with_changed_cache, how)
 
 
 # Python layers: they keep setting their widths and dtype; static forward is checked
