@@ -182,9 +182,15 @@ def test_predict_during_fit_sees_the_weights_of_one_whole_step() -> None:
     seen: list[np.ndarray] = []
     in_fit = threading.Event()
     done = threading.Event()
+    predicted = threading.Event()
 
-    def on_begin(state: Any) -> None:
-        in_fit.set()
+    class PauseOnce(nnrt.Callback):
+        # after the first step, wait (outside the lock) until a predict has run, so
+        # at least one predict lands mid-fit however the threads are scheduled
+        def on_batch_end(self, state: Any, epoch: int, batch: int, loss: float) -> None:
+            if not in_fit.is_set():
+                in_fit.set()
+                predicted.wait(60)
 
     def trainer() -> None:
         try:
@@ -195,7 +201,7 @@ def test_predict_during_fit_sees_the_weights_of_one_whole_step() -> None:
                 epochs=3,
                 batch_size=8,
                 progress=False,
-                callbacks=[nnrt.LambdaCallback(on_train_begin=on_begin)],
+                callbacks=[PauseOnce()],
             )
         finally:
             done.set()
@@ -205,6 +211,7 @@ def test_predict_during_fit_sees_the_weights_of_one_whole_step() -> None:
     assert in_fit.wait(60)
     while not done.is_set():
         seen.append(net.predict(Xq))
+        predicted.set()
     t.join(60)
     assert len(opt.states) == 3 * 32 + 1
     refs = [_numpy_forward_state(state, Xq) for state in opt.states]
