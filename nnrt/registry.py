@@ -182,6 +182,32 @@ def _check_name(pname: str, kind: str, name: object) -> None:
         )
 
 
+def _validate_loss(pname: str, name: object, fn: object) -> None:
+    _check_name(pname, "loss", name)
+    if not callable(fn) or not _takes_positional(fn, 2):
+        raise TypeError(
+            f"nnrt plugin {pname!r}: loss {name!r} must be a function "
+            f"fn(Y, target) -> (loss, dY), got {type(fn).__name__} {fn!r:.80}"
+        )
+
+
+def _validate_optimizer(pname: str, name: object, cls: object) -> None:
+    _check_name(pname, "optimizer", name)
+    if not isinstance(cls, type):
+        raise TypeError(
+            f"nnrt plugin {pname!r}: register({name!r}, cls) needs an optimizer "
+            f"class, got {type(cls).__name__} {cls!r:.80}"
+        )
+    missing = [m for m in ("step", "zero_grad") if not callable(getattr(cls, m, None))]
+    if missing or not _takes_positional(cls, 1, partial=True):
+        need = f"lacks {', '.join(missing)}" if missing else "cannot be called as cls(net)"
+        raise TypeError(
+            f"nnrt plugin {pname!r}: optimizer {name!r} class {cls.__qualname__} "
+            f"{need}; an optimizer is built as cls(net, **kwargs) and has step() "
+            f"and zero_grad()"
+        )
+
+
 def _takes_positional(fn: Callable[..., Any], n: int, partial: bool = False) -> bool:
     """False when ``fn``'s signature is known and cannot take ``n`` positional arguments
     (followed by keywords, for ``partial``)."""
@@ -429,65 +455,63 @@ class Registry:
             f"{clash.plugin!r} already registered ({where}); pick another name"
         )
 
+    def _collect(
+        self,
+        plugin: object,
+        pname: str,
+        kind: str,
+        refused: list[Refusal] | None,
+        make: Callable[[str, Any], Any],
+    ) -> dict[str, Any]:
+        """Run ``plugin``'s register hook for ``kind`` ("layer", "loss", "optimizer").
+
+        Each ``register(name, obj)`` is validated at once and staged as
+        ``make(name, obj)``; a taken name is refused or raises (``_free``).
+        """
+        tables: dict[str, dict[str, Any]] = {
+            "layer": self._layers,
+            "loss": self._losses,
+            "optimizer": self._optimizers,
+        }
+        validators: dict[str, Callable[[str, object, object], None]] = {
+            "layer": self._validate_layer,
+            "loss": _validate_loss,
+            "optimizer": _validate_optimizer,
+        }
+        table, validate = tables[kind], validators[kind]
+        staged: dict[str, Any] = {}
+
+        def register(name: str, obj: Any, /) -> None:
+            validate(pname, name, obj)
+            clash = table.get(name) or staged.get(name)
+            held = clash and (clash.fn if kind == "loss" else clash.cls)
+            if self._free(pname, kind, name, clash, held, refused):
+                staged[name] = make(name, obj)
+
+        hook = "nnrt_register_losses" if kind == "loss" else f"nnrt_register_{kind}s"
+        self._call_register_hook(plugin, pname, hook, register, "fn" if kind == "loss" else "cls")
+        return staged
+
     def _collect_layers(
         self, plugin: object, pname: str, dist: str | None, refused: list[Refusal] | None = None
     ) -> dict[str, LayerEntry]:
-        staged: dict[str, LayerEntry] = {}
-
-        def register(name: str, cls: type[Layer], /) -> None:
-            self._validate_layer(pname, name, cls)
-            clash = self._layers.get(name) or staged.get(name)
-            if self._free(pname, "layer", name, clash, clash and clash.cls, refused):
-                staged[name] = LayerEntry(name=name, cls=cls, plugin=pname, dist=dist)
-
-        self._call_register_hook(plugin, pname, "nnrt_register_layers", register, "cls")
-        return staged
+        return self._collect(
+            plugin, pname, "layer", refused, lambda n, c: LayerEntry(n, c, pname, dist)
+        )
 
     def _collect_losses(
         self, plugin: object, pname: str, dist: str | None, refused: list[Refusal] | None = None
     ) -> dict[str, LossEntry]:
-        staged: dict[str, LossEntry] = {}
-
-        def register(name: str, fn: Callable[..., Any], /) -> None:
-            _check_name(pname, "loss", name)
-            if not callable(fn) or not _takes_positional(fn, 2):
-                raise TypeError(
-                    f"nnrt plugin {pname!r}: loss {name!r} must be a function "
-                    f"fn(Y, target) -> (loss, dY), got {type(fn).__name__} {fn!r:.80}"
-                )
-            clash = self._losses.get(name) or staged.get(name)
-            if self._free(pname, "loss", name, clash, clash and clash.fn, refused):
-                staged[name] = LossEntry(name=name, fn=fn, plugin=pname, dist=dist)
-
-        self._call_register_hook(plugin, pname, "nnrt_register_losses", register, "fn")
-        return staged
+        return self._collect(
+            plugin, pname, "loss", refused, lambda n, f: LossEntry(n, f, pname, dist)
+        )
 
     def _collect_optimizers(
         self, plugin: object, pname: str, dist: str | None, refused: list[Refusal] | None = None
     ) -> dict[str, OptimizerEntry]:
-        staged: dict[str, OptimizerEntry] = {}
-
-        def register(name: str, cls: type[Any], /) -> None:
-            _check_name(pname, "optimizer", name)
-            if not isinstance(cls, type):
-                raise TypeError(
-                    f"nnrt plugin {pname!r}: register({name!r}, cls) needs an optimizer "
-                    f"class, got {type(cls).__name__} {cls!r:.80}"
-                )
-            missing = [m for m in ("step", "zero_grad") if not callable(getattr(cls, m, None))]
-            if missing or not _takes_positional(cls, 1, partial=True):
-                need = f"lacks {', '.join(missing)}" if missing else "cannot be called as cls(net)"
-                raise TypeError(
-                    f"nnrt plugin {pname!r}: optimizer {name!r} class {cls.__qualname__} "
-                    f"{need}; an optimizer is built as cls(net, **kwargs) and has step() "
-                    f"and zero_grad()"
-                )
-            clash = self._optimizers.get(name) or staged.get(name)
-            if self._free(pname, "optimizer", name, clash, clash and clash.cls, refused):
-                staged[name] = OptimizerEntry(name=name, cls=cls, plugin=pname, dist=dist)
-
-        self._call_register_hook(plugin, pname, "nnrt_register_optimizers", register, "cls")
-        return staged
+        return self._collect(
+            plugin, pname, "optimizer", refused, lambda n, c: OptimizerEntry(n, c, pname, dist)
+        )
 
     @staticmethod
     def _validate_layer(pname: str, name: object, cls: object) -> None:
