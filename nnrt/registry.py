@@ -680,6 +680,18 @@ def _lookup(table: dict[str, Any], name: object, kind: str, plural: str) -> Any:
 
 registry = Registry()
 
+
+def _new_lock_after_fork() -> None:
+    # NOTE: a thread of the parent that held the registry lock at the fork does not
+    # exist in the child, so the lock would stay held there forever (every first use
+    # of the registry in the child would hang): the child gets a fresh one.
+    registry._lock = threading.RLock()
+
+
+if hasattr(os, "register_at_fork"):  # POSIX
+    os.register_at_fork(after_in_child=_new_lock_after_fork)
+
+
 # ``nnrt.registry`` is this module; these names act on the process-wide ``registry``
 # (``nnrt.registry.layers()`` and ``nnrt.registry.registry.layers()`` are the same call).
 layers = registry.layers

@@ -430,3 +430,44 @@ def test_pickle_protocols_copy_and_deepcopy_rebuild_real_layers(protocol: int) -
     assert all(a is b for a, b in zip(shallow.layers, net.layers, strict=True))
     assert shallow.layers is not net.layers
     assert not any(a is b for a, b in zip(deep.layers, net.layers, strict=True))
+
+
+def test_fork_while_another_thread_holds_the_registry_lock_does_not_hang() -> None:
+    # the whole scenario in a subprocess with a timeout: a hang fails, never blocks pytest
+    import subprocess
+    import sys
+    import textwrap
+
+    code = textwrap.dedent(
+        """
+        import os, threading, time
+        import nnrt
+        from nnrt.registry import registry
+
+        registry.ensure_loaded()
+        held, release = threading.Event(), threading.Event()
+
+        def holder():
+            with registry._lock:
+                held.set()
+                release.wait(30)
+
+        t = threading.Thread(target=holder)
+        t.start()
+        held.wait(30)
+        pid = os.fork()
+        if pid == 0:  # child: the registry must work although the lock was held at the fork
+            try:
+                nnrt.register_plugin(type("P", (), {})(), name="fork_child_plugin")
+                assert nnrt.layer("dense", 2, 3).out_features == 3
+                os._exit(0)
+            except BaseException:
+                os._exit(1)
+        release.set()
+        t.join()
+        _, status = os.waitpid(pid, 0)
+        raise SystemExit(os.waitstatus_to_exitcode(status))
+        """
+    )
+    proc = subprocess.run([sys.executable, "-c", code], timeout=60, capture_output=True)
+    assert proc.returncode == 0, proc.stderr.decode()[-2000:]
