@@ -240,3 +240,34 @@ def nnrt_layer_flops(layer: Layer, in_features: int) -> int | None:
                 return None
             return 4 * in_features  # exp, exp, subtract/add, divide per element
     """
+
+
+@hookspec(firstresult=True)
+def nnrt_fold_pair(first: Layer, second: Layer) -> Layer | None:
+    """Merge two adjacent layers into one layer for inference, if this plugin can.
+
+    ``nnrt.fold.fold(net)`` (and ``net.fold()``) walks the network and asks
+    this hook about every adjacent pair ``(first, second)`` (``second`` takes
+    ``first``'s output). A plugin that knows how to merge the pair returns a
+    NEW layer that computes ``second(first(X))`` in evaluation mode, from a
+    copy of their parameters and buffers (``first`` and ``second`` must not be
+    changed); compute in float64: the network casts the result to its dtype.
+    The merged layer is meant for inference only (it need not train like the
+    pair). Otherwise return ``None`` so that the next plugin is asked (first
+    non-None result wins). The merged layer is then offered to this hook again
+    together with the layer after it, so chains fold as far as plugins allow.
+
+    The result must be an ``nnrt.Layer``, not ``first`` or ``second`` itself,
+    taking ``first``'s input width and giving ``second``'s output width (where
+    they are fixed); anything else raises ``nnrt.PluginError`` naming this
+    plugin. Return a registered layer type (e.g. ``nnrt.layer("dense", ...)``)
+    so that the folded network can be saved.
+
+    Example (a plugin whose ``Scale`` layer multiplies by a constant)::
+
+        @nnrt.hookimpl
+        def nnrt_fold_pair(first, second):
+            if type(first) is not Scale or type(second) is not Scale:
+                return None
+            return Scale(first.factor * second.factor)
+    """

@@ -454,11 +454,15 @@ class Sequential:
 
         save(self, path)
 
-    def fold_batchnorm(self) -> Sequential:
-        """A new eval-only network with each dense/dense_nobias + batchnorm pair folded into one dense."""
-        from nnrt.fold import fold_batchnorm
+    def fold(self) -> Sequential:
+        """A new eval-only network with each pair of layers a plugin can merge folded into
+        one layer (hook ``nnrt_fold_pair``; see ``nnrt.fold.fold``)."""
+        from nnrt.fold import fold
 
-        return fold_batchnorm(self)
+        return fold(self)
+
+    #: the name ``fold`` had when the only fold was a dense + normalisation pair
+    fold_batchnorm = fold
 
     def summary(self, batch_size: int = 32, **kwargs: Any) -> Any:
         """Layers, widths, parameter counts, memory and FLOPs: a ``nnrt.summary.ModelSummary``.

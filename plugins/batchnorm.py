@@ -2,6 +2,20 @@
 
 Also checks networks (hook ``nnrt_check_network``): a ``dense`` layer with a
 bias right before a ``batchnorm`` gets an ``nnrt.BiasBeforeBatchNormWarning``.
+
+Folding (hook ``nnrt_fold_pair``, used by ``net.fold()``): in eval mode
+BatchNorm is a per-feature affine map with the running statistics::
+
+    s = gamma / sqrt(running_var + eps)
+    BN(z) = (z - running_mean) * s + beta
+
+so for ``z = X @ W + b`` (``b = 0`` for ``dense_nobias``)::
+
+    BN(z) = X @ (W * s) + ((b - running_mean) * s + beta)      (s scales W's columns)
+
+and a ``dense``/``dense_nobias`` followed by ``batchnorm`` becomes one ``dense``
+with ``W' = W * s`` and ``b' = (b - running_mean) * s + beta``, computed in
+float64 (the network then casts it to its dtype).
 """
 
 from __future__ import annotations
@@ -10,9 +24,11 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from nnrt.dense import Dense
 from nnrt.hookspecs import RegisterLayer, hookimpl
 from nnrt.warnings import BiasBeforeBatchNormWarning, warn_user
 from nnrt_plugins._batchnorm import BatchNorm
+from nnrt_plugins._dense_nobias import DenseNoBias
 
 if TYPE_CHECKING:
     from nnrt.hookspecs import OnnxExportContext
@@ -22,8 +38,10 @@ if TYPE_CHECKING:
 __all__ = [
     "BatchNorm",
     "check_running_stats",
+    "fold_into_dense",
     "nnrt_check_network",
     "nnrt_check_state",
+    "nnrt_fold_pair",
     "nnrt_layer_flops",
     "nnrt_onnx_export",
     "nnrt_register_layers",
@@ -106,3 +124,34 @@ def nnrt_layer_flops(layer: Layer, in_features: int) -> int | None:
     if type(layer) is not BatchNorm:
         return None
     return 2 * in_features
+
+
+def fold_into_dense(dense: Layer, bn: Layer) -> Dense:
+    """A new float64 ``dense`` equal in eval mode to ``dense`` (a ``dense`` or
+    ``dense_nobias``) followed by the batch normalisation ``bn`` (see the module
+    docstring for the formula)."""
+    p = dense.params()
+    W = np.asarray(p["weight"], dtype=np.float64)
+    b = np.asarray(p["bias"], dtype=np.float64) if "bias" in p else np.zeros(W.shape[1])
+    g, buf = bn.params(), bn.buffers()
+    eps = float(bn.config()["eps"])
+    scale = np.asarray(g["gamma"], np.float64) / np.sqrt(
+        np.asarray(buf["running_var"], np.float64) + eps
+    )
+    folded = Dense(W.shape[0], W.shape[1])
+    out = folded.params()
+    np.copyto(out["weight"], W * scale[None, :])
+    np.copyto(
+        out["bias"],
+        (b - np.asarray(buf["running_mean"], np.float64)) * scale
+        + np.asarray(g["beta"], np.float64),
+    )
+    return folded
+
+
+@hookimpl
+def nnrt_fold_pair(first: Layer, second: Layer) -> Layer | None:
+    """``dense``/``dense_nobias`` followed by ``batchnorm`` -> one ``dense``."""
+    if type(second) is not BatchNorm or type(first) not in (Dense, DenseNoBias):
+        return None
+    return fold_into_dense(first, second)
