@@ -9,7 +9,7 @@ adds one at run time. Each spec's docstring is its documentation.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, TypeAlias
 
 import pluggy
 
@@ -35,6 +35,11 @@ class Network(Protocol):
     def __len__(self) -> int: ...
 
     def __getitem__(self, index: int, /) -> Layer: ...
+
+
+#: a ``torch.nn.Module`` (``nnrt_to_torch``, ``nnrt_from_torch``); typed loosely so
+#: that nnrt and its plugins type-check and import without torch installed
+TorchModule: TypeAlias = Any
 
 
 class RegisterLayer(Protocol):
@@ -270,4 +275,62 @@ def nnrt_fold_pair(first: Layer, second: Layer) -> Layer | None:
             if type(first) is not Scale or type(second) is not Scale:
                 return None
             return Scale(first.factor * second.factor)
+    """
+
+
+@hookspec(firstresult=True)
+def nnrt_to_torch(layer: Layer) -> TorchModule | None:
+    """The ``torch.nn.Module`` equivalent to ``layer``, for ``net.to_torch()``.
+
+    A plugin that recognises the layer (check its exact class) imports torch
+    (only this hook and ``nnrt_from_torch`` are ever called with torch in
+    use) and returns a new module holding a COPY of the layer's parameters
+    and buffers (``torch.from_numpy(np.array(a, copy=True))``: the two must
+    share no memory), in the dtype of the layer's arrays; its evaluation mode
+    (``.eval()``) must compute ``layer.forward(X, training=False)`` and its
+    training mode should match ``training=True``. Otherwise return ``None``
+    so that the next plugin is asked (first non-None result wins). A layer no
+    plugin claims makes ``to_torch`` raise ``TypeError`` naming the layer and
+    its plugin; a result that is not a ``torch.nn.Module`` raises
+    ``nnrt.PluginError`` naming this plugin. Implement ``nnrt_from_torch``
+    too, so that a network makes the round trip.
+
+    Example::
+
+        @nnrt.hookimpl
+        def nnrt_to_torch(layer):
+            if type(layer) is not Tanh:
+                return None
+            import torch
+
+            return torch.nn.Tanh()
+    """
+
+
+@hookspec(firstresult=True)
+def nnrt_from_torch(module: TorchModule) -> Layer | None:
+    """The nnrt layer equivalent to the torch module ``module``, for ``nnrt.from_torch``.
+
+    ``nnrt.from_torch`` asks this hook about each child of a
+    ``torch.nn.Sequential`` (``nn.Identity`` is skipped before). A plugin
+    that recognises the module (check its exact class, e.g. ``type(module)
+    is torch.nn.Tanh``) returns a NEW layer of its own holding a copy of the
+    module's parameters and buffers in float64 (``Sequential`` casts it to
+    the network's dtype); otherwise it returns ``None`` so that the next
+    plugin is asked (first non-None result wins). A module of a recognised
+    class whose settings have no nnrt counterpart raises ``TypeError`` saying
+    which setting (``from_torch`` adds the module's position). A module no
+    plugin claims makes ``from_torch`` raise ``TypeError`` naming it; a
+    result that is not an ``nnrt.Layer`` raises ``nnrt.PluginError`` naming
+    this plugin.
+
+    Example::
+
+        @nnrt.hookimpl
+        def nnrt_from_torch(module):
+            import torch
+
+            if type(module) is not torch.nn.Tanh:
+                return None
+            return Tanh()
     """

@@ -16,6 +16,12 @@ so for ``z = X @ W + b`` (``b = 0`` for ``dense_nobias``)::
 and a ``dense``/``dense_nobias`` followed by ``batchnorm`` becomes one ``dense``
 with ``W' = W * s`` and ``b' = (b - running_mean) * s + beta``, computed in
 float64 (the network then casts it to its dtype).
+
+ONNX: ``BatchNormalization`` in inference mode. torch: ``nn.BatchNorm1d(n,
+eps, momentum)`` (``affine=True``, tracking running statistics) with
+``gamma``/``beta`` = ``weight``/``bias`` and the running statistics.
+``num_batches_tracked`` has no nnrt counterpart: it is dropped on import and
+0 on export (it only matters for ``momentum=None``, which nnrt does not have).
 """
 
 from __future__ import annotations
@@ -31,7 +37,7 @@ from nnrt_plugins._batchnorm import BatchNorm
 from nnrt_plugins._dense_nobias import DenseNoBias
 
 if TYPE_CHECKING:
-    from nnrt.hookspecs import OnnxExportContext
+    from nnrt.hookspecs import OnnxExportContext, TorchModule
     from nnrt.layer import Layer
     from nnrt.network import Sequential
 
@@ -39,12 +45,16 @@ __all__ = [
     "BatchNorm",
     "check_running_stats",
     "fold_into_dense",
+    "from_torch_module",
     "nnrt_check_network",
     "nnrt_check_state",
     "nnrt_fold_pair",
+    "nnrt_from_torch",
     "nnrt_layer_flops",
     "nnrt_onnx_export",
     "nnrt_register_layers",
+    "nnrt_to_torch",
+    "to_torch_module",
 ]
 
 
@@ -155,3 +165,73 @@ def nnrt_fold_pair(first: Layer, second: Layer) -> Layer | None:
     if type(second) is not BatchNorm or type(first) not in (Dense, DenseNoBias):
         return None
     return fold_into_dense(first, second)
+
+
+def to_torch_module(layer: Layer, cls: type[TorchModule]) -> TorchModule:
+    """A ``cls`` (``nn.BatchNorm1d`` or ``nn.SyncBatchNorm``) with a copy of the
+    batch-normalisation ``layer``'s config, parameters and running statistics."""
+    import torch
+
+    def t(a: np.ndarray) -> Any:
+        return torch.from_numpy(np.array(a, copy=True))
+
+    p, b = layer.params(), layer.buffers()
+    cfg = layer.config()
+    gamma = t(p["gamma"])
+    bn = cls(
+        int(cfg["num_features"]),
+        eps=float(cfg["eps"]),
+        momentum=float(cfg["momentum"]),
+        dtype=gamma.dtype,
+    )
+    with torch.no_grad():
+        bn.weight.copy_(gamma)
+        bn.bias.copy_(t(p["beta"]))
+        bn.running_mean.copy_(t(b["running_mean"]))
+        bn.running_var.copy_(t(b["running_var"]))
+    return bn
+
+
+def from_torch_module(module: TorchModule, cls: type[Layer], name: str) -> Layer:
+    """A new ``cls`` (registered as ``name``) with a copy of the torch batch-norm
+    ``module``'s config, ``weight``/``bias`` and running statistics (float64).
+
+    Settings nnrt has no counterpart for raise ``TypeError`` saying which."""
+    kind = type(module).__name__
+    if not module.affine or not module.track_running_stats:
+        raise TypeError(f"only {kind}(affine=True, track_running_stats=True) maps to nnrt's {name}")
+    if module.momentum is None:
+        raise TypeError(
+            "momentum=None (cumulative moving average) has no nnrt counterpart; "
+            "set a float momentum"
+        )
+    layer = cls(module.num_features, momentum=float(module.momentum), eps=float(module.eps))
+    p, b = layer.params(), layer.buffers()
+    for ours, theirs in (
+        (p["gamma"], module.weight),
+        (p["beta"], module.bias),
+        (b["running_mean"], module.running_mean),
+        (b["running_var"], module.running_var),
+    ):
+        np.copyto(ours, theirs.detach().cpu().numpy())
+    return layer
+
+
+@hookimpl
+def nnrt_to_torch(layer: Layer) -> TorchModule | None:
+    """``batchnorm`` -> ``nn.BatchNorm1d`` (running statistics, momentum and eps included)."""
+    if type(layer) is not BatchNorm:
+        return None
+    import torch
+
+    return to_torch_module(layer, torch.nn.BatchNorm1d)
+
+
+@hookimpl
+def nnrt_from_torch(module: TorchModule) -> Layer | None:
+    """``nn.BatchNorm1d`` (affine, tracking running statistics, float momentum) -> ``batchnorm``."""
+    import torch
+
+    if type(module) is not torch.nn.BatchNorm1d:
+        return None
+    return from_torch_module(module, BatchNorm, "batchnorm")
