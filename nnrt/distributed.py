@@ -68,11 +68,11 @@ from typing import Any
 
 import numpy as np
 
-from nnrt._validate import batchnorm_config
 from nnrt.engine import History
 from nnrt.engine import fit as _engine_fit
 from nnrt.layer import Layer
 from nnrt.network import Sequential
+from nnrt_plugins._bn_config import batchnorm_config  # NOTE: until SyncBatchNorm moves out
 
 __all__ = [
     "Communicator",

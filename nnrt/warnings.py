@@ -1,6 +1,7 @@
 """Warning classes nnrt emits about networks, and a helper that points them at user code.
 
-Import them as ``nnrt.BiasBeforeBatchNormWarning`` etc.
+Import them as ``nnrt.NetworkWarning`` etc. A plugin's network check defines
+its own subclass of ``NetworkWarning``.
 """
 
 from __future__ import annotations
@@ -9,35 +10,11 @@ import os
 import sys
 import warnings as _warnings
 
-__all__ = ["BiasBeforeBatchNormWarning", "NetworkWarning", "TrainingWarning", "warn_user"]
+__all__ = ["NetworkWarning", "TrainingWarning", "warn_user"]
 
 
 class NetworkWarning(UserWarning):
     """Base class of the warnings a network check (hook ``nnrt_check_network``) emits."""
-
-
-class BiasBeforeBatchNormWarning(NetworkWarning):
-    """A ``dense`` layer with a bias feeds a ``batchnorm`` layer: the bias does nothing.
-
-    BatchNorm subtracts the per-feature batch mean right after the dense layer.
-    For ``x = u + b`` (``u = X @ W``, ``b`` the bias) the normalised value is
-    ``x - E[x] = u + b - (E[u] + b) = u - E[u]``: the bias cancels exactly, in
-    training (batch mean) and in eval (the running mean absorbs it too), so it
-    receives a gradient whose effect on the output is zero. Ioffe & Szegedy
-    make this argument in the BatchNorm paper (2015, section 2: "the
-    combination of the update to b and subsequent change in normalization led
-    to no change in the output of the layer nor, consequently, the loss") and
-    drop the bias in section 3.2: "the bias b can be ignored since its effect
-    will be canceled by the subsequent mean subtraction (the role of the bias
-    is subsumed by beta)". BatchNorm's learned shift ``beta`` does what the
-    bias would have done.
-
-    The network still works; the bias wastes parameters, optimizer state and
-    time, and weight decay or a bias that drifts with the running mean make it
-    misleading. Use ``dense_nobias`` instead of ``dense`` before ``batchnorm``.
-    Silence with ``warnings.filterwarnings("ignore",
-    category=nnrt.BiasBeforeBatchNormWarning)``.
-    """
 
 
 class TrainingWarning(UserWarning):

@@ -32,7 +32,7 @@ import numpy as np
 
 from nnrt.dense import Dense
 from nnrt.hookspecs import RegisterLayer, hookimpl
-from nnrt.warnings import BiasBeforeBatchNormWarning, warn_user
+from nnrt.warnings import NetworkWarning, warn_user
 from nnrt_plugins._batchnorm import BatchNorm
 from nnrt_plugins._dense_nobias import DenseNoBias
 
@@ -43,6 +43,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "BatchNorm",
+    "BiasBeforeBatchNormWarning",
     "check_running_stats",
     "fold_into_dense",
     "from_torch_module",
@@ -56,6 +57,30 @@ __all__ = [
     "nnrt_to_torch",
     "to_torch_module",
 ]
+
+
+class BiasBeforeBatchNormWarning(NetworkWarning):
+    """A ``dense`` layer with a bias feeds a ``batchnorm`` layer: the bias does nothing.
+
+    BatchNorm subtracts the per-feature batch mean right after the dense layer.
+    For ``x = u + b`` (``u = X @ W``, ``b`` the bias) the normalised value is
+    ``x - E[x] = u + b - (E[u] + b) = u - E[u]``: the bias cancels exactly, in
+    training (batch mean) and in eval (the running mean absorbs it too), so it
+    receives a gradient whose effect on the output is zero. Ioffe & Szegedy
+    make this argument in the BatchNorm paper (2015, section 2: "the
+    combination of the update to b and subsequent change in normalization led
+    to no change in the output of the layer nor, consequently, the loss") and
+    drop the bias in section 3.2: "the bias b can be ignored since its effect
+    will be canceled by the subsequent mean subtraction (the role of the bias
+    is subsumed by beta)". BatchNorm's learned shift ``beta`` does what the
+    bias would have done.
+
+    The network still works; the bias wastes parameters, optimizer state and
+    time, and weight decay or a bias that drifts with the running mean make it
+    misleading. Use ``dense_nobias`` instead of ``dense`` before ``batchnorm``.
+    Silence with ``warnings.filterwarnings("ignore",
+    category=nnrt.BiasBeforeBatchNormWarning)``.
+    """
 
 
 @hookimpl
