@@ -146,13 +146,13 @@ def nnrt_check_network(net: Network) -> None:
     the user wants. It must not modify the network, must not raise for a
     valid network, and returns nothing.
 
-    Example (the batchnorm plugin)::
+    Example (a plugin whose ``Tanh`` saturates after another one)::
 
         @nnrt.hookimpl
         def nnrt_check_network(net):
             for i in range(1, len(net)):
-                if isinstance(net[i], BatchNorm) and "bias" in net[i - 1].params():
-                    warn_user("... use dense_nobias ...", BiasBeforeBatchNormWarning)
+                if type(net[i]) is Tanh and type(net[i - 1]) is Tanh:
+                    warn_user(f"layers {i - 1} and {i}: tanh of tanh ...", DoubleTanhWarning)
     """
 
 
@@ -169,12 +169,12 @@ def nnrt_check_state(layer: Layer, state: dict[str, Any]) -> None:
     kernels must never see (a negative variance); nothing is loaded then.
     Return nothing; do not modify ``state``.
 
-    Example (the batchnorm plugin)::
+    Example (a plugin whose ``RunningNorm`` keeps a running variance)::
 
         @nnrt.hookimpl
         def nnrt_check_state(layer, state):
             var = state.get("running_var")
-            if type(layer) is BatchNorm and var is not None and not (var >= 0).all():
+            if type(layer) is RunningNorm and var is not None and not (var >= 0).all():
                 raise ValueError(f"{layer!r}: running_var must be >= 0")
     """
 

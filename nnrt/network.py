@@ -248,7 +248,8 @@ class Sequential:
         """One flag per layer: 1 where layer i runs fused with layer i+1, or None.
 
         A layer offers fusion with its successor through ``_nnrt_fuse_next(next)``
-        (internal to nnrt's compiled layers: BatchNorm followed by Sigmoid); the
+        (internal to nnrt's compiled layers, e.g. a normalisation and the activation
+        after it); the
         fused pair must leave both layers' caches as the separate calls would.
         ``NNRT_FUSE=0`` in the environment turns fusion off.
         """
@@ -345,7 +346,7 @@ class Sequential:
         return self._named("grads")
 
     def buffers(self) -> dict[str, np.ndarray]:
-        """Live non-trained state (e.g. BatchNorm running statistics)."""
+        """Live non-trained state (e.g. a normalisation layer's running statistics)."""
         return self._named("buffers")
 
     def zero_grad(self) -> None:
@@ -421,7 +422,7 @@ class Sequential:
         ValueError before training; a non-finite loss raises FloatingPointError
         and leaves the weights that gave the last finite loss. A final
         mini-batch of one sample is skipped (one ``nnrt.TrainingWarning``)
-        when the network has BatchNorm. ``progress`` (tqdm bar) defaults to on
+        when a layer has ``uses_batch_statistics``. ``progress`` (tqdm bar) defaults to on
         when stderr is a terminal. See ``nnrt.engine.fit``.
         """
         from nnrt.engine import fit
