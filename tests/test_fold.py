@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 import nnrt
+import nnrt.fold
 from nnrt.registry import registry
 
 TOL = {"float32": 1e-6, "float64": 1e-12}
