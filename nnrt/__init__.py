@@ -32,13 +32,12 @@ from nnrt.layer import ABI_VERSION, Layer, check_abi
 from nnrt.network import Sequential
 from nnrt.perf import get_num_threads, profile, set_num_threads
 from nnrt.registry import PluginError, PluginWarning
-from nnrt.warnings import BiasBeforeBatchNormWarning, NetworkWarning, TrainingWarning
+from nnrt.warnings import NetworkWarning, TrainingWarning
 
 __version__ = "0.1.0"
 
 __all__ = [
     "ABI_VERSION",
-    "BiasBeforeBatchNormWarning",
     "Callback",
     "Checkpoint",
     "EarlyStopping",
@@ -145,6 +144,35 @@ def show_config(file: Any = None, *, as_json: bool = False) -> None:
     from nnrt.config import show_config as _show_config
 
     _show_config(file, as_json=as_json)
+
+
+#: public names that plugins define: name -> (registered layer, attribute of the
+#: module of the plugin that registers that layer); not in ``__all__`` (a star
+#: import would load the plugins), documented where the plugin defines them
+_PLUGIN_NAMES = {"BiasBeforeBatchNormWarning": ("batchnorm", "BiasBeforeBatchNormWarning")}
+
+
+def __getattr__(name: str) -> Any:
+    """``nnrt.BiasBeforeBatchNormWarning``: defined by the plugin that provides the
+    layer it warns about, found through the registry (the core imports no plugin)."""
+    if name not in _PLUGIN_NAMES:
+        raise AttributeError(f"module 'nnrt' has no attribute {name!r}")
+    layer_name, attr = _PLUGIN_NAMES[name]
+    try:
+        plugin = registry.pm.get_plugin(registry.get(layer_name).plugin)
+    except KeyError:
+        plugin = None
+    value = getattr(plugin, attr, None)
+    if value is None:
+        raise AttributeError(
+            f"nnrt.{name} is defined by the plugin that provides the layer {layer_name!r}, "
+            f"and no loaded plugin defines it (nnrt plugins)"
+        )
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_PLUGIN_NAMES])
 
 
 def load(path: Any) -> Sequential:

@@ -1,6 +1,6 @@
 """Per-network locks: what makes one network safe to share between threads.
 
-Layers reuse their output buffers (BatchNorm its scratch too) and the kernels
+Layers reuse their output buffers (some their scratch too) and the kernels
 release the GIL, so two threads inside ``forward`` of one network would
 overwrite each other's results, and a thread reading the weights while another
 writes them would see a mix. Each network therefore has two locks:
@@ -8,7 +8,7 @@ writes them would see a mix. Each network therefore has two locks:
 * the **state lock** (re-entrant): held by ``predict``/``evaluate`` for a whole
   call, by ``fit`` for each training step (forward, loss, backward, optimizer
   step), and by everything that reads or writes the parameters as a whole
-  (``state_dict``, ``load_state_dict``, ``save``, ``fold_batchnorm``, optimizer
+  (``state_dict``, ``load_state_dict``, ``save``, ``fold``, optimizer
   steps). So a hot swap (``load_state_dict`` from another thread) during
   ``predict`` gives the old or the new model's answers, never a mix, and
   ``save`` during ``fit`` writes the weights of one whole step. Re-entrant:

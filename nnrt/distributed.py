@@ -17,36 +17,38 @@ backward and the optimizer step:
   each: rows ``np.array_split(batch, size)[rank]``.
 - After the backward pass, ONE ``Allreduce`` (sum) over a single preallocated
   flat buffer carries every parameter gradient (plus the loss, the correct
-  count, and averaged BatchNorm running statistics). Nothing is sent per
-  parameter.
+  count, and the averaged float buffers, e.g. running statistics). Nothing is
+  sent per parameter.
 - Scaling. A mean-reduced loss gives ``dY`` with ``1/N_local``; the update on
   the global batch needs ``1/N_global``. So each rank multiplies ``dY`` by
   ``N_local / N_global`` *before* its backward pass; backward is linear in
   ``dY``, so every gradient (weights, and the bias, which is a batch sum) is
   then that shard's exact share and the allreduced sum is the single-process
   gradient of the global batch, also when the shards are of unequal size.
-  Scaling ``dY`` (not the gradients afterwards) also keeps
-  :class:`SyncBatchNorm`'s cross-rank backward sums consistent.
+  Scaling ``dY`` (not the gradients afterwards) also keeps the cross-rank
+  backward sums of a layer that uses the communicator consistent.
 - Every rank then runs the same optimizer step on the same gradients, so the
   parameters stay identical without further messages. Only rank 0 writes
   checkpoints and shows progress. On one rank, ``fit`` gives bit for bit the
   weights of ``Sequential.fit``.
 
-BatchNorm across ranks:
+Layers with batch statistics across ranks (``uses_batch_statistics``):
 
-- ``batchnorm`` (not synchronised): each rank normalises its shard with the
-  shard's own mean and variance, so the result depends on the number of ranks
-  (as torch's ``BatchNorm1d`` under DDP). The running statistics are averaged
-  over ranks in the gradient allreduce: each rank's running buffers are the
-  mean of the ranks' updated ones (torch instead broadcasts rank 0's).
-- ``sync_batchnorm`` (:class:`SyncBatchNorm`, as torch's ``SyncBatchNorm``):
-  mean and variance over the *global* batch (float64: allreduce of count and
-  sum -> mean, then of the sum of squared deviations -> variance) and the
-  backward pass through those global statistics (allreduce of ``sum(dy)`` and
-  ``sum(dy * xhat)``). With it, training on ``k`` ranks equals single-process
-  training with ``batchnorm`` on the global batches (up to rounding). Three
-  small allreduces per layer and step. In one process (no MPI) it is exactly a
-  ``batchnorm``.
+- A layer that only declares ``uses_batch_statistics`` computes its statistics
+  over its rank's shard, so the result depends on the number of ranks (as a
+  torch layer under DDP); the strategy averages its float buffers (running
+  statistics) over the ranks in the gradient allreduce, and the global batch
+  needs two rows per rank.
+- A layer that also declares the class attribute ``uses_communicator = True``
+  talks to the other ranks itself, e.g. to reduce its statistics over the
+  *global* batch (a synchronised batch-normalisation plugin).
+  :class:`GradientAllreduce` sets such a layer's attribute ``comm`` to its
+  communicator (an object with
+  ``rank``, ``size`` and ``allreduce_sum(buf, what)``, which sums a
+  C-contiguous float buffer over all ranks in place and returns it), leaves
+  its buffers out of the averaging (the layer keeps them identical on every
+  rank) and asks for two rows in the whole global batch. Every rank must call
+  its forward/backward in step with the others.
 
 Dead or stuck ranks: ``mpirun`` aborts the job when a rank dies. Against a
 rank that hangs (or a launcher that does not abort), a watchdog thread of the
@@ -68,19 +70,14 @@ from typing import Any
 
 import numpy as np
 
-from nnrt._validate import batchnorm_config
 from nnrt.engine import History
 from nnrt.engine import fit as _engine_fit
-from nnrt.layer import Layer
-from nnrt.network import Sequential
 
 __all__ = [
     "Communicator",
     "DistributedError",
     "GradientAllreduce",
     "LocalCommunicator",
-    "SyncBatchNorm",
-    "convert_sync_batchnorm",
     "default_communicator",
     "fit",
     "mpirun_command",
@@ -289,203 +286,6 @@ def default_communicator() -> AnyComm:
     return _default
 
 
-# ---------------------------------------------------------------------------- SyncBatchNorm
-class SyncBatchNorm(Layer):
-    """BatchNorm whose training statistics cover the global batch of all ranks
-    (registry name ``sync_batchnorm``; as ``torch.nn.SyncBatchNorm``).
-
-    Same constructor, parameters (``gamma``, ``beta``), buffers
-    (``running_mean``, ``running_var``) and eval behaviour as ``batchnorm``.
-    In training, per feature and in float64:
-
-      N, S   = allreduce(n_local, sum_i x_i)          mean = S / N
-      Q      = allreduce(sum_i (x_i - mean)^2)        var  = Q / N  (biased; running: Q/(N-1))
-      xhat   = (x - mean) / sqrt(var + eps);  y = gamma * xhat + beta
-    backward, with G1, G2 = allreduce(sum_i dy_i, sum_i dy_i * xhat_i):
-      dx     = gamma / sqrt(var + eps) * (dy - G1 / N - xhat * G2 / N)
-      dbeta, dgamma = this rank's sum_i dy_i and sum_i dy_i * xhat_i
-    (the shard's share: the trainer's gradient allreduce adds them up).
-
-    ``comm`` is the communicator (``None``: :func:`default_communicator` at the
-    first training forward, which is a one-rank no-op outside MPI; the trainer
-    sets its own). Every rank must call forward/backward in step with the
-    others. A global batch of one sample raises ValueError on every rank.
-    """
-
-    uses_batch_statistics = True
-
-    def __init__(self, num_features: int, momentum: float = 0.1, eps: float = 1e-5) -> None:
-        super().__init__()
-        n, momentum, eps = batchnorm_config("SyncBatchNorm", num_features, momentum, eps)
-        self.num_features = n
-        self.in_features = n
-        self.out_features = n
-        self.momentum = momentum
-        self.eps = eps
-        self.comm: AnyComm | None = None
-        self.dtype = np.float64
-        self.gamma = np.ones(n)
-        self.beta = np.zeros(n)
-        self.dgamma = np.zeros(n)
-        self.dbeta = np.zeros(n)
-        self.running_mean = np.zeros(n)
-        self.running_var = np.ones(n)
-        self._reset_cache()
-
-    def _reset_cache(self) -> None:
-        n = self.num_features
-        # float64 message buffers: [count, sum x], [sum sq dev], [sum dy, sum dy*xhat]
-        self._msg_stats = np.zeros(n + 1, dtype=np.float64)
-        self._msg_var = np.zeros(n, dtype=np.float64)
-        self._msg_grad = np.zeros(2 * n, dtype=np.float64)
-        self._xhat: np.ndarray | None = None  # float64 (batch, n), cached for backward
-        self._invstd = np.zeros(n, dtype=np.float64)
-        self._count = 0.0
-        self._Y: np.ndarray | None = None
-        self._Y_train: np.ndarray | None = None
-        self._dX: np.ndarray | None = None
-        self._tmp: np.ndarray | None = None
-
-    def reset_parameters(self, rng: Any = None) -> None:
-        """gamma = 1, beta = 0, running_mean = 0, running_var = 1 (no randomness)."""
-        self.gamma[...] = 1
-        self.beta[...] = 0
-        self.running_mean[...] = 0
-        self.running_var[...] = 1
-
-    def params(self) -> dict[str, np.ndarray]:
-        return {"gamma": self.gamma, "beta": self.beta}
-
-    def grads(self) -> dict[str, np.ndarray]:
-        return {"gamma": self.dgamma, "beta": self.dbeta}
-
-    def buffers(self) -> dict[str, np.ndarray]:
-        return {"running_mean": self.running_mean, "running_var": self.running_var}
-
-    def config(self) -> dict[str, Any]:
-        return {"num_features": self.num_features, "momentum": self.momentum, "eps": self.eps}
-
-    def to_dtype(self, dtype: Any) -> SyncBatchNorm:
-        self.dtype = dtype
-        dt = self.dtype
-        for name in ("gamma", "beta", "dgamma", "dbeta", "running_mean", "running_var"):
-            setattr(self, name, np.ascontiguousarray(getattr(self, name), dtype=dt))
-        self._reset_cache()
-        return self
-
-    @staticmethod
-    def _buffer(old: np.ndarray | None, shape: tuple[int, ...], dtype: Any) -> np.ndarray:
-        if old is not None and old.shape == shape and old.dtype == dtype:
-            return old
-        return np.empty(shape, dtype=dtype)
-
-    def _affine_into(
-        self, Y: np.ndarray, X: np.ndarray, scale: np.ndarray, shift: np.ndarray
-    ) -> np.ndarray:
-        """Y = X * scale + shift, computed in the float64 scratch, then cast into Y."""
-        n, f = Y.shape
-        tmp = self._tmp = self._buffer(self._tmp, (n, f), np.float64)
-        np.multiply(X, scale, out=tmp)
-        np.add(tmp, shift, out=tmp)
-        np.copyto(Y, tmp, casting="same_kind")
-        return Y
-
-    def forward(self, X: Any, training: bool = False) -> np.ndarray:
-        Xa = self.prepare_input(X)
-        n, f = Xa.shape
-        g64 = self.gamma.astype(np.float64, copy=False)
-        b64 = self.beta.astype(np.float64, copy=False)
-        if not training:
-            scale = g64 / np.sqrt(self.running_var.astype(np.float64) + self.eps)
-            shift = b64 - self.running_mean.astype(np.float64) * scale
-            Y = self._Y = self._buffer(self._Y, (n, f), Xa.dtype)
-            return self._affine_into(Y, Xa, scale, shift)
-        comm = self.comm
-        if comm is None:
-            comm = self.comm = default_communicator()
-        stats = self._msg_stats
-        stats[0] = n
-        np.sum(Xa, axis=0, dtype=np.float64, out=stats[1:])
-        comm.allreduce_sum(stats, what=f"{self!r} forward: batch sum")
-        N = float(stats[0])
-        if N < 2:
-            raise ValueError(
-                f"{self!r}: training needs more than 1 sample per global batch to compute "
-                f"a batch variance, got {int(N)} (local shape {Xa.shape} dtype {Xa.dtype})"
-            )
-        mean = stats[1:] / N
-        # NOTE: two passes (mean first, then squared deviations) keep the variance
-        # exact where E[x^2] - E[x]^2 would cancel.
-        xhat = self._buffer(self._xhat, (n, f), np.float64)
-        self._xhat = xhat
-        np.subtract(Xa, mean, out=xhat)
-        var = self._msg_var
-        np.einsum("ij,ij->j", xhat, xhat, out=var)
-        comm.allreduce_sum(var, what=f"{self!r} forward: sum of squared deviations")
-        var /= N
-        np.divide(1.0, np.sqrt(var + self.eps), out=self._invstd)
-        xhat *= self._invstd
-        self._count = N
-        Y = self._Y_train = self._buffer(self._Y_train, (n, f), Xa.dtype)
-        self._affine_into(Y, xhat, g64, b64)
-        m = self.momentum
-        rm = self.running_mean
-        rv = self.running_var
-        rm[...] = (1 - m) * rm.astype(np.float64) + m * mean
-        rv[...] = (1 - m) * rv.astype(np.float64) + m * var * (N / (N - 1))
-        return Y
-
-    def backward(self, dY: Any) -> np.ndarray:
-        if self._Y_train is None or self._xhat is None:
-            raise RuntimeError(
-                f"{self!r}: backward() called before forward(X, training=True); "
-                f"backward uses the activations cached by the last training forward"
-            )
-        dy = self.prepare_grad(dY, self._Y_train)
-        xhat = self._xhat
-        n, f = xhat.shape
-        comm = self.comm
-        assert comm is not None
-        msg = self._msg_grad
-        np.sum(dy, axis=0, dtype=np.float64, out=msg[:f])
-        tmp = self._buffer(self._tmp, (n, f), np.float64)
-        self._tmp = tmp
-        np.multiply(dy, xhat, out=tmp)
-        np.sum(tmp, axis=0, out=msg[f:])
-        # NOTE: the parameter gradients are this shard's sums; the trainer's
-        # gradient allreduce adds the shards up (adding them here too would
-        # count them twice).
-        np.copyto(self.dbeta, msg[:f], casting="same_kind")
-        np.copyto(self.dgamma, msg[f:], casting="same_kind")
-        comm.allreduce_sum(msg, what=f"{self!r} backward: sums of dy and dy*xhat")
-        N = self._count
-        k = self.gamma.astype(np.float64) * self._invstd
-        # dx = gamma * invstd * (dy - G1/N - xhat * G2/N)
-        np.multiply(xhat, msg[f:] / N, out=tmp)
-        np.subtract(dy, tmp, out=tmp)
-        tmp -= msg[:f] / N
-        tmp *= k
-        dX = self._buffer(self._dX, (n, f), dy.dtype)
-        self._dX = dX
-        np.copyto(dX, tmp, casting="same_kind")
-        return dX
-
-
-def convert_sync_batchnorm(net: Any) -> Any:
-    """A new ``Sequential`` with every ``batchnorm`` replaced by a :class:`SyncBatchNorm`
-    (same config, parameters and buffers); the other layers are the same objects."""
-    from nnrt_plugins.batchnorm import BatchNorm
-
-    state = net.state_dict()
-    layers = [
-        SyncBatchNorm(**layer.config()) if isinstance(layer, BatchNorm) else layer
-        for layer in net.layers
-    ]
-    new = Sequential(layers, seed=net.seed, dtype=net.dtype)
-    new.load_state_dict(state)
-    return new
-
-
 # ---------------------------------------------------------------------------- training
 def shard_bounds(n: int, size: int, rank: int) -> tuple[int, int]:
     """Rows ``[lo, hi)`` of a global batch of ``n`` that ``rank`` of ``size`` computes
@@ -499,10 +299,11 @@ class GradientAllreduce:
     """The data-parallel strategy ``nnrt.engine`` runs between backward and the optimizer step.
 
     ``GradientAllreduce(net, comm=None)`` broadcasts rank 0's parameters and
-    buffers, points every :class:`SyncBatchNorm` at ``comm`` and preallocates
-    one flat buffer in the network's dtype: every gradient, then two slots (the
-    loss and the number of correct rows), then the float buffers of the layers
-    that are not :class:`SyncBatchNorm` (their running statistics). Called
+    buffers, sets ``layer.comm = comm`` on every layer that declares
+    ``uses_communicator`` and preallocates one flat buffer in the network's
+    dtype: every gradient, then two slots (the loss and the number of correct
+    rows), then the float buffers of the other layers (e.g. running
+    statistics, averaged over the ranks). Called
     after backward with this rank's share of the loss and correct count, it
     fills the buffer, runs ONE ``Allreduce`` (sum), copies the summed gradients
     and the averaged buffers back and returns the global loss and count.
@@ -514,10 +315,10 @@ class GradientAllreduce:
         self.rank = self.comm.rank
         self.size = self.comm.size
         for layer in net.layers:
-            if isinstance(layer, SyncBatchNorm):
+            if _uses_communicator(layer):
                 layer.comm = self.comm
         self._grads = list(net.grads().values())
-        sync_ids = {i for i, layer in enumerate(net.layers) if isinstance(layer, SyncBatchNorm)}
+        sync_ids = {i for i, layer in enumerate(net.layers) if _uses_communicator(layer)}
         self._avg_buffers = [
             arr
             for key, arr in net.buffers().items()
@@ -551,14 +352,14 @@ class GradientAllreduce:
         return shard_bounds(n, self.size, self.rank)
 
     def min_batch(self, net: Any) -> int:
-        """The shortest global batch: two rows per rank for a BatchNorm that is not
-        synchronised, two in all for :class:`SyncBatchNorm`, else a row per rank."""
-        local = any(
-            getattr(type(layer), "uses_batch_statistics", False)
-            and not isinstance(layer, SyncBatchNorm)
-            for layer in net.layers
-        )
-        synced = any(isinstance(layer, SyncBatchNorm) for layer in net.layers)
+        """The shortest global batch: two rows per rank for a layer with batch
+        statistics over its shard, two in all for one that reduces them over the
+        ranks (``uses_communicator``), else a row per rank."""
+        batch_stats = [
+            layer for layer in net.layers if getattr(type(layer), "uses_batch_statistics", False)
+        ]
+        local = any(not _uses_communicator(layer) for layer in batch_stats)
+        synced = any(_uses_communicator(layer) for layer in batch_stats)
         return max(self.size * (2 if local else 1), 2 if synced else 1)
 
     def common_seed(self, seed: int | None) -> int | None:
@@ -589,6 +390,11 @@ class GradientAllreduce:
         for view, b in zip(self._buf_views, self._avg_buffers, strict=True):
             np.copyto(b, view)
         return float(flat[self._slot]), int(round(float(flat[self._slot + 1])))
+
+
+def _uses_communicator(layer: Any) -> bool:
+    """The layer talks to the other ranks itself (class attribute ``uses_communicator``)."""
+    return bool(getattr(type(layer), "uses_communicator", False))
 
 
 def _views(flat: np.ndarray, start: int, arrays: Sequence[np.ndarray]) -> list[np.ndarray]:

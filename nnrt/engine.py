@@ -17,7 +17,7 @@ The rules every caller gets from here:
   order. Each process gathers its rows of a batch (all of them in one process,
   its ``np.array_split`` shard under MPI) in increasing index order.
 - Short batches. A network with a layer whose class sets
-  ``uses_batch_statistics = True`` (BatchNorm) cannot train on one sample: a
+  ``uses_batch_statistics = True`` (batch statistics) cannot train on one sample: a
   final batch too short for that (one sample; under MPI, fewer than two rows per
   rank) is skipped in every epoch, with one ``nnrt.TrainingWarning``.
 - Non-finite loss. Training stops, the network (parameters, buffers) and the
@@ -478,7 +478,8 @@ def _fit(
     if full == 0 and last < min_batch:
         raise ValueError(
             f"fit: {n} sample{'s' if n != 1 else ''} left for training, fewer than the "
-            f"{min_batch} that one batch needs (BatchNorm cannot normalise a single sample"
+            f"{min_batch} that one batch needs (a layer with batch statistics cannot "
+            f"normalise a single sample"
             f"{'; every rank needs its rows' if size > 1 else ''}); pass more samples"
         )
     skip_last = 0 < last < min_batch
@@ -486,7 +487,8 @@ def _fit(
         warn_user(
             f"fit: {n} training samples with batch_size={batch_size} leave a final "
             f"mini-batch of {last} sample{'s' if last > 1 else ''}, fewer than the "
-            f"{min_batch} that BatchNorm needs{f' on {size} ranks' if size > 1 else ''}; it "
+            f"{min_batch} that its layers with batch statistics need"
+            f"{f' on {size} ranks' if size > 1 else ''}; it "
             f"is skipped in every epoch (a different sample each epoch when shuffling). Pick "
             f"another batch_size to use every sample.",
             TrainingWarning,
@@ -960,7 +962,7 @@ def _as_array(data: Any) -> np.ndarray:
 
 # ---------------------------------------------------------------- helpers
 def has_batch_statistics(net: Sequential) -> bool:
-    """True if some layer's class sets ``uses_batch_statistics = True`` (e.g. BatchNorm)."""
+    """True if some layer's class sets ``uses_batch_statistics = True`` (normalisation over the batch)."""
     return any(getattr(type(layer), "uses_batch_statistics", False) for layer in net.layers)
 
 

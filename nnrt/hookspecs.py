@@ -9,7 +9,7 @@ adds one at run time. Each spec's docstring is its documentation.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, TypeAlias
 
 import pluggy
 
@@ -35,6 +35,11 @@ class Network(Protocol):
     def __len__(self) -> int: ...
 
     def __getitem__(self, index: int, /) -> Layer: ...
+
+
+#: a ``torch.nn.Module`` (``nnrt_to_torch``, ``nnrt_from_torch``); typed loosely so
+#: that nnrt and its plugins type-check and import without torch installed
+TorchModule: TypeAlias = Any
 
 
 class RegisterLayer(Protocol):
@@ -141,13 +146,13 @@ def nnrt_check_network(net: Network) -> None:
     the user wants. It must not modify the network, must not raise for a
     valid network, and returns nothing.
 
-    Example (the batchnorm plugin)::
+    Example (a plugin whose ``Tanh`` saturates after another one)::
 
         @nnrt.hookimpl
         def nnrt_check_network(net):
             for i in range(1, len(net)):
-                if isinstance(net[i], BatchNorm) and "bias" in net[i - 1].params():
-                    warn_user("... use dense_nobias ...", BiasBeforeBatchNormWarning)
+                if type(net[i]) is Tanh and type(net[i - 1]) is Tanh:
+                    warn_user(f"layers {i - 1} and {i}: tanh of tanh ...", DoubleTanhWarning)
     """
 
 
@@ -164,12 +169,12 @@ def nnrt_check_state(layer: Layer, state: dict[str, Any]) -> None:
     kernels must never see (a negative variance); nothing is loaded then.
     Return nothing; do not modify ``state``.
 
-    Example (the batchnorm plugin)::
+    Example (a plugin whose ``RunningNorm`` keeps a running variance)::
 
         @nnrt.hookimpl
         def nnrt_check_state(layer, state):
             var = state.get("running_var")
-            if type(layer) is BatchNorm and var is not None and not (var >= 0).all():
+            if type(layer) is RunningNorm and var is not None and not (var >= 0).all():
                 raise ValueError(f"{layer!r}: running_var must be >= 0")
     """
 
@@ -239,4 +244,93 @@ def nnrt_layer_flops(layer: Layer, in_features: int) -> int | None:
             if type(layer) is not Tanh:
                 return None
             return 4 * in_features  # exp, exp, subtract/add, divide per element
+    """
+
+
+@hookspec(firstresult=True)
+def nnrt_fold_pair(first: Layer, second: Layer) -> Layer | None:
+    """Merge two adjacent layers into one layer for inference, if this plugin can.
+
+    ``nnrt.fold.fold(net)`` (and ``net.fold()``) walks the network and asks
+    this hook about every adjacent pair ``(first, second)`` (``second`` takes
+    ``first``'s output). A plugin that knows how to merge the pair returns a
+    NEW layer that computes ``second(first(X))`` in evaluation mode, from a
+    copy of their parameters and buffers (``first`` and ``second`` must not be
+    changed); compute in float64: the network casts the result to its dtype.
+    The merged layer is meant for inference only (it need not train like the
+    pair). Otherwise return ``None`` so that the next plugin is asked (first
+    non-None result wins). The merged layer is then offered to this hook again
+    together with the layer after it, so chains fold as far as plugins allow.
+
+    The result must be an ``nnrt.Layer``, not ``first`` or ``second`` itself,
+    taking ``first``'s input width and giving ``second``'s output width (where
+    they are fixed); anything else raises ``nnrt.PluginError`` naming this
+    plugin. Return a registered layer type (e.g. ``nnrt.layer("dense", ...)``)
+    so that the folded network can be saved.
+
+    Example (a plugin whose ``Scale`` layer multiplies by a constant)::
+
+        @nnrt.hookimpl
+        def nnrt_fold_pair(first, second):
+            if type(first) is not Scale or type(second) is not Scale:
+                return None
+            return Scale(first.factor * second.factor)
+    """
+
+
+@hookspec(firstresult=True)
+def nnrt_to_torch(layer: Layer) -> TorchModule | None:
+    """The ``torch.nn.Module`` equivalent to ``layer``, for ``net.to_torch()``.
+
+    A plugin that recognises the layer (check its exact class) imports torch
+    (only this hook and ``nnrt_from_torch`` are ever called with torch in
+    use) and returns a new module holding a COPY of the layer's parameters
+    and buffers (``torch.from_numpy(np.array(a, copy=True))``: the two must
+    share no memory), in the dtype of the layer's arrays; its evaluation mode
+    (``.eval()``) must compute ``layer.forward(X, training=False)`` and its
+    training mode should match ``training=True``. Otherwise return ``None``
+    so that the next plugin is asked (first non-None result wins). A layer no
+    plugin claims makes ``to_torch`` raise ``TypeError`` naming the layer and
+    its plugin; a result that is not a ``torch.nn.Module`` raises
+    ``nnrt.PluginError`` naming this plugin. Implement ``nnrt_from_torch``
+    too, so that a network makes the round trip.
+
+    Example::
+
+        @nnrt.hookimpl
+        def nnrt_to_torch(layer):
+            if type(layer) is not Tanh:
+                return None
+            import torch
+
+            return torch.nn.Tanh()
+    """
+
+
+@hookspec(firstresult=True)
+def nnrt_from_torch(module: TorchModule) -> Layer | None:
+    """The nnrt layer equivalent to the torch module ``module``, for ``nnrt.from_torch``.
+
+    ``nnrt.from_torch`` asks this hook about each child of a
+    ``torch.nn.Sequential`` (``nn.Identity`` is skipped before). A plugin
+    that recognises the module (check its exact class, e.g. ``type(module)
+    is torch.nn.Tanh``) returns a NEW layer of its own holding a copy of the
+    module's parameters and buffers in float64 (``Sequential`` casts it to
+    the network's dtype); otherwise it returns ``None`` so that the next
+    plugin is asked (first non-None result wins). A module of a recognised
+    class whose settings have no nnrt counterpart raises ``TypeError`` saying
+    which setting (``from_torch`` adds the module's position). A module no
+    plugin claims makes ``from_torch`` raise ``TypeError`` naming it; a
+    result that is not an ``nnrt.Layer`` raises ``nnrt.PluginError`` naming
+    this plugin.
+
+    Example::
+
+        @nnrt.hookimpl
+        def nnrt_from_torch(module):
+            import torch
+
+            if type(module) is not torch.nn.Tanh:
+                return None
+            return Tanh()
     """

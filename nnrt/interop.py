@@ -1,24 +1,16 @@
 """Move weights between nnrt and PyTorch: ``nnrt.from_torch`` and ``net.to_torch()``.
 
 Needs ``torch`` (the optional extra ``nnrt[torch]``), imported only when one of
-these functions is called. The layer types that map:
-
-=========================================  ======================================
-torch                                      nnrt
-=========================================  ======================================
-``nn.Linear(i, o)``                        ``dense(i, o)``; weight transposed:
-                                           torch stores (out, in), nnrt (in, out)
-``nn.Linear(i, o, bias=False)``            ``dense_nobias(i, o)``
-``nn.BatchNorm1d(n, eps, momentum)``       ``batchnorm(n, momentum, eps)`` with
-(affine, tracking running stats)           gamma/beta = weight/bias and the
-                                           running statistics
-``nn.Sigmoid()``                           ``sigmoid()``
-=========================================  ======================================
+these functions is called. Which module a layer becomes, and back, is the
+business of the plugin that provides the layer, through two hooks
+(``nnrt.hookspecs``): ``nnrt_to_torch(layer)`` and ``nnrt_from_torch(module)``.
+The core's own plugin maps ``dense(i, o)`` <-> ``nn.Linear(i, o)`` (weight
+transposed: torch stores (out, in), nnrt (in, out)); each built-in plugin
+documents its mapping in its module docstring (``nnrt_plugins.sigmoid`` etc.),
+exactly as a third-party plugin would.
 
 Both directions copy the arrays (the two networks share no memory) and keep
-the float dtype (float32 or float64). ``num_batches_tracked`` has no nnrt
-counterpart: it is dropped on import and set to 0 on export (it only matters
-for ``BatchNorm1d(momentum=None)``, which nnrt does not support).
+the float dtype (float32 or float64). ``nn.Identity`` is skipped on import.
 """
 
 from __future__ import annotations
@@ -27,13 +19,13 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from nnrt._hooks import first_result, plugin_error
+from nnrt.layer import Layer
 from nnrt.network import Sequential
 from nnrt.registry import registry
 
 if TYPE_CHECKING:
     import torch
-
-    from nnrt.layer import Layer
 
 __all__ = ["from_torch", "to_torch"]
 
@@ -48,19 +40,15 @@ def _require_torch() -> Any:
     return torch
 
 
-def _np(t: Any) -> np.ndarray:
-    return np.array(t.detach().cpu().numpy(), copy=True)
-
-
 def from_torch(module: torch.nn.Module, *, dtype: Any = None, seed: int | None = 0) -> Sequential:
     """Build an nnrt ``Sequential`` with the weights of a ``torch.nn.Sequential``.
 
     ``module`` is a ``torch.nn.Sequential`` (or a single supported module) of
-    ``Linear`` (with or without bias), ``BatchNorm1d`` (``affine=True``,
-    ``track_running_stats=True``, a float ``momentum``) and ``Sigmoid``;
-    ``nn.Identity`` is skipped. ``dtype`` defaults to the dtype of the torch
-    parameters (float32 or float64). Anything else raises ``TypeError``
-    naming the module and its position.
+    modules some plugin converts (hook ``nnrt_from_torch``: the core's
+    ``Linear``, the built-in plugins' ``Linear(bias=False)``, ``Sigmoid`` and
+    their normalisation modules); ``nn.Identity`` is skipped. ``dtype``
+    defaults to the dtype of the torch parameters (float32 or float64).
+    Anything else raises ``TypeError`` naming the module and its position.
     """
     torch = _require_torch()
     nn = torch.nn
@@ -77,50 +65,34 @@ def from_torch(module: torch.nn.Module, *, dtype: Any = None, seed: int | None =
     found_dtypes: set[str] = set()
     for pos, child in enumerate(children):
         where = f"module {pos} {child!r} ({type(child).__module__}.{type(child).__qualname__})"
-        k = len(layers)
         for t in list(child.parameters()) + list(child.buffers()):
             if t.is_floating_point():
                 found_dtypes.add(str(t.dtype).removeprefix("torch."))
         if isinstance(child, nn.Identity):
             continue
-        if type(child) is nn.Linear:
-            W = _np(child.weight).T  # (out, in) -> (in, out)
-            if child.bias is None:
-                layers.append(registry.make("dense_nobias", child.in_features, child.out_features))
-            else:
-                layers.append(registry.make("dense", child.in_features, child.out_features))
-                state[f"{k}.bias"] = _np(child.bias)
-            state[f"{k}.weight"] = W
-        elif type(child) is nn.BatchNorm1d:
-            if not child.affine or not child.track_running_stats:
-                raise TypeError(
-                    f"nnrt.from_torch: {where}: only BatchNorm1d(affine=True, "
-                    f"track_running_stats=True) maps to nnrt's batchnorm"
-                )
-            if child.momentum is None:
-                raise TypeError(
-                    f"nnrt.from_torch: {where}: momentum=None (cumulative moving average) "
-                    f"has no nnrt counterpart; set a float momentum"
-                )
-            layers.append(
-                registry.make(
-                    "batchnorm",
-                    child.num_features,
-                    momentum=float(child.momentum),
-                    eps=float(child.eps),
-                )
-            )
-            state[f"{k}.gamma"] = _np(child.weight)
-            state[f"{k}.beta"] = _np(child.bias)
-            state[f"{k}.running_mean"] = _np(child.running_mean)
-            state[f"{k}.running_var"] = _np(child.running_var)
-        elif type(child) is nn.Sigmoid:
-            layers.append(registry.make("sigmoid"))
-        else:
+        try:
+            layer, plugin = first_result("nnrt_from_torch", module=child)
+        except (TypeError, ValueError) as exc:
+            # a plugin that knows the class refuses a setting: say where it is
+            kind = TypeError if isinstance(exc, TypeError) else ValueError
+            raise kind(f"nnrt.from_torch: {where}: {exc}") from exc
+        if layer is None:
             raise TypeError(
-                f"nnrt.from_torch: {where} has no nnrt counterpart; supported: Linear, "
-                f"BatchNorm1d, Sigmoid, Identity"
+                f"nnrt.from_torch: {where} has no nnrt counterpart: no plugin's "
+                f"nnrt_from_torch hook converts it (the plugin that provides a matching "
+                f"layer can implement that hook; see nnrt.hookspecs.nnrt_from_torch)"
             )
+        if not isinstance(layer, Layer):
+            raise plugin_error(
+                "nnrt_from_torch",
+                plugin,
+                f"returned {type(layer).__name__} {layer!r:.80} for {where}, not an nnrt.Layer",
+            )
+        k = len(layers)
+        layers.append(layer)
+        # NOTE: copied now: Sequential re-initialises the layers from its seed
+        for name, arr in [*layer.params().items(), *layer.buffers().items()]:
+            state[f"{k}.{name}"] = np.array(arr, copy=True)
     if not layers:
         raise ValueError("nnrt.from_torch: the torch module holds no layer to convert")
     if dtype is None:
@@ -139,9 +111,8 @@ def from_torch(module: torch.nn.Module, *, dtype: Any = None, seed: int | None =
 def to_torch(net: Sequential) -> torch.nn.Sequential:
     """A ``torch.nn.Sequential`` with a copy of ``net``'s weights, in ``net``'s dtype.
 
-    Maps ``dense`` → ``Linear``, ``dense_nobias`` → ``Linear(bias=False)``,
-    ``batchnorm`` → ``BatchNorm1d`` (running statistics, momentum and eps
-    included) and ``sigmoid`` → ``Sigmoid``. The module is returned in
+    Each layer becomes the module its plugin's ``nnrt_to_torch`` hook builds
+    (``dense`` → ``Linear``; see each plugin for its layers). The module is returned in
     training mode, as torch builds modules; call ``.eval()`` for ``net(X)``'s
     semantics. Any other layer raises ``TypeError`` naming it and its plugin.
     """
@@ -152,45 +123,27 @@ def to_torch(net: Sequential) -> torch.nn.Sequential:
     ]
     modules: list[Any] = []
     for i, layer in enumerate(net.layers):
-        name = registry.name_of(type(layer))
-        p, b = layer.params(), layer.buffers()
-
-        def t(a: np.ndarray) -> Any:
-            return torch.from_numpy(np.array(a, dtype=net.dtype, copy=True))
-
-        with torch.no_grad():
-            if name in ("dense", "dense_nobias"):
-                n_in, n_out = p["weight"].shape
-                lin = nn.Linear(n_in, n_out, bias=name == "dense", dtype=tdtype)
-                lin.weight.copy_(t(p["weight"].T))
-                if name == "dense":
-                    lin.bias.copy_(t(p["bias"]))
-                modules.append(lin)
-            elif name == "batchnorm":
-                cfg = layer.config()
-                bn = nn.BatchNorm1d(
-                    int(cfg["num_features"]),
-                    eps=float(cfg["eps"]),
-                    momentum=float(cfg["momentum"]),
-                    dtype=tdtype,
-                )
-                bn.weight.copy_(t(p["gamma"]))
-                bn.bias.copy_(t(p["beta"]))
-                bn.running_mean.copy_(t(b["running_mean"]))
-                bn.running_var.copy_(t(b["running_var"]))
-                modules.append(bn)
-            elif name == "sigmoid":
-                modules.append(nn.Sigmoid())
-            else:
-                plugin = registry.get(name).plugin if name is not None else None
-                what = (
-                    f"registered as {name!r} by plugin {plugin!r}"
-                    if name is not None
-                    else f"class {type(layer).__module__}.{type(layer).__qualname__}, "
-                    f"not a registered layer type"
-                )
-                raise TypeError(
-                    f"nnrt to_torch: layer {i} {layer!r} ({what}) has no torch counterpart; "
-                    f"supported: dense, dense_nobias, batchnorm, sigmoid"
-                )
+        module, plugin = first_result("nnrt_to_torch", layer=layer)
+        if module is None:
+            name = registry.name_of(type(layer))
+            owner = registry.get(name).plugin if name is not None else None
+            what = (
+                f"registered as {name!r} by plugin {owner!r}"
+                if name is not None
+                else f"class {type(layer).__module__}.{type(layer).__qualname__}, "
+                f"not a registered layer type"
+            )
+            raise TypeError(
+                f"nnrt to_torch: layer {i} {layer!r} ({what}) has no torch counterpart: no "
+                f"plugin's nnrt_to_torch hook converts it (the plugin that provides the layer "
+                f"can implement that hook; see nnrt.hookspecs.nnrt_to_torch)"
+            )
+        if not isinstance(module, nn.Module):
+            raise plugin_error(
+                "nnrt_to_torch",
+                plugin,
+                f"returned {type(module).__name__} {module!r:.80} for layer {i} {layer!r}, "
+                f"not a torch.nn.Module",
+            )
+        modules.append(module.to(dtype=tdtype))
     return nn.Sequential(*modules)

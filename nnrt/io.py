@@ -675,7 +675,7 @@ def _check_config_echo(path: str, i: int, spec: dict[str, Any], layer: Any) -> N
     Generic strict typing for every plugin: a constructor that coerces
     ``"momentum": "0.5"`` or ``"eps": "1e-5"`` (strings) or ``true`` into a
     number builds a layer whose ``config()`` differs from the file, and the file
-    is refused; range checks are the constructor's (e.g. batchnorm's eps > 0).
+    is refused; range checks are the constructor's (e.g. a normalisation's eps > 0).
     """
     try:
         echo = _jsonable(layer.config(), f"layer {i}")

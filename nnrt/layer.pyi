@@ -27,7 +27,7 @@ class Layer:
     ``forward`` and ``backward`` plus whichever of ``params`` / ``grads`` /
     ``buffers`` / ``config`` apply.
 
-    On a compiled built-in layer (dense, dense_nobias, sigmoid, batchnorm and
+    On a compiled built-in layer (dense and the built-in plugins' compiled layers, and
     subclasses of them) ``in_features``, ``out_features`` and ``dtype`` are
     read-only: assigning raises AttributeError (build a new layer, or call
     ``to_dtype``). A compiled layer that was never initialised (made with

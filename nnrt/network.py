@@ -259,7 +259,8 @@ class Sequential:
         """One flag per layer: 1 where layer i runs fused with layer i+1, or None.
 
         A layer offers fusion with its successor through ``_nnrt_fuse_next(next)``
-        (internal to nnrt's compiled layers: BatchNorm followed by Sigmoid); the
+        (internal to nnrt's compiled layers, e.g. a normalisation and the activation
+        after it); the
         fused pair must leave both layers' caches as the separate calls would.
         ``NNRT_FUSE=0`` in the environment turns fusion off.
         """
@@ -357,7 +358,7 @@ class Sequential:
         return self._named("grads")
 
     def buffers(self) -> dict[str, np.ndarray]:
-        """Live non-trained state (e.g. BatchNorm running statistics)."""
+        """Live non-trained state (e.g. a normalisation layer's running statistics)."""
         return self._named("buffers")
 
     def zero_grad(self) -> None:
@@ -433,7 +434,7 @@ class Sequential:
         ValueError before training; a non-finite loss raises FloatingPointError
         and leaves the weights that gave the last finite loss. A final
         mini-batch of one sample is skipped (one ``nnrt.TrainingWarning``)
-        when the network has BatchNorm. ``progress`` (tqdm bar) defaults to on
+        when a layer has ``uses_batch_statistics``. ``progress`` (tqdm bar) defaults to on
         when stderr is a terminal. See ``nnrt.engine.fit``.
         """
         from nnrt.engine import fit
@@ -466,11 +467,15 @@ class Sequential:
 
         save(self, path)
 
-    def fold_batchnorm(self) -> Sequential:
-        """A new eval-only network with each dense/dense_nobias + batchnorm pair folded into one dense."""
-        from nnrt.fold import fold_batchnorm
+    def fold(self) -> Sequential:
+        """A new eval-only network with each pair of layers a plugin can merge folded into
+        one layer (hook ``nnrt_fold_pair``; see ``nnrt.fold.fold``)."""
+        from nnrt.fold import fold
 
-        return fold_batchnorm(self)
+        return fold(self)
+
+    #: the name ``fold`` had when the only fold was a dense + normalisation pair
+    fold_batchnorm = fold
 
     def summary(self, batch_size: int = 32, **kwargs: Any) -> Any:
         """Layers, widths, parameter counts, memory and FLOPs: a ``nnrt.summary.ModelSummary``.

@@ -2,22 +2,16 @@
 
 Needs the optional extra ``nnrt[onnx]`` (the ``onnx`` package; ``onnxruntime``
 to run the result). The graph computes the network in evaluation mode
-(``net(X)``, BatchNorm with its running statistics) in the network's dtype:
+(``net(X)``; a layer with batch statistics uses its running ones) in the
+network's dtype.
 
-=============== ===========================================================
-layer           ONNX
-=============== ===========================================================
-``dense``       ``Gemm(X, W, b)`` (W stored as (in, out), no transpose)
-``dense_nobias`` ``MatMul(X, W)``                (plugin, through the hook)
-``batchnorm``   ``BatchNormalization`` (eval)    (plugin, through the hook)
-``sigmoid``     ``Sigmoid``                      (plugin, through the hook)
-=============== ===========================================================
-
-Every layer other than the core's ``dense`` is exported by the plugin that
-provides it, through the hook ``nnrt_onnx_export(layer, input, ctx)``
-(``nnrt.hookspecs``): the built-in plugins do it exactly as a third party
-would. A layer no plugin exports raises ``NotImplementedError`` naming the
-layer and its plugin.
+Every layer is exported by the plugin that provides it, through the hook
+``nnrt_onnx_export(layer, input, ctx)`` (``nnrt.hookspecs``): the core's own
+plugin writes ``dense`` as ``Gemm(X, W, b)`` (W stored as (in, out), no
+transpose), and the built-in plugins write their layers (``MatMul``,
+``Sigmoid``, ...) exactly as a third party would. A
+layer no plugin exports raises ``NotImplementedError`` naming the layer and its
+plugin.
 """
 
 from __future__ import annotations
@@ -28,7 +22,6 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from nnrt.dense import Dense
 from nnrt.registry import registry
 
 # NOTE: this module is ``nnrt.onnx``; ``import onnx`` below is absolute and
@@ -111,13 +104,6 @@ class ExportContext:
         return outputs
 
 
-def _export_dense(layer: Layer, input: str, ctx: ExportContext) -> str:
-    p = layer.params()
-    W = ctx.add_initializer("weight", p["weight"])
-    b = ctx.add_initializer("bias", p["bias"])
-    return ctx.add_node("Gemm", [input, W, b])[0]
-
-
 def _describe_layer(i: int, layer: Layer) -> str:
     name = registry.name_of(type(layer))
     cls = f"{type(layer).__module__}.{type(layer).__qualname__}"
@@ -167,8 +153,6 @@ def to_model(
     for i, layer in enumerate(net.layers):
         ctx.index = i
         out: Any = registry.call_hook("nnrt_onnx_export", layer=layer, input=current, ctx=ctx)
-        if out is None and type(layer) is Dense:
-            out = _export_dense(layer, current, ctx)
         if out is None:
             raise NotImplementedError(
                 f"nnrt.onnx.export: {_describe_layer(i, layer)} has no ONNX export: "

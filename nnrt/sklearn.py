@@ -19,7 +19,7 @@ mini-batches of ``batch_size``, reshuffled every epoch (each ``fit`` /
 ``"adam"`` (default), ``"adamw"``, ``"sgd"`` (``momentum``) or a plugin's; it
 gets those of ``lr``, ``momentum``, ``weight_decay`` its constructor takes); as
 in ``Sequential.fit``, a last mini-batch of one sample is skipped with a
-``nnrt.TrainingWarning`` when the network has BatchNorm, and a non-finite loss
+``nnrt.TrainingWarning`` when a layer has ``uses_batch_statistics``, and a non-finite loss
 raises ``FloatingPointError``. ``fit`` starts from new weights; ``partial_fit``
 runs one epoch and keeps the weights and the optimizer state between calls.
 

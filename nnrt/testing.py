@@ -152,7 +152,7 @@ def gradcheck(
     batch. A wrong gradient (a factor off, a sum left out) is off by far more.
 
     ``buffers()`` are saved and restored around every forward, so layers that
-    update running statistics in training (BatchNorm) see the same state each
+    update running statistics in training (normalisation) see the same state each
     time and are left as they were.
 
     Returns True; raises AssertionError naming the worst entry ("dX" or

@@ -31,7 +31,7 @@ cimport numpy as cnp
 from nnrt.layer cimport (LAYER_BUILT, LAYER_FROZEN, NNRT_ABI_VERSION, Layer, cache_input,
                          check_array, check_self, grad_as, overlaps, reuse_buffer, unaliased)
 
-from nnrt._validate import batchnorm_config
+from nnrt_plugins._bn_config import batchnorm_config
 from nnrt.layer import check_abi
 
 from nnrt_plugins._sigmoid import Sigmoid, _output_buffer

@@ -2,6 +2,26 @@
 
 Also checks networks (hook ``nnrt_check_network``): a ``dense`` layer with a
 bias right before a ``batchnorm`` gets an ``nnrt.BiasBeforeBatchNormWarning``.
+
+Folding (hook ``nnrt_fold_pair``, used by ``net.fold()``): in eval mode
+BatchNorm is a per-feature affine map with the running statistics::
+
+    s = gamma / sqrt(running_var + eps)
+    BN(z) = (z - running_mean) * s + beta
+
+so for ``z = X @ W + b`` (``b = 0`` for ``dense_nobias``)::
+
+    BN(z) = X @ (W * s) + ((b - running_mean) * s + beta)      (s scales W's columns)
+
+and a ``dense``/``dense_nobias`` followed by ``batchnorm`` becomes one ``dense``
+with ``W' = W * s`` and ``b' = (b - running_mean) * s + beta``, computed in
+float64 (the network then casts it to its dtype).
+
+ONNX: ``BatchNormalization`` in inference mode. torch: ``nn.BatchNorm1d(n,
+eps, momentum)`` (``affine=True``, tracking running statistics) with
+``gamma``/``beta`` = ``weight``/``bias`` and the running statistics.
+``num_batches_tracked`` has no nnrt counterpart: it is dropped on import and
+0 on export (it only matters for ``momentum=None``, which nnrt does not have).
 """
 
 from __future__ import annotations
@@ -10,24 +30,57 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from nnrt.dense import Dense
 from nnrt.hookspecs import RegisterLayer, hookimpl
-from nnrt.warnings import BiasBeforeBatchNormWarning, warn_user
+from nnrt.warnings import NetworkWarning, warn_user
 from nnrt_plugins._batchnorm import BatchNorm
+from nnrt_plugins._dense_nobias import DenseNoBias
 
 if TYPE_CHECKING:
-    from nnrt.hookspecs import OnnxExportContext
+    from nnrt.hookspecs import OnnxExportContext, TorchModule
     from nnrt.layer import Layer
     from nnrt.network import Sequential
 
 __all__ = [
     "BatchNorm",
+    "BiasBeforeBatchNormWarning",
     "check_running_stats",
+    "fold_into_dense",
+    "from_torch_module",
     "nnrt_check_network",
     "nnrt_check_state",
+    "nnrt_fold_pair",
+    "nnrt_from_torch",
     "nnrt_layer_flops",
     "nnrt_onnx_export",
     "nnrt_register_layers",
+    "nnrt_to_torch",
+    "to_torch_module",
 ]
+
+
+class BiasBeforeBatchNormWarning(NetworkWarning):
+    """A ``dense`` layer with a bias feeds a ``batchnorm`` layer: the bias does nothing.
+
+    BatchNorm subtracts the per-feature batch mean right after the dense layer.
+    For ``x = u + b`` (``u = X @ W``, ``b`` the bias) the normalised value is
+    ``x - E[x] = u + b - (E[u] + b) = u - E[u]``: the bias cancels exactly, in
+    training (batch mean) and in eval (the running mean absorbs it too), so it
+    receives a gradient whose effect on the output is zero. Ioffe & Szegedy
+    make this argument in the BatchNorm paper (2015, section 2: "the
+    combination of the update to b and subsequent change in normalization led
+    to no change in the output of the layer nor, consequently, the loss") and
+    drop the bias in section 3.2: "the bias b can be ignored since its effect
+    will be canceled by the subsequent mean subtraction (the role of the bias
+    is subsumed by beta)". BatchNorm's learned shift ``beta`` does what the
+    bias would have done.
+
+    The network still works; the bias wastes parameters, optimizer state and
+    time, and weight decay or a bias that drifts with the running mean make it
+    misleading. Use ``dense_nobias`` instead of ``dense`` before ``batchnorm``.
+    Silence with ``warnings.filterwarnings("ignore",
+    category=nnrt.BiasBeforeBatchNormWarning)``.
+    """
 
 
 @hookimpl
@@ -106,3 +159,104 @@ def nnrt_layer_flops(layer: Layer, in_features: int) -> int | None:
     if type(layer) is not BatchNorm:
         return None
     return 2 * in_features
+
+
+def fold_into_dense(dense: Layer, bn: Layer) -> Dense:
+    """A new float64 ``dense`` equal in eval mode to ``dense`` (a ``dense`` or
+    ``dense_nobias``) followed by the batch normalisation ``bn`` (see the module
+    docstring for the formula)."""
+    p = dense.params()
+    W = np.asarray(p["weight"], dtype=np.float64)
+    b = np.asarray(p["bias"], dtype=np.float64) if "bias" in p else np.zeros(W.shape[1])
+    g, buf = bn.params(), bn.buffers()
+    eps = float(bn.config()["eps"])
+    scale = np.asarray(g["gamma"], np.float64) / np.sqrt(
+        np.asarray(buf["running_var"], np.float64) + eps
+    )
+    folded = Dense(W.shape[0], W.shape[1])
+    out = folded.params()
+    np.copyto(out["weight"], W * scale[None, :])
+    np.copyto(
+        out["bias"],
+        (b - np.asarray(buf["running_mean"], np.float64)) * scale
+        + np.asarray(g["beta"], np.float64),
+    )
+    return folded
+
+
+@hookimpl
+def nnrt_fold_pair(first: Layer, second: Layer) -> Layer | None:
+    """``dense``/``dense_nobias`` followed by ``batchnorm`` -> one ``dense``."""
+    if type(second) is not BatchNorm or type(first) not in (Dense, DenseNoBias):
+        return None
+    return fold_into_dense(first, second)
+
+
+def to_torch_module(layer: Layer, cls: type[TorchModule]) -> TorchModule:
+    """A ``cls`` (``nn.BatchNorm1d`` or ``nn.SyncBatchNorm``) with a copy of the
+    batch-normalisation ``layer``'s config, parameters and running statistics."""
+    import torch
+
+    def t(a: np.ndarray) -> Any:
+        return torch.from_numpy(np.array(a, copy=True))
+
+    p, b = layer.params(), layer.buffers()
+    cfg = layer.config()
+    gamma = t(p["gamma"])
+    bn = cls(
+        int(cfg["num_features"]),
+        eps=float(cfg["eps"]),
+        momentum=float(cfg["momentum"]),
+        dtype=gamma.dtype,
+    )
+    with torch.no_grad():
+        bn.weight.copy_(gamma)
+        bn.bias.copy_(t(p["beta"]))
+        bn.running_mean.copy_(t(b["running_mean"]))
+        bn.running_var.copy_(t(b["running_var"]))
+    return bn
+
+
+def from_torch_module(module: TorchModule, cls: type[Layer], name: str) -> Layer:
+    """A new ``cls`` (registered as ``name``) with a copy of the torch batch-norm
+    ``module``'s config, ``weight``/``bias`` and running statistics (float64).
+
+    Settings nnrt has no counterpart for raise ``TypeError`` saying which."""
+    kind = type(module).__name__
+    if not module.affine or not module.track_running_stats:
+        raise TypeError(f"only {kind}(affine=True, track_running_stats=True) maps to nnrt's {name}")
+    if module.momentum is None:
+        raise TypeError(
+            "momentum=None (cumulative moving average) has no nnrt counterpart; "
+            "set a float momentum"
+        )
+    layer = cls(module.num_features, momentum=float(module.momentum), eps=float(module.eps))
+    p, b = layer.params(), layer.buffers()
+    for ours, theirs in (
+        (p["gamma"], module.weight),
+        (p["beta"], module.bias),
+        (b["running_mean"], module.running_mean),
+        (b["running_var"], module.running_var),
+    ):
+        np.copyto(ours, theirs.detach().cpu().numpy())
+    return layer
+
+
+@hookimpl
+def nnrt_to_torch(layer: Layer) -> TorchModule | None:
+    """``batchnorm`` -> ``nn.BatchNorm1d`` (running statistics, momentum and eps included)."""
+    if type(layer) is not BatchNorm:
+        return None
+    import torch
+
+    return to_torch_module(layer, torch.nn.BatchNorm1d)
+
+
+@hookimpl
+def nnrt_from_torch(module: TorchModule) -> Layer | None:
+    """``nn.BatchNorm1d`` (affine, tracking running statistics, float momentum) -> ``batchnorm``."""
+    import torch
+
+    if type(module) is not torch.nn.BatchNorm1d:
+        return None
+    return from_torch_module(module, BatchNorm, "batchnorm")

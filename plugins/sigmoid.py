@@ -1,4 +1,4 @@
-"""Plugin: the logistic sigmoid ``sigmoid``."""
+"""Plugin: the logistic sigmoid ``sigmoid`` (ONNX ``Sigmoid``, torch ``nn.Sigmoid``)."""
 
 from __future__ import annotations
 
@@ -8,10 +8,17 @@ from nnrt.hookspecs import RegisterLayer, hookimpl
 from nnrt_plugins._sigmoid import Sigmoid
 
 if TYPE_CHECKING:
-    from nnrt.hookspecs import OnnxExportContext
+    from nnrt.hookspecs import OnnxExportContext, TorchModule
     from nnrt.layer import Layer
 
-__all__ = ["Sigmoid", "nnrt_layer_flops", "nnrt_onnx_export", "nnrt_register_layers"]
+__all__ = [
+    "Sigmoid",
+    "nnrt_from_torch",
+    "nnrt_layer_flops",
+    "nnrt_onnx_export",
+    "nnrt_register_layers",
+    "nnrt_to_torch",
+]
 
 
 @hookimpl
@@ -33,3 +40,23 @@ def nnrt_layer_flops(layer: Layer, in_features: int) -> int | None:
     if type(layer) is not Sigmoid:
         return None
     return 4 * in_features
+
+
+@hookimpl
+def nnrt_to_torch(layer: Layer) -> TorchModule | None:
+    """``sigmoid`` -> ``nn.Sigmoid()``."""
+    if type(layer) is not Sigmoid:
+        return None
+    import torch
+
+    return torch.nn.Sigmoid()
+
+
+@hookimpl
+def nnrt_from_torch(module: TorchModule) -> Layer | None:
+    """``nn.Sigmoid()`` -> ``sigmoid``."""
+    import torch
+
+    if type(module) is not torch.nn.Sigmoid:
+        return None
+    return Sigmoid()

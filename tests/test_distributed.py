@@ -16,21 +16,16 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 
 import nnrt
-from nnrt.distributed import (
-    LocalCommunicator,
-    SyncBatchNorm,
-    convert_sync_batchnorm,
-    fit,
-    mpirun_command,
-    shard_bounds,
-)
+from nnrt.distributed import LocalCommunicator, fit, mpirun_command, shard_bounds
 from nnrt.optim import SGD, Adam
 from nnrt.testing import check_layer, gradcheck
+from nnrt_plugins.sync_batchnorm import SyncBatchNorm, convert_sync_batchnorm
 
 ROOT = Path(__file__).resolve().parent.parent
 DIST = ROOT / "tests" / "distributed"
@@ -172,6 +167,53 @@ def test_convert_sync_batchnorm(rng: np.random.Generator) -> None:
     assert all(np.array_equal(sd_old[k], sd_new[k]) for k in sd_old)
     x = rng.normal(size=(5, 8))
     np.testing.assert_allclose(new.forward(x), net.forward(x), rtol=1e-12, atol=1e-12)
+
+
+class _Counting(nnrt.Layer):
+    """A third party's layer that talks to the ranks itself: sums its input's rows
+    over the communicator it is handed (the ``uses_communicator`` interface)."""
+
+    uses_batch_statistics = True
+    uses_communicator = True
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.comm: object = None
+        self.total = np.zeros(1)
+
+    def buffers(self) -> dict[str, np.ndarray]:
+        return {"total": self.total}
+
+    def forward(self, X: Any, training: bool = False) -> np.ndarray:
+        X = np.ascontiguousarray(X, dtype=self.dtype)
+        if training:
+            rows = np.array([float(len(X))])
+            self.total += self.comm.allreduce_sum(rows, what="rows")  # type: ignore[attr-defined]
+        return X
+
+    def backward(self, dY: Any) -> np.ndarray:
+        return np.ascontiguousarray(dY)
+
+    def config(self) -> dict[str, Any]:
+        return {}
+
+
+def test_a_layer_that_uses_the_communicator_gets_it() -> None:
+    """GradientAllreduce hands its communicator to every layer declaring
+    ``uses_communicator``, keeps that layer's buffers out of the averaging and
+    needs two rows in the whole global batch (not two per rank)."""
+    from nnrt.distributed import GradientAllreduce
+
+    comm = LocalCommunicator()
+    layer = _Counting()
+    net = nnrt.Sequential([nnrt.layer("dense", 3, 3), layer], seed=0, dtype="float64")
+    sync = GradientAllreduce(net, comm)
+    assert layer.comm is comm
+    assert not any(b is layer.total for b in sync._avg_buffers)
+    assert sync.min_batch(net) == 2
+    X = np.random.default_rng(0).normal(size=(10, 3))
+    fit(net, X, X, loss="mse", epochs=1, batch_size=4, comm=comm, progress=False)
+    assert layer.total[0] == 10  # 4 + 4 + 2 rows, each counted through the communicator
 
 
 def test_mpirun_command() -> None:

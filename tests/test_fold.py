@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 import nnrt
+import nnrt.fold
 from nnrt.registry import registry
 
 TOL = {"float32": 1e-6, "float64": 1e-12}
@@ -119,3 +120,112 @@ def test_folding_a_trained_network_and_saving_it(tmp_path) -> None:  # type: ign
     folded.save(tmp_path / "folded.npz")
     again = nnrt.load(tmp_path / "folded.npz")
     assert np.array_equal(again.predict(X), folded.predict(X))
+
+
+# ----------------------------------------------------------------- the fold hook
+class Scale(nnrt.Layer):
+    """Y = X * factor (a third-party layer for the hook tests)."""
+
+    def __init__(self, factor: float = 1.0) -> None:
+        super().__init__()
+        self.factor = float(factor)
+        self.in_features = None
+        self.out_features = None
+
+    def forward(self, X, training=False):  # type: ignore[no-untyped-def]
+        return np.asarray(X) * self.factor
+
+    def backward(self, dY):  # type: ignore[no-untyped-def]
+        return np.asarray(dY) * self.factor
+
+    def config(self):  # type: ignore[no-untyped-def]
+        return {"factor": self.factor}
+
+
+class ScalePlugin:
+    """Registers ``test_scale`` and folds two adjacent scales into one."""
+
+    def __init__(self, result=None) -> None:  # type: ignore[no-untyped-def]
+        self.result = result  # None: the honest product; else returned as it is
+        self.asked: list[tuple[str, str]] = []
+
+    @nnrt.hookimpl
+    def nnrt_register_layers(self, register):  # type: ignore[no-untyped-def]
+        register(f"test_scale_{id(self)}", Scale)
+
+    @nnrt.hookimpl
+    def nnrt_fold_pair(self, first, second):  # type: ignore[no-untyped-def]
+        self.asked.append((type(first).__name__, type(second).__name__))
+        if type(first) is not Scale or type(second) is not Scale:
+            return None
+        if self.result is not None:
+            return first if self.result == "first" else self.result
+        return Scale(first.factor * second.factor)
+
+
+@pytest.fixture
+def scale_plugin():  # type: ignore[no-untyped-def]
+    plugins = []
+
+    def make(result=None):  # type: ignore[no-untyped-def]
+        plugin = ScalePlugin(result)
+        nnrt.register_plugin(plugin, name=f"scale-{id(plugin)}")
+        plugins.append(plugin)
+        return plugin
+
+    yield make
+    for plugin in plugins:
+        registry.pm.unregister(plugin)
+
+
+def test_a_third_party_fold_chains_and_keeps_the_rest(scale_plugin) -> None:  # type: ignore[no-untyped-def]
+    plugin = scale_plugin()
+    net = nnrt.Sequential(
+        [Scale(2.0), Scale(3.0), Scale(0.5), nnrt.layer("dense", 3, 2), Scale(4.0)],
+        seed=0,
+        dtype="float64",
+    )
+    X = np.random.default_rng(0).normal(size=(5, 3))
+    folded = nnrt.fold.fold(net)
+    # the three scales became one (2*3*0.5 = 3); dense and the last scale stay
+    assert [type(layer).__name__ for layer in folded.layers] == ["Scale", "Dense", "Scale"]
+    assert folded[0].factor == 3.0 and folded[2].factor == 4.0
+    W, b = net.state_dict()["3.weight"], net.state_dict()["3.bias"]
+    np.testing.assert_allclose(folded.predict(X), ((X * 3.0) @ W + b) * 4.0, rtol=1e-14)
+    # every adjacent pair was offered, the merged scale with the next layer too
+    assert ("Scale", "Scale") in plugin.asked and ("Scale", "Dense") in plugin.asked
+    # the alias names keep working
+    assert net.fold_batchnorm()[0].factor == 3.0
+    assert nnrt.fold.fold_batchnorm is nnrt.fold.fold
+
+
+@pytest.mark.parametrize(
+    ("result", "message"),
+    [
+        ("first", "one of the layers it was given"),
+        (42, "int 42"),
+        (nnrt.layer("dense", 3, 3), "in_features=3, expected 4"),
+    ],
+)
+def test_a_bad_fold_result_is_a_plugin_error(scale_plugin, result, message) -> None:  # type: ignore[no-untyped-def]
+    plugin = scale_plugin(result)
+    name = registry.pm.get_name(plugin)
+    net = nnrt.Sequential([nnrt.layer("dense", 4, 4), Scale(2.0), Scale(3.0)], seed=0)
+    with pytest.raises(nnrt.PluginError, match="nnrt_fold_pair") as info:
+        net.fold()
+    assert name in str(info.value) and message in str(info.value)
+
+
+def test_fold_takes_the_network_lock() -> None:
+    import threading
+
+    from nnrt._locks import holding
+
+    net = nnrt.Sequential([nnrt.layer("dense_nobias", 3, 4), nnrt.layer("batchnorm", 4)], seed=0)
+    done = threading.Event()
+    with holding(net):
+        t = threading.Thread(target=lambda: (net.fold(), done.set()))
+        t.start()
+        assert not done.wait(0.3)  # blocked while another thread holds the lock
+    t.join(10)
+    assert done.is_set()

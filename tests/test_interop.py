@@ -197,3 +197,124 @@ def test_layer_without_torch_counterpart_is_named() -> None:
         TypeError, match="layer 1.*'interop_test_double'.*interop_test_double_plugin"
     ):
         net.to_torch()
+
+
+# ------------------------------------------------------------- the torch hooks
+class _Scale(nnrt.Layer):
+    """Y = X * factor; torch counterpart: the test module _TorchScale."""
+
+    def __init__(self, factor: float = 1.0) -> None:
+        super().__init__()
+        self.factor = float(factor)
+
+    def forward(self, X: Any, training: bool = False) -> np.ndarray:
+        return np.ascontiguousarray(X, dtype=self.dtype) * self.factor
+
+    def backward(self, dY: Any) -> np.ndarray:
+        return np.ascontiguousarray(dY) * self.factor
+
+    def config(self) -> dict[str, Any]:
+        return {"factor": self.factor}
+
+
+class _TorchScale(nn.Module):  # type: ignore[misc]
+    def __init__(self, factor: float) -> None:
+        super().__init__()
+        self.factor = factor
+
+    def forward(self, x: Any) -> Any:
+        return x * self.factor
+
+
+class _ScalePlugin:
+    """A third party's layer with both torch hooks (``bad``: hooks that break the spec)."""
+
+    def __init__(self, bad: bool = False) -> None:
+        self.bad = bad
+
+    @nnrt.hookimpl
+    def nnrt_register_layers(self, register: Any) -> None:
+        register(f"interop_scale_{id(self)}", _Scale)
+
+    @nnrt.hookimpl
+    def nnrt_to_torch(self, layer: Any) -> Any:
+        if type(layer) is not _Scale:
+            return None
+        return "not a module" if self.bad else _TorchScale(layer.factor)
+
+    @nnrt.hookimpl
+    def nnrt_from_torch(self, module: Any) -> Any:
+        if type(module) is not _TorchScale:
+            return None
+        return nn.Identity() if self.bad else _Scale(module.factor)
+
+
+@pytest.fixture
+def scale_plugin() -> Any:
+    made: list[Any] = []
+
+    def make(bad: bool = False) -> Any:
+        plugin = _ScalePlugin(bad)
+        nnrt.register_plugin(plugin, name=f"interop-scale-{id(plugin)}")
+        made.append(plugin)
+        return plugin
+
+    yield make
+    for plugin in made:
+        nnrt.registry.pm.unregister(plugin)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_a_third_party_layer_goes_both_ways_through_the_hooks(
+    scale_plugin: Any, dtype: str
+) -> None:
+    scale_plugin()
+    net = nnrt.Sequential(
+        [nnrt.layer("dense", 3, 4), _Scale(2.5), nnrt.layer("sigmoid")], seed=1, dtype=dtype
+    )
+    m = net.to_torch().eval()
+    assert isinstance(m[1], _TorchScale) and m[1].factor == 2.5
+    X = np.random.default_rng(0).normal(size=(6, 3))
+    W, b = net.state_dict()["0.weight"], net.state_dict()["0.bias"]
+    want = 1.0 / (1.0 + np.exp(-(X @ W.astype(np.float64) + b) * 2.5))  # float64 reference
+    got = _np(m(torch.from_numpy(X.astype(dtype))))
+    np.testing.assert_allclose(got, want, **TOL[dtype])
+    back = nnrt.from_torch(m)
+    assert isinstance(back[1], _Scale) and back[1].factor == 2.5
+    np.testing.assert_allclose(back.predict(X), want, **TOL[dtype])
+
+
+def test_a_hook_result_of_the_wrong_type_is_a_plugin_error(scale_plugin: Any) -> None:
+    plugin = scale_plugin(bad=True)
+    name = nnrt.registry.pm.get_name(plugin)
+    net = nnrt.Sequential([nnrt.layer("dense", 3, 4), _Scale(2.0)], seed=0)
+    with pytest.raises(nnrt.PluginError, match=f"{name}.*nnrt_to_torch.*not a torch.nn.Module"):
+        net.to_torch()
+    with pytest.raises(nnrt.PluginError, match=f"{name}.*nnrt_from_torch.*not an nnrt.Layer"):
+        nnrt.from_torch(nn.Sequential(nn.Linear(3, 4), _TorchScale(2.0)))
+
+
+def test_sync_batchnorm_maps_to_torch_sync_batchnorm() -> None:
+    """In one process both are BatchNorm1d's maths; eval uses the running statistics."""
+    rng = np.random.default_rng(7)
+    net = nnrt.Sequential(
+        [nnrt.layer("dense_nobias", 4, 5), nnrt.layer("sync_batchnorm", 5, momentum=0.3, eps=1e-3)],
+        seed=0,
+        dtype="float64",
+    )
+    state = net.state_dict()
+    state["1.gamma"] = rng.uniform(0.5, 2, 5)
+    state["1.beta"] = rng.normal(size=5)
+    state["1.running_mean"] = rng.normal(size=5)
+    state["1.running_var"] = rng.uniform(0.5, 2, 5)
+    net.load_state_dict(state)
+    m = net.to_torch()
+    assert type(m[1]) is nn.SyncBatchNorm and m[1].momentum == 0.3 and m[1].eps == 1e-3
+    X = rng.normal(size=(7, 4))
+    z = X @ state["0.weight"]
+    want = (z - state["1.running_mean"]) / np.sqrt(state["1.running_var"] + 1e-3)
+    want = want * state["1.gamma"] + state["1.beta"]
+    np.testing.assert_allclose(_np(m.eval()(torch.from_numpy(X))), want, rtol=1e-12, atol=1e-12)
+    back = nnrt.from_torch(m)
+    assert nnrt.registry.name_of(type(back[1])) == "sync_batchnorm"
+    assert all(np.array_equal(back.state_dict()[k], v) for k, v in state.items())

@@ -90,3 +90,16 @@ def test_a_runtime_plugin_sees_each_new_network() -> None:
     finally:
         # the registry has no public unregister: make the hook inert for later tests
         active[0] = False
+
+
+def test_the_warning_class_is_the_batchnorm_plugins() -> None:
+    """The core defines no batchnorm warning: ``nnrt.BiasBeforeBatchNormWarning`` is the
+    plugin's class, reached through the registry."""
+    from nnrt_plugins import batchnorm
+
+    assert nnrt.BiasBeforeBatchNormWarning is batchnorm.BiasBeforeBatchNormWarning
+    assert issubclass(nnrt.BiasBeforeBatchNormWarning, nnrt.NetworkWarning)
+    assert "BiasBeforeBatchNormWarning" in dir(nnrt)
+    assert not hasattr(nnrt.warnings, "BiasBeforeBatchNormWarning")
+    with pytest.raises(AttributeError, match="no attribute 'NoSuchWarning'"):
+        nnrt.NoSuchWarning  # noqa: B018
