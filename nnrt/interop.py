@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from nnrt._hooks import first_result, plugin_error
+from nnrt._locks import holding
 from nnrt.layer import Layer
 from nnrt.network import Sequential
 from nnrt.registry import registry
@@ -117,6 +118,12 @@ def to_torch(net: Sequential) -> torch.nn.Sequential:
     semantics. Any other layer raises ``TypeError`` naming it and its plugin.
     """
     torch = _require_torch()
+    # the weights of one whole step when another thread trains the network
+    with holding(net):
+        return _to_torch(net, torch)
+
+
+def _to_torch(net: Sequential, torch: Any) -> Any:
     nn = torch.nn
     tdtype = {np.dtype(np.float32): torch.float32, np.dtype(np.float64): torch.float64}[
         np.dtype(net.dtype)

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from nnrt._locks import holding
 from nnrt.registry import registry
 
 # NOTE: this module is ``nnrt.onnx``; ``import onnx`` below is absolute and
@@ -230,6 +231,20 @@ def export(
     written. A layer without ONNX support raises ``NotImplementedError`` naming
     the layer and the plugin that provides it.
     """
+    # the weights of one whole step when another thread trains the network
+    with holding(net):
+        return _export(net, path, batch_dim, opset, input_name, output_name, in_features)
+
+
+def _export(
+    net: Sequential,
+    path: str | os.PathLike[str],
+    batch_dim: str | int,
+    opset: int,
+    input_name: str,
+    output_name: str,
+    in_features: int | None,
+) -> onnx.ModelProto:
     onnx = _require_onnx()
     model = to_model(
         net,

@@ -471,3 +471,32 @@ def test_fork_while_another_thread_holds_the_registry_lock_does_not_hang() -> No
     )
     proc = subprocess.run([sys.executable, "-c", code], timeout=60, capture_output=True)
     assert proc.returncode == 0, proc.stderr.decode()[-2000:]
+
+
+@pytest.mark.parametrize("kind", ["onnx", "torch"])
+def test_exports_wait_for_the_network_lock(kind: str, tmp_path: Any) -> None:
+    # an export reads the weights under the network's lock: never half of a step
+    import threading
+
+    from nnrt._locks import holding
+
+    if kind == "onnx":
+        pytest.importorskip("onnx")
+        from nnrt.onnx import export
+
+        def run(net: Any) -> Any:
+            return export(net, tmp_path / "m.onnx")
+    else:
+        pytest.importorskip("torch")
+
+        def run(net: Any) -> Any:
+            return net.to_torch()
+
+    net = nnrt.Sequential([nnrt.layer("dense", 3, 4), nnrt.layer("dense", 4, 2)], seed=0)
+    done = threading.Event()
+    t = threading.Thread(target=lambda: (run(net), done.set()))
+    with holding(net):
+        t.start()
+        assert not done.wait(0.3), "the export did not wait for the network's lock"
+    t.join(60)
+    assert done.is_set()
