@@ -31,7 +31,7 @@ import pluggy
 from nnrt import hookspecs
 from nnrt._text import escape_controls
 from nnrt.layer import Layer
-from nnrt.warnings import warn_user
+from nnrt.warnings import skip_frames_of, warn_user
 
 __all__ = [
     "PluginError",
@@ -286,6 +286,8 @@ class Registry:
             try:
                 plugin = ep.load()
                 refused = self._register(plugin, ep.name, dist_name, info, refuse_clashes=True)
+                if self.pm.get_plugin(ep.name) is plugin:
+                    skip_frames_of(plugin)
             except Exception as exc:
                 # the reason is third-party text: one line, control characters escaped
                 reason = escape_controls(f"{type(exc).__name__}: {exc}")

@@ -22,37 +22,35 @@ class TrainingWarning(UserWarning):
     """Something ``fit`` adjusted for you (e.g. skipped a mini-batch of one sample)."""
 
 
+# Where entry-point plugins live (the registry reports each one it loads, so this
+# module needs nothing from the registry): their frames are library code too.
+_PLUGIN_PATHS: list[str] = []
+
+
+def skip_frames_of(plugin: object) -> None:
+    """Count ``plugin``'s top-level package (or its file) as library code for
+    ``warn_user``. The registry calls it for every plugin it loads from an entry
+    point; plugins registered at run time are user code and are not skipped."""
+    module = (
+        plugin if isinstance(plugin, types.ModuleType) else sys.modules.get(type(plugin).__module__)
+    )
+    top = sys.modules.get(getattr(module, "__name__", "").split(".", 1)[0])
+    where = getattr(top, "__file__", None)
+    if where is None:
+        return
+    where = os.path.abspath(where)
+    path = os.path.dirname(where) + os.sep if os.path.basename(where) == "__init__.py" else where
+    if path not in _PLUGIN_PATHS:
+        _PLUGIN_PATHS.append(path)
+
+
 def _internal_dirs() -> tuple[str, ...]:
     """Where frames to skip live: nnrt, pluggy, and every plugin loaded from an entry
-    point (its top-level package's directory, or its file), nnrt's own included.
-
-    Plugins registered at run time are user code: their frames are not skipped.
-    """
+    point (its top-level package's directory, or its file), nnrt's own included."""
     import pluggy
 
     dirs = [os.path.dirname(os.path.abspath(__file__)), os.path.dirname(pluggy.__file__)]
-    paths = [d + os.sep for d in dirs]
-    from nnrt.registry import registry  # NOTE: here, not on top: the registry imports us
-
-    for name, info in registry.plugins().items():
-        if not info.source.startswith("entry point"):
-            continue
-        plugin = registry.pm.get_plugin(name)
-        module = (
-            plugin
-            if isinstance(plugin, types.ModuleType)
-            else sys.modules.get(type(plugin).__module__)
-        )
-        top = sys.modules.get(getattr(module, "__name__", "").split(".", 1)[0])
-        where = getattr(top, "__file__", None)
-        if where is None:
-            continue
-        where = os.path.abspath(where)
-        if os.path.basename(where) == "__init__.py":  # a package: all of it
-            paths.append(os.path.dirname(where) + os.sep)
-        else:
-            paths.append(where)
-    return tuple(paths)
+    return tuple(d + os.sep for d in dirs) + tuple(_PLUGIN_PATHS)
 
 
 def warn_user(message: str, category: type[Warning]) -> None:
