@@ -45,6 +45,9 @@ _R = TypeVar("_R")
 
 _LOCKS: weakref.WeakKeyDictionary[Any, tuple[Any, Any]] = weakref.WeakKeyDictionary()
 _GUARD = threading.Lock()
+# Bumped in a forked child: a lock object cached by a caller (an optimizer's step)
+# stays valid while the generation it was fetched in is current.
+generation = 0
 
 
 def network_locks(net: Any) -> tuple[Any, Any]:
@@ -118,9 +121,10 @@ def _reset_after_fork() -> None:
     # NOTE: only the forking thread exists in the child; a lock another thread of
     # the parent held is held forever here. Fresh locks for every network; the
     # forking thread keeps (and releases) the old lock objects it already holds.
-    global _LOCKS, _GUARD
+    global _LOCKS, _GUARD, generation
     _LOCKS = weakref.WeakKeyDictionary()
     _GUARD = threading.Lock()
+    generation += 1
 
 
 if hasattr(os, "register_at_fork"):  # POSIX
