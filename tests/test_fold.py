@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import warnings
 
 import numpy as np
@@ -163,13 +164,17 @@ class ScalePlugin:
         return Scale(first.factor * second.factor)
 
 
+_scale_plugin_names = itertools.count()
+
+
 @pytest.fixture
 def scale_plugin():  # type: ignore[no-untyped-def]
     plugins = []
 
     def make(result=None):  # type: ignore[no-untyped-def]
         plugin = ScalePlugin(result)
-        nnrt.register_plugin(plugin, name=f"scale-{id(plugin)}")
+        # a counter, not id(plugin): a freed plugin's id can come back
+        nnrt.register_plugin(plugin, name=f"fold-scale-{next(_scale_plugin_names)}")
         plugins.append(plugin)
         return plugin
 

@@ -6,6 +6,7 @@ same BatchNorm running-statistics updates and the same gradients.
 
 from __future__ import annotations
 
+import itertools
 from typing import Any
 
 import numpy as np
@@ -249,13 +250,18 @@ class _ScalePlugin:
         return nn.Identity() if self.bad else _Scale(module.factor)
 
 
+_scale_plugin_names = itertools.count()
+
+
 @pytest.fixture
 def scale_plugin() -> Any:
     made: list[Any] = []
 
     def make(bad: bool = False) -> Any:
         plugin = _ScalePlugin(bad)
-        nnrt.register_plugin(plugin, name=f"interop-scale-{id(plugin)}")
+        # a counter, not id(plugin): a freed plugin's id can come back, and the
+        # registry keeps the names it has seen
+        nnrt.register_plugin(plugin, name=f"interop-scale-{next(_scale_plugin_names)}")
         made.append(plugin)
         return plugin
 
