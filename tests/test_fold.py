@@ -143,16 +143,20 @@ class Scale(nnrt.Layer):
         return {"factor": self.factor}
 
 
+_scale_plugin_names = itertools.count()
+
+
 class ScalePlugin:
     """Registers ``test_scale`` and folds two adjacent scales into one."""
 
     def __init__(self, result=None) -> None:  # type: ignore[no-untyped-def]
         self.result = result  # None: the honest product; else returned as it is
         self.asked: list[tuple[str, str]] = []
+        self.uid = next(_scale_plugin_names)
 
     @nnrt.hookimpl
     def nnrt_register_layers(self, register):  # type: ignore[no-untyped-def]
-        register(f"test_scale_{id(self)}", Scale)
+        register(f"test_scale_{self.uid}", Scale)
 
     @nnrt.hookimpl
     def nnrt_fold_pair(self, first, second):  # type: ignore[no-untyped-def]
@@ -164,9 +168,6 @@ class ScalePlugin:
         return Scale(first.factor * second.factor)
 
 
-_scale_plugin_names = itertools.count()
-
-
 @pytest.fixture
 def scale_plugin():  # type: ignore[no-untyped-def]
     plugins = []
@@ -174,7 +175,7 @@ def scale_plugin():  # type: ignore[no-untyped-def]
     def make(result=None):  # type: ignore[no-untyped-def]
         plugin = ScalePlugin(result)
         # a counter, not id(plugin): a freed plugin's id can come back
-        nnrt.register_plugin(plugin, name=f"fold-scale-{next(_scale_plugin_names)}")
+        nnrt.register_plugin(plugin, name=f"fold-scale-{plugin.uid}")
         plugins.append(plugin)
         return plugin
 

@@ -227,15 +227,19 @@ class _TorchScale(nn.Module):  # type: ignore[misc]
         return x * self.factor
 
 
+_scale_plugin_names = itertools.count()
+
+
 class _ScalePlugin:
     """A third party's layer with both torch hooks (``bad``: hooks that break the spec)."""
 
     def __init__(self, bad: bool = False) -> None:
         self.bad = bad
+        self.uid = next(_scale_plugin_names)
 
     @nnrt.hookimpl
     def nnrt_register_layers(self, register: Any) -> None:
-        register(f"interop_scale_{id(self)}", _Scale)
+        register(f"interop_scale_{self.uid}", _Scale)
 
     @nnrt.hookimpl
     def nnrt_to_torch(self, layer: Any) -> Any:
@@ -250,9 +254,6 @@ class _ScalePlugin:
         return nn.Identity() if self.bad else _Scale(module.factor)
 
 
-_scale_plugin_names = itertools.count()
-
-
 @pytest.fixture
 def scale_plugin() -> Any:
     made: list[Any] = []
@@ -261,7 +262,7 @@ def scale_plugin() -> Any:
         plugin = _ScalePlugin(bad)
         # a counter, not id(plugin): a freed plugin's id can come back, and the
         # registry keeps the names it has seen
-        nnrt.register_plugin(plugin, name=f"interop-scale-{next(_scale_plugin_names)}")
+        nnrt.register_plugin(plugin, name=f"interop-scale-{plugin.uid}")
         made.append(plugin)
         return plugin
 
