@@ -270,12 +270,19 @@ class ProgressBar(Callback):
     """A tqdm bar on stderr (rank 0 only): one tick per step, the loss, the epoch's logs.
 
     ``fit(progress=True)`` adds one; ``progress=None`` (the default) adds one
-    when stderr is a terminal.
+    when stderr is a terminal. ``held_out`` names the validation data in the
+    bar (``"test"`` shows ``test_accuracy`` for ``val_accuracy``).
     """
 
-    def __init__(self, leave: bool = True) -> None:
+    def __init__(self, leave: bool = True, held_out: str = "val") -> None:
         self.leave = leave
+        self.held_out = held_out
         self._bar: Any = None
+
+    def _label(self, key: str) -> str:
+        if key.startswith("val_") and self.held_out != "val":
+            return f"{self.held_out}_{key[4:]}"
+        return key
 
     def on_train_begin(self, state: TrainingState) -> None:
         steps = int(state.history.params.get("steps", 0))
@@ -303,7 +310,9 @@ class ProgressBar(Callback):
     def on_epoch_end(self, state: TrainingState, epoch: int, logs: dict[str, float]) -> None:
         if self._bar is not None:
             self._bar.set_description(f"epoch {epoch + 1}/{state.epochs}", refresh=False)
-            self._bar.set_postfix({k: f"{v:.4f}" for k, v in logs.items()}, refresh=True)
+            self._bar.set_postfix(
+                {self._label(k): f"{v:.4f}" for k, v in logs.items()}, refresh=True
+            )
 
     def on_train_end(self, state: TrainingState) -> None:
         self.close()

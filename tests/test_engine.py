@@ -7,6 +7,8 @@ tracemalloc for "never copied whole".
 
 from __future__ import annotations
 
+import contextlib
+import io
 import tracemalloc
 from pathlib import Path
 from typing import Any
@@ -263,3 +265,19 @@ def test_pandas_frames_and_series() -> None:
     nan.iloc[4, 2] = np.nan
     with pytest.raises(ValueError, match=r"non-finite.*\(4, 2\)"):
         _bn_net().fit(nan, y, progress=False)
+
+
+def test_progress_bar_names_the_held_out_data() -> None:
+    # the demo's held-out digits are a test set: the bar shows test_accuracy
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(64, 4))
+    y = (X[:, 0] > 0).astype(np.int64)
+    net = nnrt.Sequential([nnrt.layer("dense", 4, 2)], seed=0)
+    bar = nnrt.ProgressBar(held_out="test")
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        net.fit(X, y, epochs=1, validation=(X, y), progress=False, callbacks=[bar])
+    text = err.getvalue()
+    assert "test_accuracy" in text and "val_accuracy" not in text, text
+    assert bar._label("val_loss") == "test_loss" and bar._label("loss") == "loss"
+    assert nnrt.ProgressBar()._label("val_loss") == "val_loss"
