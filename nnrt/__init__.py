@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import sys
 import types
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from nnrt import layer as _layer_module
 from nnrt import registry
@@ -179,7 +179,7 @@ def load(path: Any) -> Sequential:
     """Read a network written by ``Sequential.save`` (see ``nnrt.io.load``)."""
     from nnrt.io import load as _load
 
-    return _load(path)
+    return cast(Sequential, _load(path))  # io builds nnrt.Sequential (nnrt._network.build)
 
 
 # submodules named in __all__ (imported last: they import nnrt's classes above)

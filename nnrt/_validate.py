@@ -5,14 +5,14 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from nnrt.registry import registry
+
 
 def check_state(net: Any, state: Mapping[str, Any]) -> None:
     """Run every plugin's ``nnrt_check_state`` hook on ``state`` (keys ``"<i>.<name>"``).
 
     Raises what a hook raises (``ValueError`` naming the layer and array).
     """
-    from nnrt.registry import registry
-
     registry.ensure_loaded()
     hook = registry.pm.hook.nnrt_check_state
     if not hook.get_hookimpls():

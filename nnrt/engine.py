@@ -49,11 +49,13 @@ from typing import TYPE_CHECKING, Any, Protocol
 import numpy as np
 
 from nnrt._locks import state_lock, training_guard
+from nnrt.io import save
+from nnrt.plotting import plot_history
 from nnrt.registry import registry
 from nnrt.warnings import TrainingWarning, warn_user
 
 if TYPE_CHECKING:
-    from nnrt.network import Sequential
+    from nnrt._network import Network
 
 __all__ = [
     "Callback",
@@ -106,8 +108,6 @@ class History:
 
     def plot(self, path: Any = None, **kwargs: Any) -> Any:
         """Loss and metric curves, train vs validation (``nnrt.plotting.plot_history``)."""
-        from nnrt.plotting import plot_history
-
         return plot_history(self, path, **kwargs)
 
     def __repr__(self) -> str:
@@ -124,7 +124,7 @@ class TrainingState:
     (0 and 1 in one process).
     """
 
-    net: Sequential
+    net: Network
     history: History
     epochs: int
     stop_training: bool = False
@@ -324,7 +324,7 @@ class ProgressBar(Callback):
 
 
 class Checkpoint(Callback):
-    """Save the network (``net.save``) to ``path`` after every ``every``-th epoch, on rank 0 only.
+    """Save the network (``nnrt.io.save``, as ``net.save``) to ``path`` after every ``every``-th epoch, on rank 0 only.
 
     The file is written atomically, so a crash mid-save leaves the previous one.
     """
@@ -337,7 +337,7 @@ class Checkpoint(Callback):
 
     def on_epoch_end(self, state: TrainingState, epoch: int, logs: dict[str, float]) -> None:
         if state.rank == 0 and (epoch + 1) % self.every == 0:
-            state.net.save(self.path)
+            save(state.net, self.path)
 
 
 # ---------------------------------------------------------------- gradient synchronisation
@@ -357,7 +357,7 @@ class GradientSync(Protocol):
 
     def shard(self, n: int) -> tuple[int, int]: ...
 
-    def min_batch(self, net: Sequential) -> int: ...
+    def min_batch(self, net: Network) -> int: ...
 
     def common_seed(self, seed: int | None) -> int | None: ...
 
@@ -379,7 +379,7 @@ class TrainStep:
 
     def __init__(
         self,
-        net: Sequential,
+        net: Network,
         optimizer: Any,
         loss: str | LossFn = "softmax_cross_entropy",
         sync: GradientSync | None = None,
@@ -422,7 +422,7 @@ class TrainStep:
 
 # ---------------------------------------------------------------- fit
 def fit(
-    net: Sequential,
+    net: Network,
     X: Any,
     y: Any,
     loss: str | LossFn = "softmax_cross_entropy",
@@ -449,7 +449,7 @@ def fit(
 
 
 def _fit(
-    net: Sequential,
+    net: Network,
     X: Any,
     y: Any,
     loss: str | LossFn,
@@ -634,7 +634,7 @@ class _Rewind:
     cannot be replayed: the epoch's copy is restored as it is.
     """
 
-    def __init__(self, net: Sequential, optimizer: Any) -> None:
+    def __init__(self, net: Network, optimizer: Any) -> None:
         self.live = list(net.params().values()) + list(net.buffers().values())
         self.optimizer = optimizer
         self.replayable = callable(getattr(optimizer, "state_dict", None)) and callable(
@@ -682,7 +682,7 @@ class _Rewind:
 
 
 def _validation_data(
-    net: Sequential,
+    net: Network,
     Xs: _Rows,
     ys: _Rows,
     validation: tuple[Any, Any] | None,
@@ -713,7 +713,7 @@ def _validation_data(
     return Xs.tail(n_val), ys.tail(n_val)
 
 
-def _check_optimizer(net: Sequential, optimizer: Any) -> Any:
+def _check_optimizer(net: Network, optimizer: Any) -> Any:
     """``optimizer`` itself, or the registered one of that name (default ``"adam"``)."""
     try:
         return registry.resolve_optimizer(optimizer, net)
@@ -737,7 +737,7 @@ def _check_callbacks(callbacks: Iterable[Callback] | None, progress: bool | None
 
 
 # ---------------------------------------------------------------- inference
-def predict(net: Sequential, X: Any, batch_size: int | None = None) -> np.ndarray:
+def predict(net: Network, X: Any, batch_size: int | None = None) -> np.ndarray:
     """Scores (samples, out_features) of ``net`` in eval mode, computed in batches.
 
     Returns a new array of the network's dtype (never an internal buffer).
@@ -755,7 +755,7 @@ def predict(net: Sequential, X: Any, batch_size: int | None = None) -> np.ndarra
     return out
 
 
-def predict_classes(net: Sequential, X: Any, batch_size: int | None = None) -> np.ndarray:
+def predict_classes(net: Network, X: Any, batch_size: int | None = None) -> np.ndarray:
     """Predicted class labels (int64): argmax of the scores, or ``score > 0`` for one output."""
     scores = predict(net, X, batch_size)
     if scores.shape[1] == 1:
@@ -764,7 +764,7 @@ def predict_classes(net: Sequential, X: Any, batch_size: int | None = None) -> n
 
 
 def evaluate(
-    net: Sequential,
+    net: Network,
     X: Any,
     y: Any,
     loss: str | LossFn | None = None,
@@ -789,7 +789,7 @@ def evaluate(
 
 
 def _evaluate(
-    net: Sequential, Xs: _Rows, ys: _Rows, fn: LossFn, name: str, bs: int
+    net: Network, Xs: _Rows, ys: _Rows, fn: LossFn, name: str, bs: int
 ) -> dict[str, float]:
     total = 0.0
     correct = 0
@@ -818,7 +818,7 @@ class _Rows:
     an integer dtype (class labels) or are cast to the network's dtype.
     """
 
-    def __init__(self, data: Any, net: Sequential, what: str, targets: int | None = None) -> None:
+    def __init__(self, data: Any, net: Network, what: str, targets: int | None = None) -> None:
         self.what = what
         self.columns = _columns(data, what)
         if self.columns is not None:  # a pandas DataFrame of mixed dtypes: one array per column
@@ -970,7 +970,7 @@ def _as_array(data: Any) -> np.ndarray:
 
 
 # ---------------------------------------------------------------- helpers
-def has_batch_statistics(net: Sequential) -> bool:
+def has_batch_statistics(net: Network) -> bool:
     """True if some layer's class sets ``uses_batch_statistics = True`` (normalisation over the batch)."""
     return any(getattr(type(layer), "uses_batch_statistics", False) for layer in net.layers)
 

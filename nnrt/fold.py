@@ -21,15 +21,15 @@ import numpy as np
 
 from nnrt._hooks import first_result, plugin_error
 from nnrt._locks import holding
+from nnrt._network import Network, build
 from nnrt.layer import Layer
-from nnrt.network import Sequential
 
 __all__ = ["fold", "fold_batchnorm"]
 
 _HOOK = "nnrt_fold_pair"
 
 
-def fold(net: Sequential) -> Sequential:
+def fold(net: Network) -> Network:
     """A new network equal to ``net`` in eval mode, with every pair a plugin can
     merge (hook ``nnrt_fold_pair``) folded into one layer.
 
@@ -59,7 +59,7 @@ def _copy(layer: Layer) -> Layer:
     return type(layer)(**layer.config())
 
 
-def _widths(net: Sequential) -> list[int | None]:
+def _widths(net: Network) -> list[int | None]:
     """``w[k]``: the width of the input of layer ``k`` (``w[len]``: the output's)."""
     widths: list[int | None] = [net.in_features]
     for layer in net.layers:
@@ -91,7 +91,7 @@ def _checked(
     return merged
 
 
-def _fold(net: Sequential) -> Sequential:
+def _fold(net: Network) -> Network:
     # each entry: (layer for the new network, its parameters/buffers to copy in
     # after Sequential re-initialised it from the seed)
     out: list[tuple[Layer, dict[str, np.ndarray]]] = []
@@ -112,7 +112,7 @@ def _fold(net: Sequential) -> Sequential:
         current, start, is_original = layer, i, True
     if current is not None:
         out.append(_take(current, is_original))
-    folded = Sequential([layer for layer, _ in out], seed=net.seed, dtype=net.dtype)
+    folded = build([layer for layer, _ in out], seed=net.seed, dtype=net.dtype)
     for layer, state in zip(folded.layers, (s for _, s in out), strict=True):
         live = dict(layer.params())
         live.update(layer.buffers())

@@ -21,8 +21,8 @@ import numpy as np
 
 from nnrt._hooks import first_result, plugin_error
 from nnrt._locks import holding
+from nnrt._network import Network, build
 from nnrt.layer import Layer
-from nnrt.network import Sequential
 from nnrt.registry import registry
 
 if TYPE_CHECKING:
@@ -41,7 +41,7 @@ def _require_torch() -> Any:
     return torch
 
 
-def from_torch(module: torch.nn.Module, *, dtype: Any = None, seed: int | None = 0) -> Sequential:
+def from_torch(module: torch.nn.Module, *, dtype: Any = None, seed: int | None = 0) -> Network:
     """Build an nnrt ``Sequential`` with the weights of a ``torch.nn.Sequential``.
 
     ``module`` is a ``torch.nn.Sequential`` (or a single supported module) of
@@ -91,7 +91,7 @@ def from_torch(module: torch.nn.Module, *, dtype: Any = None, seed: int | None =
             )
         k = len(layers)
         layers.append(layer)
-        # NOTE: copied now: Sequential re-initialises the layers from its seed
+        # NOTE: copied now: Network re-initialises the layers from its seed
         for name, arr in [*layer.params().items(), *layer.buffers().items()]:
             state[f"{k}.{name}"] = np.array(arr, copy=True)
     if not layers:
@@ -104,12 +104,12 @@ def from_torch(module: torch.nn.Module, *, dtype: Any = None, seed: int | None =
                 f"and float64 (convert the module, or pass dtype=)"
             )
         dtype = "float64" if "float64" in found_dtypes else "float32"
-    net = Sequential(layers, seed=seed, dtype=dtype)
+    net = build(layers, seed=seed, dtype=dtype)
     net.load_state_dict(state)
     return net
 
 
-def to_torch(net: Sequential) -> torch.nn.Sequential:
+def to_torch(net: Network) -> torch.nn.Sequential:
     """A ``torch.nn.Sequential`` with a copy of ``net``'s weights, in ``net``'s dtype.
 
     Each layer becomes the module its plugin's ``nnrt_to_torch`` hook builds
@@ -123,7 +123,7 @@ def to_torch(net: Sequential) -> torch.nn.Sequential:
         return _to_torch(net, torch)
 
 
-def _to_torch(net: Sequential, torch: Any) -> Any:
+def _to_torch(net: Network, torch: Any) -> Any:
     nn = torch.nn
     tdtype = {np.dtype(np.float32): torch.float32, np.dtype(np.float64): torch.float64}[
         np.dtype(net.dtype)

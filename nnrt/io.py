@@ -51,12 +51,15 @@ import warnings
 import zipfile
 import zlib
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any, BinaryIO
+from typing import Any, BinaryIO
 
 import numpy as np
 
-if TYPE_CHECKING:
-    from nnrt.network import Sequential
+from nnrt._locks import holding
+from nnrt._network import Network, build
+from nnrt._validate import check_state
+from nnrt.registry import registry
+from nnrt.warnings import NetworkWarning
 
 __all__ = [
     "FORMAT_NAME",
@@ -103,10 +106,9 @@ def _jsonable(value: Any, where: str) -> Any:
     raise TypeError(f"{where}: config value {value!r} ({type(value).__name__}) is not JSON-able")
 
 
-def architecture(net: Sequential) -> dict[str, Any]:
+def architecture(net: Network) -> dict[str, Any]:
     """The JSON-able description ``save`` writes (without the arrays)."""
-    import nnrt
-    from nnrt.registry import registry
+    import nnrt  # the version (the package imports this module)
 
     plugins = registry.plugins()
     layers = []
@@ -184,9 +186,8 @@ def _fsync_dir(dirname: str) -> None:
         os.close(fd)
 
 
-def save(net: Sequential, path: str | os.PathLike[str]) -> None:
+def save(net: Network, path: str | os.PathLike[str]) -> None:
     """Write ``net`` to exactly ``path`` (no suffix added), atomically."""
-    from nnrt._locks import holding
 
     target = os.fspath(path)
     # NOTE: copies taken under the network's lock (the weights of one whole step
@@ -607,8 +608,6 @@ def read_architecture(path: str | os.PathLike[str]) -> dict[str, Any]:
 
 
 def _missing_plugin(path: str, i: int, spec: dict[str, Any]) -> MissingPluginError:
-    from nnrt.registry import registry
-
     plugin = spec.get("plugin")
     dist = spec.get("distribution")
     version = spec.get("version")
@@ -692,20 +691,18 @@ def _check_config_echo(path: str, i: int, spec: dict[str, Any], layer: Any) -> N
             )
 
 
-def _check_state(path: str, net: Sequential, state: dict[str, np.ndarray]) -> None:
+def _check_state(path: str, net: Network, state: dict[str, np.ndarray]) -> None:
     """Finite arrays, then each plugin's own checks of its layers' state (hook)."""
     for key, arr in state.items():
         if not np.isfinite(arr).all():
             raise _err(path, f"array {key!r} contains NaN or Inf")
-    from nnrt._validate import check_state
-
     try:
         check_state(net, state)
     except ValueError as exc:
         raise _err(path, str(exc)) from exc
 
 
-def load(path: str | os.PathLike[str]) -> Sequential:
+def load(path: str | os.PathLike[str]) -> Network:
     """Read a network written by ``save``; see the module docstring for the checks."""
     p = os.fspath(path)
     archive = _open_archive(p)
@@ -719,11 +716,7 @@ def load(path: str | os.PathLike[str]) -> Sequential:
         archive.close()
 
 
-def _load(p: str, archive: _Archive) -> Sequential:
-    from nnrt.network import Sequential
-    from nnrt.registry import registry
-    from nnrt.warnings import NetworkWarning
-
+def _load(p: str, archive: _Archive) -> Network:
     arch = _read_architecture(archive)
     specs: list[dict[str, Any]] = arch["layers"]
     # 1. every member and array header against the declared shapes, before allocating
@@ -764,7 +757,7 @@ def _load(p: str, archive: _Archive) -> Sequential:
         # the network checks warned when this network was first built
         warnings.simplefilter("ignore", NetworkWarning)
         try:
-            net = Sequential(layers, seed=arch.get("seed"), dtype=arch["dtype"])
+            net = build(layers, seed=arch.get("seed"), dtype=arch["dtype"])
         except (ValueError, TypeError) as exc:
             raise _err(p, f"the layers do not form a network: {exc}") from exc
     # 3. the arrays (their sizes add up to at most the file's size: _Archive)

@@ -30,8 +30,8 @@ from nnrt.registry import registry
 if TYPE_CHECKING:
     import onnx
 
+    from nnrt._network import Network
     from nnrt.layer import Layer
-    from nnrt.network import Sequential
 
 __all__ = ["DEFAULT_OPSET", "ExportContext", "export", "to_model"]
 
@@ -115,7 +115,7 @@ def _describe_layer(i: int, layer: Layer) -> str:
 
 
 def to_model(
-    net: Sequential,
+    net: Network,
     batch_dim: str | int = "N",
     *,
     opset: int = DEFAULT_OPSET,
@@ -212,7 +212,7 @@ def _ir_version_for(onnx: Any, opset: int) -> int:
 
 
 def export(
-    net: Sequential,
+    net: Network,
     path: str | os.PathLike[str],
     batch_dim: str | int = "N",
     *,
@@ -237,7 +237,7 @@ def export(
 
 
 def _export(
-    net: Sequential,
+    net: Network,
     path: str | os.PathLike[str],
     batch_dim: str | int,
     opset: int,

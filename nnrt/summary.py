@@ -32,12 +32,13 @@ from __future__ import annotations
 import unicodedata
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
-if TYPE_CHECKING:
-    from nnrt.network import Sequential
+from nnrt._network import Network
+from nnrt.io import MissingPluginError, load
+from nnrt.registry import PluginError, registry
 
 __all__ = ["ModelSummary", "escape", "file_summary", "layer_flops", "summary"]
 
@@ -78,8 +79,6 @@ def _count(arrays: dict[str, Any]) -> int:
 
 def _check_flops(value: Any, name: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        from nnrt.registry import PluginError
-
         raise PluginError(
             f"nnrt_layer_flops returned {value!r} for layer type {name!r}; "
             f"expected a non-negative int or None"
@@ -93,8 +92,6 @@ def layer_flops(layer: Any, in_features: int) -> tuple[int, bool]:
     Asks the plugins (hook ``nnrt_layer_flops``); when none answers, counts one
     FLOP per output element and returns ``estimated=True``.
     """
-    from nnrt.registry import registry
-
     registry.ensure_loaded()
     result = registry.pm.hook.nnrt_layer_flops(layer=layer, in_features=int(in_features))
     if result is not None:
@@ -206,7 +203,7 @@ class ModelSummary:
 
 
 def summary(
-    net: Sequential,
+    net: Network,
     batch_size: int = 32,
     *,
     in_features: int | None = None,
@@ -218,8 +215,6 @@ def summary(
     ``in_features`` gives the input width of a network whose first layers keep
     the width (e.g. one that starts with ``sigmoid``), which it cannot know.
     """
-    from nnrt.registry import registry
-
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"summary: batch_size must be a positive int, got {batch_size!r}")
     if in_features is not None and (
@@ -307,8 +302,6 @@ def file_summary(path: Any, batch_size: int = 32) -> str:
     A file whose layer types are not all installed cannot be built: the text
     then says which plugin is missing instead of a table.
     """
-    from nnrt.io import MissingPluginError, load
-
     try:
         net = load(path)
     except MissingPluginError as exc:

@@ -700,7 +700,7 @@ def test_python_layer_with_static_forward_is_checked() -> None:
 
 
 def test_is_python_layer() -> None:
-    from nnrt.network import _is_python_layer
+    from nnrt._network import _is_python_layer
 
     class Cm(nnrt.Layer):
         @classmethod
