@@ -40,8 +40,8 @@ cnp.import_array()
 check_abi(NNRT_ABI_VERSION, __name__)
 
 
-cdef extern from "nnrt/_vmath.h" nogil:
-    # Kernels in C (nnrt/_vmath.h; run-time AVX2 clones on x86-64 Linux):
+cdef extern from "plugins/_bn_kernels.h" nogil:
+    # Kernels in C (plugins/_bn_kernels.h; run-time AVX2 clones on x86-64 Linux):
     #   stats    one pass, float64 accumulators of the deviations from a per-feature
     #            shift K_j (the first row): mean = K + S1/n, var = S2/n - (S1/n)^2;
     #            with the shift, S1/n is of the order of the spread, so the subtraction
@@ -430,15 +430,12 @@ cdef class BatchNorm(Layer):
         return dX
 
     # --------------------------------------------- fused batchnorm -> sigmoid
-    # Internal protocol of Sequential's compiled loop (nnrt/_kernels.pyx): when
-    # _nnrt_fuse_next(next_layer) is true, the pair runs as one layer. Both layers'
-    # caches are kept as the separate calls would leave them (this layer's input and
-    # statistics, the sigmoid's output), so either layer's own backward still works;
-    # only this layer's output buffer (the sigmoid's input) is not written.
-    def _nnrt_fuse_next(self, nxt):
-        """True when ``nxt`` is a plain Sigmoid this exact BatchNorm type can fuse with."""
-        return type(self) is BatchNorm and type(nxt) is Sigmoid
-
+    # nnrt.hookspecs.FusablePair: the plugin's nnrt_fuse_pair hook (batchnorm.py)
+    # asks Sequential's compiled loop to run a BatchNorm followed by a Sigmoid through
+    # these two methods. Both layers' caches are kept as the separate calls would
+    # leave them (this layer's input and statistics, the sigmoid's output), so either
+    # layer's own backward still works; only this layer's output buffer (the
+    # sigmoid's input) is not written.
     def _nnrt_forward_pair(self, object X, bint training, Layer nxt, bint trusted=False):
         """``nxt.forward(self.forward(X, training), training)`` in one sweep."""
         check_self(self, BatchNorm)
