@@ -66,6 +66,7 @@ __all__ = [
     "nnrt_register_layers",
     "nnrt_register_warnings",
     "nnrt_to_torch",
+    "onnx_export_node",
     "to_torch_module",
 ]
 
@@ -156,6 +157,12 @@ def nnrt_onnx_export(layer: Layer, input: str, ctx: OnnxExportContext) -> str | 
     """ONNX: ``BatchNormalization`` in inference mode (running statistics)."""
     if type(layer) is not BatchNorm:
         return None
+    return onnx_export_node(layer, input, ctx)
+
+
+def onnx_export_node(layer: Layer, input: str, ctx: OnnxExportContext) -> str:
+    """The ONNX ``BatchNormalization`` node (inference mode) of the batch-normalisation
+    ``layer``; returns its output's name."""
     p, b = layer.params(), layer.buffers()
     scale = ctx.add_initializer("gamma", p["gamma"])
     bias = ctx.add_initializer("beta", p["beta"])
