@@ -146,33 +146,33 @@ def show_config(file: Any = None, *, as_json: bool = False) -> None:
     _show_config(file, as_json=as_json)
 
 
-#: public names that plugins define: name -> (registered layer, attribute of the
-#: module of the plugin that registers that layer); not in ``__all__`` (a star
-#: import would load the plugins), documented where the plugin defines them
-_PLUGIN_NAMES = {"BiasBeforeBatchNormWarning": ("batchnorm", "BiasBeforeBatchNormWarning")}
-
-
 def __getattr__(name: str) -> Any:
-    """``nnrt.BiasBeforeBatchNormWarning``: defined by the plugin that provides the
-    layer it warns about, found through the registry (the core imports no plugin)."""
-    if name not in _PLUGIN_NAMES:
-        raise AttributeError(f"module 'nnrt' has no attribute {name!r}")
-    layer_name, attr = _PLUGIN_NAMES[name]
-    try:
-        plugin = registry.pm.get_plugin(registry.get(layer_name).plugin)
-    except KeyError:
-        plugin = None
-    value = getattr(plugin, attr, None)
-    if value is None:
+    """``nnrt.<SomeWarning>``: a warning category a plugin makes public (hook
+    ``nnrt_register_warnings``), found through the registry (the core imports no
+    plugin)."""
+    # NOTE: only names of warning classes: ``from nnrt import losses`` (and hasattr
+    # probes) ask this function about other names, which must not load plugins
+    if name.endswith("Warning") and not name.startswith("_"):
+        from nnrt._hooks import plugin_warnings
+
+        found = plugin_warnings(reserved=globals())
+        if name in found:
+            return found[name]
         raise AttributeError(
-            f"nnrt.{name} is defined by the plugin that provides the layer {layer_name!r}, "
-            f"and no loaded plugin defines it (nnrt plugins)"
+            f"module 'nnrt' has no attribute {name!r} (nor does a loaded plugin register "
+            f"a warning of that name: nnrt plugins)"
         )
-    return value
+    raise AttributeError(f"module 'nnrt' has no attribute {name!r}")
 
 
 def __dir__() -> list[str]:
-    return sorted([*globals(), *_PLUGIN_NAMES])
+    from nnrt._hooks import plugin_warnings
+
+    try:
+        extra = list(plugin_warnings(reserved=globals()))
+    except PluginError:
+        extra = []
+    return sorted([*globals(), *extra])
 
 
 def load(path: Any) -> Sequential:

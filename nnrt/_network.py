@@ -18,10 +18,11 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterable, Iterator, Mapping
-from typing import Any, Self, overload
+from typing import TYPE_CHECKING, Any, overload
 
 import numpy as np
 
+from nnrt._hooks import first_result, plugin_error
 from nnrt._kernels import backward_chain as _backward_chain
 from nnrt._kernels import forward_chain as _forward_chain
 from nnrt._kernels import same_items as _same_items
@@ -29,6 +30,9 @@ from nnrt._locks import holding as _holding
 from nnrt._validate import check_state
 from nnrt.layer import Layer
 from nnrt.registry import PluginError, registry
+
+if TYPE_CHECKING:
+    from typing_extensions import Self
 
 __all__ = ["Network", "build", "set_network_class"]
 
@@ -266,10 +270,10 @@ class Network:
     def _fuse_plan(self) -> bytes | None:
         """One flag per layer: 1 where layer i runs fused with layer i+1, or None.
 
-        A layer offers fusion with its successor through ``_nnrt_fuse_next(next)``
-        (internal to nnrt's compiled layers, e.g. a normalisation and the activation
-        after it); the
-        fused pair must leave both layers' caches as the separate calls would.
+        Plugins offer fusion of a pair through the hook ``nnrt_fuse_pair``
+        (``nnrt.hookspecs``); the first layer of a fused pair runs both
+        (``nnrt.hookspecs.FusablePair``) and must leave both layers' caches as the
+        separate calls would.
         ``NNRT_FUSE=0`` in the environment turns fusion off.
         """
         return self._structure()[1]
@@ -508,17 +512,53 @@ def _is_python_layer(layer: Layer) -> bool:
 
 
 def _fuse_flags(layers: list[Layer]) -> bytes | None:
-    """``Network._fuse_plan`` of ``layers`` (pairs never overlap)."""
+    """``Network._fuse_plan`` of ``layers``: the plugins' answers to the hook
+    ``nnrt_fuse_pair`` (pairs never overlap; a pair is offered once its first layer
+    is not already the second of a fused pair)."""
     flags = bytearray(len(layers))
     if os.environ.get("NNRT_FUSE", "1") != "0":
         i = 0
         while i < len(layers) - 1:
-            can = getattr(layers[i], "_nnrt_fuse_next", None)
-            if can is not None and can(layers[i + 1]):
+            if _fuses(layers[i], layers[i + 1]):
                 flags[i] = 1
                 i += 1
             i += 1
     return bytes(flags) if any(flags) else None
+
+
+def _fuses(first: Layer, second: Layer) -> bool:
+    """The plugins' (checked) answer to ``nnrt_fuse_pair(first, second)``."""
+    answer, plugin = first_result("nnrt_fuse_pair", first=first, second=second)
+    if answer is None or answer is False:
+        return False
+    where = f"for {first!r} followed by {second!r}"
+    if answer is not True:
+        raise plugin_error(
+            "nnrt_fuse_pair",
+            plugin,
+            f"returned {_type_name(answer)} {answer!r:.80} {where}; expected True, False or None",
+        )
+    missing = [
+        name
+        for name in ("_nnrt_forward_pair", "_nnrt_backward_pair")
+        if not callable(getattr(first, name, None))
+    ]
+    if missing:
+        raise plugin_error(
+            "nnrt_fuse_pair",
+            plugin,
+            f"returned True {where}, but {type(first).__qualname__} has no "
+            f"{' or '.join(missing)} method to run the pair (nnrt.hookspecs.FusablePair)",
+        )
+    return True
+
+
+def _type_name(obj: Any) -> str:
+    """``int``, ``numpy.bool``: the type of ``obj`` as a user would spell it."""
+    cls = type(obj)
+    return (
+        cls.__qualname__ if cls.__module__ == "builtins" else f"{cls.__module__}.{cls.__qualname__}"
+    )
 
 
 def _shape2(x: Any) -> tuple[int, ...] | None:

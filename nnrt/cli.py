@@ -1,8 +1,9 @@
 """The ``nnrt`` command (console script and ``python -m nnrt``).
 
     nnrt demo                      train on the bundled 8x8 digits, print test accuracy
-    nnrt train --data d.npz --layers "dense_nobias:64,batchnorm,sigmoid,dense:10" --out m.npz
-                                   (--plot curve.png: the training curves too)
+    nnrt train --data d.npz --layers "dense_nobias:64,sigmoid,dense:10" --out m.npz
+                                   (--plot curve.png: the training curves too; without
+                                   --layers: the demo network)
     nnrt predict m.npz d.npz       print predicted classes (or --scores, --out file)
     nnrt info [m.npz]              a model's architecture and summary, or nnrt/ABI/BLAS/plugins
     nnrt plugins                   installed plugins, their layers and distributions
@@ -36,7 +37,13 @@ from nnrt._text import escape_controls
 
 __all__ = ["build_layers", "load_data", "main", "parse_layers"]
 
-DEMO_LAYERS = "dense_nobias:64,batchnorm,sigmoid,dense:10"
+
+def demo_layers() -> str:
+    """The network of ``nnrt demo`` (and ``nnrt train`` without ``--layers``): the
+    default hidden block (hook ``nnrt_default_block``) of width 64, then ``dense:10``."""
+    from nnrt._hooks import default_block_spec
+
+    return default_block_spec(64) + ",dense:10"
 
 
 class CLIError(Exception):
@@ -61,14 +68,16 @@ LAYERS_GRAMMAR = """\
   NAME        a registered layer (nnrt plugins lists them)
   WIDTH       a positive integer: the layer's output width, for layers that change
               the width (dense:10, dense_nobias:64); layers that keep the width
-              (batchnorm, sigmoid, ...) take none (batchnorm:N is accepted only if
+              (sigmoid, normalisations, ...) take none (NAME:N is accepted only if
               N equals the incoming width)
-  KEY=VALUE   a constructor keyword argument (batchnorm:momentum=0.2:eps=1e-3,
-              leaky_relu:negative_slope=0.1); VALUE is read as an int, a float,
+  KEY=VALUE   a constructor keyword argument (leaky_relu:negative_slope=0.1,
+              NAME:momentum=0.2:eps=1e-3); VALUE is read as an int, a float,
               true/false, none, or else a string
   Each layer's input width is the previous layer's output (the first layer's is
   the number of feature columns of the data), so it is never written.
-  Example: "dense_nobias:64,batchnorm:momentum=0.2,sigmoid,dense:10"
+  Example: "dense:64,sigmoid,dense:32,sigmoid,dense:10"
+  Without --layers: the demo network, the default hidden block of width 64
+  (its layers come from the plugins: nnrt plugins) and dense:10
 """
 
 DATA_FORMAT = """\
@@ -102,7 +111,7 @@ def _parse_value(text: str) -> Any:
 
 
 def parse_layers(spec: str) -> list[tuple[str, list[int], dict[str, Any]]]:
-    """``"dense_nobias:64,batchnorm,sigmoid,dense:10"`` -> [(name, widths, kwargs), ...].
+    """``"dense_nobias:64,sigmoid,dense:10"`` -> [(name, widths, kwargs), ...].
 
     See ``LAYERS_GRAMMAR``: a bare number is a width (a positive int), anything
     else must be ``key=value``. Errors name the entry, the part and what was expected.
@@ -158,7 +167,7 @@ def parse_layers(spec: str) -> list[tuple[str, list[int], dict[str, Any]]]:
 def _shape_kind(name: str, width: int) -> str:
     """How a layer type uses widths, probed without keyword arguments:
     "maps" (``name(in, out)``, e.g. dense), "sized" (``name(width)`` keeping the
-    width, e.g. batchnorm) or "free" (``name()``, e.g. sigmoid)."""
+    width, e.g. a normalisation) or "free" (``name()``, e.g. sigmoid)."""
     import nnrt
 
     probe = width + 1
@@ -450,13 +459,14 @@ def cmd_demo(args: argparse.Namespace) -> int:
     order = rng.permutation(len(X))
     n_test = int(round(len(X) * 0.2))
     test, train = order[:n_test], order[n_test:]
-    layers = build_layers(DEMO_LAYERS, X.shape[1])
+    spec = demo_layers()
+    layers = build_layers(spec, X.shape[1])
     net = nnrt.Sequential(layers, seed=args.seed)
     print(
         f"nnrt {nnrt.__version__} demo: 8x8 handwritten digits (UCI via scikit-learn, "
         f"CC BY 4.0), {len(train)} train / {len(test)} test samples"
     )
-    print(f"network: {DEMO_LAYERS}  ({sum(p.size for p in net.params().values())} parameters)")
+    print(f"network: {spec}  ({sum(p.size for p in net.params().values())} parameters)")
     opt = nnrt.optim.Adam(net, lr=args.lr)
     t0 = time.perf_counter()
     history = net.fit(
@@ -496,7 +506,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     X, y = load_data(args.data)
     if y is None:
         raise CLIError(f"{args.data}: no labels (an array named y, or the last CSV column)")
-    layers = build_layers(args.layers, X.shape[1])
+    layers = build_layers(demo_layers() if args.layers is None else args.layers, X.shape[1])
     net = nnrt.Sequential(layers, seed=args.seed, dtype=args.dtype)
     loss = args.loss or ("softmax_cross_entropy" if y.dtype.kind in "iu" else "mse")
     if loss == "mse" and y.ndim == 1:
@@ -573,7 +583,7 @@ def _param_count(spec: dict[str, Any]) -> int:
 
 
 def _source(spec: dict[str, Any]) -> str:
-    """``batchnorm (nnrt 0.1.0)``: the plugin, and its distribution when that differs."""
+    """``sigmoid (nnrt 0.1.0)``: the plugin, and its distribution when that differs."""
     plugin = spec.get("plugin") or "?"
     dist = spec.get("distribution")
     version = spec.get("version")
@@ -744,8 +754,9 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--layers",
-        default=DEMO_LAYERS,
-        help=f'NAME[:WIDTH][:KEY=VALUE]... comma-separated, see below (default "{DEMO_LAYERS}")',
+        default=None,
+        help="NAME[:WIDTH][:KEY=VALUE]... comma-separated, see below (default: the demo "
+        "network, the default hidden block of width 64 and dense:10)",
     )
     p.add_argument("--epochs", type=_positive_int, default=10)
     p.add_argument("--batch-size", type=_positive_int, default=32)

@@ -24,7 +24,7 @@ from nnrt._locks import holding
 from nnrt._network import Network, build
 from nnrt.layer import Layer
 
-__all__ = ["fold", "fold_batchnorm"]
+__all__ = ["fold"]
 
 _HOOK = "nnrt_fold_pair"
 
@@ -41,11 +41,6 @@ def fold(net: Network) -> Network:
     """
     with holding(net):
         return _fold(net)
-
-
-#: the name this function had when the only fold was a dense + normalisation
-#: pair; kept for existing callers
-fold_batchnorm = fold
 
 
 def _state(layer: Layer) -> dict[str, np.ndarray]:

@@ -66,6 +66,12 @@ class RegisterOptimizer(Protocol):
     def __call__(self, name: str, cls: type[Any], /) -> None: ...
 
 
+class RegisterWarning(Protocol):
+    """The callback handed to ``nnrt_register_warnings``."""
+
+    def __call__(self, cls: type[Warning], /) -> None: ...
+
+
 @hookspec
 def nnrt_register_layers(register: RegisterLayer) -> None:
     """Add layer types to the registry.
@@ -333,4 +339,116 @@ def nnrt_from_torch(module: TorchModule) -> Layer | None:
             if type(module) is not torch.nn.Tanh:
                 return None
             return Tanh()
+    """
+
+
+class FusablePair(Protocol):
+    """What the FIRST layer of a pair that ``nnrt_fuse_pair`` accepted must implement.
+
+    ``Sequential``'s compiled loop then calls these instead of the two layers'
+    own ``forward``/``backward`` (``second`` is the layer after it):
+
+    - ``_nnrt_forward_pair(X, training, second, trusted=False)`` returns
+      ``second.forward(self.forward(X, training), training)``. ``trusted``:
+      ``X`` is a buffer nothing outside the network holds (it may be cached
+      for backward without a copy).
+    - ``_nnrt_backward_pair(dY, second)`` returns ``self.backward(second.backward(dY))``
+      and writes both layers' parameter gradients.
+
+    Both must leave each layer's caches as the separate calls would (so that
+    either layer's own ``backward`` still works after a fused forward), fall
+    back to the separate calls for anything they do not expect, and give the
+    results of the separate calls (bit for bit where the plugin can).
+    """
+
+    def _nnrt_forward_pair(
+        self, X: Any, training: bool, second: Layer, trusted: bool = False, /
+    ) -> Any: ...
+
+    def _nnrt_backward_pair(self, dY: Any, second: Layer, /) -> Any: ...
+
+
+@hookspec(firstresult=True)
+def nnrt_fuse_pair(first: Layer, second: Layer) -> bool | None:
+    """Offer to run two adjacent layers of a network as one fused step.
+
+    ``Sequential`` plans its compiled forward/backward loop once per list of
+    layers and asks this hook about every adjacent pair ``(first, second)``
+    (``second`` takes ``first``'s output) that is not already part of a fused
+    pair. A plugin that can run the pair faster in one sweep (e.g. a
+    normalisation and the activation after it, without the array between
+    them) returns ``True``; ``first`` must then implement ``FusablePair``
+    (its class's ``_nnrt_forward_pair``/``_nnrt_backward_pair`` run the pair).
+    Return ``False`` to forbid fusing the pair, ``None`` when the pair is not
+    this plugin's business (the next plugin is asked; first non-None result
+    wins). Recognise layers by exact class (``type(first) is MyNorm``): a
+    user's subclass may compute something else.
+
+    A result that is not ``True``, ``False`` or ``None``, or ``True`` for a
+    ``first`` layer without the two methods, raises ``nnrt.PluginError``
+    naming this plugin. ``NNRT_FUSE=0`` in the environment turns every fusion
+    off (the layers then run one by one, with the same results).
+
+    Example (a plugin whose compiled ``Scale`` layer can absorb a following
+    ``Shift``)::
+
+        @nnrt.hookimpl
+        def nnrt_fuse_pair(first, second):
+            if type(first) is Scale and type(second) is Shift:
+                return True
+            return None
+    """
+
+
+@hookspec
+def nnrt_default_block() -> Sequence[str] | None:
+    """The layers of the default hidden block, by registered name.
+
+    Where a user gives only a width, nnrt builds this block: the scikit-learn
+    estimators (an int ``w`` in ``hidden``), ``nnrt demo`` and the default
+    ``--layers`` of ``nnrt train`` (one block of width 64, then ``dense:10``).
+    Return a non-empty sequence of registered layer names: the first one
+    changes the width (it is built as ``name(in_features, width)``), every
+    other keeps it (``name(width)`` if its constructor takes the width, else
+    ``name()``), as in the ``--layers`` grammar of ``nnrt train``. Otherwise
+    return ``None``.
+
+    The earliest-loaded plugin that answers decides (nnrt's own plugins load
+    first, so an installed plugin cannot change the defaults under a user's
+    feet); with no answer the block is a single ``dense``. An answer that is
+    not a sequence of registered layer names raises ``nnrt.PluginError``
+    naming the plugin.
+
+    Example (a plugin whose block is dense -> tanh)::
+
+        @nnrt.hookimpl
+        def nnrt_default_block():
+            return ("dense", "tanh")
+    """
+
+
+@hookspec
+def nnrt_register_warnings(register: RegisterWarning) -> None:
+    """Make this plugin's warning categories public as ``nnrt.<ClassName>``.
+
+    Call ``register(cls)`` once per warning class (a subclass of ``Warning``,
+    usually of ``nnrt.NetworkWarning`` or ``nnrt.TrainingWarning``, whose name
+    ends in ``Warning``) that users
+    may want to filter: ``nnrt.<cls.__name__>`` is then that class, found
+    through the registry when first asked for (the core imports no plugin), and
+    ``dir(nnrt)`` lists it. Define the class in the plugin's own module and
+    document it there. Not a ``Warning`` subclass, a name not ending in
+    ``Warning``, a name of nnrt's own, or a name another plugin's warning holds
+    raises ``nnrt.PluginError`` naming the
+    plugin(s) when the name is looked up. Return nothing.
+
+    Example::
+
+        class DoubleTanhWarning(nnrt.NetworkWarning):
+            # tanh of tanh: the second one saturates
+            pass
+
+        @nnrt.hookimpl
+        def nnrt_register_warnings(register):
+            register(DoubleTanhWarning)
     """

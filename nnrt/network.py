@@ -83,9 +83,6 @@ class Sequential(Network):
         one layer (hook ``nnrt_fold_pair``; see ``nnrt.fold.fold``)."""
         return cast(Sequential, _fold.fold(self))
 
-    #: the name ``fold`` had when the only fold was a dense + normalisation pair
-    fold_batchnorm = fold
-
     def summary(self, batch_size: int = 32, **kwargs: Any) -> _summary.ModelSummary:
         """Layers, widths, parameter counts, memory and FLOPs: a ``nnrt.summary.ModelSummary``.
 

@@ -6,8 +6,9 @@ ordinary scikit-learn estimators (``get_params``/``set_params``, ``clone``,
 ``sklearn.utils.estimator_checks.check_estimator``.
 
 The network is ``hidden`` blocks followed by one ``dense`` output layer. An
-int ``w`` in ``hidden`` is the default block of width ``w``:
-``dense_nobias(·, w) → batchnorm(w) → sigmoid``; a str ``"name"`` or a tuple
+int ``w`` in ``hidden`` is the default hidden block of width ``w``, whose layers the
+plugins choose (hook ``nnrt_default_block``; with nnrt's own plugins
+``dense_nobias(·, w)``, a normalisation of width ``w``, ``sigmoid``); a str ``"name"`` or a tuple
 ``("name", *args)`` inserts that registered layer as is (``("dense", 64,
 32)``, ``"tanh"``), so any plugin layer can be used. ``hidden=()`` is a
 linear model.
@@ -142,17 +143,16 @@ class _BaseMLP(BaseEstimator):
         return seed, np.random.default_rng(int(rs.randint(0, 2**31 - 1)))
 
     def _build(self, n_in: int, n_out: int, seed: int) -> Sequential:
+        from nnrt._hooks import default_block_spec
+        from nnrt.cli import build_layers
+
         owner = type(self).__name__
         layers: list[nnrt.Layer] = []
         width = n_in
         for k, item in enumerate(self.hidden):
             if isinstance(item, numbers.Integral) and not isinstance(item, (bool, np.bool_)):
                 w = _check_int(f"hidden[{k}]", item, owner, 1)
-                layers += [
-                    nnrt.layer("dense_nobias", width, w),
-                    nnrt.layer("batchnorm", w),
-                    nnrt.layer("sigmoid"),
-                ]
+                layers += build_layers(default_block_spec(w), width)
                 width = w
                 continue
             if isinstance(item, str):
@@ -251,7 +251,7 @@ class MLPClassifier(ClassifierMixin, _BaseMLP):
     Parameters
     ----------
     hidden : tuple, default (64,)
-        Block widths (int: ``dense_nobias → batchnorm → sigmoid``) or layer
+        Block widths (int: the default hidden block, see ``nnrt.sklearn``) or layer
         specs (``"name"`` / ``("name", *args)``); see ``nnrt.sklearn``.
     epochs : int, default 100
         Passes over the data in ``fit`` (``partial_fit`` always runs one).

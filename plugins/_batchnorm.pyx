@@ -23,6 +23,15 @@ variance does not cancel the way E[x^2] - E[x]^2 would. Per-feature constants
 are folded once per call (scale forward; a/b/c backward) into arrays of
 the layer's dtype, so the element-wise passes are plain vectorisable loops.
 Nothing is allocated per call once the batch size is known.
+
+SyncBatchNorm (``sync_batchnorm``) is this layer with its statistics reduced over
+the ranks of a communicator (``uses_communicator``): the same kernels compute this
+process's sums, an allreduce adds them up, and the same fold/affine/dx kernels run
+with the global statistics. Forward (float64): allreduce of [n, sum x] -> mean0;
+allreduce of [sum (x - mean0), sum (x - mean0)^2] -> mean = mean0 + S1/N,
+var = S2/N - (S1/N)^2 (two passes: exact where E[x^2] - E[x]^2 would cancel).
+Backward: this rank's s1, s2 give its share of dgamma/dbeta (the trainer's
+gradient allreduce adds the shares); allreduce of [s1, s2] gives dx.
 """
 
 import numpy as np
@@ -40,8 +49,8 @@ cnp.import_array()
 check_abi(NNRT_ABI_VERSION, __name__)
 
 
-cdef extern from "nnrt/_vmath.h" nogil:
-    # Kernels in C (nnrt/_vmath.h; run-time AVX2 clones on x86-64 Linux):
+cdef extern from "plugins/_bn_kernels.h" nogil:
+    # Kernels in C (plugins/_bn_kernels.h; run-time AVX2 clones on x86-64 Linux):
     #   stats    one pass, float64 accumulators of the deviations from a per-feature
     #            shift K_j (the first row): mean = K + S1/n, var = S2/n - (S1/n)^2;
     #            with the shift, S1/n is of the order of the spread, so the subtraction
@@ -51,6 +60,8 @@ cdef extern from "nnrt/_vmath.h" nogil:
     #   sums     s1 = sum dz, s2 = sum dz (x - mean) in float64, dz = dy (S NULL) or
     #            dy s (1 - s) (the following sigmoid's backward, S its output)
     #   dx       dx = a dz + c (x - mean) + b
+    #   moments  s1 = sum (x - c), s2 = sum (x - c)^2 in float64 (c NULL: 0): this
+    #            process's share of statistics reduced over several (SyncBatchNorm)
     void nnrt_bn_stats_f(const float* X, Py_ssize_t n, Py_ssize_t f, double* mean, double* var)
     void nnrt_bn_stats_d(const double* X, Py_ssize_t n, Py_ssize_t f, double* mean, double* var)
     void nnrt_bn_affine_f(const float* X, float* Y, Py_ssize_t n, Py_ssize_t f,
@@ -88,6 +99,10 @@ cdef extern from "nnrt/_vmath.h" nogil:
                                  const double* invstd, const double* s1, const double* s2,
                                  const double* mean_t, const double* gamma, double* dgamma,
                                  double* dbeta, double* a_t, double* b_t, double* c_t)
+    void nnrt_bn_moments_f(const float* X, Py_ssize_t n, Py_ssize_t f, const double* c,
+                           double* s1, double* s2)
+    void nnrt_bn_moments_d(const double* X, Py_ssize_t n, Py_ssize_t f, const double* c,
+                           double* s1, double* s2)
     void nnrt_bn_bwd_dx_d(const double* X, const double* dY, const double* S, double* dX,
                           const double* mean, const double* a, const double* b,
                           const double* c, Py_ssize_t n, Py_ssize_t f)
@@ -115,10 +130,17 @@ cdef class BatchNorm(Layer):
 
     # the width the kernels use is Layer._n_in (== _n_out), set once by __init__
     cdef readonly double momentum, eps
-    cdef cnp.ndarray gamma, beta, dgamma, dbeta, running_mean, running_var
+    # readonly: the live arrays (as params()/grads()/buffers()), never reassigned from Python
+    cdef readonly cnp.ndarray gamma, beta, dgamma, dbeta, running_mean, running_var
     # float64 per-feature scratch: mean, var, invstd of the last training batch;
     # two backward accumulators
     cdef cnp.ndarray _mean, _invstd, _var, _acc1, _acc2
+    # statistics over more rows than this process's (set by SyncBatchNorm's __cinit__),
+    # the row count the last training statistics cover, and the float64 messages of
+    # the reduction: [n, sum x] (f + 1) and [s1, s2] (2 f)
+    cdef bint _reduce
+    cdef Py_ssize_t _count
+    cdef cnp.ndarray _msg_stats, _msg_sums
     # the same in the layer's dtype: batch mean, affine scale/shift, backward a/b/c
     cdef cnp.ndarray _mean_t, _scale_t, _shift_t, _a_t, _b_t, _c_t
     # input of the last training forward (a private copy of the caller's X, or the
@@ -133,7 +155,7 @@ cdef class BatchNorm(Layer):
         self._rows = -1
 
     def __init__(self, num_features, momentum=0.1, eps=1e-5):
-        n, momentum, eps = batchnorm_config("BatchNorm", num_features, momentum, eps)
+        n, momentum, eps = batchnorm_config(type(self).__name__, num_features, momentum, eps)
         self._flags &= ~LAYER_BUILT
         self._n_in = n
         self._n_out = n
@@ -151,6 +173,9 @@ cdef class BatchNorm(Layer):
         self._var = np.zeros(n)
         self._acc1 = np.zeros(n)
         self._acc2 = np.zeros(n)
+        self._msg_stats = np.zeros(n + 1)
+        self._msg_sums = np.zeros(2 * n)
+        self._count = -1
         self._alloc_scratch(np.float64)
         self._X = None
         self._rows = -1
@@ -231,6 +256,12 @@ cdef class BatchNorm(Layer):
         # layer's arrays while the kernels run without the GIL) and checked against
         # the C width and dtype after the last Python call.
         cdef Py_ssize_t n = cnp.PyArray_DIM(Xa, 0)
+        cdef Py_ssize_t count = n
+        cdef bint local = not self._reduce
+        if training and not local:
+            # the statistics of the global batch (Python: the communicator), before
+            # the locals below are taken and checked
+            count = self._reduced_statistics(Xa)
         cdef Py_ssize_t f = self._n_in
         cdef int t = self._typenum
         cdef double momentum = self.momentum, eps = self.eps
@@ -250,6 +281,8 @@ cdef class BatchNorm(Layer):
         check_array(self, invstd, "batch invstd", f, -1, cnp.NPY_FLOAT64, True)
         check_array(self, mean_t, "batch mean", f, -1, t, True)
         check_array(self, scale_t, "scale", f, -1, t, True)
+        if training:
+            self._count = count
         check_array(self, shift_t, "shift", f, -1, t, True)
         cdef void* x = cnp.PyArray_DATA(Xa)
         cdef void* y = cnp.PyArray_DATA(Y)
@@ -268,8 +301,9 @@ cdef class BatchNorm(Layer):
         if t == cnp.NPY_FLOAT32:
             with nogil:
                 if training:
-                    nnrt_bn_stats_f(<float*>x, n, f, m, v)
-                    nnrt_bn_fold_train_f(f, n, momentum, eps, m, v, istd,
+                    if local:
+                        nnrt_bn_stats_f(<float*>x, n, f, m, v)
+                    nnrt_bn_fold_train_f(f, count, momentum, eps, m, v, istd,
                                          <float*>pg, <float*>pb,
                                          <float*>psc, <float*>pmt,
                                          <float*>psh, <float*>prm,
@@ -286,8 +320,9 @@ cdef class BatchNorm(Layer):
         else:
             with nogil:
                 if training:
-                    nnrt_bn_stats_d(<double*>x, n, f, m, v)
-                    nnrt_bn_fold_train_d(f, n, momentum, eps, m, v, istd,
+                    if local:
+                        nnrt_bn_stats_d(<double*>x, n, f, m, v)
+                    nnrt_bn_fold_train_d(f, count, momentum, eps, m, v, istd,
                                          <double*>pg, <double*>pb,
                                          <double*>psc, <double*>pmt,
                                          <double*>psh, <double*>prm,
@@ -304,12 +339,90 @@ cdef class BatchNorm(Layer):
         return 0
 
     cdef int _check_train_batch(self, cnp.ndarray Xa) except -1:
-        if cnp.PyArray_DIM(Xa, 0) < 2:
+        # NOTE: with reduced statistics a rank may hold a single row: the global
+        # batch is checked once its size is known (_reduced_statistics)
+        if not self._reduce and cnp.PyArray_DIM(Xa, 0) < 2:
             raise ValueError(
                 f"{self!r}: training needs more than 1 sample per batch to compute "
                 f"a batch variance, got shape {(<object>Xa).shape} dtype {Xa.dtype}"
             )
         return 0
+
+    # ------------------------------------------------ statistics over several ranks
+    cdef int _allreduce(self, cnp.ndarray buf, str what) except -1:
+        # sum the float64 buf over every process taking part, in place; one process
+        # here (SyncBatchNorm asks its communicator)
+        return 0
+
+    cdef Py_ssize_t _reduced_statistics(self, cnp.ndarray Xa) except -1:
+        # self._mean, self._var (float64) of the global batch; returns its row count.
+        # NOTE: _allreduce runs Python code (a user's communicator): every array is
+        # checked again after it, before a kernel touches it.
+        cdef Py_ssize_t n = cnp.PyArray_DIM(Xa, 0)
+        cdef Py_ssize_t f = self._n_in
+        cdef int t = self._typenum
+        cdef cnp.ndarray stats = self._msg_stats, sums = self._msg_sums
+        cdef cnp.ndarray mean = self._mean, var = self._var
+        check_array(self, Xa, "input", n, f, t, False)
+        check_array(self, stats, "statistics message", f + 1, -1, cnp.NPY_FLOAT64, True)
+        check_array(self, sums, "sums message", 2 * f, -1, cnp.NPY_FLOAT64, True)
+        cdef void* x = cnp.PyArray_DATA(Xa)
+        cdef double* st = <double*>cnp.PyArray_DATA(stats)
+        cdef double* sm = <double*>cnp.PyArray_DATA(sums)
+        with nogil:
+            st[0] = <double>n
+            if t == cnp.NPY_FLOAT32:
+                nnrt_bn_moments_f(<float*>x, n, f, NULL, st + 1, sm)
+            else:
+                nnrt_bn_moments_d(<double*>x, n, f, NULL, st + 1, sm)
+        self._allreduce(stats, "forward: batch size and sum")
+        check_array(self, stats, "statistics message", f + 1, -1, cnp.NPY_FLOAT64, False)
+        cdef double total = (<double*>cnp.PyArray_DATA(stats))[0]
+        if not (total >= 2):
+            # NaN too: a communicator that returned garbage
+            raise ValueError(
+                f"{self!r}: training needs more than 1 sample per global batch to compute "
+                f"a batch variance, got {total:g} (local shape {(<object>Xa).shape} "
+                f"dtype {Xa.dtype})"
+            )
+        if not (total <= 4.0e15 and total == <double>(<Py_ssize_t>total)):
+            raise RuntimeError(
+                f"{self!r}: the communicator summed the batch sizes to {total!r}, not a "
+                f"whole number of rows"
+            )
+        cdef Py_ssize_t N = <Py_ssize_t>total
+        check_array(self, Xa, "input", n, f, t, False)
+        check_array(self, sums, "sums message", 2 * f, -1, cnp.NPY_FLOAT64, True)
+        check_array(self, mean, "batch mean", f, -1, cnp.NPY_FLOAT64, True)
+        x = cnp.PyArray_DATA(Xa)
+        st = <double*>cnp.PyArray_DATA(stats)
+        sm = <double*>cnp.PyArray_DATA(sums)
+        cdef double* m = <double*>cnp.PyArray_DATA(mean)
+        cdef Py_ssize_t j
+        with nogil:
+            for j in range(f):
+                m[j] = st[1 + j] / total
+            # deviations from the first estimate of the mean
+            if t == cnp.NPY_FLOAT32:
+                nnrt_bn_moments_f(<float*>x, n, f, m, sm, sm + f)
+            else:
+                nnrt_bn_moments_d(<double*>x, n, f, m, sm, sm + f)
+        self._allreduce(sums, "forward: sums of deviations")
+        check_array(self, sums, "sums message", 2 * f, -1, cnp.NPY_FLOAT64, False)
+        check_array(self, mean, "batch mean", f, -1, cnp.NPY_FLOAT64, True)
+        check_array(self, var, "batch variance", f, -1, cnp.NPY_FLOAT64, True)
+        sm = <double*>cnp.PyArray_DATA(sums)
+        m = <double*>cnp.PyArray_DATA(mean)
+        cdef double* v = <double*>cnp.PyArray_DATA(var)
+        cdef double d
+        with nogil:
+            for j in range(f):
+                d = sm[j] / total
+                v[j] = sm[f + j] / total - d * d
+                if not (v[j] >= 0):
+                    v[j] = 0
+                m[j] = m[j] + d
+        return N
 
     cpdef object forward(self, object X, bint training=False):
         check_self(self, BatchNorm)
@@ -345,14 +458,30 @@ cdef class BatchNorm(Layer):
         # dx = a dy + c (x - mean) + b with a = gamma invstd, b = -a mean(dy),
         # c = -a invstd mean(dy xhat). NOTE: the sums pass centred x on mean_t (the
         # dtype-rounded mean): sum dy (x - mean) = sum dy (x - mean_t) + (mean_t - mean) sum dy
+        if not self._reduce:
+            return self._backward_pass(X, dYa, S, dX, 0)
+        # NOTE: dgamma/dbeta are this rank's share (from its own sums): the trainer's
+        # gradient allreduce adds the shares up; dx needs the sums of the global batch
+        self._backward_pass(X, dYa, S, dX, 1)
+        self._allreduce(self._msg_sums, "backward: sums of dy and dy*xhat")
+        return self._backward_pass(X, dYa, S, dX, 2)
+
+    cdef int _backward_pass(self, cnp.ndarray X, cnp.ndarray dYa, cnp.ndarray S,
+                            cnp.ndarray dX, int phase) except -1:
+        # phase 0: the whole backward on this process's rows; with reduced statistics
+        # phase 1 writes the sums (into the message) and this rank's dgamma/dbeta,
+        # phase 2 dx from the (reduced) sums in the message.
         cdef Py_ssize_t n = self._rows
+        cdef Py_ssize_t count = n if phase == 0 else self._count
         cdef Py_ssize_t f = self._n_in
         cdef int t = self._typenum
         cdef cnp.ndarray gamma = self.gamma, dgamma = self.dgamma, dbeta = self.dbeta
         cdef cnp.ndarray mean = self._mean, invstd = self._invstd
-        cdef cnp.ndarray acc1 = self._acc1, acc2 = self._acc2
+        cdef cnp.ndarray acc1 = self._acc1, acc2 = self._acc2, sums = self._msg_sums
         cdef cnp.ndarray mean_t = self._mean_t, a_t = self._a_t, b_t = self._b_t
         cdef cnp.ndarray c_t = self._c_t
+        if count < 2:
+            raise self._no_forward_error()
         check_array(self, X, "cached input (of the last training forward)", n, f, t, False)
         check_array(self, dYa, "gradient", n, f, t, False)
         if S is not None:
@@ -363,49 +492,61 @@ cdef class BatchNorm(Layer):
         check_array(self, dbeta, "beta gradient", f, -1, t, True)
         check_array(self, mean, "batch mean", f, -1, cnp.NPY_FLOAT64, False)
         check_array(self, invstd, "batch invstd", f, -1, cnp.NPY_FLOAT64, False)
-        check_array(self, acc1, "accumulator", f, -1, cnp.NPY_FLOAT64, True)
-        check_array(self, acc2, "accumulator", f, -1, cnp.NPY_FLOAT64, True)
         check_array(self, mean_t, "batch mean", f, -1, t, False)
         check_array(self, a_t, "scratch", f, -1, t, True)
         check_array(self, b_t, "scratch", f, -1, t, True)
         check_array(self, c_t, "scratch", f, -1, t, True)
+        cdef double* s1
+        cdef double* s2
+        if phase == 0:
+            check_array(self, acc1, "accumulator", f, -1, cnp.NPY_FLOAT64, True)
+            check_array(self, acc2, "accumulator", f, -1, cnp.NPY_FLOAT64, True)
+            s1 = <double*>cnp.PyArray_DATA(acc1)
+            s2 = <double*>cnp.PyArray_DATA(acc2)
+        else:
+            check_array(self, sums, "sums message", 2 * f, -1, cnp.NPY_FLOAT64, True)
+            s1 = <double*>cnp.PyArray_DATA(sums)
+            s2 = s1 + f
         cdef void* x = cnp.PyArray_DATA(X)
         cdef void* dy = cnp.PyArray_DATA(dYa)
         cdef void* sp = _data(S)
         cdef void* dx = cnp.PyArray_DATA(dX)
-        cdef double* s1 = <double*>cnp.PyArray_DATA(acc1)
-        cdef double* s2 = <double*>cnp.PyArray_DATA(acc2)
         cdef double* m = <double*>cnp.PyArray_DATA(mean)
         cdef double* istd = <double*>cnp.PyArray_DATA(invstd)
         cdef void* pmt = _data(mean_t)
         cdef void* pg = _data(gamma)
-        cdef void* pdg = _data(dgamma)
-        cdef void* pdb = _data(dbeta)
+        # phase 2: the parameter gradients were written in phase 1
+        cdef void* pdg = _data(dgamma) if phase != 2 else NULL
+        cdef void* pdb = _data(dbeta) if phase != 2 else NULL
         cdef void* pa = _data(a_t)
         cdef void* pbb = _data(b_t)
         cdef void* pc = _data(c_t)
         if t == cnp.NPY_FLOAT32:
             with nogil:
-                nnrt_bn_bwd_sums_f(<float*>x, <float*>dy, <float*>sp, <float*>pmt,
-                                   s1, s2, n, f)
-                nnrt_bn_fold_backward_f(f, n, m, istd, s1, s2, <float*>pmt,
+                if phase != 2:
+                    nnrt_bn_bwd_sums_f(<float*>x, <float*>dy, <float*>sp, <float*>pmt,
+                                       s1, s2, n, f)
+                nnrt_bn_fold_backward_f(f, count, m, istd, s1, s2, <float*>pmt,
                                         <float*>pg, <float*>pdg,
                                         <float*>pdb, <float*>pa,
                                         <float*>pbb, <float*>pc)
-                nnrt_bn_bwd_dx_f(<float*>x, <float*>dy, <float*>sp, <float*>dx,
-                                 <float*>pmt, <float*>pa,
-                                 <float*>pbb, <float*>pc, n, f)
+                if phase != 1:
+                    nnrt_bn_bwd_dx_f(<float*>x, <float*>dy, <float*>sp, <float*>dx,
+                                     <float*>pmt, <float*>pa,
+                                     <float*>pbb, <float*>pc, n, f)
         else:
             with nogil:
-                nnrt_bn_bwd_sums_d(<double*>x, <double*>dy, <double*>sp,
-                                   <double*>pmt, s1, s2, n, f)
-                nnrt_bn_fold_backward_d(f, n, m, istd, s1, s2, <double*>pmt,
+                if phase != 2:
+                    nnrt_bn_bwd_sums_d(<double*>x, <double*>dy, <double*>sp,
+                                       <double*>pmt, s1, s2, n, f)
+                nnrt_bn_fold_backward_d(f, count, m, istd, s1, s2, <double*>pmt,
                                         <double*>pg, <double*>pdg,
                                         <double*>pdb, <double*>pa,
                                         <double*>pbb, <double*>pc)
-                nnrt_bn_bwd_dx_d(<double*>x, <double*>dy, <double*>sp, <double*>dx,
-                                 <double*>pmt, <double*>pa,
-                                 <double*>pbb, <double*>pc, n, f)
+                if phase != 1:
+                    nnrt_bn_bwd_dx_d(<double*>x, <double*>dy, <double*>sp, <double*>dx,
+                                     <double*>pmt, <double*>pa,
+                                     <double*>pbb, <double*>pc, n, f)
         return 0
 
     cdef cnp.ndarray _grad_for_kernel(self, object dY):
@@ -430,15 +571,12 @@ cdef class BatchNorm(Layer):
         return dX
 
     # --------------------------------------------- fused batchnorm -> sigmoid
-    # Internal protocol of Sequential's compiled loop (nnrt/_kernels.pyx): when
-    # _nnrt_fuse_next(next_layer) is true, the pair runs as one layer. Both layers'
-    # caches are kept as the separate calls would leave them (this layer's input and
-    # statistics, the sigmoid's output), so either layer's own backward still works;
-    # only this layer's output buffer (the sigmoid's input) is not written.
-    def _nnrt_fuse_next(self, nxt):
-        """True when ``nxt`` is a plain Sigmoid this exact BatchNorm type can fuse with."""
-        return type(self) is BatchNorm and type(nxt) is Sigmoid
-
+    # nnrt.hookspecs.FusablePair: the plugin's nnrt_fuse_pair hook (batchnorm.py)
+    # asks Sequential's compiled loop to run a BatchNorm followed by a Sigmoid through
+    # these two methods. Both layers' caches are kept as the separate calls would
+    # leave them (this layer's input and statistics, the sigmoid's output), so either
+    # layer's own backward still works; only this layer's output buffer (the
+    # sigmoid's input) is not written.
     def _nnrt_forward_pair(self, object X, bint training, Layer nxt, bint trusted=False):
         """``nxt.forward(self.forward(X, training), training)`` in one sweep."""
         check_self(self, BatchNorm)
@@ -482,3 +620,47 @@ cdef class BatchNorm(Layer):
         self._dX = dX
         self._backward_into(X, dSa, S, dX)
         return dX
+
+
+cdef class SyncBatchNorm(BatchNorm):
+    """BatchNorm whose training statistics cover the global batch of all ranks
+    (registry name ``sync_batchnorm``; as ``torch.nn.SyncBatchNorm``).
+
+    The same layer as ``batchnorm`` (constructor, parameters, buffers, eval, the
+    kernels) but for the reduction of its statistics: in training, per feature
+    and in float64, the mean and biased variance are those of the rows of every
+    rank together (running_var gets the unbiased variance over them), and
+    backward goes through those global statistics; ``dgamma``/``dbeta`` are
+    this rank's share (the trainer's gradient allreduce adds the shares up).
+    Three small allreduces per step: two forward, one backward.
+
+    ``comm`` is the communicator (``None``: ``nnrt.distributed.default_communicator()``
+    at the first training forward, a one-rank no-op outside MPI): any object
+    whose ``allreduce_sum(buf, what)`` sums a float64 buffer over the ranks in
+    place. The layer declares ``uses_communicator = True``, so the trainer's
+    ``nnrt.distributed.GradientAllreduce`` sets ``comm`` to its own, leaves the
+    running statistics (identical on every rank) out of its buffer averaging and
+    asks for two rows per global batch (not per rank). Every rank must call
+    forward/backward in step with the others. A global batch of one sample
+    raises ValueError on every rank. Never fused with a following sigmoid.
+    """
+
+    uses_communicator = True
+
+    cdef public object comm
+
+    def __cinit__(self, *args, **kwargs):
+        self._reduce = True
+
+    def __init__(self, num_features, momentum=0.1, eps=1e-5):
+        BatchNorm.__init__(self, num_features, momentum, eps)
+        self.comm = None
+
+    cdef int _allreduce(self, cnp.ndarray buf, str what) except -1:
+        comm = self.comm
+        if comm is None:
+            from nnrt.distributed import default_communicator
+
+            comm = self.comm = default_communicator()
+        comm.allreduce_sum(buf, what=f"{self!r} {what}")
+        return 0

@@ -1,7 +1,7 @@
 """Constructor checks of the batch-normalisation layers (``batchnorm``, ``sync_batchnorm``).
 
-Pure Python, shared by the compiled ``BatchNorm`` and the numpy ``SyncBatchNorm``
-so that both refuse the same arguments with the same messages.
+Pure Python; the compiled ``BatchNorm`` (and so ``SyncBatchNorm``) calls it with its
+class name, so that both refuse the same arguments with the same messages.
 """
 
 from __future__ import annotations

@@ -17,6 +17,10 @@ and a ``dense``/``dense_nobias`` followed by ``batchnorm`` becomes one ``dense``
 with ``W' = W * s`` and ``b' = (b - running_mean) * s + beta``, computed in
 float64 (the network then casts it to its dtype).
 
+Fusion (hook ``nnrt_fuse_pair``): a ``batchnorm`` followed by a ``sigmoid``
+runs in ``Sequential``'s compiled loop as one sweep over the array (forward
+``sigmoid(bn(x))``; backward without the array between them).
+
 ONNX: ``BatchNormalization`` in inference mode. torch: ``nn.BatchNorm1d(n,
 eps, momentum)`` (``affine=True``, tracking running statistics) with
 ``gamma``/``beta`` = ``weight``/``bias`` and the running statistics.
@@ -26,35 +30,43 @@ eps, momentum)`` (``affine=True``, tracking running statistics) with
 
 from __future__ import annotations
 
+import warnings
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+import nnrt.fold
 from nnrt.dense import Dense
-from nnrt.hookspecs import RegisterLayer, hookimpl
+from nnrt.hookspecs import RegisterLayer, RegisterWarning, hookimpl
+from nnrt.network import Sequential
 from nnrt.warnings import NetworkWarning, warn_user
 from nnrt_plugins._batchnorm import BatchNorm
 from nnrt_plugins._dense_nobias import DenseNoBias
+from nnrt_plugins._sigmoid import Sigmoid
 
 if TYPE_CHECKING:
     from nnrt.hookspecs import OnnxExportContext, TorchModule
     from nnrt.layer import Layer
-    from nnrt.network import Sequential
 
 __all__ = [
     "BatchNorm",
     "BiasBeforeBatchNormWarning",
     "check_running_stats",
+    "fold_batchnorm",
     "fold_into_dense",
     "from_torch_module",
     "nnrt_check_network",
     "nnrt_check_state",
+    "nnrt_default_block",
     "nnrt_fold_pair",
     "nnrt_from_torch",
+    "nnrt_fuse_pair",
     "nnrt_layer_flops",
     "nnrt_onnx_export",
     "nnrt_register_layers",
+    "nnrt_register_warnings",
     "nnrt_to_torch",
+    "onnx_export_node",
     "to_torch_module",
 ]
 
@@ -89,6 +101,12 @@ def nnrt_register_layers(register: RegisterLayer) -> None:
 
 
 @hookimpl
+def nnrt_register_warnings(register: RegisterWarning) -> None:
+    """``nnrt.BiasBeforeBatchNormWarning`` is this module's class."""
+    register(BiasBeforeBatchNormWarning)
+
+
+@hookimpl
 def nnrt_check_network(net: Sequential) -> None:
     # NOTE: only direct adjacency: a sigmoid (or anything non-affine) in between
     # makes the bias meaningful again.
@@ -104,6 +122,13 @@ def nnrt_check_network(net: Sequential) -> None:
             f"(see help(nnrt.BiasBeforeBatchNormWarning))",
             BiasBeforeBatchNormWarning,
         )
+
+
+@hookimpl
+def nnrt_default_block() -> tuple[str, ...]:
+    """nnrt's default hidden block: ``dense_nobias -> batchnorm -> sigmoid`` (no bias
+    before the normalisation: see ``BiasBeforeBatchNormWarning``)."""
+    return ("dense_nobias", "batchnorm", "sigmoid")
 
 
 def check_running_stats(layer: Layer, state: dict[str, Any]) -> None:
@@ -132,6 +157,12 @@ def nnrt_onnx_export(layer: Layer, input: str, ctx: OnnxExportContext) -> str | 
     """ONNX: ``BatchNormalization`` in inference mode (running statistics)."""
     if type(layer) is not BatchNorm:
         return None
+    return onnx_export_node(layer, input, ctx)
+
+
+def onnx_export_node(layer: Layer, input: str, ctx: OnnxExportContext) -> str:
+    """The ONNX ``BatchNormalization`` node (inference mode) of the batch-normalisation
+    ``layer``; returns its output's name."""
     p, b = layer.params(), layer.buffers()
     scale = ctx.add_initializer("gamma", p["gamma"])
     bias = ctx.add_initializer("beta", p["beta"])
@@ -184,12 +215,41 @@ def fold_into_dense(dense: Layer, bn: Layer) -> Dense:
     return folded
 
 
+def fold_batchnorm(net: Sequential) -> Sequential:
+    """Deprecated name of ``net.fold()`` (``nnrt.fold.fold``), from when the only fold
+    was a dense layer and the ``batchnorm`` after it; warns ``DeprecationWarning``.
+
+    This plugin keeps the old spellings ``net.fold_batchnorm()`` and
+    ``nnrt.fold.fold_batchnorm(net)`` working (the core knows no batchnorm).
+    """
+    warnings.warn(
+        "fold_batchnorm is deprecated: use net.fold() or nnrt.fold.fold(net), which fold "
+        "every pair a plugin can merge (hook nnrt_fold_pair)",
+        DeprecationWarning,
+        stacklevel=2,
+    )
+    return nnrt.fold.fold(net)
+
+
+Sequential.fold_batchnorm = fold_batchnorm  # type: ignore[attr-defined]
+nnrt.fold.fold_batchnorm = fold_batchnorm  # type: ignore[attr-defined]
+
+
 @hookimpl
 def nnrt_fold_pair(first: Layer, second: Layer) -> Layer | None:
     """``dense``/``dense_nobias`` followed by ``batchnorm`` -> one ``dense``."""
     if type(second) is not BatchNorm or type(first) not in (Dense, DenseNoBias):
         return None
     return fold_into_dense(first, second)
+
+
+@hookimpl
+def nnrt_fuse_pair(first: Layer, second: Layer) -> bool | None:
+    """``batchnorm`` followed by ``sigmoid`` runs as one sweep (``BatchNorm._nnrt_forward_pair``:
+    ``sigmoid(bn(x))`` forward; backward without the array between them)."""
+    if type(first) is BatchNorm and type(second) is Sigmoid:
+        return True
+    return None
 
 
 def to_torch_module(layer: Layer, cls: type[TorchModule]) -> TorchModule:

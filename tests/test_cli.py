@@ -311,7 +311,7 @@ def test_layers_error_through_the_command(blobs_npz: pathlib.Path, tmp_path: pat
 def test_help_documents_the_grammar_and_the_data_format() -> None:
     proc = run("train", "--help")
     assert proc.returncode == 0
-    for needle in ("NAME[:WIDTH][:KEY=VALUE]", "batchnorm:momentum=0.2", ".npz", "named X",
+    for needle in ("NAME[:WIDTH][:KEY=VALUE]", ":momentum=0.2:eps=1e-3", ".npz", "named X",
                    "named y", ".csv", "last column"):  # fmt: skip
         assert needle in proc.stdout, needle
     proc = run("predict", "--help")

@@ -1,4 +1,4 @@
-"""fold_batchnorm: the folded network equals the unfolded one in eval mode."""
+"""net.fold(): the folded network equals the unfolded one in eval mode."""
 
 from __future__ import annotations
 
@@ -52,7 +52,7 @@ def test_folded_network_matches_eval_network(dtype: str) -> None:
     X = rng.normal(size=(50, 10))
     before = net.state_dict()
     expected = net.predict(X)
-    folded = net.fold_batchnorm()
+    folded = net.fold()
     assert "batchnorm" not in _names(folded)
     assert _names(folded) == ["dense", "sigmoid", "dense", "sigmoid", "dense"]
     assert folded.dtype == np.dtype(dtype)
@@ -76,7 +76,7 @@ def test_folded_weights_follow_the_formula() -> None:
     _randomise_bn(net, rng)
     st = net.state_dict()
     s = st["1.gamma"] / np.sqrt(st["1.running_var"] + 0.01)
-    folded = net.fold_batchnorm().state_dict()
+    folded = net.fold().state_dict()
     np.testing.assert_allclose(folded["0.weight"], st["0.weight"] * s, rtol=1e-14)
     np.testing.assert_allclose(
         folded["0.bias"], -st["1.running_mean"] * s + st["1.beta"], rtol=1e-14, atol=1e-15
@@ -96,7 +96,7 @@ def test_batchnorm_not_after_dense_is_kept() -> None:
         dtype="float64",
     )
     _randomise_bn(net, rng)
-    folded = net.fold_batchnorm()
+    folded = net.fold()
     assert _names(folded) == ["dense_nobias", "sigmoid", "batchnorm", "dense"]
     X = rng.normal(size=(9, 4))
     np.testing.assert_allclose(folded.predict(X), net.predict(X), rtol=0, atol=1e-12)
@@ -116,7 +116,7 @@ def test_folding_a_trained_network_and_saving_it(tmp_path) -> None:  # type: ign
         seed=1,
     )
     net.fit(X, y, epochs=3, batch_size=16, progress=False)
-    folded = net.fold_batchnorm()
+    folded = net.fold()
     np.testing.assert_allclose(folded.predict(X), net.predict(X), rtol=0, atol=1e-6)
     folded.save(tmp_path / "folded.npz")
     again = nnrt.load(tmp_path / "folded.npz")
@@ -200,9 +200,11 @@ def test_a_third_party_fold_chains_and_keeps_the_rest(scale_plugin) -> None:  # 
     np.testing.assert_allclose(folded.predict(X), ((X * 3.0) @ W + b) * 4.0, rtol=1e-14)
     # every adjacent pair was offered, the merged scale with the next layer too
     assert ("Scale", "Scale") in plugin.asked and ("Scale", "Dense") in plugin.asked
-    # the alias names keep working
-    assert net.fold_batchnorm()[0].factor == 3.0
-    assert nnrt.fold.fold_batchnorm is nnrt.fold.fold
+    # the old names, kept by the batchnorm plugin, still work (deprecated)
+    with pytest.warns(DeprecationWarning, match=r"net\.fold\(\)"):
+        assert net.fold_batchnorm()[0].factor == 3.0
+    with pytest.warns(DeprecationWarning, match="fold_batchnorm is deprecated"):
+        assert nnrt.fold.fold_batchnorm(net)[0].factor == 3.0
 
 
 @pytest.mark.parametrize(

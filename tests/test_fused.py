@@ -1,7 +1,8 @@
-"""The fused batchnorm -> sigmoid path inside ``Sequential`` (nnrt/_kernels.pyx).
+"""The fused batchnorm -> sigmoid path inside ``Sequential`` (nnrt/_kernels.pyx), and
+fusion offered by plugins through the hook ``nnrt_fuse_pair``.
 
 Inside a network, a BatchNorm directly followed by a Sigmoid runs as one pass
-forward and two passes backward. Checked here against an independent float64
+forward and two passes backward (the batchnorm plugin's ``nnrt_fuse_pair``). Checked here against an independent float64
 numpy reference written in this file, central finite differences, the same
 layers called one by one (identical results: the kernels do the same
 element-wise operations in the same order), and the layers' own caches (each
@@ -101,9 +102,9 @@ def test_pair_is_fused_and_only_the_exact_pair() -> None:
     class MyBN(type(net[1])):  # type: ignore[misc]
         pass
 
-    # a subclass may override forward: never fused
-    assert not MyBN(5)._nnrt_fuse_next(nnrt.layer("sigmoid"))
-    assert not net[1]._nnrt_fuse_next(nnrt.layer("dense", 5, 5))
+    # a subclass may override forward: never fused (the plugin's hook checks exact classes)
+    assert nnrt.Sequential([MyBN(5), nnrt.layer("sigmoid")])._fuse_plan() is None
+    assert nnrt.Sequential([net[1], nnrt.layer("dense", 5, 5)])._fuse_plan() is None
     other = nnrt.Sequential(
         [nnrt.layer("batchnorm", 4), nnrt.layer("dense", 4, 4), nnrt.layer("sigmoid")]
     )
@@ -297,3 +298,108 @@ def test_adam_kernel_matches_float64_reference(
                 opt.state[k]["exp_avg_sq"], ref[k][2], err_msg=k, rtol=1e-4, atol=1e-12
             )
     assert opt.step_count == 3
+
+
+# ------------------------------------------- fusion offered by a third-party plugin
+class _PairDense(nnrt.dense.Dense):  # type: ignore[misc]
+    """A compiled dense (forward/backward inherited) that runs itself and the layer
+    after it through the FusablePair methods, counting the fused calls."""
+
+    def __init__(self, *args: Any) -> None:
+        super().__init__(*args)
+        self.fused_calls: list[str] = []
+
+    def _nnrt_forward_pair(
+        self, X: Any, training: bool, second: nnrt.Layer, trusted: bool = False
+    ) -> Any:
+        self.fused_calls.append("forward")
+        return second.forward(self.forward(X, training), training)
+
+    def _nnrt_backward_pair(self, dY: Any, second: nnrt.Layer) -> Any:
+        self.fused_calls.append("backward")
+        return self.backward(second.backward(dY))
+
+
+class _NoPairDense(nnrt.dense.Dense):  # type: ignore[misc]
+    pass
+
+
+_fusion_plugin_names = iter(range(10**9))
+
+
+class _FusionPlugin:
+    """Offers fusion of its dense classes followed by a sigmoid; ``answer`` is what
+    its hook returns for such a pair."""
+
+    def __init__(self, answer: Any = True) -> None:
+        self.answer = answer
+        self.name = f"test-fusion-{next(_fusion_plugin_names)}"
+
+    @nnrt.hookimpl
+    def nnrt_fuse_pair(self, first: nnrt.Layer, second: nnrt.Layer) -> Any:
+        if type(first) in (_PairDense, _NoPairDense) and type(second).__name__ == "Sigmoid":
+            return self.answer
+        return None
+
+
+@pytest.fixture
+def fusion_plugin() -> Any:
+    from nnrt.registry import registry
+
+    plugins = []
+
+    def make(answer: Any = True) -> _FusionPlugin:
+        plugin = _FusionPlugin(answer)
+        nnrt.register_plugin(plugin, name=plugin.name)
+        plugins.append(plugin)
+        return plugin
+
+    yield make
+    for plugin in plugins:
+        registry.pm.unregister(plugin)
+
+
+def test_a_third_party_plugin_fuses_its_own_pair(fusion_plugin: Any) -> None:
+    fusion_plugin(True)
+    first = _PairDense(4, 3)
+    layers = [nnrt.layer("dense", 5, 4), first, nnrt.layer("sigmoid"), nnrt.layer("dense", 3, 2)]
+    net = nnrt.Sequential(layers, seed=1, dtype="float64")
+    assert net._fuse_plan() == bytes([0, 1, 0, 0])
+    rng = np.random.default_rng(4)
+    X = rng.normal(size=(7, 5))
+    d = rng.normal(size=(7, 2))
+    p = _state64(net)
+    out = net.forward(X, training=True).copy()
+    dX = net.backward(d).copy()
+    assert first.fused_calls == ["forward", "backward"]
+    # float64 reference of dense -> dense -> sigmoid -> dense
+    h = X @ p["0.weight"] + p["0.bias"]
+    s = 1 / (1 + np.exp(-(h @ p["1.weight"] + p["1.bias"])))
+    np.testing.assert_allclose(out, s @ p["3.weight"] + p["3.bias"], rtol=1e-12)
+    dz = (d @ p["3.weight"].T) * s * (1 - s)
+    np.testing.assert_allclose(net.grads()["1.weight"], h.T @ dz, rtol=1e-12, atol=1e-14)
+    np.testing.assert_allclose(dX, dz @ p["1.weight"].T @ p["0.weight"].T, rtol=1e-12, atol=1e-14)
+
+
+def test_a_plugin_may_forbid_a_fusion(fusion_plugin: Any) -> None:
+    fusion_plugin(False)
+    assert nnrt.Sequential([_PairDense(4, 3), nnrt.layer("sigmoid")])._fuse_plan() is None
+
+
+@pytest.mark.parametrize(
+    ("answer", "first", "message"),
+    [
+        ("yes", _PairDense, r"returned str 'yes'.*expected True, False or None"),
+        (1, _PairDense, r"returned int 1"),
+        (np.True_, _PairDense, r"returned numpy\.bool"),
+        (True, _NoPairDense, r"_NoPairDense has no _nnrt_forward_pair or _nnrt_backward_pair"),
+    ],
+)
+def test_a_fusion_hook_returning_garbage_is_refused(
+    fusion_plugin: Any, answer: Any, first: type, message: str
+) -> None:
+    plugin = fusion_plugin(answer)
+    net = nnrt.Sequential([first(4, 3), nnrt.layer("sigmoid")])
+    with pytest.raises(nnrt.PluginError, match=message) as info:
+        net.forward(np.ones((2, 4)))
+    assert plugin.name in str(info.value) and "nnrt_fuse_pair" in str(info.value)

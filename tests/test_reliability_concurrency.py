@@ -328,7 +328,7 @@ def test_a_pickle_carries_parameters_buffers_and_config_only() -> None:
 
 
 def test_a_python_layer_s_caches_do_not_travel_in_the_pickle() -> None:
-    # sync_batchnorm is a registered Python layer: its training caches are batch-sized
+    # a batch-normalisation layer's training caches are batch-sized
     net = nnrt.Sequential(
         [nnrt.layer("dense", 6, 8), nnrt.layer("sync_batchnorm", 8), nnrt.layer("dense", 8, 2)],
         dtype="float64",
