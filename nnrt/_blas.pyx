@@ -17,7 +17,8 @@ Selection, at import: ``NNRT_BLAS=openblas|mkl|scipy-openblas|scipy`` forces one
 unknown name, or a backend that cannot be loaded, warns and falls back to the
 default). Otherwise ``openblas`` (``scipy`` if numpy's OpenBLAS is not found); and when
 MKL is installed, the first GEMM (or ``info()``/``resolve()``) runs a short calibration
-(a few float32 GEMMs of nnrt's shapes at one thread on each, ~50 ms) and uses MKL
+(a few float32 GEMMs of nnrt's shapes at one thread on each, timed in thread CPU
+time; ~0.1 s) and uses MKL
 only if it is at least 10 % faster. ``import nnrt`` without MKL installed costs a
 glob and a dlopen of a library numpy already loaded.
 
@@ -490,11 +491,14 @@ class _Operands:
         self.y = np.zeros(m, dtype=dt)
 
 
-def _time_calls(name, ops, int calls, bint gemv=False):
+def _time_calls(name, ops, int calls, bint gemv=False, bint cpu=False):
     """Seconds for ``calls`` GEMMs C = op(A) op(B) (or GEMVs y = A x, A m x k) of the
-    operands ``ops`` through backend ``name``: a C loop with the GIL released."""
+    operands ``ops`` through backend ``name``: a C loop with the GIL released. ``cpu``:
+    the calling thread's CPU time (a 1-thread BLAS runs in it), which time slices
+    given to other processes on a busy machine do not inflate; else wall time."""
     import time
 
+    clock = time.thread_time if cpu else time.perf_counter
     _load(name)
     cdef Table* t = &_tables[_SLOT[name]]
     cdef int m = ops.shape[0], n = ops.shape[1], k = ops.shape[2], _i
@@ -504,7 +508,7 @@ def _time_calls(name, ops, int calls, bint gemv=False):
     cdef uintptr_t px = ops.x.ctypes.data, py = ops.y.ctypes.data
     if calls < 1:
         raise ValueError("calls must be positive")
-    t0 = time.perf_counter()
+    t0 = clock()
     with nogil:
         for _i in range(calls):
             if gemv and single:
@@ -517,7 +521,7 @@ def _time_calls(name, ops, int calls, bint gemv=False):
             else:
                 _dgemm(t, ta, tb, m, n, k, 1, <double*>pa, lda, <double*>pb, ldb, 0,
                        <double*>pc, n)
-    return time.perf_counter() - t0
+    return clock() - t0
 
 
 def _bench(name, dtype, m, n, k, calls=1, trans_a=False, trans_b=False, gemv=False):
@@ -533,8 +537,9 @@ _CAL_MARGIN = 0.90  # MKL must take at most 90 % of OpenBLAS's time
 
 
 def _calibrate(candidates):
-    """Best-of-3 float32 GEMM time of each candidate at one thread (each library's own
-    thread count is restored afterwards); returns {name: seconds summed over shapes}."""
+    """Best-of-5 float32 GEMM time of each candidate at one thread, in the calling
+    thread's CPU time (each library's own thread count is restored afterwards);
+    returns {name: seconds summed over shapes}."""
     libs = [_load(name) for name in candidates]
     saved = []
     for lib in libs:
@@ -547,12 +552,13 @@ def _calibrate(candidates):
         for name in candidates:  # warm up: first calls load kernels and pools
             for ops in operands:
                 _time_calls(name, ops, 1)
-        for _ in range(3):
+        for _ in range(5):
             for name in candidates:  # interleaved
                 for j, ops in enumerate(operands):
                     m, n, k = ops.shape[:3]
                     calls = max(1, 100_000_000 // (2 * m * n * k))  # loop the small shape
-                    best[name][j] = min(best[name][j], _time_calls(name, ops, calls) / calls)
+                    t = _time_calls(name, ops, calls, cpu=True) / calls
+                    best[name][j] = min(best[name][j], t)
         return {name: float(sum(v)) for name, v in best.items()}
     finally:
         for lib, n in zip(libs, saved):
