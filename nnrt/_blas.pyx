@@ -317,12 +317,16 @@ def _openblas_lib(name, path, suffix):
     addrs = [_address(handle, f"scipy_{f}{suffix}") for f in ("sgemm", "dgemm", "sgemv", "dgemv")]
     ilp64 = suffix == "_64_"
     tag = "64_" if ilp64 else ""
-    get_n = getattr(handle, f"scipy_openblas_get_num_threads{tag}")
-    get_n.restype = ctypes.c_int
-    get_n.argtypes = []
-    set_n = getattr(handle, f"scipy_openblas_set_num_threads{tag}")
-    set_n.restype = None
-    set_n.argtypes = [ctypes.c_int]
+    get_n = set_n = None
+    try:  # without them, threadpoolctl answers and sets the thread count
+        get_n = getattr(handle, f"scipy_openblas_get_num_threads{tag}")
+        get_n.restype = ctypes.c_int
+        get_n.argtypes = []
+        set_n = getattr(handle, f"scipy_openblas_set_num_threads{tag}")
+        set_n.restype = None
+        set_n.argtypes = [ctypes.c_int]
+    except AttributeError:  # pragma: no cover - an older build
+        get_n = set_n = None
     library = kernel = None
     try:
         config = getattr(handle, f"scipy_openblas_get_config{tag}")
