@@ -121,6 +121,7 @@ def ext(name: str, source: str) -> Extension:
 extensions = [
     # core
     ext("nnrt.layer", "nnrt/layer.pyx"),
+    ext("nnrt._blas", "nnrt/_blas.pyx"),
     ext("nnrt.dense", "nnrt/dense.pyx"),
     ext("nnrt._kernels", "nnrt/_kernels.pyx"),
     # built-in plugins (cimport nnrt's .pxd files as a third party would)

@@ -6,9 +6,12 @@ prints them:
 - nnrt's version and the C ABI version compiled plugins are checked against;
 - Python, the platform and the versions of nnrt's dependencies (and of the
   optional extras, when installed; read from package metadata, not imported);
+- the BLAS backend nnrt's GEMMs use (``nnrt._blas.info()``: numpy's OpenBLAS,
+  MKL or scipy's; its library and version, kernel, threads and why it was
+  chosen: default, forced by ``NNRT_BLAS`` or calibrated);
 - the BLAS libraries loaded in the process and their thread counts, via
-  ``threadpoolctl`` (nnrt's kernels call the BLAS of ``scipy.linalg``, so
-  scipy's is loaded first) and the thread-related environment variables;
+  ``threadpoolctl`` (scipy's is loaded first: nnrt's fallback backend) and the
+  thread-related environment variables;
 - how the extensions were compiled: ``setup.py`` records its compiler, flags,
   macros and Cython/numpy versions in ``nnrt/_build_info.py`` at build time;
   without that file the interpreter's sysconfig defaults are shown instead,
@@ -37,6 +40,7 @@ _THREAD_ENV = (
     "MKL_NUM_THREADS",
     "BLIS_NUM_THREADS",
     "VECLIB_MAXIMUM_THREADS",
+    "NNRT_BLAS",
     "NNRT_DISABLE_PLUGINS",
 )
 
@@ -73,6 +77,16 @@ def _blas() -> list[dict[str, Any]]:
         return [{"error": f"{type(exc).__name__}: {exc}"}]
     keys = ("user_api", "internal_api", "num_threads", "version", "threading_layer", "filepath")
     return [{k: lib.get(k) for k in keys if k in lib} for lib in threadpool_info()]
+
+
+def _gemm_backend() -> dict[str, Any]:
+    """The BLAS backend of nnrt's GEMMs (``nnrt._blas.info()``)."""
+    try:
+        import nnrt._blas as _blas
+
+        return dict(_blas.info())
+    except Exception as exc:  # pragma: no cover - a broken build; say so in the report
+        return {"error": f"{type(exc).__name__}: {exc}"}
 
 
 def _nnrt_threads() -> int | None:
@@ -127,6 +141,7 @@ def config_info() -> dict[str, Any]:
         },
         "dependencies": {name: _version(name) for name in _DEPENDENCIES},
         "optional": {name: _version(name) for name in _OPTIONAL},
+        "gemm": _gemm_backend(),
         "blas": _blas(),
         "environment": {k: os.environ[k] for k in _THREAD_ENV if k in os.environ},
         "build": _build(),
@@ -166,6 +181,17 @@ def show_config(file: IO[str] | None = None, *, as_json: bool = False) -> None:
     section("platform", info["platform"])
     section("dependencies", info["dependencies"])
     section("optional extras", {k: v or "not installed" for k, v in info["optional"].items()})
+    gemm = info["gemm"]
+    lines.append("blas backend (nnrt's GEMMs):")
+    if "error" in gemm:
+        lines.append(f"  (unknown: {gemm['error']})")
+    else:
+        library = gemm.get("library") or "unknown version"
+        lines.append(f"  backend   {gemm['backend']}: {library} ({gemm.get('int')})")
+        lines.append(f"  kernel    {_fmt(gemm.get('kernel'))}")
+        lines.append(f"  threads   {_fmt(gemm.get('threads'))}")
+        lines.append(f"  chosen    {gemm.get('reason')}")
+        lines.append(f"  filepath  {_fmt(gemm.get('filepath'))}")
     lines.append("blas / threads (threadpoolctl):")
     if not info["blas"]:
         lines.append("  (no BLAS or OpenMP library found in this process)")

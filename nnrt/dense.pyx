@@ -5,8 +5,9 @@ Derivation (docs/derivations.md):
   dW = X.T @ dY          each sample adds its outer product x_i^T dy_i
   db = dY.sum(axis=0)    the bias's local derivative is a ones vector
   dX = dY @ W.T
-GEMMs run through scipy.linalg.cython_blas with the GIL released; the bias is
-added by seeding the output with b and calling GEMM with beta = 1.
+GEMMs run through nnrt/blas.pxd's gemm_rm (the BLAS backend nnrt/_blas.pyx chose)
+with the GIL released; the bias is added by seeding the output with b and calling
+GEMM with beta = 1.
 The kernels index with Py_ssize_t; every array they touch has fewer than 2^31
 elements, so each BLAS (int) dimension fits. Sizes come from the C fields
 _n_in/_n_out and the batch recorded at forward, never from an array Python can
@@ -19,65 +20,11 @@ from libc.string cimport memcpy
 
 from cython cimport floating
 
-from nnrt.blas cimport gemm_rm as _scipy_gemm_rm
-from libc.stdint cimport int64_t, uintptr_t
+from nnrt.blas cimport gemm_rm
 from nnrt.layer cimport (LAYER_BUILT, LAYER_FROZEN, Layer, cache_input, check_array, check_self,
                          grad_as, overlaps, reuse_buffer, unaliased)
 
 cnp.import_array()
-
-
-# NOTE: numpy and scipy each ship an OpenBLAS. numpy's (0.3.31 here) ran this
-# project's GEMM shapes 10-20% faster than scipy's (0.3.30), so float32/float64
-# GEMMs go through numpy's copy when its ILP64 Fortran symbols are found at
-# import (NNRT_BLAS=scipy turns this off); otherwise scipy.linalg.cython_blas.
-ctypedef void (*sgemm64_t)(const char*, const char*, const int64_t*, const int64_t*,
-                           const int64_t*, const float*, const float*, const int64_t*,
-                           const float*, const int64_t*, const float*, float*,
-                           const int64_t*) noexcept nogil
-ctypedef void (*dgemm64_t)(const char*, const char*, const int64_t*, const int64_t*,
-                           const int64_t*, const double*, const double*, const int64_t*,
-                           const double*, const int64_t*, const double*, double*,
-                           const int64_t*) noexcept nogil
-cdef sgemm64_t _np_sgemm = NULL
-cdef dgemm64_t _np_dgemm = NULL
-
-
-def _find_numpy_blas():
-    """(sgemm, dgemm) addresses in numpy's bundled OpenBLAS, or None."""
-    import ctypes
-    import glob
-    import os
-    if os.environ.get("NNRT_BLAS", "").lower() == "scipy":
-        return None
-    libdir = os.path.join(os.path.dirname(os.path.dirname(np.__file__)), "numpy.libs")
-    for path in sorted(glob.glob(os.path.join(libdir, "libscipy_openblas64_*"))):
-        try:
-            lib = ctypes.CDLL(path)
-            s = ctypes.cast(lib.scipy_sgemm_64_, ctypes.c_void_p).value
-            d = ctypes.cast(lib.scipy_dgemm_64_, ctypes.c_void_p).value
-        except (OSError, AttributeError):
-            continue
-        if s and d:
-            return s, d
-    return None
-
-
-def _use_numpy_blas(bint on):
-    """Route Dense GEMMs through numpy's OpenBLAS (True) or scipy's (False); returns
-    whether numpy's is in use."""
-    global _np_sgemm, _np_dgemm
-    found = _find_numpy_blas() if on else None
-    if found is None:
-        _np_sgemm = NULL
-        _np_dgemm = NULL
-        return False
-    _np_sgemm = <sgemm64_t><uintptr_t>found[0]
-    _np_dgemm = <dgemm64_t><uintptr_t>found[1]
-    return True
-
-
-BLAS_IN_USE = "numpy" if _use_numpy_blas(True) else "scipy"
 
 # Largest element count of an array a Dense kernel touches (inputs are held to the
 # same by Layer.prepare_input): every BLAS dimension and leading dimension then
@@ -90,25 +37,6 @@ def _describe(X):
     if isinstance(X, np.ndarray):
         return f"input of shape {X.shape}"
     return "this input"
-
-
-cdef inline void gemm_rm(bint trans_a, bint trans_b, int m, int n, int k,
-                         floating alpha, const floating* a, int lda,
-                         const floating* b, int ldb,
-                         floating beta, floating* c, int ldc) noexcept nogil:
-    # row-major C = alpha op(A) op(B) + beta C, as nnrt.blas.gemm_rm (operands swapped)
-    cdef char ta = b'T' if trans_b else b'N'
-    cdef char tb = b'T' if trans_a else b'N'
-    cdef int64_t m64 = n, n64 = m, k64 = k, la = ldb, lb = lda, lc = ldc
-    if floating is float:
-        if _np_sgemm != NULL:
-            _np_sgemm(&ta, &tb, &m64, &n64, &k64, &alpha, b, &la, a, &lb, &beta, c, &lc)
-            return
-    else:
-        if _np_dgemm != NULL:
-            _np_dgemm(&ta, &tb, &m64, &n64, &k64, &alpha, b, &la, a, &lb, &beta, c, &lc)
-            return
-    _scipy_gemm_rm(trans_a, trans_b, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc)
 
 
 cdef void dense_forward(const floating* X, const floating* W, const floating* b,

@@ -1,10 +1,10 @@
 """Performance controls: BLAS thread count and a per-layer profiler.
 
-``set_num_threads(n)`` limits every BLAS library loaded in the process (numpy
-and scipy each ship their own OpenBLAS; nnrt's GEMMs call numpy's when its
-symbols are found, scipy's otherwise: ``nnrt.dense.BLAS_IN_USE``) through
-threadpoolctl. nnrt's own element-wise kernels are single-threaded; only the
-GEMMs use BLAS threads. The default is whatever the BLAS libraries start
+``set_num_threads(n)`` sets the BLAS backend nnrt's GEMMs use (numpy's OpenBLAS,
+MKL or scipy's OpenBLAS: ``nnrt._blas.info()``, docs/performance.md "BLAS
+backends") through its own call, and every other BLAS library loaded in the
+process through threadpoolctl. nnrt's own element-wise kernels are
+single-threaded; only the GEMMs use BLAS threads. The default is whatever the BLAS libraries start
 with: one thread per core unless ``OPENBLAS_NUM_THREADS``/``OMP_NUM_THREADS``
 say otherwise. On small networks (batch x width below ~10^6) one thread is
 usually fastest: idle OpenBLAS workers spin after each call and compete with
@@ -36,31 +36,27 @@ def _blas_controller() -> Any:
 
 
 def set_num_threads(n: int) -> None:
-    """Use ``n`` threads in every loaded BLAS library (numpy's and scipy's OpenBLAS).
+    """Use ``n`` threads in nnrt's BLAS backend and in every other loaded BLAS library.
 
-    Applies process-wide until changed again; ``n`` must be a positive int.
-    Libraries loaded after the call (e.g. torch's) are not affected.
+    The backend in use (``nnrt._blas.info()["backend"]``: numpy's OpenBLAS, MKL or
+    scipy's OpenBLAS) is set through its own call; every BLAS threadpoolctl finds
+    loaded is limited too. Applies process-wide until changed again; ``n`` must be a
+    positive int. Libraries loaded after the call (e.g. torch's) are not affected.
     """
     if isinstance(n, (bool, np.bool_)) or not isinstance(n, (int, np.integer)) or n < 1:
         raise ValueError(f"set_num_threads: n must be a positive int, got {n!r}")
+    import nnrt._blas as _blas
+
+    _blas.set_threads(int(n))  # settles a pending backend choice first
     controller = _blas_controller()
     controller.select(user_api="blas").limit(limits=int(n))
 
 
 def get_num_threads() -> int:
-    """Threads of the BLAS that nnrt's GEMMs use, else the largest of any BLAS."""
-    import nnrt.dense
+    """Threads of the BLAS backend nnrt's GEMMs use (``nnrt._blas.info()``)."""
+    import nnrt._blas as _blas
 
-    controller = _blas_controller()
-    infos = controller.select(user_api="blas").info()
-    if not infos:
-        return 1
-    # the package directory of the copy in use: numpy.libs/ or scipy.libs/ (or scipy/)
-    owner = "numpy" if getattr(nnrt.dense, "BLAS_IN_USE", "scipy") == "numpy" else "scipy"
-    for info in infos:
-        if owner in info.get("filepath", "").replace("scipy_openblas", ""):
-            return int(info["num_threads"])
-    return int(max(info["num_threads"] for info in infos))
+    return int(_blas.threads())
 
 
 @dataclass

@@ -16,7 +16,7 @@ from libc.math cimport fabs
 
 from cython cimport floating
 
-from nnrt.blas cimport gemm_rm
+from nnrt.blas cimport gemm_rm, gemv_rm
 from nnrt.dense cimport Dense
 from nnrt.layer cimport Layer, NNRT_ABI_VERSION, reuse_buffer
 
@@ -232,6 +232,47 @@ def _gemm_case(dtype, bint ta, bint tb, int m, int n, int k, int pad):
     _assert_close(C[:, :n], want, tol * max(k, 1), what)
     # the padding columns of C are outside the matrix: untouched
     assert np.all(C[:, n:] == 7.0), f"{what} wrote outside C's {n} columns"
+
+
+def gemm_rm_call(bint ta, bint tb, int m, int n, int k, double alpha, A, B, double beta, C):
+    """C[:, :n] = alpha op(A) op(B) + beta C through nnrt.blas.gemm_rm (float32/float64,
+    row-major arrays whose row lengths are the leading dimensions)."""
+    cdef cnp.ndarray a = A, b = B, c = C
+    assert a.dtype == b.dtype == c.dtype and a.flags.c_contiguous and b.flags.c_contiguous
+    assert c.flags.c_contiguous and c.flags.writeable
+    assert a.shape[0] >= (k if ta else m) and a.shape[1] >= (m if ta else k)
+    assert b.shape[0] >= (n if tb else k) and b.shape[1] >= (k if tb else n)
+    assert c.shape[0] >= m and c.shape[1] >= n
+    cdef int lda = <int>a.shape[1], ldb = <int>b.shape[1], ldc = <int>c.shape[1]
+    if a.dtype == np.float32:
+        with nogil:
+            gemm_rm(ta, tb, m, n, k, <float>alpha, <float*>cnp.PyArray_DATA(a), lda,
+                    <float*>cnp.PyArray_DATA(b), ldb, <float>beta, <float*>cnp.PyArray_DATA(c),
+                    ldc)
+    else:
+        assert a.dtype == np.float64
+        with nogil:
+            gemm_rm(ta, tb, m, n, k, alpha, <double*>cnp.PyArray_DATA(a), lda,
+                    <double*>cnp.PyArray_DATA(b), ldb, beta, <double*>cnp.PyArray_DATA(c), ldc)
+
+
+def gemv_rm_call(bint trans, int m, int n, double alpha, A, x, double beta, y):
+    """y = alpha op(A) x + beta y through nnrt.blas.gemv_rm; A (m x n, row length lda)."""
+    cdef cnp.ndarray a = A, xa = x, ya = y
+    assert a.dtype == xa.dtype == ya.dtype and a.flags.c_contiguous
+    assert xa.flags.c_contiguous and ya.flags.c_contiguous and ya.flags.writeable
+    assert a.shape[0] >= m and a.shape[1] >= n
+    assert xa.shape[0] == (m if trans else n) and ya.shape[0] == (n if trans else m)
+    cdef int lda = <int>a.shape[1]
+    if a.dtype == np.float32:
+        with nogil:
+            gemv_rm(trans, m, n, <float>alpha, <float*>cnp.PyArray_DATA(a), lda,
+                    <float*>cnp.PyArray_DATA(xa), <float>beta, <float*>cnp.PyArray_DATA(ya))
+    else:
+        assert a.dtype == np.float64
+        with nogil:
+            gemv_rm(trans, m, n, alpha, <double*>cnp.PyArray_DATA(a), lda,
+                    <double*>cnp.PyArray_DATA(xa), beta, <double*>cnp.PyArray_DATA(ya))
 
 
 # -------------------------------------------------------------------- tests

@@ -1,0 +1,30 @@
+"""Type stub for the compiled ``nnrt._blas`` module (``_blas.pyx``): the BLAS backend
+of nnrt's GEMM/GEMV helpers."""
+
+from typing import Any
+
+BACKENDS: tuple[str, ...]
+
+def find_numpy_openblas() -> str | None:
+    """Path of numpy's bundled OpenBLAS, or None."""
+
+def find_mkl() -> str | None:
+    """Path of MKL's ``libmkl_rt`` installed next to this Python, or None."""
+
+def available() -> list[str]:
+    """Names of the backends that load on this machine."""
+
+def use(name: str) -> str:
+    """Route nnrt's GEMMs through backend ``name``; returns the previous one."""
+
+def resolve() -> None:
+    """Finish a pending automatic choice (the MKL calibration)."""
+
+def threads() -> int:
+    """Threads of the backend in use."""
+
+def set_threads(n: int) -> None:
+    """Set the thread count of the backend in use."""
+
+def info() -> dict[str, Any]:
+    """The backend in use: name, library, kernel, threads, reason, ..."""

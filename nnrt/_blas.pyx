@@ -1,0 +1,697 @@
+# cython: language_level=3
+"""The BLAS backend of nnrt's GEMM/GEMV helpers (nnrt/blas.pxd), chosen once per process.
+
+Backends (docs/performance.md, "BLAS backends"):
+
+* ``openblas``: numpy's bundled OpenBLAS (ILP64, symbols ``scipy_sgemm_64_`` ...),
+  found by :func:`find_numpy_openblas`; the default.
+* ``mkl``: Intel MKL's single dynamic library ``libmkl_rt`` from the optional ``mkl``
+  wheel (``pip install nnrt[mkl]``), found by :func:`find_mkl`; ILP64 ``sgemm_64``
+  ... (LP64 ``sgemm_`` if those are missing).
+* ``scipy-openblas``: the ``scipy-openblas64`` wheel's OpenBLAS, when installed
+  (an opt-in for comparisons; never chosen automatically).
+* ``scipy``: ``scipy.linalg.cython_blas`` (scipy's OpenBLAS). Always present: the
+  fallback, and what every pointer holds before any other backend is loaded.
+
+Selection, at import: ``NNRT_BLAS=openblas|mkl|scipy-openblas|scipy`` forces one (an
+unknown name, or a backend that cannot be loaded, warns and falls back to the
+default). Otherwise ``openblas`` (``scipy`` if numpy's OpenBLAS is not found); and when
+MKL is installed, the first GEMM (or ``info()``/``resolve()``) runs a short calibration
+(a few float32 GEMMs of nnrt's shapes at one thread on each, timed in thread CPU
+time; ~0.1 s) and uses MKL
+only if it is at least 10 % faster. ``import nnrt`` without MKL installed costs a
+glob and a dlopen of a library numpy already loaded.
+
+C callers use ``sgemm_rm`` ... (nnrt/_blas.pxd, via nnrt/blas.pxd): one indirect call
+through the current backend's table; the tables are filled once, before they can be
+selected, and never change, so a switch (``use``) while another thread is inside a
+GEMM is safe. No pointer is ever NULL: the scipy table is filled at module init.
+"""
+
+import os
+import sys
+import threading
+
+from libc.stdint cimport int64_t, uintptr_t
+from scipy.linalg.cython_blas cimport dgemm, dgemv, sgemm, sgemv
+
+__all__ = ["BACKENDS", "available", "find_mkl", "find_numpy_openblas", "info", "resolve",
+           "set_threads", "threads", "use"]
+
+ctypedef void (*sgemm32_t)(const char*, const char*, const int*, const int*, const int*,
+                           const float*, const float*, const int*, const float*, const int*,
+                           const float*, float*, const int*) noexcept nogil
+ctypedef void (*dgemm32_t)(const char*, const char*, const int*, const int*, const int*,
+                           const double*, const double*, const int*, const double*,
+                           const int*, const double*, double*, const int*) noexcept nogil
+ctypedef void (*sgemm64_t)(const char*, const char*, const int64_t*, const int64_t*,
+                           const int64_t*, const float*, const float*, const int64_t*,
+                           const float*, const int64_t*, const float*, float*,
+                           const int64_t*) noexcept nogil
+ctypedef void (*dgemm64_t)(const char*, const char*, const int64_t*, const int64_t*,
+                           const int64_t*, const double*, const double*, const int64_t*,
+                           const double*, const int64_t*, const double*, double*,
+                           const int64_t*) noexcept nogil
+ctypedef void (*sgemv32_t)(const char*, const int*, const int*, const float*, const float*,
+                           const int*, const float*, const int*, const float*, float*,
+                           const int*) noexcept nogil
+ctypedef void (*dgemv32_t)(const char*, const int*, const int*, const double*, const double*,
+                           const int*, const double*, const int*, const double*, double*,
+                           const int*) noexcept nogil
+ctypedef void (*sgemv64_t)(const char*, const int64_t*, const int64_t*, const float*,
+                           const float*, const int64_t*, const float*, const int64_t*,
+                           const float*, float*, const int64_t*) noexcept nogil
+ctypedef void (*dgemv64_t)(const char*, const int64_t*, const int64_t*, const double*,
+                           const double*, const int64_t*, const double*, const int64_t*,
+                           const double*, double*, const int64_t*) noexcept nogil
+
+
+cdef struct Table:
+    # Fortran BLAS entry points of one backend; ilp64: 64-bit integer arguments
+    int ilp64
+    void* sgemm
+    void* dgemm
+    void* sgemv
+    void* dgemv
+
+
+BACKENDS = ("openblas", "mkl", "scipy-openblas", "scipy")
+_SLOT = {"scipy": 0, "openblas": 1, "mkl": 2, "scipy-openblas": 3}
+
+# one table per backend, filled at most once (scipy's here, the others by _install)
+cdef Table _tables[4]
+_tables[0].ilp64 = 0
+_tables[0].sgemm = <void*>sgemm
+_tables[0].dgemm = <void*>dgemm
+_tables[0].sgemv = <void*>sgemv
+_tables[0].dgemv = <void*>dgemv
+cdef Table* _cur = &_tables[0]
+# set while the automatic choice waits for its calibration (MKL installed, no NNRT_BLAS)
+cdef int _pending = 0
+
+
+cdef void _resolve_pending() noexcept nogil:
+    with gil:
+        try:
+            resolve()
+        except Exception:  # the calibration failed: keep the default (resolve recorded why)
+            pass
+
+
+cdef inline Table* _table() noexcept nogil:
+    if _pending:
+        _resolve_pending()
+    return _cur
+
+
+cdef inline void _sgemm(const Table* t, bint trans_a, bint trans_b, int m, int n, int k,
+                        float alpha, const float* a, int lda, const float* b, int ldb,
+                        float beta, float* c, int ldc) noexcept nogil:
+    # row-major C = op(A) op(B) is column-major C^T = op(B)^T op(A)^T: operands swapped
+    cdef char ta = b'T' if trans_b else b'N'
+    cdef char tb = b'T' if trans_a else b'N'
+    cdef int64_t m64, n64, k64, la, lb, lc
+    if t.ilp64:
+        m64 = n
+        n64 = m
+        k64 = k
+        la = ldb
+        lb = lda
+        lc = ldc
+        (<sgemm64_t>t.sgemm)(&ta, &tb, &m64, &n64, &k64, &alpha, b, &la, a, &lb, &beta, c, &lc)
+    else:
+        (<sgemm32_t>t.sgemm)(&ta, &tb, &n, &m, &k, &alpha, b, &ldb, a, &lda, &beta, c, &ldc)
+
+
+cdef inline void _dgemm(const Table* t, bint trans_a, bint trans_b, int m, int n, int k,
+                        double alpha, const double* a, int lda, const double* b, int ldb,
+                        double beta, double* c, int ldc) noexcept nogil:
+    cdef char ta = b'T' if trans_b else b'N'
+    cdef char tb = b'T' if trans_a else b'N'
+    cdef int64_t m64, n64, k64, la, lb, lc
+    if t.ilp64:
+        m64 = n
+        n64 = m
+        k64 = k
+        la = ldb
+        lb = lda
+        lc = ldc
+        (<dgemm64_t>t.dgemm)(&ta, &tb, &m64, &n64, &k64, &alpha, b, &la, a, &lb, &beta, c, &lc)
+    else:
+        (<dgemm32_t>t.dgemm)(&ta, &tb, &n, &m, &k, &alpha, b, &ldb, a, &lda, &beta, c, &ldc)
+
+
+cdef inline void _sgemv(const Table* t, bint trans, int m, int n, float alpha, const float* a,
+                        int lda, const float* x, float beta, float* y) noexcept nogil:
+    # row-major A (m x n) is column-major A^T (n x m): y = A x is 'T', y = A^T x is 'N'
+    cdef char tr = b'N' if trans else b'T'
+    cdef int one = 1
+    cdef int64_t m64, n64, l64, one64 = 1
+    if t.ilp64:
+        m64 = n
+        n64 = m
+        l64 = lda
+        (<sgemv64_t>t.sgemv)(&tr, &m64, &n64, &alpha, a, &l64, x, &one64, &beta, y, &one64)
+    else:
+        (<sgemv32_t>t.sgemv)(&tr, &n, &m, &alpha, a, &lda, x, &one, &beta, y, &one)
+
+
+cdef inline void _dgemv(const Table* t, bint trans, int m, int n, double alpha,
+                        const double* a, int lda, const double* x, double beta,
+                        double* y) noexcept nogil:
+    cdef char tr = b'N' if trans else b'T'
+    cdef int one = 1
+    cdef int64_t m64, n64, l64, one64 = 1
+    if t.ilp64:
+        m64 = n
+        n64 = m
+        l64 = lda
+        (<dgemv64_t>t.dgemv)(&tr, &m64, &n64, &alpha, a, &l64, x, &one64, &beta, y, &one64)
+    else:
+        (<dgemv32_t>t.dgemv)(&tr, &n, &m, &alpha, a, &lda, x, &one, &beta, y, &one)
+
+
+cdef void sgemm_rm(bint trans_a, bint trans_b, int m, int n, int k,
+                   float alpha, const float* a, int lda, const float* b, int ldb,
+                   float beta, float* c, int ldc) noexcept nogil:
+    _sgemm(_table(), trans_a, trans_b, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc)
+
+
+cdef void dgemm_rm(bint trans_a, bint trans_b, int m, int n, int k,
+                   double alpha, const double* a, int lda, const double* b, int ldb,
+                   double beta, double* c, int ldc) noexcept nogil:
+    _dgemm(_table(), trans_a, trans_b, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc)
+
+
+cdef void sgemv_rm(bint trans, int m, int n, float alpha, const float* a, int lda,
+                   const float* x, float beta, float* y) noexcept nogil:
+    _sgemv(_table(), trans, m, n, alpha, a, lda, x, beta, y)
+
+
+cdef void dgemv_rm(bint trans, int m, int n, double alpha, const double* a, int lda,
+                   const double* x, double beta, double* y) noexcept nogil:
+    _dgemv(_table(), trans, m, n, alpha, a, lda, x, beta, y)
+
+
+# ----------------------------------------------------------------- finding libraries
+
+def find_numpy_openblas():
+    """Path of numpy's bundled OpenBLAS (``libscipy_openblas64_*`` in ``numpy.libs/``,
+    or ``numpy/.dylibs/`` on macOS), or None. The ``openblas`` backend's library."""
+    import glob
+
+    import numpy as np
+
+    pkg = os.path.dirname(os.path.abspath(np.__file__))
+    for where in (os.path.join(os.path.dirname(pkg), "numpy.libs"), os.path.join(pkg, ".dylibs")):
+        for path in sorted(glob.glob(os.path.join(where, "libscipy_openblas64_*"))):
+            return path
+    return None
+
+
+def find_mkl():
+    """Path of MKL's ``libmkl_rt`` installed next to this Python (the ``mkl`` wheel puts
+    it in ``<prefix>/lib``), or None. A file check only: nothing is loaded."""
+    import glob
+
+    names = ("libmkl_rt.so*", "libmkl_rt*.dylib", "mkl_rt*.dll")
+    seen = set()
+    for prefix in (sys.prefix, sys.base_prefix):
+        for sub in ("lib", os.path.join("Library", "bin")):
+            where = os.path.join(prefix, sub)
+            if where in seen or not os.path.isdir(where):
+                continue
+            seen.add(where)
+            for name in names:
+                found = sorted(glob.glob(os.path.join(where, name)), reverse=True)
+                if found:
+                    return found[0]
+    return None
+
+
+def _find_scipy_openblas():
+    import importlib.util
+
+    spec = importlib.util.find_spec("scipy_openblas64")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    import glob
+
+    libdir = os.path.join(next(iter(spec.submodule_search_locations)), "lib")
+    for pattern in ("libscipy_openblas64_*.so*", "libscipy_openblas64_*.dylib",
+                    "libscipy_openblas64_*.dll"):
+        found = sorted(glob.glob(os.path.join(libdir, pattern)))
+        if found:
+            return found[0]
+    return None
+
+
+def _library_of(uintptr_t address):
+    """The shared library holding ``address`` (dladdr), or None."""
+    import ctypes
+
+    class DlInfo(ctypes.Structure):
+        _fields_ = [("dli_fname", ctypes.c_char_p), ("dli_fbase", ctypes.c_void_p),
+                    ("dli_sname", ctypes.c_char_p), ("dli_saddr", ctypes.c_void_p)]
+
+    try:
+        dladdr = ctypes.CDLL(None).dladdr
+    except (OSError, AttributeError):  # pragma: no cover - no dladdr (Windows)
+        return None
+    dladdr.argtypes = [ctypes.c_void_p, ctypes.POINTER(DlInfo)]
+    dladdr.restype = ctypes.c_int
+    found = DlInfo()
+    if not dladdr(ctypes.c_void_p(address), ctypes.byref(found)) or not found.dli_fname:
+        return None
+    return os.path.realpath(os.fsdecode(found.dli_fname))
+
+
+# ------------------------------------------------------------------ loaded backends
+
+class _Lib:
+    """One loaded backend: its library, integer width and thread/version queries."""
+
+    def __init__(self, name, path, ilp64, handle, get_threads, set_threads, library, kernel):
+        self.name = name
+        self.path = path
+        self.ilp64 = ilp64
+        self.handle = handle  # kept for the life of the process: the table points into it
+        self.get_threads = get_threads
+        self.set_threads = set_threads
+        self.library = library
+        self.kernel = kernel
+
+
+_libs = {}            # name -> _Lib, once loaded
+_load_errors = {}     # name -> why it could not be loaded
+_lock = threading.RLock()
+_state = {"backend": "scipy", "reason": "", "requested": None, "calibration": None, "note": ""}
+
+
+def _address(handle, symbol):
+    import ctypes
+
+    return ctypes.cast(getattr(handle, symbol), ctypes.c_void_p).value or 0
+
+
+cdef int _fill(int slot, int ilp64, uintptr_t s, uintptr_t d, uintptr_t sv,
+               uintptr_t dv) except -1:
+    """Fill a backend's table once, with four non-NULL entry points."""
+    if slot <= 0 or slot >= 4 or not (s and d and sv and dv):
+        raise RuntimeError("a BLAS entry point is missing")
+    if _tables[slot].sgemm != NULL:
+        return 0  # filled before, never rewritten (another thread may be calling it)
+    _tables[slot].ilp64 = ilp64
+    _tables[slot].dgemm = <void*>d
+    _tables[slot].sgemv = <void*>sv
+    _tables[slot].dgemv = <void*>dv
+    _tables[slot].sgemm = <void*>s  # last: a filled table has every entry
+    return 0
+
+
+def _openblas_lib(name, path, suffix):
+    """Load a scipy-openblas build (prefixed symbols ``scipy_<f><suffix>``)."""
+    import ctypes
+
+    handle = ctypes.CDLL(path)
+    addrs = [_address(handle, f"scipy_{f}{suffix}") for f in ("sgemm", "dgemm", "sgemv", "dgemv")]
+    ilp64 = suffix == "_64_"
+    tag = "64_" if ilp64 else ""
+    get_n = set_n = None
+    try:  # without them, threadpoolctl answers and sets the thread count
+        get_n = getattr(handle, f"scipy_openblas_get_num_threads{tag}")
+        get_n.restype = ctypes.c_int
+        get_n.argtypes = []
+        set_n = getattr(handle, f"scipy_openblas_set_num_threads{tag}")
+        set_n.restype = None
+        set_n.argtypes = [ctypes.c_int]
+    except AttributeError:  # pragma: no cover - an older build
+        get_n = set_n = None
+    library = kernel = None
+    try:
+        config = getattr(handle, f"scipy_openblas_get_config{tag}")
+        config.restype = ctypes.c_char_p
+        corename = getattr(handle, f"scipy_openblas_get_corename{tag}")
+        corename.restype = ctypes.c_char_p
+        library = " ".join(config().decode(errors="replace").split()[:2])  # "OpenBLAS 0.3.31"
+        kernel = corename().decode(errors="replace")
+    except (AttributeError, OSError):  # pragma: no cover - an older build
+        pass
+    lib = _Lib(name, os.path.realpath(path), ilp64, handle, get_n, set_n, library, kernel)
+    return lib, addrs
+
+
+_MKL_BRANCH = {2: "COMPATIBLE", 3: "SSE2", 6: "SSSE3", 7: "SSE4_1", 8: "SSE4_2", 9: "AVX",
+               10: "AVX2", 11: "AVX512_MIC", 12: "AVX512", 13: "AVX512_MIC_E1",
+               14: "AVX512_E1"}
+
+
+def _mkl_lib(path):
+    import ctypes
+
+    handle = ctypes.CDLL(path)
+    try:
+        addrs = [_address(handle, f"{f}_64") for f in ("sgemm", "dgemm", "sgemv", "dgemv")]
+        ilp64 = True
+    except AttributeError:  # an MKL without the _64 ILP64 entry points: LP64 Fortran names
+        addrs = [_address(handle, f"{f}_") for f in ("sgemm", "dgemm", "sgemv", "dgemv")]
+        ilp64 = False
+    get_n = handle.MKL_Get_Max_Threads
+    get_n.restype = ctypes.c_int
+    get_n.argtypes = []
+    set_n = handle.MKL_Set_Num_Threads
+    set_n.restype = None
+    set_n.argtypes = [ctypes.c_int]
+    library = kernel = None
+    try:
+        buf = ctypes.create_string_buffer(256)
+        handle.MKL_Get_Version_String(buf, ctypes.c_int(len(buf)))
+        words = buf.value.decode(errors="replace").split()
+        version = next((w for w in words if w[:1].isdigit()), "")
+        library = f"MKL {version}".strip()
+        branch = handle.MKL_CBWR_Get_Auto_Branch
+        branch.restype = ctypes.c_int
+        code = int(branch())
+        kernel = f"{_MKL_BRANCH.get(code, f'branch {code}')} code path (MKL CNR branch)"
+    except (AttributeError, OSError):  # pragma: no cover - an older MKL
+        pass
+    lib = _Lib("mkl", os.path.realpath(path), ilp64, handle, get_n, set_n, library, kernel)
+    return lib, addrs
+
+
+def _scipy_lib():
+    """scipy.linalg.cython_blas's backend: its table is filled at init; the library
+    (found with dladdr) answers thread and version queries when it is a scipy-openblas."""
+    import ctypes
+
+    # the table holds cython_blas's wrappers; the OpenBLAS behind them is a dependency
+    path = _library_of(<uintptr_t>_tables[0].sgemm)
+    if path is not None:
+        try:
+            path = _library_of(_address(ctypes.CDLL(path), "scipy_sgemm_")) or path
+            return _openblas_lib("scipy", path, "_")[0], None
+        except (OSError, AttributeError):  # not a scipy-openblas build (a system BLAS)
+            pass
+    return _Lib("scipy", path, False, None, None, None, None, None), None
+
+
+def _load(name):
+    """The loaded backend ``name`` (loading it and filling its table the first time);
+    raises RuntimeError saying why it is unavailable."""
+    with _lock:
+        if name in _libs:
+            return _libs[name]
+        if name not in _SLOT:
+            raise ValueError(f"unknown BLAS backend {name!r}; expected one of {BACKENDS}")
+        try:
+            if name == "scipy":
+                lib, addrs = _scipy_lib()
+            elif name == "openblas":
+                path = find_numpy_openblas()
+                if path is None:
+                    raise RuntimeError("numpy's bundled OpenBLAS (numpy.libs/"
+                                       "libscipy_openblas64_*) was not found")
+                lib, addrs = _openblas_lib(name, path, "_64_")
+            elif name == "mkl":
+                path = find_mkl()
+                if path is None:
+                    raise RuntimeError("MKL is not installed (pip install nnrt[mkl]: "
+                                       "libmkl_rt in <prefix>/lib)")
+                lib, addrs = _mkl_lib(path)
+            else:
+                path = _find_scipy_openblas()
+                if path is None:
+                    raise RuntimeError("the scipy-openblas64 wheel is not installed")
+                lib, addrs = _openblas_lib(name, path, "_64_")
+            if addrs is not None:
+                _fill(_SLOT[name], lib.ilp64, addrs[0], addrs[1], addrs[2], addrs[3])
+        except (OSError, AttributeError, RuntimeError) as exc:
+            _load_errors[name] = f"{type(exc).__name__}: {exc}"
+            raise RuntimeError(f"BLAS backend {name!r} is unavailable: {exc}") from exc
+        _libs[name] = lib
+        return lib
+
+
+cdef void _select(int slot) noexcept:
+    global _cur
+    if _tables[slot].sgemm != NULL:
+        _cur = &_tables[slot]
+
+
+def _set_backend(name, reason):
+    _load(name)
+    _select(_SLOT[name])
+    _state["backend"] = name
+    _state["reason"] = reason
+
+
+def available():
+    """Names of the backends that load on this machine, in order of preference
+    (loading them: MKL's library is opened if installed)."""
+    out = []
+    for name in BACKENDS:
+        try:
+            _load(name)
+        except RuntimeError:
+            continue
+        out.append(name)
+    return out
+
+
+def use(name):
+    """Route nnrt's GEMMs through backend ``name`` from now on (tests, benchmarks);
+    returns the previous one. ``NNRT_BLAS`` is the way to choose one for a program."""
+    global _pending
+    with _lock:
+        _pending = 0
+        previous = _state["backend"]
+        _set_backend(name, f"set by nnrt._blas.use({name!r})")
+        return previous
+
+
+# ----------------------------------------------------------------------- calibration
+
+class _Operands:
+    """Random operands of one GEMM (or GEMV) shape, made once and reused."""
+
+    def __init__(self, dtype, m, n, k, trans_a=False, trans_b=False):
+        import numpy as np
+
+        dt = np.dtype(dtype)
+        if dt != np.float32 and dt != np.float64:
+            raise ValueError("dtype must be float32 or float64")
+        if m < 1 or n < 1 or k < 1:
+            raise ValueError("m, n and k must be positive")
+
+        def fill(*shape):  # the values do not change a GEMM's time
+            return np.full(shape, 0.5, dtype=dt)
+
+        self.shape = (int(m), int(n), int(k), bool(trans_a), bool(trans_b))
+        self.single = dt == np.float32
+        self.A = fill(k, m) if trans_a else fill(m, k)
+        self.B = fill(n, k) if trans_b else fill(k, n)
+        self.C = np.zeros((m, n), dtype=dt)
+        self.x = fill(k)
+        self.y = np.zeros(m, dtype=dt)
+
+
+def _time_calls(name, ops, int calls, bint gemv=False, bint cpu=False):
+    """Seconds for ``calls`` GEMMs C = op(A) op(B) (or GEMVs y = A x, A m x k) of the
+    operands ``ops`` through backend ``name``: a C loop with the GIL released. ``cpu``:
+    the calling thread's CPU time (a 1-thread BLAS runs in it), which time slices
+    given to other processes on a busy machine do not inflate; else wall time."""
+    import time
+
+    clock = time.thread_time if cpu else time.perf_counter
+    _load(name)
+    cdef Table* t = &_tables[_SLOT[name]]
+    cdef int m = ops.shape[0], n = ops.shape[1], k = ops.shape[2], _i
+    cdef bint ta = ops.shape[3], tb = ops.shape[4], single = ops.single
+    cdef int lda = ops.A.shape[1], ldb = ops.B.shape[1]
+    cdef uintptr_t pa = ops.A.ctypes.data, pb = ops.B.ctypes.data, pc = ops.C.ctypes.data
+    cdef uintptr_t px = ops.x.ctypes.data, py = ops.y.ctypes.data
+    if calls < 1:
+        raise ValueError("calls must be positive")
+    t0 = clock()
+    with nogil:
+        for _i in range(calls):
+            if gemv and single:
+                _sgemv(t, False, m, k, 1, <float*>pa, k, <float*>px, 0, <float*>py)
+            elif gemv:
+                _dgemv(t, False, m, k, 1, <double*>pa, k, <double*>px, 0, <double*>py)
+            elif single:
+                _sgemm(t, ta, tb, m, n, k, 1, <float*>pa, lda, <float*>pb, ldb, 0,
+                       <float*>pc, n)
+            else:
+                _dgemm(t, ta, tb, m, n, k, 1, <double*>pa, lda, <double*>pb, ldb, 0,
+                       <double*>pc, n)
+    return clock() - t0
+
+
+def _bench(name, dtype, m, n, k, calls=1, trans_a=False, trans_b=False, gemv=False):
+    """Seconds for ``calls`` row-major GEMMs (m x n x k) through backend ``name``."""
+    return _time_calls(name, _Operands(dtype, m, n, k, trans_a, trans_b), calls, gemv)
+
+
+# float32 shapes of nnrt's benchmark networks (m, n, k, trans_a, trans_b): a forward
+# X @ W, a weight gradient X.T @ dY and a small-batch forward
+_CAL_SHAPES = ((256, 512, 784, False, False), (784, 512, 256, True, False),
+               (16, 512, 784, False, False))
+_CAL_MARGIN = 0.90  # MKL must take at most 90 % of OpenBLAS's time
+
+
+def _calibrate(candidates):
+    """Best-of-5 float32 GEMM time of each candidate at one thread, in the calling
+    thread's CPU time (each library's own thread count is restored afterwards);
+    returns {name: seconds summed over shapes}."""
+    libs = [_load(name) for name in candidates]
+    saved = []
+    for lib in libs:
+        saved.append(lib.get_threads() if lib.get_threads is not None else None)
+        if lib.set_threads is not None:
+            lib.set_threads(1)
+    try:
+        best = {name: [float("inf")] * len(_CAL_SHAPES) for name in candidates}
+        operands = [_Operands("float32", *shape) for shape in _CAL_SHAPES]
+        for name in candidates:  # warm up: first calls load kernels and pools
+            for ops in operands:
+                _time_calls(name, ops, 1)
+        for _ in range(5):
+            for name in candidates:  # interleaved
+                for j, ops in enumerate(operands):
+                    m, n, k = ops.shape[:3]
+                    calls = max(1, 100_000_000 // (2 * m * n * k))  # loop the small shape
+                    t = _time_calls(name, ops, calls, cpu=True) / calls
+                    best[name][j] = min(best[name][j], t)
+        return {name: float(sum(v)) for name, v in best.items()}
+    finally:
+        for lib, n in zip(libs, saved):
+            if lib.set_threads is not None and n is not None:
+                lib.set_threads(n)
+
+
+def resolve():
+    """Finish the automatic choice if it is still pending (MKL installed, no ``NNRT_BLAS``):
+    calibrate ``openblas`` against ``mkl`` and keep the faster; a no-op otherwise. The
+    first GEMM calls it; so do ``info()`` and ``nnrt.set_num_threads``."""
+    global _pending
+    if not _pending:
+        return
+    with _lock:
+        if not _pending:
+            return
+        try:
+            base = _state["backend"]
+            try:
+                _load("mkl")
+            except RuntimeError as exc:
+                _state["reason"] += f"; MKL found but not usable ({exc})"
+                return
+            times = _calibrate([base, "mkl"])
+            _state["calibration"] = {
+                "shapes": [list(s[:3]) + [("T" if s[3] else "N") + ("T" if s[4] else "N")]
+                           for s in _CAL_SHAPES],
+                "seconds": times,
+                "margin": _CAL_MARGIN,
+            }
+            ratio = times["mkl"] / times[base]
+            what = (f"{_state['note']}calibrated: MKL took {ratio:.2f}x the time of {base} on "
+                    f"float32 GEMMs at 1 thread (MKL is chosen at <= {_CAL_MARGIN:.2f}x)")
+            if ratio <= _CAL_MARGIN:
+                _set_backend("mkl", what)
+            else:
+                _state["reason"] = what
+        except Exception as exc:
+            _state["reason"] += f"; calibration failed ({type(exc).__name__}: {exc})"
+            raise
+        finally:
+            _pending = 0
+
+
+def _init():
+    global _pending
+    requested = os.environ.get("NNRT_BLAS", "").strip().lower()
+    _state["requested"] = requested or None
+    note = ""
+    if requested and requested != "auto":
+        if requested not in _SLOT:
+            note = f"NNRT_BLAS={requested!r} is not one of {', '.join(BACKENDS)}"
+        else:
+            try:
+                _set_backend(requested, f"forced by NNRT_BLAS={requested}")
+                return
+            except RuntimeError as exc:
+                note = f"NNRT_BLAS={requested}: {exc}"
+        from nnrt.warnings import warn_user
+
+        warn_user(f"{note}; using the default BLAS backend", RuntimeWarning)
+        note += "; "
+    _state["note"] = note
+    try:
+        _set_backend("openblas", note + "default: numpy's OpenBLAS")
+    except RuntimeError as exc:
+        _set_backend("scipy", note + f"default fallback ({exc})")
+        return  # nothing to calibrate MKL against
+    if find_mkl() is not None:
+        _state["reason"] += " (MKL installed: calibrated at the first GEMM)"
+        _pending = 1
+
+
+_init()
+
+
+# -------------------------------------------------------------------------- queries
+
+def threads():
+    """Threads of the backend in use (its own query; threadpoolctl's view as a fallback)."""
+    resolve()
+    lib = _libs[_state["backend"]]
+    if lib.get_threads is not None:
+        return int(lib.get_threads())
+    from threadpoolctl import threadpool_info
+
+    infos = [d for d in threadpool_info() if d.get("user_api") == "blas"]
+    for d in infos:
+        if lib.path and os.path.realpath(d.get("filepath", "")) == lib.path:
+            return int(d["num_threads"])
+    return int(max((d["num_threads"] for d in infos), default=1))
+
+
+def set_threads(int n):
+    """Set the thread count of the backend in use (``nnrt.set_num_threads`` also sets
+    every other loaded BLAS through threadpoolctl)."""
+    if n < 1:
+        raise ValueError(f"n must be a positive int, got {n}")
+    resolve()
+    lib = _libs[_state["backend"]]
+    if lib.set_threads is not None:
+        lib.set_threads(n)
+
+
+def info():
+    """The backend in use, as a dict: ``backend``, ``library`` (name and version),
+    ``kernel`` (OpenBLAS core, or MKL's code path), ``threads``, ``int`` (LP64/ILP64),
+    ``filepath``, ``reason`` (default/forced/calibrated, and why), ``calibration``
+    (seconds per candidate when one ran) and ``requested`` (``NNRT_BLAS``)."""
+    try:
+        resolve()
+    except Exception:  # recorded in the reason
+        pass
+    name = _state["backend"]
+    lib = _libs[name]
+    try:
+        n_threads = threads()
+    except Exception:  # pragma: no cover - threadpoolctl could not inspect the process
+        n_threads = None
+    return {
+        "backend": name,
+        "library": lib.library,
+        "kernel": lib.kernel,
+        "threads": n_threads,
+        "int": "ILP64" if lib.ilp64 else "LP64",
+        "filepath": lib.path,
+        "reason": _state["reason"],
+        "requested": _state["requested"],
+        "calibration": _state["calibration"],
+        "unavailable": dict(_load_errors),
+    }

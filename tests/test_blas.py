@@ -1,0 +1,267 @@
+"""The BLAS backends of nnrt's GEMM/GEMV helpers (nnrt/_blas.pyx, nnrt/blas.pxd).
+
+Every backend that loads on this machine (numpy's OpenBLAS, scipy's, MKL and the
+scipy-openblas64 wheel when installed; the others are skipped) runs the same
+checks: ``gemm_rm``/``gemv_rm`` called from a separately compiled module (the test
+suite's Cython module, as a third-party plugin would) and Dense's forward and
+backward, against float64 numpy references written here (rtol 1e-9 in float64).
+The selection (``NNRT_BLAS``, the default, the calibration when MKL is installed)
+is checked in fresh interpreters; thread control and ``nnrt info`` against
+threadpoolctl's independent view of the libraries.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+
+import numpy as np
+import pytest
+from _cytests import load
+
+import nnrt
+from nnrt import _blas
+
+cy = load("_cy_layer_tests")
+
+AVAILABLE = _blas.available()
+
+
+@pytest.fixture(params=_blas.BACKENDS)
+def backend(request: pytest.FixtureRequest) -> Iterator[str]:
+    name = request.param
+    if name not in AVAILABLE:
+        pytest.skip(f"BLAS backend {name} not available here: {_blas.info()['unavailable']}")
+    previous = _blas.use(name)
+    try:
+        yield name
+    finally:
+        _blas.use(previous)
+
+
+def _close(got: np.ndarray, want: np.ndarray, rtol: float) -> None:
+    # plus an atol of a fraction of the largest entry, for entries that cancel to ~0
+    scale = max(1.0, float(np.abs(want).max(initial=0.0)))
+    np.testing.assert_allclose(got, want, rtol=rtol, atol=(1e-12 if rtol < 1e-6 else rtol) * scale)
+
+
+def test_scipy_and_numpy_openblas_are_always_there() -> None:
+    assert "scipy" in AVAILABLE  # the fallback every pointer starts from
+    if _blas.find_numpy_openblas() is not None:
+        assert "openblas" in AVAILABLE
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("ta", [False, True])
+@pytest.mark.parametrize("tb", [False, True])
+def test_gemm_rm_matches_numpy(backend: str, dtype: type, ta: bool, tb: bool) -> None:
+    rng = np.random.default_rng(7)
+    rtol = 1e-9 if dtype == np.float64 else 2e-4
+    for m, n, k in ((1, 1, 1), (1, 37, 64), (5, 3, 8), (33, 17, 65), (64, 128, 100)):
+        for pad in (0, 3):
+            opA, opB = rng.standard_normal((m, k)), rng.standard_normal((k, n))
+            C0 = rng.standard_normal((m, n))
+            stA, stB = (opA.T if ta else opA), (opB.T if tb else opB)
+            A = np.full((stA.shape[0], stA.shape[1] + pad), np.nan, dtype=dtype)
+            B = np.full((stB.shape[0], stB.shape[1] + pad), np.nan, dtype=dtype)
+            C = np.full((m, n + pad), 7.0, dtype=dtype)
+            A[:, : stA.shape[1]], B[:, : stB.shape[1]], C[:, :n] = stA, stB, C0
+            cy.gemm_rm_call(ta, tb, m, n, k, 1.5, A, B, -0.5, C)
+            # reference in float64 from the values actually stored
+            a64 = A[:, : stA.shape[1]].astype(np.float64)
+            b64 = B[:, : stB.shape[1]].astype(np.float64)
+            want = 1.5 * (a64.T if ta else a64) @ (b64.T if tb else b64)
+            want += -0.5 * C0.astype(dtype).astype(np.float64)
+            _close(C[:, :n].astype(np.float64), want, rtol)
+            assert np.all(C[:, n:] == 7.0), "wrote outside C"
+
+
+def test_gemm_rm_beta_zero_does_not_read_c(backend: str) -> None:
+    rng = np.random.default_rng(3)
+    A, B = rng.standard_normal((6, 5)), rng.standard_normal((5, 4))
+    C = np.full((6, 4), np.nan)
+    cy.gemm_rm_call(False, False, 6, 4, 5, 1.0, A, B, 0.0, C)
+    _close(C, A @ B, 1e-9)
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("trans", [False, True])
+def test_gemv_rm_matches_numpy(backend: str, dtype: type, trans: bool) -> None:
+    rng = np.random.default_rng(11)
+    rtol = 1e-9 if dtype == np.float64 else 2e-4
+    for m, n in ((1, 1), (1, 50), (50, 1), (7, 13), (300, 257)):
+        for pad in (0, 5):
+            A = np.full((m, n + pad), np.nan, dtype=dtype)
+            A[:, :n] = rng.standard_normal((m, n))
+            x = rng.standard_normal(m if trans else n).astype(dtype)
+            y0 = rng.standard_normal(n if trans else m).astype(dtype)
+            y = y0.copy()
+            cy.gemv_rm_call(trans, m, n, 2.0, A, x, 0.25, y)
+            a64 = A[:, :n].astype(np.float64)
+            want = 2.0 * ((a64.T if trans else a64) @ x.astype(np.float64))
+            want += 0.25 * y0.astype(np.float64)
+            _close(y.astype(np.float64), want, rtol)
+            # beta = 0 must not read y
+            y[:] = np.nan
+            cy.gemv_rm_call(trans, m, n, 1.0, A, x, 0.0, y)
+            _close(y.astype(np.float64), want / 2.0 - 0.125 * y0.astype(np.float64), rtol)
+
+
+def test_dense_float64_reference(backend: str) -> None:
+    """Dense forward and backward in float64 against numpy, rtol 1e-9."""
+    rng = np.random.default_rng(5)
+    layer = nnrt.layer("dense", 37, 23)
+    X = rng.standard_normal((19, 37))
+    dY = rng.standard_normal((19, 23))
+    params = layer.params()
+    W, b = np.array(params["weight"]), np.array(params["bias"])
+    Y = np.array(layer.forward(X, True))
+    _close(Y, X @ W + b, 1e-9)
+    dX = np.array(layer.backward(dY))
+    _close(dX, dY @ W.T, 1e-9)
+    grads = layer.grads()
+    _close(np.array(grads["weight"]), X.T @ dY, 1e-9)
+    _close(np.array(grads["bias"]), dY.sum(axis=0), 1e-9)
+
+
+def test_use_rejects_unknown_names() -> None:
+    before = _blas.info()["backend"]
+    with pytest.raises(ValueError, match="unknown BLAS backend"):
+        _blas.use("atlas")
+    assert _blas.info()["backend"] == before
+
+
+def test_threads_follow_set_num_threads(backend: str) -> None:
+    from threadpoolctl import threadpool_info
+
+    before = nnrt.get_num_threads()
+    path = _blas.info()["filepath"]
+    try:
+        for n in (1, 2):
+            nnrt.set_num_threads(n)
+            assert nnrt.get_num_threads() == n
+            assert _blas.info()["threads"] == n
+            # threadpoolctl's independent view of the library in use
+            mine = [
+                d
+                for d in threadpool_info()
+                if os.path.realpath(d.get("filepath", "")) == os.path.realpath(path)
+            ]
+            assert [d["num_threads"] for d in mine] == [n]
+    finally:
+        nnrt.set_num_threads(before)
+
+
+def test_info_kernel_and_version_match_threadpoolctl(backend: str) -> None:
+    from threadpoolctl import threadpool_info
+
+    info = _blas.info()
+    assert info["backend"] == backend and info["reason"].startswith("set by")
+    mine = [
+        d
+        for d in threadpool_info()
+        if os.path.realpath(d.get("filepath", "")) == os.path.realpath(info["filepath"])
+    ]
+    assert len(mine) == 1, (info["filepath"], threadpool_info())
+    lib = mine[0]
+    assert lib["internal_api"] == ("mkl" if backend == "mkl" else "openblas")
+    assert lib["version"] and lib["version"].split("-")[0] in info["library"]
+    if "architecture" in lib:
+        assert info["kernel"] == lib["architecture"]
+    text = subprocess_info(env={"NNRT_BLAS": backend})
+    assert text["gemm"]["backend"] == backend
+    assert text["gemm"]["reason"] == f"forced by NNRT_BLAS={backend}"
+
+
+# --------------------------------------------------------------- fresh interpreters
+def _run(code: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    full = {k: v for k, v in os.environ.items() if k != "NNRT_BLAS"}
+    full.update(env or {})
+    return subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=full, timeout=120
+    )
+
+
+def subprocess_info(env: dict[str, str] | None = None) -> dict:
+    proc = _run("import json, nnrt.config as c; print(json.dumps(c.config_info()))", env)
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout)
+
+
+def test_default_is_numpy_openblas_unless_calibration_picks_mkl() -> None:
+    info = subprocess_info()["gemm"]
+    if _blas.find_numpy_openblas() is None:
+        assert info["backend"] == "scipy" and "fallback" in info["reason"]
+    elif _blas.find_mkl() is None:
+        assert info["backend"] == "openblas" and info["reason"].startswith("default")
+        assert info["calibration"] is None
+    else:
+        cal = info["calibration"]
+        ratio = cal["seconds"]["mkl"] / cal["seconds"]["openblas"]
+        assert info["backend"] == ("mkl" if ratio <= cal["margin"] else "openblas")
+        assert info["reason"].startswith("calibrated")
+
+
+def test_bad_nnrt_blas_warns_and_uses_the_default() -> None:
+    proc = _run(
+        "import warnings; warnings.simplefilter('always')\n"
+        "import nnrt, nnrt._blas as b; print(b.info()['backend'])",
+        {"NNRT_BLAS": "atlas"},
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "RuntimeWarning" in proc.stderr and "NNRT_BLAS='atlas'" in proc.stderr
+    default = "openblas" if _blas.find_numpy_openblas() else "scipy"
+    assert proc.stdout.split()[-1] in (default, "mkl")
+
+
+def test_unavailable_forced_backend_warns() -> None:
+    missing = [name for name in _blas.BACKENDS if name not in AVAILABLE]
+    if not missing:
+        pytest.skip("every backend is installed here")
+    proc = _run(
+        "import nnrt, nnrt._blas as b; print(b.info()['backend'])", {"NNRT_BLAS": missing[0]}
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert f"NNRT_BLAS={missing[0]}" in proc.stderr and "unavailable" in proc.stderr
+    assert proc.stdout.split()[-1] != missing[0]
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/maps")
+def test_import_does_not_load_mkl_until_the_first_gemm() -> None:
+    if _blas.find_mkl() is None:
+        pytest.skip("MKL is not installed")
+    code = (
+        "import nnrt, numpy as np\n"
+        "maps = lambda: open('/proc/self/maps').read()\n"
+        "print('before', 'libmkl_rt' in maps())\n"
+        "nnrt.layer('dense', 4, 3).forward(np.ones((2, 4)))\n"
+        "import nnrt._blas as b\n"
+        "print('after', 'libmkl_rt' in maps(), b._state['calibration'] is not None)\n"
+    )
+    proc = _run(code)
+    assert proc.returncode == 0, proc.stderr
+    assert "before False" in proc.stdout and "after True True" in proc.stdout, proc.stdout
+
+
+def test_nnrt_info_prints_the_backend() -> None:
+    name = "openblas" if "openblas" in AVAILABLE else "scipy"
+    env = {k: v for k, v in os.environ.items() if k != "NNRT_BLAS"}
+    env["NNRT_BLAS"] = name
+    proc = subprocess.run(
+        [sys.executable, "-m", "nnrt.config"], capture_output=True, text=True, env=env, timeout=120
+    )
+    assert proc.returncode == 0, proc.stderr
+    block = proc.stdout.split("blas backend (nnrt's GEMMs):", 1)[1].split("blas / threads")[0]
+    lines = dict(line.split(None, 1) for line in block.strip().splitlines())
+    assert lines["backend"].startswith(f"{name}: OpenBLAS ")
+    assert lines["chosen"] == f"forced by NNRT_BLAS={name}"
+    assert int(lines["threads"]) >= 1
+    previous = _blas.use(name)
+    try:
+        here = _blas.info()
+    finally:
+        _blas.use(previous)
+    assert lines["filepath"] == here["filepath"] and lines["kernel"] == str(here["kernel"])
