@@ -3,6 +3,7 @@
     python benchmarks/run.py            # full run (a few minutes)
     python benchmarks/run.py --quick    # < 90 s on a quiet machine with --no-fit; the fit row adds ~1 min
     python benchmarks/run.py --json results.json --threads 1 --configs tiny,small
+    python benchmarks/run.py --quick --threads 1,2 --no-fit   # both thread counts
 
 The network: hidden blocks [dense_nobias -> batchnorm -> sigmoid] plus a final
 dense layer, float32. A training step is forward (training mode), softmax
@@ -13,6 +14,9 @@ Contenders, all from the same initial weights (nnrt's, seed 0):
   nnrt    the library under test
   numpy   a plain-numpy textbook implementation (benchmarks/reference.py)
   torch   torch eager on the CPU, when importable ("not installed" otherwise)
+  jax     jax.jit: the whole training step (forward, loss, grad, SGD update, running
+          statistics) and the eval forward each one jitted function, when jax is
+          importable (optional like torch; never installed by this script)
   floor   only the GEMMs the step needs, through numpy: forward X @ W for every
           dense layer, dW = X.T @ dY for every one, dX = dY @ W.T for all but
           the first (the input needs no gradient); inference: forward GEMMs only
@@ -29,6 +33,20 @@ interleaved in the same rounds with
   keras   Keras 3 ``model.fit`` on the jax backend, one epoch (only when keras
           and jax are importable; never installed by this script)
 
+The serving table: eval forward (``net.forward(X, training=False)``) at batch 1, 4, 16
+and 64 of every configuration, float32, running statistics from a few training
+batches, against
+  onnxruntime  an InferenceSession of nnrt's own ONNX export (nnrt.onnx.to_model), with
+               intra/inter-op threads = --threads and sequential execution
+  torch        the same model in ``torch.inference_mode()``, eval mode
+  jax          the jitted eval forward
+  numpy        the reference forward
+each call given a numpy array, as a request arrives. Targets (issue 16): nnrt at most
+0.5x onnxruntime at batch 1 on tiny and small, at most 1.0x everywhere else.
+
+``--threads 1,2`` runs the whole benchmark once per thread count, each in its own
+process (XLA reads its thread settings at import), and reports every run.
+
 Before timing, nnrt (in float64) must match the numpy reference: loss, every
 parameter gradient, the updated parameters and the running statistics, to
 rtol 1e-9 (plus an atol of 1e-12 of each array's largest entry, for entries
@@ -36,7 +54,7 @@ that cancel to ~0). The run aborts otherwise.
 
 Timing: BLAS thread counts are the same for every contender (``--threads``,
 default 1: set through threadpoolctl for both OpenBLAS copies, numpy's and
-scipy's, and torch.set_num_threads). Each BLAS copy is warmed with a large
+scipy's, torch.set_num_threads, onnxruntime's session options and XLA's flags). Each BLAS copy is warmed with a large
 GEMM first. Contenders are interleaved in rounds (the order rotates); each
 timed sample is a loop of n calls preceded by an untimed pre-roll of the same
 contender (with threaded BLAS, idle OpenBLAS workers spin for ~0.1 s after a
@@ -58,6 +76,26 @@ from typing import Any
 import numpy as np
 from threadpoolctl import threadpool_info, threadpool_limits
 
+
+def _threads_arg(argv: list[str]) -> str | None:
+    """The value of --threads in ``argv`` (XLA's flags must be set before jax loads)."""
+    for i, a in enumerate(argv):
+        if a == "--threads" and i + 1 < len(argv):
+            return argv[i + 1]
+        if a.startswith("--threads="):
+            return a.split("=", 1)[1]
+    return None
+
+
+_T = _threads_arg(sys.argv[1:]) or "1"
+if _T.isdigit():
+    # XLA (jax) on the CPU: as many intra-op threads as the other contenders
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    if _T == "1":
+        os.environ.setdefault(
+            "XLA_FLAGS", "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
+        )
+
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from reference import Floor, NumpyMLP  # noqa: E402
@@ -70,6 +108,21 @@ try:
     import torch
 except ImportError:  # torch is optional
     torch = None
+
+try:
+    import onnxruntime as ort
+except ImportError:  # onnxruntime is optional (nnrt's test extra)
+    ort = None
+
+
+def _jax() -> Any:
+    """The jax module, or None when it is not importable (optional contender)."""
+    try:
+        import jax
+    except Exception:  # absent or broken
+        return None
+    return jax
+
 
 CONFIGS: dict[str, tuple[int, list[int]]] = {
     "tiny": (32, [64, 64, 64, 10]),
@@ -85,7 +138,12 @@ TARGETS: dict[str, dict[str, float]] = {
     "large": {"torch": 0.95, "floor": 1.10},
 }
 LR = 0.01
-CONTENDERS = ("nnrt", "numpy", "torch", "floor")
+CONTENDERS = ("nnrt", "numpy", "torch", "jax", "floor")
+SERVE_BATCHES = (1, 4, 16, 64)
+SERVE_CONTENDERS = ("nnrt", "onnxruntime", "torch", "jax", "numpy")
+# nnrt / onnxruntime, serving (issue 16): batch 1 on tiny and small, everything else
+SERVE_TARGETS = {("tiny", 1): 0.5, ("small", 1): 0.5}
+SERVE_TARGET = 1.0
 # batches per epoch in the fit row (samples = FIT_STEPS * batch)
 FIT_STEPS = {"tiny": 128, "small": 128, "medium": 32, "large": 8}
 FIT_CONTENDERS = ("fit", "step", "loop", "torch", "keras")
@@ -123,6 +181,62 @@ def build_torch(state: dict[str, np.ndarray], sizes: list[int], dtype: Any) -> A
                 m.running_mean.copy_(torch.from_numpy(state[f"{i}.running_mean"]))
                 m.running_var.copy_(torch.from_numpy(state[f"{i}.running_var"]))
     return model
+
+
+def build_jax(state: dict[str, np.ndarray], sizes: list[int]) -> dict[str, Any] | None:
+    """jitted ``train(X, y)`` (one SGD step, whole step jitted) and ``infer(X)`` (eval
+    forward) of the benchmark MLP in jax from nnrt's state, or None without jax."""
+    jax = _jax()
+    if jax is None:
+        return None
+    jnp = jax.numpy
+    n_hidden = len(sizes) - 2
+    last = 3 * n_hidden
+    stat_keys = ("running_mean", "running_var")
+    params = {k: jnp.asarray(v) for k, v in state.items() if not k.endswith(stat_keys)}
+    stats = {k: jnp.asarray(v) for k, v in state.items() if k.endswith(stat_keys)}
+
+    def forward(p: Any, st: Any, X: Any, training: bool) -> Any:
+        new = {}
+        h = X
+        for i in range(n_hidden):
+            h = h @ p[f"{3 * i}.weight"]
+            bn = f"{3 * i + 1}"
+            if training:
+                n = h.shape[0]
+                mu = h.mean(axis=0)
+                var = h.var(axis=0)
+                new[f"{bn}.running_mean"] = 0.9 * st[f"{bn}.running_mean"] + 0.1 * mu
+                new[f"{bn}.running_var"] = 0.9 * st[f"{bn}.running_var"] + 0.1 * var * (n / (n - 1))
+            else:
+                mu, var = st[f"{bn}.running_mean"], st[f"{bn}.running_var"]
+            h = (h - mu) / jnp.sqrt(var + 1e-5) * p[f"{bn}.gamma"] + p[f"{bn}.beta"]
+            h = jax.nn.sigmoid(h)
+        return h @ p[f"{last}.weight"] + p[f"{last}.bias"], new
+
+    def loss_fn(p: Any, st: Any, X: Any, y: Any) -> Any:
+        logits, new = forward(p, st, X, True)
+        logp = jax.nn.log_softmax(logits)
+        return -jnp.mean(jnp.take_along_axis(logp, y[:, None], axis=1)), new
+
+    @jax.jit
+    def step(p: Any, st: Any, X: Any, y: Any) -> Any:
+        (loss, new), g = jax.value_and_grad(loss_fn, has_aux=True)(p, st, X, y)
+        p = jax.tree_util.tree_map(lambda a, b: a - LR * b, p, g)
+        return p, new, loss
+
+    infer_jit = jax.jit(lambda p, st, X: forward(p, st, X, False)[0])
+    held = {"p": params, "s": stats}
+
+    def train(X: Any, y: Any) -> None:
+        p, st, loss = step(held["p"], held["s"], X, y)
+        held["p"], held["s"] = p, st
+        loss.block_until_ready()
+
+    def infer(X: Any) -> Any:
+        return infer_jit(held["p"], held["s"], X).block_until_ready()
+
+    return {"train": train, "infer": infer, "module": jax}
 
 
 def make_data(batch: int, sizes: list[int], dtype: Any) -> tuple[np.ndarray, np.ndarray]:
@@ -251,6 +365,12 @@ def make_contenders(batch: int, sizes: list[int]) -> dict[str, dict[str, Any]]:
             "before_train": model.train,
             "before_infer": model.eval,
         }
+
+    jx = build_jax(state, sizes)
+    if jx is not None:
+        Xj = jx["module"].numpy.asarray(X)
+        yj = jx["module"].numpy.asarray(y.astype(np.int32))
+        out["jax"] = {"train": lambda: jx["train"](Xj, yj), "infer": lambda: jx["infer"](Xj)}
 
     fl = Floor(sizes, batch, np.float32)
     out["floor"] = {"train": fl.step, "infer": fl.infer}
@@ -447,7 +567,7 @@ def time_config(cfg: str, rounds: int, sample_s: float, threads: int) -> dict[st
         med = {k: v["median_us"] for k, v in res.items() if v is not None}
         res["ratios"] = {
             f"nnrt/{k}": (med["nnrt"] / med[k] if k in med else None)
-            for k in ("torch", "numpy", "floor")
+            for k in ("torch", "jax", "numpy", "floor")
         }
         results[mode] = res
     results["batch"] = batch
@@ -455,7 +575,166 @@ def time_config(cfg: str, rounds: int, sample_s: float, threads: int) -> dict[st
     return results
 
 
+# ------------------------------------------------------------------- serving
+def serving_net(sizes: list[int]) -> nnrt.Sequential:
+    """The float32 benchmark net with running statistics from a few training batches."""
+    net = build_nnrt(sizes, "float32")
+    rng = np.random.default_rng(5)
+    for _ in range(3):
+        net.forward(rng.standard_normal((64, sizes[0])).astype(np.float32), training=True)
+    return net
+
+
+def make_serve_contenders(sizes: list[int], threads: int) -> dict[str, Callable[[Any], Any]]:
+    """name -> predict(X) for a numpy float32 batch X (see the module docstring)."""
+    net = serving_net(sizes)
+    state = net.state_dict()
+    out: dict[str, Callable[[Any], Any]] = {"nnrt": lambda X: net.forward(X, training=False)}
+    if ort is not None:
+        from nnrt.onnx import to_model
+
+        so = ort.SessionOptions()
+        so.intra_op_num_threads = threads
+        so.inter_op_num_threads = 1
+        so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        sess = ort.InferenceSession(
+            to_model(net).SerializeToString(), so, providers=["CPUExecutionProvider"]
+        )
+        name = sess.get_inputs()[0].name
+        out["onnxruntime"] = lambda X: sess.run(None, {name: X})[0]
+    if torch is not None:
+        model = build_torch(state, sizes, torch.float32).eval()
+
+        def torch_predict(X: Any) -> Any:
+            with torch.inference_mode():
+                return model(torch.from_numpy(X))
+
+        out["torch"] = torch_predict
+    jx = build_jax(state, sizes)
+    if jx is not None:
+        out["jax"] = jx["infer"]
+    ref = NumpyMLP(state, len(sizes) - 2, np.float32)
+    out["numpy"] = lambda X: ref.forward(X, False)
+    return out
+
+
+def time_serving(cfg: str, rounds: int, sample_s: float, threads: int) -> dict[str, Any]:
+    """Median per-call times of every serving contender at each batch, interleaved.
+
+    One thread: thread CPU time (every contender but jax computes in the calling
+    thread); more threads, and jax always: wall time. Each contender's output is
+    checked against nnrt's first (float32, rtol 1e-3): the run aborts otherwise.
+    """
+    sizes = CONFIGS[cfg][1]
+    cons = make_serve_contenders(sizes, threads)
+    names = list(cons)
+    clock = time.thread_time if threads == 1 else time.perf_counter
+    res: dict[str, Any] = {"sizes": sizes, "clock": clock.__name__, "batches": {}}
+    rng = np.random.default_rng(6)
+    for batch in SERVE_BATCHES:
+        X = rng.standard_normal((batch, sizes[0])).astype(np.float32)
+        want = np.array(cons["nnrt"](X), dtype=np.float64)
+        for name in names:
+            got = np.asarray(cons[name](X), dtype=np.float64)
+            if got.shape != want.shape or not np.allclose(got, want, rtol=1e-3, atol=1e-4):
+                raise SystemExit(f"SERVING CHECK FAILED [{cfg} batch {batch}] {name} != nnrt")
+        fns = {name: (lambda f=cons[name], X=X: f(X)) for name in names}
+        ns = {name: calibrate(fns[name], sample_s) for name in names}
+        samples: dict[str, list[float]] = {name: [] for name in names}
+        for r in range(rounds):
+            for name in names[r % len(names) :] + names[: r % len(names)]:
+                fn, n = fns[name], ns[name]
+                for _ in range(max(1, n // 4)):  # untimed pre-roll
+                    fn()
+                tick = time.perf_counter if name == "jax" else clock
+                t0 = tick()
+                for _ in range(n):
+                    fn()
+                samples[name].append((tick() - t0) / n)
+        row: dict[str, Any] = {}
+        for name in SERVE_CONTENDERS:
+            v = np.array(samples.get(name, []))
+            row[name] = None if not len(v) else float(np.median(v) * 1e6)
+        row["ratios"] = {
+            f"nnrt/{k}": (row["nnrt"] / row[k] if row.get(k) else None)
+            for k in SERVE_CONTENDERS[1:]
+        }
+        res["batches"][batch] = row
+    return res
+
+
+def format_serve_table(results: dict[str, Any]) -> str:
+    lines = [
+        "| config | batch | nnrt | onnxruntime | torch | jax | numpy | nnrt/ort | nnrt/torch "
+        "| nnrt/jax | nnrt/numpy | target nnrt/ort |",
+        "|" + "---|" * 12,
+    ]
+    for cfg, res in results["configs"].items():
+        r = res.get("serve")
+        if r is None:
+            continue
+        for batch, row in r["batches"].items():
+            cells = [
+                "not installed" if row[n] is None else _fmt_t(row[n]) for n in SERVE_CONTENDERS
+            ]
+            ratios = [_fmt_ratio(row["ratios"][f"nnrt/{k}"]) for k in SERVE_CONTENDERS[1:]]
+            t = SERVE_TARGETS.get((cfg, int(batch)), SERVE_TARGET)
+            v = row["ratios"]["nnrt/onnxruntime"]
+            verdict = "n/a" if v is None else ("ok" if v <= t else "MISSED")
+            lines.append(
+                f"| {cfg} | {batch} | "
+                + " | ".join(cells)
+                + " | "
+                + " | ".join(ratios)
+                + f" | ≤ {t:.1f} {verdict} |"
+            )
+    return "\n".join(lines)
+
+
 # -------------------------------------------------------------------- report
+def cpu_info() -> dict[str, Any]:
+    """Vendor, model and vector ISA of the host CPU (from /proc/cpuinfo on Linux)."""
+    info: dict[str, Any] = {"vendor": None, "model": platform.processor() or platform.machine()}
+    flags: set[str] = set()
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                key, _, val = line.partition(":")
+                key, val = key.strip(), val.strip()
+                if key == "vendor_id" and info["vendor"] is None:
+                    info["vendor"] = val
+                elif key == "model name":
+                    info["model"] = val
+                elif key == "cpu family":
+                    info["family"] = int(val)
+                elif key == "flags" and not flags:
+                    flags = set(val.split())
+    except OSError:
+        pass
+    isa = [f for f in ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_fp16") if f in flags]
+    isa += [f for f in ("amx_tile", "amx_bf16", "amx_int8") if f in flags]
+    info["isa"] = isa
+    return info
+
+
+def blas_backend() -> dict[str, Any]:
+    """nnrt's GEMM backend and small-batch kernel, read defensively (names may move)."""
+    import nnrt.dense as dense
+
+    out: dict[str, Any] = {}
+    for mod in (nnrt, dense, getattr(nnrt, "perf", None), getattr(nnrt, "config", None)):
+        if mod is None:
+            continue
+        for attr in ("BLAS_IN_USE", "BLAS_BACKEND", "blas_backend"):
+            v = getattr(mod, attr, None)
+            if v is not None and "backend" not in out:
+                out["backend"] = v() if callable(v) else v
+    out.setdefault("backend", "unknown")
+    out["small_batch_kernel"] = getattr(dense, "SMALL_M_ISA", "n/a")
+    out["small_batch_max_rows"] = getattr(dense, "SMALL_M_MAX_ROWS", None)
+    return out
+
+
 def machine_info(threads: int) -> dict[str, Any]:
     cpu = platform.processor() or platform.machine()
     try:
@@ -476,8 +755,13 @@ def machine_info(threads: int) -> dict[str, Any]:
         }
         for d in threadpool_info()
     ]
+    jax = _jax()
     info: dict[str, Any] = {
         "cpu": cpu,
+        "cpu_info": cpu_info(),
+        "nnrt_blas": blas_backend(),
+        "onnxruntime": ort.__version__ if ort is not None else "not installed",
+        "jax": jax.__version__ if jax is not None else "not installed",
         "cores": os.cpu_count(),
         "python": platform.python_version(),
         "numpy": np.__version__,
@@ -512,11 +796,11 @@ def _fmt_t(us: float) -> str:
 def format_table(results: dict[str, Any]) -> str:
     lines = []
     head = (
-        "| config | mode | nnrt | numpy | torch | floor | nnrt/torch | nnrt/numpy "
-        "| nnrt/floor | target |"
+        "| config | mode | nnrt | numpy | torch | jax | floor | nnrt/torch | nnrt/jax "
+        "| nnrt/numpy | nnrt/floor | target |"
     )
     lines.append(head)
-    lines.append("|" + "---|" * 10)
+    lines.append("|" + "---|" * 12)
     for cfg, res in results["configs"].items():
         b, sizes = res["batch"], res["sizes"]
         label = f"{cfg} b{b} {'→'.join(map(str, sizes))}"
@@ -531,7 +815,7 @@ def format_table(results: dict[str, Any]) -> str:
                     else f"{_fmt_t(v['median_us'])} ({_fmt_t(v['min_us'])}–{_fmt_t(v['max_us'])})"
                 )
             ratios = []
-            for k in ("torch", "numpy", "floor"):
+            for k in ("torch", "jax", "numpy", "floor"):
                 v = r["ratios"][f"nnrt/{k}"]
                 ratios.append("not installed" if v is None else f"{v:.3f}")
             tgt = TARGETS[cfg]
@@ -604,9 +888,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", metavar="PATH", help="write the results as JSON")
     ap.add_argument(
         "--threads",
-        type=int,
-        default=1,
-        help="BLAS and torch threads for every contender (default 1)",
+        default="1",
+        help="threads for every contender (BLAS, torch, onnxruntime, XLA): N, or a "
+        "comma-separated list (e.g. 1,2: one run per count, each in its own process)",
     )
     ap.add_argument(
         "--configs",
@@ -615,11 +899,21 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--rounds", type=int, help="override the number of rounds")
     ap.add_argument("--no-fit", action="store_true", help="skip the fit row")
+    ap.add_argument("--no-serve", action="store_true", help="skip the serving table")
     args = ap.parse_args(argv)
     cfgs = [c.strip() for c in args.configs.split(",") if c.strip()]
     for c in cfgs:
         if c not in CONFIGS:
             ap.error(f"unknown config {c!r}; known: {', '.join(CONFIGS)}")
+    try:
+        counts = [int(t) for t in str(args.threads).split(",") if t.strip()]
+    except ValueError:
+        ap.error(f"--threads takes N or a list like 1,2, got {args.threads!r}")
+    if not counts or min(counts) < 1:
+        ap.error(f"--threads takes positive counts, got {args.threads!r}")
+    if len(counts) > 1:
+        return run_each_thread_count(argv if argv is not None else sys.argv[1:], counts, args)
+    args.threads = counts[0]
 
     t_start = time.perf_counter()
     threadpool_limits(args.threads)
@@ -628,9 +922,16 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
 
     info = machine_info(args.threads)
+    ci, nb = info["cpu_info"], info["nnrt_blas"]
     print(
-        f"machine: {info['cpu']}, {info['cores']} cores; python {info['python']}, "
-        f"numpy {info['numpy']}, torch {info['torch']}, nnrt {info['nnrt']}"
+        f"machine: {ci['vendor']} {ci['model']} (family {ci.get('family', '?')}; "
+        f"{', '.join(ci['isa']) or 'no AVX2'}), {info['cores']} cores; python "
+        f"{info['python']}, numpy {info['numpy']}, torch {info['torch']}, onnxruntime "
+        f"{info['onnxruntime']}, jax {info['jax']}, nnrt {info['nnrt']}"
+    )
+    print(
+        f"nnrt BLAS backend: {nb['backend']}; small-batch eval kernel: "
+        f"{nb['small_batch_kernel']} (up to {nb['small_batch_max_rows']} rows)"
     )
     for b in info["blas"]:
         print(
@@ -668,6 +969,8 @@ def main(argv: list[str] | None = None) -> int:
         results["configs"][c] = time_config(c, rounds, sample_s, args.threads)
         if not args.no_fit:
             results["configs"][c]["fit"] = time_fit(c, rounds, sample_s, args.threads)
+        if not args.no_serve:
+            results["configs"][c]["serve"] = time_serving(c, rounds, sample_s / 2, args.threads)
         r = results["configs"][c]
         print(
             f"{c}: {rounds} rounds in {time.perf_counter() - t0:.1f} s; train nnrt/torch "
@@ -683,6 +986,11 @@ def main(argv: list[str] | None = None) -> int:
         clock = "thread CPU time" if args.threads == 1 else "wall time"
         print(f"fit: one epoch of net.fit and the other contenders, per step ({clock})")
         print(format_fit_table(results))
+    if not args.no_serve:
+        print()
+        clock = "thread CPU time; jax: wall" if args.threads == 1 else "wall time"
+        print(f"serving: eval forward per call, float32, threads {args.threads} ({clock})")
+        print(format_serve_table(results))
     print(
         f"\ntotal {results['seconds']:.0f} s; times are medians per call (min–max over "
         f"samples); ratios are of medians from this run"
@@ -690,6 +998,42 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         with open(args.json, "w") as fh:
             json.dump(results, fh, indent=2)
+        print(f"wrote {args.json}")
+    return 0
+
+
+def run_each_thread_count(argv: list[str], counts: list[int], args: Any) -> int:
+    """Run this script once per thread count (child processes: XLA and the BLAS pools
+    are configured at import); each prints its report; --json gets all of them."""
+    import subprocess
+    import tempfile
+
+    base: list[str] = []
+    skip = False
+    for a in argv:
+        if skip:
+            skip = False
+            continue
+        if a in ("--threads", "--json"):
+            skip = True
+            continue
+        if a.startswith(("--threads=", "--json=")):
+            continue
+        base.append(a)
+    runs: dict[str, Any] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for n in counts:
+            path = os.path.join(tmp, f"threads{n}.json")
+            print(f"\n======== threads {n} ========", flush=True)
+            cmd = [sys.executable, os.path.abspath(__file__), *base, "--threads", str(n)]
+            rc = subprocess.call([*cmd, "--json", path])
+            if rc != 0:
+                return rc
+            with open(path) as fh:
+                runs[str(n)] = json.load(fh)
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump({"threads": counts, "runs": runs}, fh, indent=2)
         print(f"wrote {args.json}")
     return 0
 

@@ -260,7 +260,10 @@ def adam_step(list params, list grads, list exp_avg, list exp_avg_sq, double lr,
 # ----------------------------------------------------------- network runner
 from cpython.object cimport PyTypeObject
 
+from nnrt.dense cimport Dense
 from nnrt.layer cimport LAYER_FROZEN, Layer
+
+from nnrt.dense import eval_run as _dense_eval_run
 
 cdef extern from "Python.h":
     unsigned long Py_TPFLAGS_HEAPTYPE
@@ -284,6 +287,49 @@ cdef inline bint _owns_output(Layer layer):
     cdef object tp = type(layer)
     return ((layer._flags & LAYER_FROZEN) != 0
             and (PyType_GetFlags(<PyTypeObject*>tp) & Py_TPFLAGS_HEAPTYPE) == 0)
+
+
+# Eval-mode fusion (see forward_chain); NNRT_FUSE=0 at import turns it off.
+cdef bint _eval_fusion = __import__("os").environ.get("NNRT_FUSE", "1") != "0"
+
+
+def _set_eval_fusion(bint on):
+    """Turn the eval chain's dense -> affine -> activation fusion on or off (tests)."""
+    global _eval_fusion
+    _eval_fusion = on
+
+
+cdef inline bint _fusable(object obj):
+    # a compiled built-in-style layer (see _owns_output): its class attributes are the
+    # compiled class's own, and no Python override can change what it computes
+    return isinstance(obj, Layer) and _owns_output(<Layer>obj)
+
+
+cdef Py_ssize_t _eval_run_end(list snap, Py_ssize_t i, Dense dense, bint* aff,
+                              int* act):
+    # The run that starts at the dense-like layer snap[i]: [dense] -> affine? ->
+    # sigmoid?; returns the index after it and sets *aff (snap[i + 1] is the affine
+    # layer) and *act. Only compiled layers that offer the protocol, of the dense layer's
+    # width and dtype, join the run.
+    cdef Py_ssize_t m = len(snap), j = i + 1
+    cdef Layer nxt
+    aff[0] = False
+    act[0] = 0
+    if j < m and _fusable(snap[j]):
+        nxt = <Layer>snap[j]
+        if (nxt._n_in == dense._n_out and nxt._n_out == dense._n_out
+                and nxt._typenum == dense._typenum
+                and getattr(type(nxt), "_nnrt_eval_affine", None) is not None):
+            aff[0] = True
+            j += 1
+    if j < m and _fusable(snap[j]):
+        nxt = <Layer>snap[j]
+        if ((nxt._n_in < 0 or nxt._n_in == dense._n_out)
+                and (nxt._typenum < 0 or nxt._typenum == dense._typenum)
+                and getattr(type(nxt), "_nnrt_epilogue", None) == "sigmoid"):
+            act[0] = 1
+            j += 1
+    return j
 
 
 def same_items(list cached, object layers):
@@ -327,10 +373,24 @@ def forward_chain(list layers, object X, bint training, object fuse=None,
         flags = bytes(fuse)
         if len(flags) != m:
             flags = None
+    cdef bint eval_fuse = not training and _eval_fusion
+    cdef bint aff
+    cdef int act
+    cdef Py_ssize_t end
     out = X
     try:
         while i < m:
             layer = _as_layer(snap[i], i)
+            if (eval_fuse and isinstance(layer, Dense) and _owns_output(layer)
+                    and getattr(type(layer), "_nnrt_eval_dense", False) is True):
+                # eval: the dense layer applies the affine (e.g. BatchNorm with running
+                # statistics) and activation after it in its own output pass
+                end = _eval_run_end(snap, i, <Dense>layer, &aff, &act)
+                if end > i + 1:
+                    out = _dense_eval_run(layer, out, snap[i + 1] if aff else None, act)
+                    layer = <Layer>snap[end - 1]
+                    i = end
+                    continue
             if flags is not None and flags[i] and i + 1 < m:
                 out = layer._nnrt_forward_pair(out, training, _as_layer(snap[i + 1], i + 1),
                                                trusted)

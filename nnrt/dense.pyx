@@ -20,7 +20,7 @@ from libc.string cimport memcpy
 
 from cython cimport floating
 
-from nnrt.blas cimport gemm_rm
+from nnrt.blas cimport gemm_rm, gemv_rm
 from nnrt.layer cimport (LAYER_BUILT, LAYER_FROZEN, Layer, cache_input, check_array, check_self,
                          grad_as, overlaps, reuse_buffer, unaliased)
 
@@ -78,6 +78,163 @@ cdef void dense_backward(const floating* X, const floating* W, const floating* d
                 <int>n_out, 0, dX, <int>n_in)
 
 
+# ------------------------------------------------------------- eval forward
+# NOTE: at a batch of a few rows a BLAS GEMM spends most of its time packing W (the
+# whole weight matrix, on every call): one row goes through GEMV, a few rows through
+# nnrt/_smallm.h (reads W in place), more rows through GEMM. The bias, and the
+# per-feature affine and sigmoid of the layers that follow (when the eval chain fuses
+# them, nnrt/_kernels.pyx), are then applied in one pass over the output.
+cdef extern from "nnrt/_smallm.h" nogil:
+    void nnrt_smallm_f(const float* X, const float* W, float* Y, Py_ssize_t m, Py_ssize_t k,
+                       Py_ssize_t n)
+    void nnrt_smallm_d(const double* X, const double* W, double* Y, Py_ssize_t m,
+                       Py_ssize_t k, Py_ssize_t n)
+    void nnrt_epilogue_f(float* Y, Py_ssize_t m, Py_ssize_t n, const float* bias,
+                         const float* center, const float* scale, const float* shift, int act)
+    void nnrt_epilogue_d(double* Y, Py_ssize_t m, Py_ssize_t n, const double* bias,
+                         const double* center, const double* scale, const double* shift,
+                         int act)
+    Py_ssize_t nnrt_smallm_rows_max()
+    const char* nnrt_smallm_isa_name()
+
+# Kernel choice of the eval forward: 0 by shape (below), 1 always GEMM, 2 GEMV at one
+# row and the small-M kernel for every other batch (tests and benchmarks force them).
+cdef int _eval_mode = 0
+# Largest batch the small-M kernel serves, by the CPU's vector ISA (measured against
+# OpenBLAS's sgemm at one thread: nnrt/_smallm.h); it also needs a layer at least
+# _SMALL_M_MIN_COLS wide and a multiple of 8 (its last few columns otherwise run as
+# scalars, slower than GEMM).
+cdef Py_ssize_t _SMALL_M_MAX = nnrt_smallm_rows_max()
+cdef Py_ssize_t _SMALL_M_MIN_COLS = 32
+SMALL_M_ISA = nnrt_smallm_isa_name().decode()
+SMALL_M_MAX_ROWS = _SMALL_M_MAX
+# Below this many multiply-adds the kernel runs without releasing the GIL (releasing
+# and taking it back costs more than the work).
+cdef Py_ssize_t _NOGIL_MIN = 32768
+
+EVAL_ACT_NONE = 0
+EVAL_ACT_SIGMOID = 1
+
+
+def _set_eval_kernel(str mode):
+    """Force the eval forward's kernel: "auto", "gemm" or "small" (tests, benchmarks)."""
+    global _eval_mode
+    modes = {"auto": 0, "gemm": 1, "small": 2}
+    if mode not in modes:
+        raise ValueError(f"eval kernel must be one of {sorted(modes)}, got {mode!r}")
+    _eval_mode = modes[mode]
+
+
+cdef void dense_eval(const floating* X, const floating* W, const floating* b,
+                     const floating* center, const floating* scale, const floating* shift,
+                     int act, floating* Y, Py_ssize_t batch, Py_ssize_t n_in,
+                     Py_ssize_t n_out, int mode) noexcept nogil:
+    # Y = epilogue(X @ W): + b (b non-NULL), then (y - center) * scale + shift (center
+    # non-NULL), then sigmoid (act 1)
+    if mode != 1 and batch == 1:
+        gemv_rm(True, <int>n_in, <int>n_out, 1, W, <int>n_out, X, 0, Y)
+    elif mode == 2 or (mode == 0 and batch <= _SMALL_M_MAX and n_out >= _SMALL_M_MIN_COLS
+                       and n_out % 8 == 0):
+        if floating is float:
+            nnrt_smallm_f(X, W, Y, batch, n_in, n_out)
+        else:
+            nnrt_smallm_d(X, W, Y, batch, n_in, n_out)
+    else:
+        gemm_rm(False, False, <int>batch, <int>n_out, <int>n_in, 1, X, <int>n_in, W,
+                <int>n_out, 0, Y, <int>n_out)
+    if b != NULL or center != NULL or act != 0:
+        if floating is float:
+            nnrt_epilogue_f(Y, batch, n_out, b, center, scale, shift, act)
+        else:
+            nnrt_epilogue_d(Y, batch, n_out, b, center, scale, shift, act)
+
+
+cdef object _eval_run(Dense layer, object X, Layer aff_layer, int act):
+    # the eval forward of `layer`, followed by `aff_layer`'s per-feature affine (None:
+    # none) and the activation `act`, in one output buffer (the layer's own)
+    layer._check_built()
+    cdef cnp.ndarray Xa = layer.prepare_input(X)
+    cdef Py_ssize_t rows = cnp.PyArray_DIM(Xa, 0)
+    cdef Py_ssize_t n_in = layer._n_in, n_out = layer._n_out
+    cdef int t = layer._typenum
+    if rows * n_out > _MAX_ELEMENTS:
+        raise ValueError(
+            f"{layer!r}: the output for {_describe(X)} would have "
+            f"{rows * n_out} elements, more than {_MAX_ELEMENTS}"
+        )
+    cdef cnp.ndarray Y = reuse_buffer(unaliased(layer._Y_eval, Xa), rows, n_out, t)
+    layer._Y_eval = Y
+    cdef object center = None, scale = None, shift = None
+    if aff_layer is not None:
+        # computed from the layer's current state on every call (Python code may run)
+        aff = aff_layer._nnrt_eval_affine()
+        if type(aff) is not tuple or len(<tuple>aff) != 3:
+            raise TypeError(
+                f"{aff_layer!r}: _nnrt_eval_affine() must return a (center, scale, shift) "
+                f"tuple, got {type(aff).__name__}"
+            )
+        center, scale, shift = <tuple>aff
+    # local references: another thread may replace the layer's arrays (to_dtype)
+    # while the kernel runs without the GIL
+    cdef cnp.ndarray W = layer.W, b = layer.b
+    # last checks, after everything that may have run Python code
+    layer._check_params(W, b, None, None)
+    check_array(layer, Xa, "input", rows, n_in, t, False)
+    check_array(layer, Y, "output buffer", rows, n_out, t, True)
+    cdef void* pc = NULL
+    cdef void* ps = NULL
+    cdef void* psh = NULL
+    if aff_layer is not None:
+        check_array(aff_layer, center, "eval centre", n_out, -1, t, False)
+        check_array(aff_layer, scale, "eval scale", n_out, -1, t, False)
+        check_array(aff_layer, shift, "eval shift", n_out, -1, t, False)
+        pc = cnp.PyArray_DATA(<cnp.ndarray>center)
+        ps = cnp.PyArray_DATA(<cnp.ndarray>scale)
+        psh = cnp.PyArray_DATA(<cnp.ndarray>shift)
+    cdef void* pb = cnp.PyArray_DATA(b) if layer.use_bias else NULL
+    cdef void* px = cnp.PyArray_DATA(Xa)
+    cdef void* pw = cnp.PyArray_DATA(W)
+    cdef void* py = cnp.PyArray_DATA(Y)
+    cdef int mode = _eval_mode
+    if act != EVAL_ACT_SIGMOID:
+        act = EVAL_ACT_NONE
+    cdef bint big = rows * n_in * n_out >= _NOGIL_MIN
+    if t == cnp.NPY_FLOAT32:
+        if big:
+            with nogil:
+                dense_eval(<float*>px, <float*>pw, <float*>pb, <float*>pc, <float*>ps,
+                           <float*>psh, act, <float*>py, rows, n_in, n_out, mode)
+        else:
+            dense_eval(<float*>px, <float*>pw, <float*>pb, <float*>pc, <float*>ps,
+                       <float*>psh, act, <float*>py, rows, n_in, n_out, mode)
+    else:
+        if big:
+            with nogil:
+                dense_eval(<double*>px, <double*>pw, <double*>pb, <double*>pc, <double*>ps,
+                           <double*>psh, act, <double*>py, rows, n_in, n_out, mode)
+        else:
+            dense_eval(<double*>px, <double*>pw, <double*>pb, <double*>pc, <double*>ps,
+                       <double*>psh, act, <double*>py, rows, n_in, n_out, mode)
+    return Y
+
+
+def eval_run(Dense layer, object X, object affine=None, int act=0):
+    """Eval forward of ``layer`` on ``X`` with a fused epilogue (internal: the eval
+    chain in nnrt/_kernels.pyx).
+
+    ``affine``: None, or the following layer, whose ``_nnrt_eval_affine()`` gives
+    per-feature ``(center, scale, shift)`` arrays of the layer's width and dtype (its
+    eval forward is ``(x - center) * scale + shift``); ``act``: 0, or 1 for a following
+    sigmoid. Returns the output buffer (the layer's eval buffer, reused by the next
+    call). The caller checks that the fused layers are compiled layers of matching
+    width and dtype.
+    """
+    check_self(layer, Dense)
+    if affine is not None and not isinstance(affine, Layer):
+        raise TypeError(f"eval_run: affine must be an nnrt.Layer, got {type(affine).__name__}")
+    return _eval_run(layer, X, <Layer>affine if affine is not None else None, act)
+
+
 cdef class Dense(Layer):
     """Fully connected layer ``Y = X @ W + b`` (registry name ``dense``).
 
@@ -86,6 +243,11 @@ cdef class Dense(Layer):
     ``in_features``, ``out_features`` and ``dtype`` are read-only (they are
     those of the parameters); ``to_dtype`` casts.
     """
+
+    # the eval chain (nnrt/_kernels.pyx) may run this layer's eval forward fused with
+    # the per-feature affine and activation that follow (nnrt.dense.eval_run). A
+    # compiled subclass whose forward is not X @ W (+ b) sets this to False.
+    _nnrt_eval_dense = True
 
     def __cinit__(self, *args, **kwargs):
         # even an instance made with Dense.__new__ refuses width/dtype assignment
@@ -185,6 +347,8 @@ cdef class Dense(Layer):
         return self._forward_from(X, training, False)
 
     cdef object _forward_from(self, object X, bint training, bint trusted):
+        if not training:
+            return _eval_run(self, X, None, EVAL_ACT_NONE)
         self._check_built()
         cdef cnp.ndarray Xa = self.prepare_input(X)
         cdef Py_ssize_t rows = cnp.PyArray_DIM(Xa, 0)
@@ -195,18 +359,14 @@ cdef class Dense(Layer):
                 f"{self!r}: the output for {_describe(X)} would have "
                 f"{rows * n_out} elements, more than {_MAX_ELEMENTS}"
             )
-        cdef cnp.ndarray Y, Xc
-        if training:
-            Xc = cache_input(X, Xa, self._Xcopy, trusted)
-            if Xc is not Xa:
-                self._Xcopy = Xc
-            Y = reuse_buffer(unaliased(self._Y_train, Xa), rows, n_out, t)
-            self._Y_train = Y
-            self._X = Xc
-            self._rows = rows
-        else:
-            Y = reuse_buffer(unaliased(self._Y_eval, Xa), rows, n_out, t)
-            self._Y_eval = Y
+        # training: the input is kept for backward, the output goes to its own buffer
+        cdef cnp.ndarray Xc = cache_input(X, Xa, self._Xcopy, trusted)
+        if Xc is not Xa:
+            self._Xcopy = Xc
+        cdef cnp.ndarray Y = reuse_buffer(unaliased(self._Y_train, Xa), rows, n_out, t)
+        self._Y_train = Y
+        self._X = Xc
+        self._rows = rows
         # local references: another thread may replace the layer's arrays (to_dtype)
         # while the kernel runs without the GIL
         cdef cnp.ndarray W = self.W, b = self.b

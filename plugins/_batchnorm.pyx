@@ -570,6 +570,37 @@ cdef class BatchNorm(Layer):
         self._backward_into(X, dYa, None, dX)
         return dX
 
+    def _nnrt_eval_affine(self):
+        """``(center, scale, shift)``: the eval forward is ``(x - center) * scale + shift``
+        per feature (running statistics), arrays of the layer's width and dtype.
+
+        Eval-chain protocol (nnrt/_kernels.pyx): the dense layer before this one applies
+        it in its own output pass. Computed from the current gamma and running variance
+        on every call (never cached: they may be changed in place); the arrays are the
+        live running_mean and beta and the layer's scale scratch, which the caller
+        checks again before its kernel reads them.
+        """
+        check_self(self, BatchNorm)
+        self._check_built()
+        cdef Py_ssize_t f = self._n_in
+        cdef int t = self._typenum
+        cdef cnp.ndarray gamma = self.gamma, beta = self.beta
+        cdef cnp.ndarray rmean = self.running_mean, rvar = self.running_var
+        cdef cnp.ndarray scale_t = self._scale_t
+        check_array(self, gamma, "gamma", f, -1, t, False)
+        check_array(self, beta, "beta", f, -1, t, False)
+        check_array(self, rmean, "running_mean", f, -1, t, False)
+        check_array(self, rvar, "running_var", f, -1, t, False)
+        check_array(self, scale_t, "scale", f, -1, t, True)
+        if t == cnp.NPY_FLOAT32:
+            nnrt_bn_fold_eval_f(f, self.eps, <float*>cnp.PyArray_DATA(gamma),
+                                <float*>cnp.PyArray_DATA(rvar), <float*>cnp.PyArray_DATA(scale_t))
+        else:
+            nnrt_bn_fold_eval_d(f, self.eps, <double*>cnp.PyArray_DATA(gamma),
+                                <double*>cnp.PyArray_DATA(rvar),
+                                <double*>cnp.PyArray_DATA(scale_t))
+        return (rmean, scale_t, beta)
+
     # --------------------------------------------- fused batchnorm -> sigmoid
     # nnrt.hookspecs.FusablePair: the plugin's nnrt_fuse_pair hook (batchnorm.py)
     # asks Sequential's compiled loop to run a BatchNorm followed by a Sigmoid through

@@ -34,6 +34,10 @@ cdef class Sigmoid(Layer):
     cdef readonly object _S_train, _S_eval
     cdef object _dX
 
+    # eval-chain protocol (nnrt/_kernels.pyx): a compiled layer before this one may
+    # apply the sigmoid in its own output pass (a Python subclass is never fused)
+    _nnrt_epilogue = "sigmoid"
+
     def __cinit__(self, *args, **kwargs):
         # no parameters: even an instance made with __new__ is complete
         self._flags |= LAYER_FROZEN | LAYER_BUILT
