@@ -17,6 +17,7 @@ from __future__ import annotations
 import ast
 import pickle
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -170,14 +171,57 @@ def test_load_builds_a_subclass_of_sequential_as_sequential(tmp_path: Path) -> N
     np.testing.assert_array_equal(back.params()["0.weight"], net.params()["0.weight"])
 
 
+class _Shift(nnrt.Layer):
+    """A registered Python layer with a buffer: it pickles as config + arrays, rebuilt
+    by a helper whose path a pickle stores by name."""
+
+    def __init__(self, n: int) -> None:
+        super().__init__()
+        self.in_features = n
+        self.out_features = n
+        self.shift = np.zeros(n)
+
+    def forward(self, X: Any, training: bool = False) -> np.ndarray:
+        return np.asarray(self.prepare_input(X)) + self.shift
+
+    def backward(self, dY: Any) -> np.ndarray:
+        return np.asarray(dY)
+
+    def params(self) -> dict[str, np.ndarray]:
+        return {}
+
+    def grads(self) -> dict[str, np.ndarray]:
+        return {}
+
+    def buffers(self) -> dict[str, np.ndarray]:
+        return {"shift": self.shift}
+
+    def config(self) -> dict[str, Any]:
+        return {"n": int(self.shift.shape[0])}
+
+    def to_dtype(self, dtype: Any) -> None:
+        self.shift = self.shift.astype(dtype)
+        self.dtype = np.dtype(dtype)
+
+
+class _ShiftPlugin:
+    @nnrt.hookimpl
+    def nnrt_register_layers(self, register: Any) -> None:
+        register("import_graph_shift", _Shift)
+
+
 def test_pickle_naming_the_old_module_path_loads() -> None:
-    # sync_batchnorm is a registered Python layer: it pickles as config + arrays,
-    # rebuilt by a helper whose path a pickle stores by name
+    if "import_graph_shift" not in nnrt.available_layers():
+        nnrt.register_plugin(_ShiftPlugin(), name="import-graph-shift")
     net = nnrt.Sequential(
-        [nnrt.layer("dense", 3, 4), nnrt.layer("sync_batchnorm", 4), nnrt.layer("dense", 4, 2)],
+        [
+            nnrt.layer("dense", 3, 4),
+            nnrt.layer("import_graph_shift", 4),
+            nnrt.layer("dense", 4, 2),
+        ],
         seed=1,
     )
-    net.buffers()["1.running_mean"][:] = [0.5, -1.0, 2.0, 0.25]
+    net.buffers()["1.shift"][:] = [0.5, -1.0, 2.0, 0.25]
     data = pickle.dumps(net, protocol=0)  # text opcodes: module paths are plain lines
     new, old = b"nnrt._network\n_rebuild_layer\n", b"nnrt.network\n_rebuild_layer\n"
     assert new in data
@@ -185,7 +229,7 @@ def test_pickle_naming_the_old_module_path_loads() -> None:
     assert type(back) is nnrt.Sequential
     X = np.random.default_rng(0).normal(size=(6, 3)).astype(np.float32)
     np.testing.assert_array_equal(back.predict(X), net.predict(X))
-    np.testing.assert_array_equal(back.buffers()["1.running_mean"], [0.5, -1.0, 2.0, 0.25])
+    np.testing.assert_array_equal(back.buffers()["1.shift"], [0.5, -1.0, 2.0, 0.25])
 
 
 def test_set_network_class_checks_its_argument() -> None:
