@@ -357,7 +357,10 @@ def _op_write(kind: str, tid: int, which: str, how: str, value: float) -> None:
         return
     if how == "fill":
         if arr.flags.writeable:
-            arr[...] = value
+            try:
+                arr[...] = value
+            except (OverflowError, ValueError):
+                return  # numpy refuses the value for this dtype (e.g. NaN into ints)
             _S["dirty"].add(key)
     elif how == "reshape":
         # in-place shape change of an array the layer may have cached
@@ -537,7 +540,19 @@ def _op_predict(nid: int, spec: dict[str, Any], batch: int | None) -> None:
     if Xa.dtype.kind in "fiub" and np.isfinite(Xa.astype(float)).all():
         with np.errstate(all="ignore"):
             whole = np.array(net.forward(X, training=False))
-        np.testing.assert_array_equal(Y, whole, err_msg="predict in batches != forward")
+        # the eval path picks its kernel by batch size (GEMV at 1 row, a small-batch
+        # kernel, GEMM): batches agree with one forward to rounding, not bit for bit
+        assert Y.shape == whole.shape, f"predict {Y.shape} != forward {whole.shape}"
+        scale = 1.0 + float(np.nanmax(np.abs(np.where(np.isinf(whole), 0, whole)), initial=0))
+        r = 1e-5 if Y.dtype == np.float32 else 1e-12
+        np.testing.assert_allclose(
+            Y,
+            whole,
+            rtol=r,
+            atol=r * scale,
+            equal_nan=True,
+            err_msg="predict in batches != forward",
+        )
 
 
 def _op_unbuilt(lid: int, kind: str) -> None:
