@@ -30,8 +30,11 @@ interleaved in the same rounds with
           one gathered with np.take), i.e. what fit adds beyond gathering data
   torch   torch's idiomatic epoch: randperm, index the tensors, forward, loss,
           zero_grad, backward, step, loss.item() (when importable)
-  keras   Keras 3 ``model.fit`` on the jax backend, one epoch (only when keras
-          and jax are importable; never installed by this script)
+  keras   Keras 3 ``model.fit`` on the jax backend, one epoch, same layers, batch
+          and SGD (only when keras and jax are importable; never installed by
+          this script). With --threads 1, XLA gets one thread (XLA_FLAGS, set
+          before jax is imported) and keras is timed by the process's CPU time
+          (target on small: nnrt fit <= 0.7x keras fit per step)
 
 The serving table: eval forward (``net.forward(X, training=False)``) at batch 1, 4, 16
 and 64 of every configuration, float32, running statistics from a few training
@@ -377,9 +380,18 @@ def make_contenders(batch: int, sizes: list[int]) -> dict[str, dict[str, Any]]:
     return out
 
 
-def _keras() -> Any:
-    """Keras 3 on the jax backend, or None (never installed here)."""
+def _keras(threads: int) -> Any:
+    """Keras 3 on the jax backend, or None (never installed here).
+
+    The backend is chosen and XLA's CPU threads are set before keras and jax are
+    first imported (``KERAS_BACKEND=jax``; with one thread, Eigen's thread pool off
+    and one intra-op thread through ``XLA_FLAGS``), as the user of a 1-thread
+    comparison would; an earlier import of jax keeps its own settings.
+    """
     os.environ.setdefault("KERAS_BACKEND", "jax")
+    if threads == 1 and "jax" not in sys.modules:
+        flags = "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
+        os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {flags}".strip()
     try:
         import jax  # noqa: F401
         import keras
@@ -390,7 +402,7 @@ def _keras() -> Any:
     return keras
 
 
-def make_fit_contenders(cfg: str) -> dict[str, Fn]:
+def make_fit_contenders(cfg: str, threads: int = 1) -> dict[str, Fn]:
     """name -> one epoch over FIT_STEPS batches (see the module docstring)."""
     batch, sizes = CONFIGS[cfg]
     steps = FIT_STEPS[cfg]
@@ -445,7 +457,7 @@ def make_fit_contenders(cfg: str) -> dict[str, Fn]:
                 total += loss.item()
 
         out["torch"] = torch_epoch
-    keras = _keras()
+    keras = _keras(threads)
     if keras is not None:
         kl = keras.layers
         mods: list[Any] = [keras.Input((sizes[0],))]
@@ -472,24 +484,30 @@ def time_fit(cfg: str, rounds: int, sample_s: float, threads: int) -> dict[str, 
     With one thread the clock is the thread's CPU time (``time.thread_time``:
     nnrt, numpy and torch compute in the calling thread), which time spent
     waiting for the shared cores does not inflate; with more, wall time. Keras
-    (jax runs on XLA's threads) is always timed by the wall.
+    computes on XLA's threads, not the calling one: with one thread it is timed
+    by the CPU time of the whole process (``time.process_time``: every thread
+    it uses, its Python thread included), else by the wall.
     """
     clock = time.thread_time if threads == 1 else time.perf_counter
+    keras_clock = time.process_time if threads == 1 else time.perf_counter
     steps = FIT_STEPS[cfg]
-    cons = make_fit_contenders(cfg)
+    cons = make_fit_contenders(cfg, threads)
     names = list(cons)
     ns = {name: calibrate(cons[name], sample_s) for name in names}
     samples: dict[str, list[float]] = {name: [] for name in names}
     for r in range(rounds):
         for name in names[r % len(names) :] + names[: r % len(names)]:
             cons[name]()  # pre-roll
-            # NOTE: jax computes on XLA's own threads: keras is always timed by the wall
-            tick = time.perf_counter if name == "keras" else clock
+            tick = keras_clock if name == "keras" else clock
             t0 = tick()
             for _ in range(ns[name]):
                 cons[name]()
             samples[name].append((tick() - t0) / ns[name] / steps)
-    res: dict[str, Any] = {"steps": steps, "clock": clock.__name__}
+    res: dict[str, Any] = {
+        "steps": steps,
+        "clock": clock.__name__,
+        "keras_clock": keras_clock.__name__,
+    }
     for name in FIT_CONTENDERS:
         s = np.array(samples.get(name, []))
         res[name] = (

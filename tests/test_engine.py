@@ -281,3 +281,106 @@ def test_progress_bar_names_the_held_out_data() -> None:
     assert "test_accuracy" in text and "val_accuracy" not in text, text
     assert bar._label("val_loss") == "test_loss" and bar._label("loss") == "loss"
     assert nnrt.ProgressBar()._label("val_loss") == "val_loss"
+
+
+# ----------------------------------------------------------- the epoch, step by step
+@pytest.mark.parametrize("layout", ["c-contiguous", "fortran", "cast-from-float32", "int32-labels"])
+def test_fit_is_the_hand_written_shuffled_loop(layout: str) -> None:
+    # Reference: one generator seeded with the network's seed, a permutation per epoch,
+    # batch b = the rows order[b*bs:(b+1)*bs] in increasing index order, a short last
+    # batch of >= 2 rows kept; History's loss is the batch-size-weighted mean, accuracy
+    # the argmax count of the training-mode outputs (numpy, before each update).
+    X, y = _blobs(77, seed=4)
+    if layout == "fortran":
+        X = np.asfortranarray(X)
+    elif layout == "cast-from-float32":
+        X = X.astype(np.float32)
+    elif layout == "int32-labels":
+        y = y.astype(np.int32)
+    net, ref = _bn_net("float64"), _bn_net("float64")
+    opt = nnrt.optim.SGD(net, lr=0.1, momentum=0.9)
+    ref_opt = nnrt.optim.SGD(ref, lr=0.1, momentum=0.9)
+    bs, epochs = 16, 3
+    rng = np.random.default_rng(ref.seed)
+    want_loss, want_acc = [], []
+    for _ in range(epochs):
+        order = rng.permutation(len(X))
+        total, right = 0.0, 0
+        for b in range(0, len(X), bs):
+            rows = np.sort(order[b : b + bs])
+            Y = ref.forward(X[rows].astype(np.float64), training=True)
+            right += int(np.sum(Y.argmax(axis=1) == y[rows]))
+            value, dY = nnrt.losses.softmax_cross_entropy(Y, y[rows].astype(np.int64))
+            total += value * len(rows)
+            ref.backward(dY)
+            ref_opt.step()
+        want_loss.append(total / len(X))
+        want_acc.append(right / len(X))
+    hist = net.fit(X, y, optimizer=opt, epochs=epochs, batch_size=bs, progress=False)
+    assert _same_state(net, ref)
+    assert hist.history["loss"] == want_loss
+    assert hist.history["accuracy"] == want_acc
+
+
+# ----------------------------------------------------------- compiled helpers
+def test_n_correct_counts_like_numpy_argmax() -> None:
+    from nnrt._engine import n_correct
+
+    rng = np.random.default_rng(5)
+    for dtype in (np.float32, np.float64):
+        for c in (1, 2, 7):
+            Y = rng.normal(size=(50, c)).astype(dtype)
+            Y[3] = 0.5  # a tie: the first maximum wins, as argmax
+            Y[4, c // 2] = np.nan  # a NaN wins, as argmax
+            labels = rng.integers(0, max(c, 2), size=50)
+            pred = (Y[:, 0] > 0).astype(np.int64) if c == 1 else Y.argmax(axis=1)
+            want = int(np.sum(pred == labels))
+            assert n_correct(Y, labels) == want
+            assert n_correct(np.asfortranarray(Y), labels.astype(np.int32)) == want
+            assert n_correct(Y[::-1], labels[::-1]) == want
+    assert n_correct(np.zeros((0, 3)), np.zeros(0, dtype=np.int64)) == 0
+    with pytest.raises(ValueError, match="labels must be 1-D with 3 entries"):
+        n_correct(np.zeros((3, 2)), np.zeros(4, dtype=np.int64))
+    with pytest.raises(ValueError, match="Y must be 2-D"):
+        n_correct(np.zeros(3), np.zeros(3, dtype=np.int64))
+
+
+def test_take_rows_is_np_take_or_declines(tmp_path: Path) -> None:
+    from nnrt._engine import take_rows
+
+    rng = np.random.default_rng(6)
+    idx = np.array([7, 0, 7, 19, 3], dtype=np.intp)
+    for src in (
+        rng.normal(size=(20, 9)).astype(np.float32),
+        rng.normal(size=(20, 3, 2)),
+        rng.integers(0, 9, size=20),
+        rng.normal(size=(20, 1500)),  # rows longer than the prefetched part
+    ):
+        out = np.full((len(idx), *src.shape[1:]), -1, dtype=src.dtype)
+        assert take_rows(src, idx, out) is True
+        np.testing.assert_array_equal(out, src[idx])
+    mm = np.lib.format.open_memmap(tmp_path / "m.npy", mode="w+", dtype=np.float64, shape=(20, 4))
+    mm[:] = rng.normal(size=(20, 4))
+    out = np.empty((len(idx), 4))
+    assert take_rows(mm, idx, out) is True
+    np.testing.assert_array_equal(out, np.asarray(mm)[idx])
+    # anything but C-contiguous, same dtype and row shape, writeable out, intp indices
+    X = rng.normal(size=(20, 4))
+    ro = np.empty((len(idx), 4))
+    ro.flags.writeable = False
+    for args in (
+        (np.asfortranarray(X), idx, np.empty((5, 4))),
+        (X, idx, np.empty((5, 4), dtype=np.float32)),
+        (X, idx, np.empty((5, 3))),
+        (X, idx, np.empty((4, 4))),
+        (X, idx.astype(np.int32), np.empty((5, 4))),
+        (X, list(idx), np.empty((5, 4))),
+        (X, idx, ro),
+        (X.astype(object), idx, np.empty((5, 4), dtype=object)),
+    ):
+        assert take_rows(*args) is False
+    for bad in (20, -1):
+        out = np.zeros((1, 4))
+        with pytest.raises(IndexError, match="out of bounds for 20 rows"):
+            take_rows(X, np.array([bad], dtype=np.intp), out)
+        assert not out.any()
