@@ -155,6 +155,24 @@ def test_threads_follow_set_num_threads(backend: str) -> None:
         nnrt.set_num_threads(before)
 
 
+def test_c_thread_controls_set_the_backend_in_use(backend: str) -> None:
+    from threadpoolctl import threadpool_info
+
+    before = nnrt.get_num_threads()
+    path = os.path.realpath(_blas.info()["filepath"])
+    try:
+        for n in (1, 2):
+            got = cy.blas_threads_call(n)
+            if got == -1:  # this backend has no C thread control
+                assert _blas.thread_control_addresses() is None
+                return
+            assert got == n
+            mine = [d for d in threadpool_info() if os.path.realpath(d["filepath"]) == path]
+            assert [d["num_threads"] for d in mine] == [n]
+    finally:
+        nnrt.set_num_threads(before)
+
+
 def test_info_kernel_and_version_match_threadpoolctl(backend: str) -> None:
     from threadpoolctl import threadpool_info
 
