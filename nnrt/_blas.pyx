@@ -16,11 +16,11 @@ Backends (docs/performance.md, "BLAS backends"):
 Selection, at import: ``NNRT_BLAS=openblas|mkl|scipy-openblas|scipy`` forces one (an
 unknown name, or a backend that cannot be loaded, warns and falls back to the
 default). Otherwise ``openblas`` (``scipy`` if numpy's OpenBLAS is not found); and when
-MKL is installed, the first GEMM (or ``info()``/``resolve()``) runs a short calibration
-(a few float32 GEMMs of nnrt's shapes at one thread on each, timed in thread CPU
-time; ~0.1 s) and uses MKL
-only if it is at least 10 % faster. ``import nnrt`` without MKL installed costs a
-glob and a dlopen of a library numpy already loaded.
+MKL is installed, the first GEMM (or ``info()``/``resolve()``/``set_threads``) runs a
+short calibration (a few float32 GEMMs of nnrt's shapes at one thread on each, timed
+in thread CPU time; 0.1-0.2 s) and uses MKL only if it takes at most 0.90x the time
+of numpy's OpenBLAS. ``import nnrt`` never loads MKL; it costs a glob, a file check
+and a dlopen of the OpenBLAS numpy already loaded.
 
 C callers use ``sgemm_rm`` ... (nnrt/_blas.pxd, via nnrt/blas.pxd): one indirect call
 through the current backend's table; the tables are filled once, before they can be
