@@ -365,29 +365,30 @@ cdef int _fill(int slot, int ilp64, uintptr_t s, uintptr_t d, uintptr_t sv,
     return 0
 
 
-def _openblas_lib(name, path, suffix):
-    """Load a scipy-openblas build (prefixed symbols ``scipy_<f><suffix>``)."""
+def _openblas_lib(name, path, suffix, prefix="scipy_"):
+    """Load an OpenBLAS: a scipy-openblas build (symbols ``scipy_<f><suffix>``,
+    ``scipy_openblas_get_num_threads`` ...) or, with ``prefix=""``, a plain one."""
     import ctypes
 
     handle = ctypes.CDLL(path)
-    addrs = [_address(handle, f"scipy_{f}{suffix}") for f in ("sgemm", "dgemm", "sgemv", "dgemv")]
+    addrs = [_address(handle, f"{prefix}{f}{suffix}") for f in ("sgemm", "dgemm", "sgemv", "dgemv")]
     ilp64 = suffix == "_64_"
     tag = "64_" if ilp64 else ""
     get_n = set_n = None
     try:  # without them, threadpoolctl answers and sets the thread count
-        get_n = getattr(handle, f"scipy_openblas_get_num_threads{tag}")
+        get_n = getattr(handle, f"{prefix}openblas_get_num_threads{tag}")
         get_n.restype = ctypes.c_int
         get_n.argtypes = []
-        set_n = getattr(handle, f"scipy_openblas_set_num_threads{tag}")
+        set_n = getattr(handle, f"{prefix}openblas_set_num_threads{tag}")
         set_n.restype = None
         set_n.argtypes = [ctypes.c_int]
     except AttributeError:  # pragma: no cover - an older build
         get_n = set_n = None
     library = kernel = None
     try:
-        config = getattr(handle, f"scipy_openblas_get_config{tag}")
+        config = getattr(handle, f"{prefix}openblas_get_config{tag}")
         config.restype = ctypes.c_char_p
-        corename = getattr(handle, f"scipy_openblas_get_corename{tag}")
+        corename = getattr(handle, f"{prefix}openblas_get_corename{tag}")
         corename.restype = ctypes.c_char_p
         library = " ".join(config().decode(errors="replace").split()[:2])  # "OpenBLAS 0.3.31"
         kernel = corename().decode(errors="replace")
@@ -451,11 +452,14 @@ def _scipy_lib():
     # the table holds cython_blas's wrappers; the OpenBLAS behind them is a dependency
     path = _library_of(<uintptr_t>_tables[0].sgemm)
     if path is not None:
-        try:
-            path = _library_of(_address(ctypes.CDLL(path), "scipy_sgemm_")) or path
-            return _openblas_lib("scipy", path, "_")[0], None
-        except (OSError, AttributeError):  # not a scipy-openblas build (a system BLAS)
-            pass
+        # scipy >= 1.14 bundles scipy-openblas32 (scipy_sgemm_ ...); 1.13 a plain OpenBLAS
+        for prefix in ("scipy_", ""):
+            try:
+                lib_path = _library_of(_address(ctypes.CDLL(path), f"{prefix}sgemm_")) or path
+                return _openblas_lib("scipy", lib_path, "_", prefix)[0], None
+            except (OSError, AttributeError):
+                continue
+    # another BLAS (a system build): threadpoolctl answers the thread queries
     return _Lib("scipy", path, False, None, None, None, None, None), None
 
 
