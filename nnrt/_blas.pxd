@@ -17,3 +17,8 @@ cdef void sgemv_rm(bint trans, int m, int n, float alpha, const float* a, int ld
                    const float* x, float beta, float* y) noexcept nogil
 cdef void dgemv_rm(bint trans, int m, int n, double alpha, const double* a, int lda,
                    const double* x, double beta, double* y) noexcept nogil
+
+# The thread count of the backend in use (OpenBLAS's or MKL's own calls): -1 when
+# that backend has no C thread control (then threadpoolctl, from Python, is the way)
+cdef int blas_get_threads() noexcept nogil
+cdef int blas_set_threads(int n) noexcept nogil

@@ -26,5 +26,8 @@ def threads() -> int:
 def set_threads(n: int) -> None:
     """Set the thread count of the backend in use."""
 
+def thread_control_addresses() -> tuple[int, int] | None:
+    """(set, get) C addresses of the backend's thread controls, or None."""
+
 def info() -> dict[str, Any]:
     """The backend in use: name, library, kernel, threads, reason, ..."""

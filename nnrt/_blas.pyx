@@ -16,11 +16,11 @@ Backends (docs/performance.md, "BLAS backends"):
 Selection, at import: ``NNRT_BLAS=openblas|mkl|scipy-openblas|scipy`` forces one (an
 unknown name, or a backend that cannot be loaded, warns and falls back to the
 default). Otherwise ``openblas`` (``scipy`` if numpy's OpenBLAS is not found); and when
-MKL is installed, the first GEMM (or ``info()``/``resolve()``) runs a short calibration
-(a few float32 GEMMs of nnrt's shapes at one thread on each, timed in thread CPU
-time; ~0.1 s) and uses MKL
-only if it is at least 10 % faster. ``import nnrt`` without MKL installed costs a
-glob and a dlopen of a library numpy already loaded.
+MKL is installed, the first GEMM (or ``info()``/``resolve()``/``set_threads``) runs a
+short calibration (a few float32 GEMMs of nnrt's shapes at one thread on each, timed
+in thread CPU time; 0.1-0.2 s) and uses MKL only if it takes at most 0.90x the time
+of numpy's OpenBLAS. ``import nnrt`` never loads MKL; it costs a glob, a file check
+and a dlopen of the OpenBLAS numpy already loaded.
 
 C callers use ``sgemm_rm`` ... (nnrt/_blas.pxd, via nnrt/blas.pxd): one indirect call
 through the current backend's table; the tables are filled once, before they can be
@@ -36,7 +36,7 @@ from libc.stdint cimport int64_t, uintptr_t
 from scipy.linalg.cython_blas cimport dgemm, dgemv, sgemm, sgemv
 
 __all__ = ["BACKENDS", "available", "find_mkl", "find_numpy_openblas", "info", "resolve",
-           "set_threads", "threads", "use"]
+           "set_threads", "thread_control_addresses", "threads", "use"]
 
 ctypedef void (*sgemm32_t)(const char*, const char*, const int*, const int*, const int*,
                            const float*, const float*, const int*, const float*, const int*,
@@ -66,6 +66,10 @@ ctypedef void (*dgemv64_t)(const char*, const int64_t*, const int64_t*, const do
                            const double*, double*, const int64_t*) noexcept nogil
 
 
+ctypedef void (*set_threads_t)(int) noexcept nogil
+ctypedef int (*get_threads_t)() noexcept nogil
+
+
 cdef struct Table:
     # Fortran BLAS entry points of one backend; ilp64: 64-bit integer arguments
     int ilp64
@@ -73,6 +77,9 @@ cdef struct Table:
     void* dgemm
     void* sgemv
     void* dgemv
+    # C thread controls, void(int) and int(void), or NULL (then threadpoolctl's)
+    void* set_threads
+    void* get_threads
 
 
 BACKENDS = ("openblas", "mkl", "scipy-openblas", "scipy")
@@ -193,6 +200,21 @@ cdef void dgemv_rm(bint trans, int m, int n, double alpha, const double* a, int 
     _dgemv(_table(), trans, m, n, alpha, a, lda, x, beta, y)
 
 
+cdef int blas_get_threads() noexcept nogil:
+    cdef Table* t = _table()
+    cdef get_threads_t get = <get_threads_t>t.get_threads
+    return get() if get != NULL else -1
+
+
+cdef int blas_set_threads(int n) noexcept nogil:
+    cdef Table* t = _table()
+    cdef set_threads_t put = <set_threads_t>t.set_threads
+    if put == NULL or n < 1:
+        return -1
+    put(n)
+    return 0
+
+
 # ----------------------------------------------------------------- finding libraries
 
 def find_numpy_openblas():
@@ -280,12 +302,40 @@ class _Lib:
         self.set_threads = set_threads
         self.library = library
         self.kernel = kernel
+        self.set_global = None  # MKL: the process-wide count besides the thread's own
 
 
 _libs = {}            # name -> _Lib, once loaded
 _load_errors = {}     # name -> why it could not be loaded
 _lock = threading.RLock()
+
+
+def _new_lock_in_child():
+    global _lock
+    _lock = threading.RLock()  # a fork during a calibration must not leave it held
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_new_lock_in_child)
 _state = {"backend": "scipy", "reason": "", "requested": None, "calibration": None, "note": ""}
+
+
+def _address_of(fn):
+    """The C address of a ctypes function (0 for None)."""
+    import ctypes
+
+    return 0 if fn is None else (ctypes.cast(fn, ctypes.c_void_p).value or 0)
+
+
+def thread_control_addresses():
+    """(set, get) C addresses of the thread controls of the backend in use,
+    ``void set(int)`` and ``int get(void)``, or None when it has none (C code
+    cimports ``blas_set_threads``/``blas_get_threads`` from nnrt/_blas.pxd instead)."""
+    resolve()
+    lib = _libs[_state["backend"]]
+    if lib.set_threads is None or lib.get_threads is None:
+        return None
+    return _address_of(lib.set_threads), _address_of(lib.get_threads)
 
 
 def _address(handle, symbol):
@@ -295,9 +345,15 @@ def _address(handle, symbol):
 
 
 cdef int _fill(int slot, int ilp64, uintptr_t s, uintptr_t d, uintptr_t sv,
-               uintptr_t dv) except -1:
-    """Fill a backend's table once, with four non-NULL entry points."""
-    if slot <= 0 or slot >= 4 or not (s and d and sv and dv):
+               uintptr_t dv, uintptr_t set_n, uintptr_t get_n) except -1:
+    """Fill a backend's table once, with four non-NULL BLAS entry points (the thread
+    controls may be 0: not available). Slot 0 (scipy) only gets its thread controls."""
+    if _tables[slot].get_threads == NULL and set_n and get_n:
+        _tables[slot].set_threads = <void*>set_n
+        _tables[slot].get_threads = <void*>get_n
+    if slot == 0:
+        return 0
+    if slot < 0 or slot >= 4 or not (s and d and sv and dv):
         raise RuntimeError("a BLAS entry point is missing")
     if _tables[slot].sgemm != NULL:
         return 0  # filled before, never rewritten (another thread may be calling it)
@@ -309,29 +365,30 @@ cdef int _fill(int slot, int ilp64, uintptr_t s, uintptr_t d, uintptr_t sv,
     return 0
 
 
-def _openblas_lib(name, path, suffix):
-    """Load a scipy-openblas build (prefixed symbols ``scipy_<f><suffix>``)."""
+def _openblas_lib(name, path, suffix, prefix="scipy_"):
+    """Load an OpenBLAS: a scipy-openblas build (symbols ``scipy_<f><suffix>``,
+    ``scipy_openblas_get_num_threads`` ...) or, with ``prefix=""``, a plain one."""
     import ctypes
 
     handle = ctypes.CDLL(path)
-    addrs = [_address(handle, f"scipy_{f}{suffix}") for f in ("sgemm", "dgemm", "sgemv", "dgemv")]
+    addrs = [_address(handle, f"{prefix}{f}{suffix}") for f in ("sgemm", "dgemm", "sgemv", "dgemv")]
     ilp64 = suffix == "_64_"
     tag = "64_" if ilp64 else ""
     get_n = set_n = None
     try:  # without them, threadpoolctl answers and sets the thread count
-        get_n = getattr(handle, f"scipy_openblas_get_num_threads{tag}")
+        get_n = getattr(handle, f"{prefix}openblas_get_num_threads{tag}")
         get_n.restype = ctypes.c_int
         get_n.argtypes = []
-        set_n = getattr(handle, f"scipy_openblas_set_num_threads{tag}")
+        set_n = getattr(handle, f"{prefix}openblas_set_num_threads{tag}")
         set_n.restype = None
         set_n.argtypes = [ctypes.c_int]
     except AttributeError:  # pragma: no cover - an older build
         get_n = set_n = None
     library = kernel = None
     try:
-        config = getattr(handle, f"scipy_openblas_get_config{tag}")
+        config = getattr(handle, f"{prefix}openblas_get_config{tag}")
         config.restype = ctypes.c_char_p
-        corename = getattr(handle, f"scipy_openblas_get_corename{tag}")
+        corename = getattr(handle, f"{prefix}openblas_get_corename{tag}")
         corename.restype = ctypes.c_char_p
         library = " ".join(config().decode(errors="replace").split()[:2])  # "OpenBLAS 0.3.31"
         kernel = corename().decode(errors="replace")
@@ -359,9 +416,16 @@ def _mkl_lib(path):
     get_n = handle.MKL_Get_Max_Threads
     get_n.restype = ctypes.c_int
     get_n.argtypes = []
-    set_n = handle.MKL_Set_Num_Threads
-    set_n.restype = None
+    # the calling thread's count, as threadpoolctl sets it (a thread-local count
+    # overrides the global one, so setting only the global would be ignored after
+    # threadpoolctl ran); it returns the previous local count (0: none), which the
+    # C table's void(int) type ignores harmlessly
+    set_n = handle.MKL_Set_Num_Threads_Local
+    set_n.restype = ctypes.c_int
     set_n.argtypes = [ctypes.c_int]
+    set_global = handle.MKL_Set_Num_Threads
+    set_global.restype = None
+    set_global.argtypes = [ctypes.c_int]
     library = kernel = None
     try:
         buf = ctypes.create_string_buffer(256)
@@ -376,6 +440,7 @@ def _mkl_lib(path):
     except (AttributeError, OSError):  # pragma: no cover - an older MKL
         pass
     lib = _Lib("mkl", os.path.realpath(path), ilp64, handle, get_n, set_n, library, kernel)
+    lib.set_global = set_global
     return lib, addrs
 
 
@@ -387,11 +452,14 @@ def _scipy_lib():
     # the table holds cython_blas's wrappers; the OpenBLAS behind them is a dependency
     path = _library_of(<uintptr_t>_tables[0].sgemm)
     if path is not None:
-        try:
-            path = _library_of(_address(ctypes.CDLL(path), "scipy_sgemm_")) or path
-            return _openblas_lib("scipy", path, "_")[0], None
-        except (OSError, AttributeError):  # not a scipy-openblas build (a system BLAS)
-            pass
+        # scipy >= 1.14 bundles scipy-openblas32 (scipy_sgemm_ ...); 1.13 a plain OpenBLAS
+        for prefix in ("scipy_", ""):
+            try:
+                lib_path = _library_of(_address(ctypes.CDLL(path), f"{prefix}sgemm_")) or path
+                return _openblas_lib("scipy", lib_path, "_", prefix)[0], None
+            except (OSError, AttributeError):
+                continue
+    # another BLAS (a system build): threadpoolctl answers the thread queries
     return _Lib("scipy", path, False, None, None, None, None, None), None
 
 
@@ -423,8 +491,10 @@ def _load(name):
                 if path is None:
                     raise RuntimeError("the scipy-openblas64 wheel is not installed")
                 lib, addrs = _openblas_lib(name, path, "_64_")
-            if addrs is not None:
-                _fill(_SLOT[name], lib.ilp64, addrs[0], addrs[1], addrs[2], addrs[3])
+            if addrs is None:
+                addrs = [0, 0, 0, 0]
+            _fill(_SLOT[name], lib.ilp64, addrs[0], addrs[1], addrs[2], addrs[3],
+                  _address_of(lib.set_threads), _address_of(lib.get_threads))
         except (OSError, AttributeError, RuntimeError) as exc:
             _load_errors[name] = f"{type(exc).__name__}: {exc}"
             raise RuntimeError(f"BLAS backend {name!r} is unavailable: {exc}") from exc
@@ -547,9 +617,12 @@ def _calibrate(candidates):
     libs = [_load(name) for name in candidates]
     saved = []
     for lib in libs:
-        saved.append(lib.get_threads() if lib.get_threads is not None else None)
+        before = lib.get_threads() if lib.get_threads is not None else None
         if lib.set_threads is not None:
-            lib.set_threads(1)
+            previous = lib.set_threads(1)
+            if lib.set_global is not None:  # MKL's local count: restore what it was (0: none)
+                before = previous
+        saved.append(before)
     try:
         best = {name: [float("inf")] * len(_CAL_SHAPES) for name in candidates}
         operands = [_Operands("float32", *shape) for shape in _CAL_SHAPES]
@@ -664,6 +737,8 @@ def set_threads(int n):
         raise ValueError(f"n must be a positive int, got {n}")
     resolve()
     lib = _libs[_state["backend"]]
+    if lib.set_global is not None:
+        lib.set_global(n)
     if lib.set_threads is not None:
         lib.set_threads(n)
 

@@ -24,7 +24,15 @@ from nnrt import optim
 from nnrt.engine import TrainStep
 from nnrt.registry import registry
 
-__all__ = ["LayerProfile", "Profile", "get_num_threads", "profile", "set_num_threads"]
+__all__ = [
+    "LayerProfile",
+    "Profile",
+    "blas_backend",
+    "blas_info",
+    "get_num_threads",
+    "profile",
+    "set_num_threads",
+]
 
 
 def _blas_controller() -> Any:
@@ -57,6 +65,22 @@ def get_num_threads() -> int:
     import nnrt._blas as _blas
 
     return int(_blas.threads())
+
+
+def blas_backend() -> str:
+    """Name of the BLAS backend nnrt's GEMMs use: ``openblas`` (numpy's), ``mkl``,
+    ``scipy-openblas`` or ``scipy`` (docs/performance.md, "BLAS backends")."""
+    return str(blas_info()["backend"])
+
+
+def blas_info() -> dict[str, Any]:
+    """The BLAS backend nnrt's GEMMs use, as ``nnrt info`` prints it: ``backend``,
+    ``library`` (name and version), ``kernel``, ``threads``, ``int`` (LP64/ILP64),
+    ``filepath``, ``reason`` (default, forced by ``NNRT_BLAS``, or calibrated) and
+    ``calibration`` (the measured seconds, when MKL was calibrated against OpenBLAS)."""
+    import nnrt._blas as _blas
+
+    return dict(_blas.info())
 
 
 @dataclass

@@ -16,6 +16,7 @@ from libc.math cimport fabs
 
 from cython cimport floating
 
+from nnrt._blas cimport blas_get_threads, blas_set_threads
 from nnrt.blas cimport gemm_rm, gemv_rm
 from nnrt.dense cimport Dense
 from nnrt.layer cimport Layer, NNRT_ABI_VERSION, reuse_buffer
@@ -254,6 +255,16 @@ def gemm_rm_call(bint ta, bint tb, int m, int n, int k, double alpha, A, B, doub
         with nogil:
             gemm_rm(ta, tb, m, n, k, alpha, <double*>cnp.PyArray_DATA(a), lda,
                     <double*>cnp.PyArray_DATA(b), ldb, beta, <double*>cnp.PyArray_DATA(c), ldc)
+
+
+def blas_threads_call(int n):
+    """nnrt/_blas.pxd's C thread controls: set ``n`` (if > 0), return the count read back."""
+    cdef int got
+    with nogil:
+        if n > 0:
+            blas_set_threads(n)
+        got = blas_get_threads()
+    return got
 
 
 def gemv_rm_call(bint trans, int m, int n, double alpha, A, x, double beta, y):
