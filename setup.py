@@ -108,19 +108,23 @@ if not os.path.exists(os.path.join("nnrt", "_build_info.py")):
     write_build_info(os.path.join("nnrt", "_build_info.py"))
 
 
-def ext(name: str, source: str) -> Extension:
+def ext(name: str, source: str, threads: bool = False) -> Extension:
+    # threads: the module runs a helper pthread (nnrt/_parallel.h)
+    pthread = ["-pthread"] if threads and sys.platform != "win32" else []
     return Extension(
         name,
         [source],
         include_dirs=[np.get_include(), "."],
         define_macros=macros,
-        extra_compile_args=compile_args,
+        extra_compile_args=compile_args + pthread,
+        extra_link_args=pthread,
     )
 
 
 extensions = [
     # core
     ext("nnrt.layer", "nnrt/layer.pyx"),
+    ext("nnrt._parallel", "nnrt/_parallel.pyx", threads=True),
     ext("nnrt.dense", "nnrt/dense.pyx"),
     ext("nnrt._kernels", "nnrt/_kernels.pyx"),
     # built-in plugins (cimport nnrt's .pxd files as a third party would)

@@ -3,12 +3,12 @@
 ``set_num_threads(n)`` limits every BLAS library loaded in the process (numpy
 and scipy each ship their own OpenBLAS; nnrt's GEMMs call numpy's when its
 symbols are found, scipy's otherwise: ``nnrt.dense.BLAS_IN_USE``) through
-threadpoolctl. nnrt's own element-wise kernels are single-threaded; only the
-GEMMs use BLAS threads. The default is whatever the BLAS libraries start
-with: one thread per core unless ``OPENBLAS_NUM_THREADS``/``OMP_NUM_THREADS``
-say otherwise. On small networks (batch x width below ~10^6) one thread is
-usually fastest: idle OpenBLAS workers spin after each call and compete with
-the Python thread.
+threadpoolctl, and sets the threads of nnrt's element-wise kernels. Without it
+the default thread policy (``nnrt._parallel``; docs/performance.md "Threads")
+picks per GEMM size: one BLAS thread for small GEMMs, the BLAS's own count
+(one per core unless ``OPENBLAS_NUM_THREADS``/``OMP_NUM_THREADS`` say
+otherwise) for large ones, and splits large element-wise kernels over two
+threads. ``set_num_threads(None)`` returns to that policy.
 """
 
 from __future__ import annotations
@@ -35,16 +35,25 @@ def _blas_controller() -> Any:
     return ThreadpoolController()
 
 
-def set_num_threads(n: int) -> None:
-    """Use ``n`` threads in every loaded BLAS library (numpy's and scipy's OpenBLAS).
+def set_num_threads(n: int | None) -> None:
+    """Use ``n`` threads in every loaded BLAS library (numpy's and scipy's OpenBLAS)
+    and in nnrt's element-wise kernels (split over 2 threads when ``n >= 2``).
 
-    Applies process-wide until changed again; ``n`` must be a positive int.
-    Libraries loaded after the call (e.g. torch's) are not affected.
+    Applies process-wide until changed again; ``n`` must be a positive int, or None
+    to return to the default per-size thread policy (docs/performance.md "Threads").
+    Overrides that policy: every GEMM then runs on ``n`` BLAS threads. Libraries
+    loaded after the call (e.g. torch's) are not affected.
     """
+    from nnrt import _parallel
+
+    if n is None:
+        _parallel.set_user_threads(None)
+        return
     if isinstance(n, (bool, np.bool_)) or not isinstance(n, (int, np.integer)) or n < 1:
-        raise ValueError(f"set_num_threads: n must be a positive int, got {n!r}")
+        raise ValueError(f"set_num_threads: n must be a positive int or None, got {n!r}")
     controller = _blas_controller()
     controller.select(user_api="blas").limit(limits=int(n))
+    _parallel.set_user_threads(int(n))
 
 
 def get_num_threads() -> int:

@@ -1,0 +1,220 @@
+# cython: language_level=3
+"""Threads in nnrt: the helper thread of the element-wise kernels and the thread policy.
+
+Default policy (nothing set by the user; docs/performance.md "Threads"):
+
+* GEMMs: before each Dense GEMM, the BLAS nnrt's GEMMs run on (numpy's or scipy's
+  OpenBLAS) is set to one thread when the GEMM has fewer than ``gemm_min_macs``
+  multiply-adds (m*n*k), and to the BLAS's own thread count (one per core, or
+  ``OPENBLAS_NUM_THREADS``, or what threadpoolctl set last) otherwise: on 2 cores
+  a second BLAS thread loses on the small GEMMs of small networks.
+* element-wise kernels (sigmoid, BatchNorm's element-wise passes, softmax
+  cross-entropy, SGD/Adam updates, the bias gradient) run in two contiguous halves,
+  the second on a helper thread, when that thread count is >= 2 and the job has at
+  least the measured threshold of elements for its kind. Each output element is
+  computed by the same code as in one thread: the results are bit-identical.
+
+``nnrt.set_num_threads(n)`` overrides both: n BLAS threads for every GEMM, and the
+element-wise split on (n >= 2, still above the thresholds) or off (n = 1);
+``nnrt.set_num_threads(None)`` returns to the default policy. ``policy()`` reports
+the current choice; ``gemm_threads``/``split_threads`` what it picks for a size.
+"""
+
+import ctypes
+import glob
+import os
+
+from libc.stdint cimport uintptr_t
+
+cdef extern from "nnrt/_parallel.h" nogil:
+    ctypedef void (*nnrt_par_fn)(void* ctx, Py_ssize_t begin, Py_ssize_t end) noexcept nogil
+    int nnrt_par_run(nnrt_par_fn fn, void* ctx, Py_ssize_t n, long nchunks, Py_ssize_t align)
+    long nnrt_par_stat(int which)
+    void nnrt_par_set_spin(long spin)
+
+ctypedef void (*blas_set_t)(int) noexcept nogil
+ctypedef int (*blas_get_t)() noexcept nogil
+
+# thresholds in elements per job kind (measured: docs/performance.md "Threads")
+cdef Py_ssize_t _thr[PAR_NKINDS]
+_KINDS = {"stream": PAR_STREAM, "expf": PAR_EXPF, "exp": PAR_EXP, "adam": PAR_ADAM}
+_DEFAULT_THRESHOLDS = {"stream": 1 << 17, "expf": 1 << 15, "exp": 1 << 13, "adam": 1 << 15}
+_DEFAULT_GEMM_MIN_MACS = 16_000_000
+for _name, _v in _DEFAULT_THRESHOLDS.items():
+    _thr[<int>_KINDS[_name]] = _v
+
+cdef int _user = 0           # nnrt.set_num_threads(n): n; 0 = the default policy
+cdef int _avail = 1          # threads the default policy may use
+cdef int _initial = 1        # the BLAS's thread count when nnrt was imported
+cdef double _gemm_min = _DEFAULT_GEMM_MIN_MACS
+cdef blas_set_t _blas_set = NULL
+cdef blas_get_t _blas_get = NULL
+cdef int _blas_last = -1     # the count this policy set last (-1: none)
+cdef int _blas_ceiling = 1   # the count anyone else set last
+_blas_name = None
+
+
+cdef int par_for(int kind, par_fn fn, void* ctx, Py_ssize_t n, Py_ssize_t unit) noexcept nogil:
+    cdef int threads = _user if _user > 0 else _avail
+    cdef double elements = <double>n * <double>unit, chunk
+    cdef long nchunks
+    if threads >= 2 and n >= 2 and 0 <= kind < PAR_NKINDS and elements >= <double>_thr[kind]:
+        # chunks of about a quarter of the threshold, 2 to 16 of them
+        chunk = max(<double>_thr[kind] / 4.0, 4096.0)
+        nchunks = <long>min(16.0, max(2.0, elements / chunk))
+        if nchunks > n:
+            nchunks = <long>n
+        # element ranges start on 64-byte boundaries (16 floats)
+        if nnrt_par_run(<nnrt_par_fn>fn, ctx, n, nchunks, 16 if unit == 1 and n >= 1024 else 1):
+            return 2
+    fn(ctx, 0, n)
+    return 1
+
+
+cdef inline int _gemm_pick(double macs, int ceiling) noexcept nogil:
+    return ceiling if macs >= _gemm_min else 1
+
+
+cdef void blas_threads_for(Py_ssize_t m, Py_ssize_t n, Py_ssize_t k) noexcept nogil:
+    global _blas_last, _blas_ceiling, _avail
+    if _user != 0 or _blas_set == NULL or _blas_get == NULL:
+        return
+    cdef int cur = _blas_get()
+    if cur != _blas_last:
+        # someone else (threadpoolctl, the BLAS's own API) set it: that is the ceiling
+        _blas_ceiling = cur
+        _avail = cur
+    cdef int want = _gemm_pick(<double>m * <double>n * <double>k, _blas_ceiling)
+    if want != cur:
+        _blas_set(want)
+    _blas_last = want
+
+
+def _bind_blas(str which):
+    """Control the thread count of ``which`` ("numpy" or "scipy": the OpenBLAS copy
+    nnrt's GEMMs use); anything else leaves the BLAS alone. Returns whether bound."""
+    global _blas_set, _blas_get, _blas_last, _blas_ceiling, _avail, _initial, _blas_name
+    _blas_set = NULL
+    _blas_get = NULL
+    _blas_last = -1
+    _blas_name = None
+    found = None
+    try:
+        if which == "numpy":
+            import numpy as np
+            libdir = os.path.join(os.path.dirname(os.path.dirname(np.__file__)), "numpy.libs")
+            for path in sorted(glob.glob(os.path.join(libdir, "libscipy_openblas64_*"))):
+                lib = ctypes.CDLL(path)
+                found = (ctypes.cast(lib.scipy_openblas_set_num_threads64_, ctypes.c_void_p).value,
+                         ctypes.cast(lib.scipy_openblas_get_num_threads64_, ctypes.c_void_p).value)
+                break
+        elif which == "scipy":
+            import scipy.linalg.cython_blas  # noqa: F401  (loads scipy's OpenBLAS)
+            import scipy
+            base = os.path.dirname(os.path.dirname(scipy.__file__))
+            for path in sorted(glob.glob(os.path.join(base, "scipy.libs", "libscipy_openblas*"))):
+                lib = ctypes.CDLL(path)
+                found = (ctypes.cast(lib.scipy_openblas_set_num_threads, ctypes.c_void_p).value,
+                         ctypes.cast(lib.scipy_openblas_get_num_threads, ctypes.c_void_p).value)
+                break
+    except (OSError, AttributeError, ImportError):
+        found = None
+    if not found or not found[0] or not found[1]:
+        _avail = _cpu_count()
+        _initial = _avail
+        return False
+    _blas_set = <blas_set_t><uintptr_t>found[0]
+    _blas_get = <blas_get_t><uintptr_t>found[1]
+    _initial = max(1, _blas_get())
+    _blas_ceiling = _initial
+    _avail = _initial
+    _blas_name = which
+    return True
+
+
+def _cpu_count():
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return max(1, os.cpu_count() or 1)
+
+
+def set_user_threads(n):
+    """``nnrt.set_num_threads``'s side: ``n`` >= 1 fixes the thread count (the policy
+    then leaves the BLAS alone); None returns to the default policy (and the BLAS to
+    the thread count it had when nnrt was imported)."""
+    global _user, _blas_last, _blas_ceiling, _avail
+    if n is None:
+        _user = 0
+        if _blas_set != NULL:
+            _blas_set(_initial)
+        _blas_last = -1
+        _blas_ceiling = _initial
+        _avail = _initial
+        return
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"set_user_threads: n must be a positive int or None, got {n!r}")
+    _user = n
+
+
+def gemm_threads(m, n, k):
+    """BLAS threads the policy picks for an (m x k) @ (k x n) GEMM now (the fixed
+    count when ``nnrt.set_num_threads`` set one; None when nnrt does not control
+    the BLAS in use)."""
+    if _user:
+        return _user
+    if _blas_set == NULL:
+        return None
+    return _gemm_pick(float(m) * float(n) * float(k), _blas_ceiling)
+
+
+def split_threads(str kind, n, unit=1):
+    """Threads (1 or 2) an element-wise job of ``n`` units of ``unit`` elements
+    of ``kind`` ("stream", "expf", "exp", "adam") runs on now."""
+    cdef int k = _KINDS[kind]
+    cdef int threads = _user if _user > 0 else _avail
+    if threads >= 2 and n >= 2 and float(n) * float(unit) >= _thr[k]:
+        return 2
+    return 1
+
+
+def policy():
+    """The current thread policy, as a dict (JSON-able)."""
+    return {
+        "mode": "fixed" if _user else "auto",
+        "threads": _user if _user else _avail,
+        "blas": _blas_name,
+        "blas_ceiling": _blas_ceiling if _blas_set != NULL else None,
+        "gemm_min_macs": _gemm_min,
+        "split_min_elements": {name: int(_thr[k]) for name, k in _KINDS.items()},
+    }
+
+
+def stats():
+    """Helper-thread counters: jobs run on two threads, of which woke the helper,
+    and the chunks the helper ran."""
+    return {"jobs": int(nnrt_par_stat(0)), "wakeups": int(nnrt_par_stat(1)),
+            "started": bool(nnrt_par_stat(2)), "helper_chunks": int(nnrt_par_stat(3))}
+
+
+def _set_thresholds(gemm_min_macs=None, **split_min_elements):
+    """Change the thresholds (tests and measurements); returns the previous values."""
+    global _gemm_min
+    old = {"gemm_min_macs": _gemm_min}
+    old.update({name: int(_thr[k]) for name, k in _KINDS.items()})
+    for name, v in split_min_elements.items():
+        if name not in _KINDS:
+            raise ValueError(f"unknown job kind {name!r}; known: {', '.join(_KINDS)}")
+        _thr[<int>_KINDS[name]] = max(0, int(v))
+    if gemm_min_macs is not None:
+        _gemm_min = float(gemm_min_macs)
+    return old
+
+
+def _set_spin(long spin):
+    """Yields the helper makes after a job before it sleeps (measurements)."""
+    nnrt_par_set_spin(spin)
+
+
+if os.environ.get("NNRT_BLAS", "").lower() == "scipy" or not _bind_blas("numpy"):
+    _bind_blas("scipy")
