@@ -7,7 +7,10 @@ measured threshold of its ``kind``, ``fn(ctx, 0, mid)`` on the caller and
 ``fn(ctx, mid, n)`` on nnrt's helper thread (nnrt/_parallel.h). ``fn`` must write
 disjoint outputs for disjoint ranges; it runs without the GIL. Returns the number of
 threads used. ``blas_threads_for(m, n, k)`` applies the BLAS thread count the policy
-picks for an (m x k) @ (k x n) GEMM (call it before the GEMM, with or without the GIL).
+picks for an (m x k) @ (k x n) GEMM in a call of kind ``op`` (the caller's choice, e.g.
+0 forward, 1 backward; call it before the GEMM, with or without the GIL) and returns a
+token; ``blas_threads_done(token, seconds)`` reports how long the GEMM
+work took (``par_now()`` differences), which the policy learns from.
 """
 
 ctypedef void (*par_fn)(void* ctx, Py_ssize_t begin, Py_ssize_t end) noexcept nogil
@@ -21,4 +24,6 @@ cdef enum:
     PAR_NKINDS = 4
 
 cdef int par_for(int kind, par_fn fn, void* ctx, Py_ssize_t n, Py_ssize_t unit) noexcept nogil
-cdef void blas_threads_for(Py_ssize_t m, Py_ssize_t n, Py_ssize_t k) noexcept nogil
+cdef int blas_threads_for(Py_ssize_t m, Py_ssize_t n, Py_ssize_t k, int op) noexcept nogil
+cdef void blas_threads_done(int token, double seconds) noexcept nogil
+cdef double par_now() noexcept nogil

@@ -25,6 +25,7 @@ import glob
 import os
 
 from libc.stdint cimport uintptr_t
+from posix.time cimport CLOCK_MONOTONIC, clock_gettime, timespec
 
 cdef extern from "nnrt/_parallel.h" nogil:
     ctypedef void (*nnrt_par_fn)(void* ctx, Py_ssize_t begin, Py_ssize_t end) noexcept nogil
@@ -51,11 +52,15 @@ cdef blas_set_t _blas_set = NULL
 cdef blas_get_t _blas_get = NULL
 cdef int _blas_last = -1     # the count this policy set last (-1: none)
 cdef int _blas_ceiling = 1   # the count anyone else set last
+# the GEMM learner's latest verdict: 1 when more threads won, 0 when one did, -1 none
+# yet; the element-wise split follows it in the default policy (a second core that a
+# GEMM cannot use, e.g. busy with other processes, does not help a kernel either)
+cdef int _verdict = -1
 _blas_name = None
 
 
 cdef int par_for(int kind, par_fn fn, void* ctx, Py_ssize_t n, Py_ssize_t unit) noexcept nogil:
-    cdef int threads = _user if _user > 0 else _avail
+    cdef int threads = _user if _user > 0 else (1 if _verdict == 0 else _avail)
     cdef double elements = <double>n * <double>unit, chunk
     cdef long nchunks
     if threads >= 2 and n >= 2 and 0 <= kind < PAR_NKINDS and elements >= <double>_thr[kind]:
@@ -71,23 +76,109 @@ cdef int par_for(int kind, par_fn fn, void* ctx, Py_ssize_t n, Py_ssize_t unit) 
     return 1
 
 
-cdef inline int _gemm_pick(double macs, int ceiling) noexcept nogil:
-    return ceiling if macs >= _gemm_min else 1
+# The GEMM choice, learnt per shape: a GEMM with at least _gemm_min multiply-adds
+# runs on 1 or on the ceiling's threads, whichever has been faster for its shape
+# (m, n, k) lately: each option is tried twice first, then the faster one is used and
+# the other re-tried once after 16 calls, then 32, 64, ... up to 4096 (back to 16 when
+# the winner changes): load from other processes changes which wins (on a busy 2-core
+# machine one thread is faster at every size), and a re-try of the slow option is
+# costly there. Times are
+# exponential moving averages (weight 0.3) of the Dense call's GEMM work. Races between
+# Python threads on a slot only blur the averages (the slot index is always in range).
+DEF _NSLOTS = 64
+DEF _RETRY_MIN = 16
+DEF _RETRY_MAX = 4096
+
+ctypedef struct _Slot:
+    Py_ssize_t m, n, k
+    int op            # the caller's kind of call (Dense: 0 forward, 1 backward)
+    double t[2]       # seconds: [0] one thread, [1] the ceiling's threads
+    int cnt[2]
+    long calls
+    long retry        # calls between re-tries of the slower option
+    int best          # the option used (0 or 1)
+
+cdef _Slot _slots[_NSLOTS]
 
 
-cdef void blas_threads_for(Py_ssize_t m, Py_ssize_t n, Py_ssize_t k) noexcept nogil:
+cdef inline int _slot_of(Py_ssize_t m, Py_ssize_t n, Py_ssize_t k, int op) noexcept nogil:
+    cdef unsigned long long h = <unsigned long long>m * 1000003ULL
+    h = (h ^ <unsigned long long>n) * 1000003ULL
+    h = (h ^ <unsigned long long>k) * 1000003ULL
+    h = (h ^ <unsigned long long>op) * 1000003ULL
+    cdef int i = <int>((h >> 17) % _NSLOTS)
+    cdef _Slot* s = &_slots[i]
+    if s.m != m or s.n != n or s.k != k or s.op != op:
+        s.m = m
+        s.n = n
+        s.k = k
+        s.op = op
+        s.t[0] = s.t[1] = 0
+        s.cnt[0] = s.cnt[1] = 0
+        s.calls = 0
+        s.retry = _RETRY_MIN
+        s.best = 0
+    return i
+
+
+cdef inline int _choose(_Slot* s) noexcept nogil:
+    # 0: one thread, 1: the ceiling's
+    s.calls += 1
+    if s.cnt[0] < 2 or s.cnt[1] < 2:
+        return 0 if s.cnt[0] <= s.cnt[1] else 1
+    global _verdict
+    cdef int best = 0 if s.t[0] <= s.t[1] else 1
+    _verdict = best
+    if best != s.best:
+        s.best = best
+        s.retry = _RETRY_MIN  # the winner changed: watch more closely
+    if s.calls >= s.retry:
+        # re-try the slower option; the next re-try comes twice as late
+        s.calls = 0
+        if s.retry < _RETRY_MAX:
+            s.retry *= 2
+        return 1 - best
+    return best
+
+
+cdef int blas_threads_for(Py_ssize_t m, Py_ssize_t n, Py_ssize_t k, int op) noexcept nogil:
     global _blas_last, _blas_ceiling, _avail
     if _user != 0 or _blas_set == NULL or _blas_get == NULL:
-        return
+        return -1
     cdef int cur = _blas_get()
     if cur != _blas_last:
         # someone else (threadpoolctl, the BLAS's own API) set it: that is the ceiling
         _blas_ceiling = cur
         _avail = cur
-    cdef int want = _gemm_pick(<double>m * <double>n * <double>k, _blas_ceiling)
+    cdef int want = 1, token = -1, i, c
+    if _blas_ceiling > 1 and <double>m * <double>n * <double>k >= _gemm_min:
+        i = _slot_of(m, n, k, op)
+        c = _choose(&_slots[i])
+        want = _blas_ceiling if c else 1
+        token = 2 * i + c
     if want != cur:
         _blas_set(want)
     _blas_last = want
+    return token
+
+
+cdef void blas_threads_done(int token, double seconds) noexcept nogil:
+    if token < 0 or token >= 2 * _NSLOTS:
+        return
+    cdef _Slot* s = &_slots[token // 2]
+    cdef int c = token % 2
+    if s.cnt[c] == 0:
+        s.t[c] = seconds
+    else:
+        s.t[c] = 0.7 * s.t[c] + 0.3 * seconds
+    if s.cnt[c] < 1000000:
+        s.cnt[c] += 1
+
+
+cdef double par_now() noexcept nogil:
+    cdef timespec ts
+    clock_gettime(CLOCK_MONOTONIC, &ts)
+    return <double>ts.tv_sec + 1e-9 * <double>ts.tv_nsec
 
 
 def _bind_blas(str which):
@@ -157,22 +248,74 @@ def set_user_threads(n):
     _user = n
 
 
-def gemm_threads(m, n, k):
-    """BLAS threads the policy picks for an (m x k) @ (k x n) GEMM now (the fixed
-    count when ``nnrt.set_num_threads`` set one; None when nnrt does not control
-    the BLAS in use)."""
+def gemm_threads(m, n, k, op=0):
+    """BLAS threads the policy would pick for the next (m x k) @ (k x n) GEMM (the
+    fixed count when ``nnrt.set_num_threads`` set one; None when nnrt does not
+    control the BLAS in use). Does not count as a call."""
     if _user:
         return _user
     if _blas_set == NULL:
         return None
-    return _gemm_pick(float(m) * float(n) * float(k), _blas_ceiling)
+    if _blas_ceiling <= 1 or float(m) * float(n) * float(k) < _gemm_min:
+        return 1
+    cdef _Slot* s = &_slots[_slot_of(m, n, k, op)]
+    cdef _Slot saved = s[0]
+    cdef int c = _choose(s)  # this is only a question: leave the slot as it was
+    s[0] = saved
+    return _blas_ceiling if c else 1
+
+
+def _gemm_next(m, n, k, op=0, seconds=None):
+    """The choice for the next call of a shape, counted as a call, and ``seconds``
+    recorded as its time when given (tests of the policy's logic); the BLAS is not
+    touched."""
+    if _blas_ceiling <= 1 or float(m) * float(n) * float(k) < _gemm_min:
+        return 1
+    cdef int i = _slot_of(m, n, k, op)
+    cdef int c = _choose(&_slots[i])
+    if seconds is not None:
+        blas_threads_done(2 * i + c, seconds)
+    return _blas_ceiling if c else 1
+
+
+def _gemm_learn(m, n, k, double one, double many, op=0):
+    """Record one timing of each option for a shape (tests of the policy's logic)."""
+    cdef int i = _slot_of(m, n, k, op)
+    blas_threads_done(2 * i, one)
+    blas_threads_done(2 * i + 1, many)
+
+
+def _gemm_table():
+    """The learnt GEMM choices: one dict per shape seen (m, n, k, seconds per option)."""
+    out = []
+    cdef int i
+    for i in range(_NSLOTS):
+        if _slots[i].cnt[0] or _slots[i].cnt[1]:
+            out.append({"m": _slots[i].m, "n": _slots[i].n, "k": _slots[i].k,
+                        "op": _slots[i].op,
+                        "t1": _slots[i].t[0], "t_many": _slots[i].t[1],
+                        "samples": (_slots[i].cnt[0], _slots[i].cnt[1])})
+    return out
+
+
+def _gemm_forget():
+    """Forget every learnt GEMM choice."""
+    global _verdict
+    _verdict = -1
+    cdef int i
+    for i in range(_NSLOTS):
+        _slots[i].m = _slots[i].n = _slots[i].k = 0
+        _slots[i].op = 0
+        _slots[i].cnt[0] = _slots[i].cnt[1] = 0
+        _slots[i].t[0] = _slots[i].t[1] = 0
+        _slots[i].calls = 0
 
 
 def split_threads(str kind, n, unit=1):
     """Threads (1 or 2) an element-wise job of ``n`` units of ``unit`` elements
     of ``kind`` ("stream", "expf", "exp", "adam") runs on now."""
     cdef int k = _KINDS[kind]
-    cdef int threads = _user if _user > 0 else _avail
+    cdef int threads = _user if _user > 0 else (1 if _verdict == 0 else _avail)
     if threads >= 2 and n >= 2 and float(n) * float(unit) >= _thr[k]:
         return 2
     return 1
@@ -186,6 +329,7 @@ def policy():
         "blas": _blas_name,
         "blas_ceiling": _blas_ceiling if _blas_set != NULL else None,
         "gemm_min_macs": _gemm_min,
+        "gemm_verdict": {-1: None, 0: "one thread", 1: "more threads"}[_verdict],
         "split_min_elements": {name: int(_thr[k]) for name, k in _KINDS.items()},
     }
 

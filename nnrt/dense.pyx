@@ -21,7 +21,8 @@ from cython cimport floating
 
 from nnrt.blas cimport gemm_rm as _scipy_gemm_rm
 from libc.stdint cimport int64_t, uintptr_t
-from nnrt._parallel cimport PAR_STREAM, blas_threads_for, par_fn, par_for
+from nnrt._parallel cimport (PAR_STREAM, blas_threads_done, blas_threads_for, par_fn, par_for,
+                             par_now)
 from nnrt.layer cimport (LAYER_BUILT, LAYER_FROZEN, Layer, cache_input, check_array, check_self,
                          grad_as, overlaps, reuse_buffer, unaliased)
 
@@ -317,7 +318,9 @@ cdef class Dense(Layer):
         check_array(self, Xa, "input", rows, n_in, t, False)
         check_array(self, Y, "output buffer", rows, n_out, t, True)
         cdef bint use_bias = self.use_bias
-        blas_threads_for(rows, n_out, n_in)  # the thread policy (nnrt._parallel)
+        # the thread policy (nnrt._parallel) picks the BLAS threads and learns the time
+        cdef int policy = blas_threads_for(rows, n_out, n_in, 0)
+        cdef double t0 = par_now()
         if t == cnp.NPY_FLOAT32:
             with nogil:
                 dense_forward(<float*>cnp.PyArray_DATA(Xa), <float*>cnp.PyArray_DATA(W),
@@ -328,6 +331,7 @@ cdef class Dense(Layer):
                 dense_forward(<double*>cnp.PyArray_DATA(Xa), <double*>cnp.PyArray_DATA(W),
                               <double*>cnp.PyArray_DATA(b), <double*>cnp.PyArray_DATA(Y),
                               rows, n_in, n_out, use_bias)
+        blas_threads_done(policy, par_now() - t0)
         return Y
 
     cdef object _backward(self, object dY, bint input_grad):
@@ -356,7 +360,9 @@ cdef class Dense(Layer):
         if input_grad:
             check_array(self, dX, "input-gradient buffer", rows, n_in, t, True)
         cdef bint use_bias = self.use_bias
-        blas_threads_for(n_in, n_out, rows)  # the thread policy (nnrt._parallel)
+        # the thread policy (nnrt._parallel) picks the BLAS threads and learns the time
+        cdef int policy = blas_threads_for(n_in, n_out, rows, 1)
+        cdef double t0 = par_now()
         if t == cnp.NPY_FLOAT32:
             with nogil:
                 dense_backward(<float*>cnp.PyArray_DATA(X), <float*>cnp.PyArray_DATA(W),
@@ -371,6 +377,7 @@ cdef class Dense(Layer):
                                <double*>cnp.PyArray_DATA(dX) if input_grad else NULL,
                                <double*>cnp.PyArray_DATA(dW), <double*>cnp.PyArray_DATA(db),
                                rows, n_in, n_out, use_bias)
+        blas_threads_done(policy, par_now() - t0)
         return dX
 
     cpdef object backward(self, object dY):

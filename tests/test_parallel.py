@@ -276,32 +276,70 @@ def test_policy_reports_auto_and_fixed() -> None:
     assert _parallel.policy()["mode"] == "auto"
 
 
-def test_auto_policy_picks_by_size() -> None:
+def _auto_policy() -> dict[str, Any]:
     pol = _parallel.policy()
     if pol["blas"] is None:
         pytest.skip("nnrt does not control this BLAS's threads")
+    if pol["blas_ceiling"] < 2:
+        pytest.skip("the BLAS runs one thread (OPENBLAS_NUM_THREADS=1 or one core)")
+    return pol
+
+
+def test_auto_policy_small_gemms_one_thread_large_ones_learnt() -> None:
+    pol = _auto_policy()
     ceiling = pol["blas_ceiling"]
+    _parallel._gemm_forget()
     gmin = pol["gemm_min_macs"]
+    side = int(np.ceil(gmin ** (1 / 3)))
+    # below the size threshold: one thread, never tried with more
     assert _parallel.gemm_threads(1, 1, 1) == 1
     assert _parallel.gemm_threads(32, 64, 64) == 1  # the tiny benchmark net
-    assert _parallel.gemm_threads(1024, 1024, 1024) == ceiling  # the large one
-    side = int(np.ceil(gmin ** (1 / 3)))
-    assert _parallel.gemm_threads(side, side, side) == ceiling
     assert _parallel.gemm_threads(side - 2, side - 2, side - 2) == 1
-    for kind, t in pol["split_min_elements"].items():
-        assert _parallel.split_threads(kind, t - 1) == 1
-        assert _parallel.split_threads(kind, t // 4 + 1, 4) == (2 if ceiling >= 2 else 1)
+    # above it: each option is tried twice, one thread first
+    tried = [_parallel._gemm_next(side, side, side, seconds=1.0) for _ in range(4)]
+    assert tried == [1, ceiling] * 2
+    assert _parallel.gemm_threads(1024, 1024, 1024) == 1  # a new shape starts at 1
+    # more threads measured faster: used, and the element-wise split is on
+    _parallel._gemm_learn(1024, 1024, 1024, one=2.0, many=1.0)
+    _parallel._gemm_learn(1024, 1024, 1024, one=2.0, many=1.0)
+    assert _parallel.gemm_threads(1024, 1024, 1024) == ceiling
+    assert _parallel.gemm_threads(1024, 1024, 1024, op=1) == 1  # another kind of call
+    assert _parallel.policy()["gemm_verdict"] == "more threads"
+    t = pol["split_min_elements"]["stream"]
+    assert _parallel.split_threads("stream", t) == 2
+    assert _parallel.split_threads("stream", t - 1) == 1
+    assert _parallel.split_threads("stream", t // 4 + 1, 4) == 2
+    # one thread measured faster (e.g. the other core is busy): GEMMs and kernels follow
+    for _ in range(4):
+        _parallel._gemm_learn(1024, 1024, 1024, one=0.5, many=3.0)
+    assert _parallel.gemm_threads(1024, 1024, 1024) == 1
+    assert _parallel.policy()["gemm_verdict"] == "one thread"
+    assert _parallel.split_threads("stream", 10**9) == 1
+    table = _parallel._gemm_table()
+    assert any(r["m"] == 1024 and r["samples"][0] >= 6 for r in table)
+
+
+def test_auto_policy_retries_the_slower_option_less_and_less_often() -> None:
+    ceiling = _auto_policy()["blas_ceiling"]
+    _parallel._gemm_forget()
+    _parallel._set_thresholds(gemm_min_macs=1)
+    for _ in range(2):
+        _parallel._gemm_learn(64, 64, 64, one=1.0, many=2.0)
+    picks = [_parallel._gemm_next(64, 64, 64) for _ in range(16 + 32 + 64)]
+    retries = [i for i, p in enumerate(picks) if p == ceiling]
+    assert retries == [15, 15 + 32, 15 + 32 + 64]
 
 
 def test_auto_policy_sets_blas_threads_per_gemm_and_follows_threadpoolctl() -> None:
-    pol = _parallel.policy()
-    if pol["blas"] is None:
-        pytest.skip("nnrt does not control this BLAS's threads")
+    _auto_policy()
+    _parallel._gemm_forget()
     small = nnrt.layer("dense", 8, 8)
     big = nnrt.layer("dense", 512, 512)
     Xs = np.ones((4, 8))
     Xb = np.ones((256, 512))
     _parallel._set_thresholds(gemm_min_macs=1_000_000)
+    for _ in range(2):  # more threads "measured" faster for the big forward GEMM
+        _parallel._gemm_learn(256, 512, 512, one=1.0, many=1e-9)
     with threadpool_limits(2, user_api="blas"):
         big.forward(Xb)
         assert _parallel.policy()["blas_ceiling"] == 2
