@@ -5,7 +5,7 @@ Each entry point takes plain ndarrays, checks in C that they are what the
 kernel expects (dtype, contiguity, shapes) and returns ``None`` when they are
 not, so the caller falls back to its numpy implementation, which raises the
 proper, descriptive errors. No memoryviews (their set-up costs ~1 µs a call);
-raw pointers from ``PyArray_DATA``; kernels are single-threaded.
+raw pointers from ``PyArray_DATA``; large jobs run on two threads (nnrt._parallel).
 """
 
 import numpy as np

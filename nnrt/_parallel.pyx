@@ -36,10 +36,11 @@ cdef extern from "nnrt/_parallel.h" nogil:
 ctypedef void (*blas_set_t)(int) noexcept nogil
 ctypedef int (*blas_get_t)() noexcept nogil
 
-# thresholds in elements per job kind (measured: docs/performance.md "Threads")
+# thresholds in elements per job kind: about 10-45 us of 1-thread work at the per-element
+# costs measured on AMD EPYC (Zen, AVX2): docs/performance.md "Threads"
 cdef Py_ssize_t _thr[PAR_NKINDS]
 _KINDS = {"stream": PAR_STREAM, "expf": PAR_EXPF, "exp": PAR_EXP, "adam": PAR_ADAM}
-_DEFAULT_THRESHOLDS = {"stream": 1 << 17, "expf": 1 << 15, "exp": 1 << 13, "adam": 1 << 15}
+_DEFAULT_THRESHOLDS = {"stream": 1 << 17, "expf": 1 << 16, "exp": 1 << 13, "adam": 1 << 17}
 _DEFAULT_GEMM_MIN_MACS = 16_000_000
 for _name, _v in _DEFAULT_THRESHOLDS.items():
     _thr[<int>_KINDS[_name]] = _v
@@ -79,8 +80,9 @@ cdef int par_for(int kind, par_fn fn, void* ctx, Py_ssize_t n, Py_ssize_t unit) 
 # The GEMM choice, learnt per shape: a GEMM with at least _gemm_min multiply-adds
 # runs on 1 or on the ceiling's threads, whichever has been faster for its shape
 # (m, n, k) lately: each option is tried twice first, then the faster one is used and
-# the other re-tried once after 16 calls, then 32, 64, ... up to 4096 (back to 16 when
-# the winner changes): load from other processes changes which wins (on a busy 2-core
+# the other re-tried once after 16 calls, then 32, 64, ... up to 4096 (8 times later
+# instead of twice when it was more than twice as slow; back to 16 when the winner
+# changes): load from other processes changes which wins (on a busy 2-core
 # machine one thread is faster at every size), and a re-try of the slow option is
 # costly there. Times are
 # exponential moving averages (weight 0.3) of the Dense call's GEMM work. Races between
@@ -133,10 +135,13 @@ cdef inline int _choose(_Slot* s) noexcept nogil:
         s.best = best
         s.retry = _RETRY_MIN  # the winner changed: watch more closely
     if s.calls >= s.retry:
-        # re-try the slower option; the next re-try comes twice as late
+        # re-try the slower option; the next re-try comes twice as late (8 times when
+        # it was more than twice as slow: a re-try costs that much)
         s.calls = 0
         if s.retry < _RETRY_MAX:
-            s.retry *= 2
+            s.retry *= 8 if s.t[1 - best] > 2.0 * s.t[best] else 2
+            if s.retry > _RETRY_MAX:
+                s.retry = _RETRY_MAX
         return 1 - best
     return best
 

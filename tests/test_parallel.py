@@ -324,10 +324,16 @@ def test_auto_policy_retries_the_slower_option_less_and_less_often() -> None:
     _parallel._gemm_forget()
     _parallel._set_thresholds(gemm_min_macs=1)
     for _ in range(2):
-        _parallel._gemm_learn(64, 64, 64, one=1.0, many=2.0)
+        _parallel._gemm_learn(64, 64, 64, one=1.0, many=1.5)
     picks = [_parallel._gemm_next(64, 64, 64) for _ in range(16 + 32 + 64)]
     retries = [i for i, p in enumerate(picks) if p == ceiling]
     assert retries == [15, 15 + 32, 15 + 32 + 64]
+    # much slower (> 2x): the interval grows 8-fold
+    for _ in range(2):
+        _parallel._gemm_learn(96, 96, 96, one=1.0, many=5.0)
+    picks = [_parallel._gemm_next(96, 96, 96) for _ in range(16 + 128 + 1024)]
+    retries = [i for i, p in enumerate(picks) if p == ceiling]
+    assert retries == [15, 15 + 128, 15 + 128 + 1024]
 
 
 def test_auto_policy_sets_blas_threads_per_gemm_and_follows_threadpoolctl() -> None:
