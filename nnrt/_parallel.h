@@ -28,6 +28,24 @@
 
 typedef void (*nnrt_par_fn)(void *ctx, ptrdiff_t begin, ptrdiff_t end);
 
+/* monotonic seconds (the GEMM thread policy times the Dense calls with it) */
+#if defined(_WIN32)
+#include <windows.h>
+static double nnrt_par_now(void) {
+    LARGE_INTEGER f, c;
+    QueryPerformanceFrequency(&f);
+    QueryPerformanceCounter(&c);
+    return (double)c.QuadPart / (double)f.QuadPart;
+}
+#else
+#include <time.h>
+static double nnrt_par_now(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
+}
+#endif
+
 #if defined(_WIN32)
 /* no helper thread on Windows (yet): every job runs on the caller */
 static int nnrt_par_run(nnrt_par_fn fn, void *ctx, ptrdiff_t n, long nchunks,

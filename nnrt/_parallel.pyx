@@ -25,12 +25,12 @@ import glob
 import os
 
 from libc.stdint cimport uintptr_t
-from posix.time cimport CLOCK_MONOTONIC, clock_gettime, timespec
 
 cdef extern from "nnrt/_parallel.h" nogil:
     ctypedef void (*nnrt_par_fn)(void* ctx, Py_ssize_t begin, Py_ssize_t end) noexcept nogil
     int nnrt_par_run(nnrt_par_fn fn, void* ctx, Py_ssize_t n, long nchunks, Py_ssize_t align)
     long nnrt_par_stat(int which)
+    double nnrt_par_now()
     void nnrt_par_set_spin(long spin)
 
 ctypedef void (*blas_set_t)(int) noexcept nogil
@@ -87,9 +87,10 @@ cdef int par_for(int kind, par_fn fn, void* ctx, Py_ssize_t n, Py_ssize_t unit) 
 # costly there. Times are
 # exponential moving averages (weight 0.3) of the Dense call's GEMM work. Races between
 # Python threads on a slot only blur the averages (the slot index is always in range).
-DEF _NSLOTS = 64
-DEF _RETRY_MIN = 16
-DEF _RETRY_MAX = 4096
+cdef enum:
+    _NSLOTS = 64
+    _RETRY_MIN = 16
+    _RETRY_MAX = 4096
 
 ctypedef struct _Slot:
     Py_ssize_t m, n, k
@@ -181,9 +182,7 @@ cdef void blas_threads_done(int token, double seconds) noexcept nogil:
 
 
 cdef double par_now() noexcept nogil:
-    cdef timespec ts
-    clock_gettime(CLOCK_MONOTONIC, &ts)
-    return <double>ts.tv_sec + 1e-9 * <double>ts.tv_nsec
+    return nnrt_par_now()
 
 
 def _bind_blas(str which):

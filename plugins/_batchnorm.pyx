@@ -128,8 +128,10 @@ cdef void _affine_d(void* ctx, Py_ssize_t lo, Py_ssize_t hi) noexcept nogil:
 cdef void _dx_f(void* ctx, Py_ssize_t lo, Py_ssize_t hi) noexcept nogil:
     cdef _RowJob* j = <_RowJob*>ctx
     cdef Py_ssize_t o = lo * j.f
-    nnrt_bn_bwd_dx_f(<const float*>j.x + o, <const float*>j.dy + o,
-                     NULL if j.s == NULL else <const float*>j.s + o, <float*>j.out + o,
+    cdef const float* s = NULL
+    if j.s != NULL:
+        s = <const float*>j.s + o
+    nnrt_bn_bwd_dx_f(<const float*>j.x + o, <const float*>j.dy + o, s, <float*>j.out + o,
                      <const float*>j.center, <const float*>j.p1, <const float*>j.p2,
                      <const float*>j.p3, hi - lo, j.f)
 
@@ -137,8 +139,10 @@ cdef void _dx_f(void* ctx, Py_ssize_t lo, Py_ssize_t hi) noexcept nogil:
 cdef void _dx_d(void* ctx, Py_ssize_t lo, Py_ssize_t hi) noexcept nogil:
     cdef _RowJob* j = <_RowJob*>ctx
     cdef Py_ssize_t o = lo * j.f
-    nnrt_bn_bwd_dx_d(<const double*>j.x + o, <const double*>j.dy + o,
-                     NULL if j.s == NULL else <const double*>j.s + o, <double*>j.out + o,
+    cdef const double* s = NULL
+    if j.s != NULL:
+        s = <const double*>j.s + o
+    nnrt_bn_bwd_dx_d(<const double*>j.x + o, <const double*>j.dy + o, s, <double*>j.out + o,
                      <const double*>j.center, <const double*>j.p1, <const double*>j.p2,
                      <const double*>j.p3, hi - lo, j.f)
 
