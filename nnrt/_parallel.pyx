@@ -79,7 +79,9 @@ cdef int par_for(int kind, par_fn fn, void* ctx, Py_ssize_t n, Py_ssize_t unit) 
 
 # The GEMM choice, learnt per shape: a GEMM with at least _gemm_min multiply-adds
 # runs on 1 or on the ceiling's threads, whichever has been faster for its shape
-# (m, n, k) lately: each option is tried twice first, then the faster one is used and
+# (m, n, k) lately: each option is tried twice first (once when the first times differ
+# more than twice; the first re-try then comes after 128 calls), then the faster one is
+# used and
 # the other re-tried once after 16 calls, then 32, 64, ... up to 4096 (8 times later
 # instead of twice when it was more than twice as slow; back to 16 when the winner
 # changes): load from other processes changes which wins (on a busy 2-core
@@ -127,8 +129,14 @@ cdef inline int _slot_of(Py_ssize_t m, Py_ssize_t n, Py_ssize_t k, int op) noexc
 cdef inline int _choose(_Slot* s) noexcept nogil:
     # 0: one thread, 1: the ceiling's
     s.calls += 1
+    cdef bint lopsided = s.t[0] > 2.0 * s.t[1] or s.t[1] > 2.0 * s.t[0]
     if s.cnt[0] < 2 or s.cnt[1] < 2:
-        return 0 if s.cnt[0] <= s.cnt[1] else 1
+        # two samples of each, unless the first ones differ more than twice: then a
+        # second sample of the slow option is not worth its cost
+        if s.cnt[0] < 1 or s.cnt[1] < 1 or not lopsided:
+            return 0 if s.cnt[0] <= s.cnt[1] else 1
+        s.cnt[0] = s.cnt[1] = 2  # exploration over
+        s.retry = _RETRY_MIN * 8
     global _verdict
     cdef int best = 0 if s.t[0] <= s.t[1] else 1
     _verdict = best

@@ -334,6 +334,13 @@ def test_auto_policy_retries_the_slower_option_less_and_less_often() -> None:
     picks = [_parallel._gemm_next(96, 96, 96) for _ in range(16 + 128 + 1024)]
     retries = [i for i, p in enumerate(picks) if p == ceiling]
     assert retries == [15, 15 + 128, 15 + 128 + 1024]
+    # a first sample of each that differs more than twice: no second sample of the
+    # slow option during exploration, the first re-try after 128 calls
+    _parallel._gemm_forget()
+    _parallel._gemm_learn(80, 80, 80, one=1.0, many=5.0)
+    picks = [_parallel._gemm_next(80, 80, 80) for _ in range(128 + 1024)]
+    retries = [i for i, p in enumerate(picks) if p == ceiling]
+    assert retries == [127, 127 + 1024]
 
 
 def test_auto_policy_sets_blas_threads_per_gemm_and_follows_threadpoolctl() -> None:
