@@ -108,13 +108,16 @@ if not os.path.exists(os.path.join("nnrt", "_build_info.py")):
     write_build_info(os.path.join("nnrt", "_build_info.py"))
 
 
-def ext(name: str, source: str) -> Extension:
+def ext(name: str, source: str, threads: bool = False) -> Extension:
+    # threads: the module runs a helper pthread (nnrt/_parallel.h)
+    pthread = ["-pthread"] if threads and sys.platform != "win32" else []
     return Extension(
         name,
         [source],
         include_dirs=[np.get_include(), "."],
         define_macros=macros,
-        extra_compile_args=compile_args,
+        extra_compile_args=compile_args + pthread,
+        extra_link_args=pthread,
     )
 
 
@@ -122,6 +125,7 @@ extensions = [
     # core
     ext("nnrt.layer", "nnrt/layer.pyx"),
     ext("nnrt._blas", "nnrt/_blas.pyx"),
+    ext("nnrt._parallel", "nnrt/_parallel.pyx", threads=True),
     ext("nnrt.dense", "nnrt/dense.pyx"),
     ext("nnrt._kernels", "nnrt/_kernels.pyx"),
     ext("nnrt._engine", "nnrt/_engine.pyx"),

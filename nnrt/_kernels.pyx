@@ -5,7 +5,7 @@ Each entry point takes plain ndarrays, checks in C that they are what the
 kernel expects (dtype, contiguity, shapes) and returns ``None`` when they are
 not, so the caller falls back to its numpy implementation, which raises the
 proper, descriptive errors. No memoryviews (their set-up costs ~1 µs a call);
-raw pointers from ``PyArray_DATA``; kernels are single-threaded.
+raw pointers from ``PyArray_DATA``; large jobs run on two threads (nnrt._parallel).
 """
 
 import numpy as np
@@ -13,6 +13,8 @@ cimport numpy as cnp
 from libc.math cimport exp, log, sqrt
 
 from cython cimport floating
+
+from nnrt._parallel cimport PAR_ADAM, PAR_EXP, PAR_STREAM, par_fn, par_for
 
 cnp.import_array()
 
@@ -27,20 +29,19 @@ cdef inline bint _plain(object a, int ndim) noexcept:
 
 
 # ------------------------------------------------------- softmax cross-entropy
-cdef Py_ssize_t softmax_ce_kernel(const floating* x, const cnp.int64_t* y, floating* dY,
-                                  Py_ssize_t n, Py_ssize_t c, double* loss) noexcept nogil:
-    # l_i = logsumexp(x_i) - x_i[y_i];  dY = (softmax(x) - onehot(y)) / n
+cdef void softmax_ce_rows(const floating* x, const cnp.int64_t* y, floating* dY,
+                          double* row_loss, Py_ssize_t lo, Py_ssize_t hi, Py_ssize_t c,
+                          double inv_n) noexcept nogil:
+    # rows lo..hi-1: l_i = logsumexp(x_i) - x_i[y_i];  dY = (softmax(x) - onehot(y)) / n
     # Computed in float64 per row (shifted by the row max), written in the dtype.
-    # Returns the index of the first out-of-range label, or -1.
+    # Labels are in range (checked by the caller).
     cdef Py_ssize_t i, j
     cdef const floating* xr
     cdef floating* dr
-    cdef double m, s, e, inv_n = 1.0 / n, total = 0
+    cdef double m, s, e
     cdef cnp.int64_t label
-    for i in range(n):
+    for i in range(lo, hi):
         label = y[i]
-        if label < 0 or label >= c:
-            return i
         xr = &x[i * c]
         dr = &dY[i * c]
         m = xr[0]
@@ -53,13 +54,30 @@ cdef Py_ssize_t softmax_ce_kernel(const floating* x, const cnp.int64_t* y, float
             e = exp(xr[j] - m)
             s += e
             dr[j] = <floating>e
-        total += log(s) - (xr[label] - m)
+        row_loss[i] = log(s) - (xr[label] - m)
         s = inv_n / s
         for j in range(c):
             dr[j] = <floating>(dr[j] * s)
         dr[label] = <floating>(dr[label] - inv_n)
-    loss[0] = total * inv_n
-    return -1
+
+
+ctypedef struct _CEJob:
+    const void* x
+    const cnp.int64_t* y
+    void* dY
+    double* row_loss
+    Py_ssize_t c
+    double inv_n
+
+
+cdef void _ce_f(void* ctx, Py_ssize_t lo, Py_ssize_t hi) noexcept nogil:
+    cdef _CEJob* j = <_CEJob*>ctx
+    softmax_ce_rows(<const float*>j.x, j.y, <float*>j.dY, j.row_loss, lo, hi, j.c, j.inv_n)
+
+
+cdef void _ce_d(void* ctx, Py_ssize_t lo, Py_ssize_t hi) noexcept nogil:
+    cdef _CEJob* j = <_CEJob*>ctx
+    softmax_ce_rows(<const double*>j.x, j.y, <double*>j.dY, j.row_loss, lo, hi, j.c, j.inv_n)
 
 
 def softmax_cross_entropy(object logits, object labels):
@@ -80,21 +98,30 @@ def softmax_cross_entropy(object logits, object labels):
     cdef Py_ssize_t n = cnp.PyArray_DIM(x, 0), c = cnp.PyArray_DIM(x, 1)
     if n == 0 or c == 0 or cnp.PyArray_DIM(y, 0) != n:
         return None
+    cdef const cnp.int64_t* yp = <const cnp.int64_t*>cnp.PyArray_DATA(y)
+    cdef Py_ssize_t i
+    for i in range(n):
+        if yp[i] < 0 or yp[i] >= c:
+            return None
     cdef cnp.ndarray dY = cnp.PyArray_EMPTY(2, cnp.PyArray_DIMS(x), t, 0)
-    cdef double loss = 0
-    cdef Py_ssize_t bad
-    if t == cnp.NPY_FLOAT32:
-        with nogil:
-            bad = softmax_ce_kernel(<float*>cnp.PyArray_DATA(x), <cnp.int64_t*>cnp.PyArray_DATA(y),
-                                    <float*>cnp.PyArray_DATA(dY), n, c, &loss)
-    else:
-        with nogil:
-            bad = softmax_ce_kernel(<double*>cnp.PyArray_DATA(x),
-                                    <cnp.int64_t*>cnp.PyArray_DATA(y),
-                                    <double*>cnp.PyArray_DATA(dY), n, c, &loss)
-    if bad >= 0:
-        return None
-    return loss, dY
+    # per-row losses, summed in row order afterwards: the same sum whether the rows
+    # ran on one thread or two (nnrt._parallel)
+    cdef cnp.npy_intp nn = n
+    cdef cnp.ndarray rows = cnp.PyArray_EMPTY(1, &nn, cnp.NPY_FLOAT64, 0)
+    cdef double* rl = <double*>cnp.PyArray_DATA(rows)
+    cdef double total = 0
+    cdef _CEJob job
+    job.x = cnp.PyArray_DATA(x)
+    job.y = yp
+    job.dY = cnp.PyArray_DATA(dY)
+    job.row_loss = rl
+    job.c = c
+    job.inv_n = 1.0 / n
+    with nogil:
+        par_for(PAR_EXP, <par_fn>(_ce_f if t == cnp.NPY_FLOAT32 else _ce_d), &job, n, c)
+        for i in range(n):
+            total += rl[i]
+    return total * job.inv_n, dY
 
 
 # ------------------------------------------------------------------------ SGD
@@ -106,6 +133,29 @@ cdef extern from "nnrt/_vmath.h" nogil:
     void nnrt_sgd_d(double* p, const double* g, double* buf, Py_ssize_t n, double lr,
                     double momentum, double one_minus_dampening, double wd, int nesterov,
                     int fresh)
+
+
+# element ranges of one parameter's update for nnrt._parallel.par_for
+ctypedef struct _SGDJob:
+    void* p
+    const void* g
+    void* buf
+    double lr, momentum, omd, wd
+    int nesterov, fresh
+
+
+cdef void _sgd_f(void* ctx, Py_ssize_t lo, Py_ssize_t hi) noexcept nogil:
+    cdef _SGDJob* j = <_SGDJob*>ctx
+    nnrt_sgd_f(<float*>j.p + lo, <const float*>j.g + lo,
+               NULL if j.buf == NULL else <float*>j.buf + lo, hi - lo, <float>j.lr,
+               <float>j.momentum, <float>j.omd, <float>j.wd, j.nesterov, j.fresh)
+
+
+cdef void _sgd_d(void* ctx, Py_ssize_t lo, Py_ssize_t hi) noexcept nogil:
+    cdef _SGDJob* j = <_SGDJob*>ctx
+    nnrt_sgd_d(<double*>j.p + lo, <const double*>j.g + lo,
+               NULL if j.buf == NULL else <double*>j.buf + lo, hi - lo, j.lr, j.momentum,
+               j.omd, j.wd, j.nesterov, j.fresh)
 
 
 def sgd_step(list params, list grads, object bufs, double lr, double momentum,
@@ -146,28 +196,28 @@ def sgd_step(list params, list grads, object bufs, double lr, double momentum,
             b = <cnp.ndarray>bufs[k]
             if cnp.PyArray_TYPE(b) != t or cnp.PyArray_SIZE(b) != cnp.PyArray_SIZE(p):
                 return False
-    cdef void* bp
-    cdef bint fr
     cdef Py_ssize_t n
+    cdef _SGDJob job
+    # the scalars as the kernels always took them (float32 kernels round each to float)
+    job.lr = lr
+    job.momentum = momentum
+    job.omd = 1.0 - dampening
+    job.wd = weight_decay
+    job.nesterov = nesterov
     for k in range(m):
         p = <cnp.ndarray>params[k]
         g = <cnp.ndarray>grads[k]
         n = cnp.PyArray_SIZE(p)
-        bp = NULL
-        fr = False
+        job.p = cnp.PyArray_DATA(p)
+        job.g = cnp.PyArray_DATA(g)
+        job.buf = NULL
+        job.fresh = False
         if bufs is not None:
-            bp = cnp.PyArray_DATA(<cnp.ndarray>bufs[k])
-            fr = fresh[k] is True
-        if cnp.PyArray_TYPE(p) == cnp.NPY_FLOAT32:
-            with nogil:
-                nnrt_sgd_f(<float*>cnp.PyArray_DATA(p), <float*>cnp.PyArray_DATA(g),
-                           <float*>bp, n, <float>lr, <float>momentum, <float>(1.0 - dampening),
-                           <float>weight_decay, nesterov, fr)
-        else:
-            with nogil:
-                nnrt_sgd_d(<double*>cnp.PyArray_DATA(p), <double*>cnp.PyArray_DATA(g),
-                           <double*>bp, n, lr, momentum, 1.0 - dampening, weight_decay,
-                           nesterov, fr)
+            job.buf = cnp.PyArray_DATA(<cnp.ndarray>bufs[k])
+            job.fresh = fresh[k] is True
+        with nogil:
+            par_for(PAR_STREAM, <par_fn>(_sgd_f if cnp.PyArray_TYPE(p) == cnp.NPY_FLOAT32
+                                         else _sgd_d), &job, n, 1)
     return True
 
 
@@ -189,6 +239,30 @@ cdef inline bint _same(object a, cnp.ndarray p) noexcept:
     return (type(a) is np.ndarray and _plain(a, cnp.PyArray_NDIM(<cnp.ndarray>a))
             and cnp.PyArray_TYPE(<cnp.ndarray>a) == cnp.PyArray_TYPE(p)
             and cnp.PyArray_SIZE(<cnp.ndarray>a) == cnp.PyArray_SIZE(p))
+
+
+ctypedef struct _AdamJob:
+    void* p
+    const void* g
+    void* m
+    void* v
+    int dec, l2, lerp_small
+    double decay, wd, w, omw, beta2, omb2, sqrt_bc2, eps, step_size
+
+
+cdef void _adam_f(void* ctx, Py_ssize_t lo, Py_ssize_t hi) noexcept nogil:
+    cdef _AdamJob* j = <_AdamJob*>ctx
+    nnrt_adam_f(<float*>j.p + lo, <const float*>j.g + lo, <float*>j.m + lo, <float*>j.v + lo,
+                hi - lo, j.dec, j.l2, <float>j.decay, <float>j.wd, j.lerp_small, <float>j.w,
+                <float>j.omw, <float>j.beta2, <float>j.omb2, <float>j.sqrt_bc2, <float>j.eps,
+                <float>j.step_size)
+
+
+cdef void _adam_d(void* ctx, Py_ssize_t lo, Py_ssize_t hi) noexcept nogil:
+    cdef _AdamJob* j = <_AdamJob*>ctx
+    nnrt_adam_d(<double*>j.p + lo, <const double*>j.g + lo, <double*>j.m + lo,
+                <double*>j.v + lo, hi - lo, j.dec, j.l2, j.decay, j.wd, j.lerp_small, j.w,
+                j.omw, j.beta2, j.omb2, j.sqrt_bc2, j.eps, j.step_size)
 
 
 def adam_step(list params, list grads, list exp_avg, list exp_avg_sq, double lr,
@@ -232,28 +306,29 @@ def adam_step(list params, list grads, list exp_avg, list exp_avg_sq, double lr,
     cdef bint dec = decoupled and wd_on
     cdef bint l2 = (not decoupled) and wd_on
     cdef Py_ssize_t n
-    cdef void* pp
-    cdef void* gp
-    cdef void* mp
-    cdef void* vp
+    cdef _AdamJob job
+    job.dec = dec
+    job.l2 = l2
+    job.lerp_small = lerp_small
+    job.decay = decay
+    job.wd = weight_decay
+    job.w = w
+    job.omw = 1.0 - w
+    job.beta2 = beta2
+    job.omb2 = 1.0 - beta2
+    job.sqrt_bc2 = sqrt_bc2
+    job.eps = eps
+    job.step_size = step_size
     for k in range(m):
         p = <cnp.ndarray>params[k]
         n = cnp.PyArray_SIZE(p)
-        pp = cnp.PyArray_DATA(p)
-        gp = cnp.PyArray_DATA(<cnp.ndarray>grads[k])
-        mp = cnp.PyArray_DATA(<cnp.ndarray>exp_avg[k])
-        vp = cnp.PyArray_DATA(<cnp.ndarray>exp_avg_sq[k])
-        if cnp.PyArray_TYPE(p) == cnp.NPY_FLOAT32:
-            with nogil:
-                nnrt_adam_f(<float*>pp, <float*>gp, <float*>mp, <float*>vp, n, dec, l2,
-                            <float>decay, <float>weight_decay, lerp_small, <float>w,
-                            <float>(1.0 - w), <float>beta2, <float>(1.0 - beta2),
-                            <float>sqrt_bc2, <float>eps, <float>step_size)
-        else:
-            with nogil:
-                nnrt_adam_d(<double*>pp, <double*>gp, <double*>mp, <double*>vp, n, dec, l2,
-                            decay, weight_decay, lerp_small, w, 1.0 - w, beta2, 1.0 - beta2,
-                            sqrt_bc2, eps, step_size)
+        job.p = cnp.PyArray_DATA(p)
+        job.g = cnp.PyArray_DATA(<cnp.ndarray>grads[k])
+        job.m = cnp.PyArray_DATA(<cnp.ndarray>exp_avg[k])
+        job.v = cnp.PyArray_DATA(<cnp.ndarray>exp_avg_sq[k])
+        with nogil:
+            par_for(PAR_ADAM, <par_fn>(_adam_f if cnp.PyArray_TYPE(p) == cnp.NPY_FLOAT32
+                                       else _adam_d), &job, n, 1)
     return True
 
 

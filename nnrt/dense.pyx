@@ -21,6 +21,8 @@ from libc.string cimport memcpy
 from cython cimport floating
 
 from nnrt.blas cimport gemm_rm, gemv_rm
+from nnrt._parallel cimport (PAR_STREAM, blas_threads_done, blas_threads_for, par_fn, par_for,
+                             par_now)
 from nnrt.layer cimport (LAYER_BUILT, LAYER_FROZEN, Layer, cache_input, check_array, check_self,
                          grad_as, overlaps, reuse_buffer, unaliased)
 
@@ -55,23 +57,52 @@ cdef void dense_forward(const floating* X, const floating* W, const floating* b,
             beta, Y, <int>n_out)
 
 
+# db = dY.sum(axis=0) over a range of columns, for nnrt._parallel.par_for (columns on
+# two threads above a size threshold; each column summed in row order: bit-identical)
+ctypedef struct _DbJob:
+    const void* dY
+    void* db
+    Py_ssize_t batch, n_out
+
+
+cdef inline void _db_cols(const floating* dY, floating* db, Py_ssize_t batch,
+                          Py_ssize_t n_out, Py_ssize_t lo, Py_ssize_t hi) noexcept nogil:
+    cdef Py_ssize_t i, j
+    cdef const floating* row
+    for j in range(lo, hi):
+        db[j] = 0
+    for i in range(batch):
+        row = &dY[i * n_out]
+        for j in range(lo, hi):
+            db[j] += row[j]
+
+
+cdef void _db_f(void* ctx, Py_ssize_t lo, Py_ssize_t hi) noexcept nogil:
+    cdef _DbJob* j = <_DbJob*>ctx
+    _db_cols(<const float*>j.dY, <float*>j.db, j.batch, j.n_out, lo, hi)
+
+
+cdef void _db_d(void* ctx, Py_ssize_t lo, Py_ssize_t hi) noexcept nogil:
+    cdef _DbJob* j = <_DbJob*>ctx
+    _db_cols(<const double*>j.dY, <double*>j.db, j.batch, j.n_out, lo, hi)
+
+
 cdef void dense_backward(const floating* X, const floating* W, const floating* dY,
                          floating* dX, floating* dW, floating* db,
                          Py_ssize_t batch, Py_ssize_t n_in, Py_ssize_t n_out,
                          bint use_bias) noexcept nogil:
-    cdef Py_ssize_t i, j
-    cdef const floating* row
+    cdef _DbJob job
     # dW = X.T @ dY  (overwrites: beta = 0)
     gemm_rm(True, False, <int>n_in, <int>n_out, <int>batch, 1, X, <int>n_in, dY, <int>n_out,
             0, dW, <int>n_out)
     if use_bias:
         # NOTE: db sums dY over the batch axis: every sample adds to the same bias.
-        for j in range(n_out):
-            db[j] = 0
-        for i in range(batch):
-            row = &dY[i * n_out]
-            for j in range(n_out):
-                db[j] += row[j]
+        job.dY = dY
+        job.db = db
+        job.batch = batch
+        job.n_out = n_out
+        par_for(PAR_STREAM, <par_fn>(_db_f if floating is float else _db_d), &job, n_out,
+                batch)
     if dX != NULL:
         # dX = dY @ W.T
         gemm_rm(False, True, <int>batch, <int>n_in, <int>n_out, 1, dY, <int>n_out, W,
@@ -375,6 +406,9 @@ cdef class Dense(Layer):
         check_array(self, Xa, "input", rows, n_in, t, False)
         check_array(self, Y, "output buffer", rows, n_out, t, True)
         cdef bint use_bias = self.use_bias
+        # the thread policy (nnrt._parallel) picks the BLAS threads and learns the time
+        cdef int policy = blas_threads_for(rows, n_out, n_in, 0)
+        cdef double t0 = par_now()
         if t == cnp.NPY_FLOAT32:
             with nogil:
                 dense_forward(<float*>cnp.PyArray_DATA(Xa), <float*>cnp.PyArray_DATA(W),
@@ -385,6 +419,7 @@ cdef class Dense(Layer):
                 dense_forward(<double*>cnp.PyArray_DATA(Xa), <double*>cnp.PyArray_DATA(W),
                               <double*>cnp.PyArray_DATA(b), <double*>cnp.PyArray_DATA(Y),
                               rows, n_in, n_out, use_bias)
+        blas_threads_done(policy, par_now() - t0)
         return Y
 
     cdef object _backward(self, object dY, bint input_grad):
@@ -413,6 +448,9 @@ cdef class Dense(Layer):
         if input_grad:
             check_array(self, dX, "input-gradient buffer", rows, n_in, t, True)
         cdef bint use_bias = self.use_bias
+        # the thread policy (nnrt._parallel) picks the BLAS threads and learns the time
+        cdef int policy = blas_threads_for(n_in, n_out, rows, 1)
+        cdef double t0 = par_now()
         if t == cnp.NPY_FLOAT32:
             with nogil:
                 dense_backward(<float*>cnp.PyArray_DATA(X), <float*>cnp.PyArray_DATA(W),
@@ -427,6 +465,7 @@ cdef class Dense(Layer):
                                <double*>cnp.PyArray_DATA(dX) if input_grad else NULL,
                                <double*>cnp.PyArray_DATA(dW), <double*>cnp.PyArray_DATA(db),
                                rows, n_in, n_out, use_bias)
+        blas_threads_done(policy, par_now() - t0)
         return dX
 
     cpdef object backward(self, object dY):

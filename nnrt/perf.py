@@ -2,13 +2,14 @@
 
 ``set_num_threads(n)`` sets the BLAS backend nnrt's GEMMs use (numpy's OpenBLAS,
 MKL or scipy's OpenBLAS: ``nnrt._blas.info()``, docs/performance.md "BLAS
-backends") through its own call, and every other BLAS library loaded in the
-process through threadpoolctl. nnrt's own element-wise kernels are
-single-threaded; only the GEMMs use BLAS threads. The default is whatever the BLAS libraries start
-with: one thread per core unless ``OPENBLAS_NUM_THREADS``/``OMP_NUM_THREADS``
-say otherwise. On small networks (batch x width below ~10^6) one thread is
-usually fastest: idle OpenBLAS workers spin after each call and compete with
-the Python thread.
+backends") through its own call, every other BLAS library loaded in the process
+through threadpoolctl, and the threads of nnrt's element-wise kernels. Without it
+the default thread policy (``nnrt._parallel``; docs/performance.md "Threads")
+picks per GEMM size: one BLAS thread for small GEMMs, and for large ones one or
+the backend's own count (one per core unless ``OPENBLAS_NUM_THREADS``/
+``OMP_NUM_THREADS``/``MKL_NUM_THREADS`` say otherwise), whichever it measured
+faster; it splits large element-wise kernels over two threads when a second
+thread pays. ``set_num_threads(None)`` returns to that policy.
 """
 
 from __future__ import annotations
@@ -43,21 +44,31 @@ def _blas_controller() -> Any:
     return ThreadpoolController()
 
 
-def set_num_threads(n: int) -> None:
-    """Use ``n`` threads in nnrt's BLAS backend and in every other loaded BLAS library.
+def set_num_threads(n: int | None) -> None:
+    """Use ``n`` threads in nnrt's BLAS backend, in every other loaded BLAS library
+    and in nnrt's element-wise kernels (split over 2 threads when ``n >= 2``).
 
     The backend in use (``nnrt._blas.info()["backend"]``: numpy's OpenBLAS, MKL or
     scipy's OpenBLAS) is set through its own call; every BLAS threadpoolctl finds
     loaded is limited too. Applies process-wide until changed again; ``n`` must be a
-    positive int. Libraries loaded after the call (e.g. torch's) are not affected.
+    positive int, or None to return to the default per-size thread policy
+    (docs/performance.md "Threads"). A number overrides that policy: every GEMM then
+    runs on ``n`` BLAS threads. Libraries loaded after the call (e.g. torch's) are
+    not affected.
     """
+    from nnrt import _parallel
+
+    if n is None:
+        _parallel.set_user_threads(None)
+        return
     if isinstance(n, (bool, np.bool_)) or not isinstance(n, (int, np.integer)) or n < 1:
-        raise ValueError(f"set_num_threads: n must be a positive int, got {n!r}")
+        raise ValueError(f"set_num_threads: n must be a positive int or None, got {n!r}")
     import nnrt._blas as _blas
 
     _blas.set_threads(int(n))  # settles a pending backend choice first
     controller = _blas_controller()
     controller.select(user_api="blas").limit(limits=int(n))
+    _parallel.set_user_threads(int(n))
 
 
 def get_num_threads() -> int:

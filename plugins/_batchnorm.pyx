@@ -40,6 +40,8 @@ cimport numpy as cnp
 from nnrt.layer cimport (LAYER_BUILT, LAYER_FROZEN, NNRT_ABI_VERSION, Layer, cache_input,
                          check_array, check_self, grad_as, overlaps, reuse_buffer, unaliased)
 
+from nnrt._parallel cimport PAR_EXPF, PAR_EXP, PAR_STREAM, par_fn, par_for
+
 from nnrt_plugins._bn_config import batchnorm_config
 from nnrt.layer import check_abi
 
@@ -106,6 +108,65 @@ cdef extern from "plugins/_bn_kernels.h" nogil:
     void nnrt_bn_bwd_dx_d(const double* X, const double* dY, const double* S, double* dX,
                           const double* mean, const double* a, const double* b,
                           const double* c, Py_ssize_t n, Py_ssize_t f)
+
+
+# Row ranges of the element-wise passes for nnrt._parallel.par_for (contiguous row
+# blocks on two threads above a size threshold; every element is computed as in one
+# call: bit-identical). The reductions (statistics, backward sums) stay on one thread:
+# the kernels have no row stride, so they cannot be split by features, and a split by
+# rows would change the summation order.
+ctypedef struct _RowJob:
+    const void* x
+    const void* dy
+    const void* s
+    void* out
+    const void* center
+    const void* p1
+    const void* p2
+    const void* p3
+    Py_ssize_t f
+    int sig
+
+
+cdef void _affine_f(void* ctx, Py_ssize_t lo, Py_ssize_t hi) noexcept nogil:
+    cdef _RowJob* j = <_RowJob*>ctx
+    nnrt_bn_affine_f(<const float*>j.x + lo * j.f, <float*>j.out + lo * j.f, hi - lo, j.f,
+                     <const float*>j.center, <const float*>j.p1, <const float*>j.p2, j.sig)
+
+
+cdef void _affine_d(void* ctx, Py_ssize_t lo, Py_ssize_t hi) noexcept nogil:
+    cdef _RowJob* j = <_RowJob*>ctx
+    nnrt_bn_affine_d(<const double*>j.x + lo * j.f, <double*>j.out + lo * j.f, hi - lo, j.f,
+                     <const double*>j.center, <const double*>j.p1, <const double*>j.p2, j.sig)
+
+
+cdef void _dx_f(void* ctx, Py_ssize_t lo, Py_ssize_t hi) noexcept nogil:
+    cdef _RowJob* j = <_RowJob*>ctx
+    cdef Py_ssize_t o = lo * j.f
+    cdef const float* s = NULL
+    if j.s != NULL:
+        s = <const float*>j.s + o
+    nnrt_bn_bwd_dx_f(<const float*>j.x + o, <const float*>j.dy + o, s, <float*>j.out + o,
+                     <const float*>j.center, <const float*>j.p1, <const float*>j.p2,
+                     <const float*>j.p3, hi - lo, j.f)
+
+
+cdef void _dx_d(void* ctx, Py_ssize_t lo, Py_ssize_t hi) noexcept nogil:
+    cdef _RowJob* j = <_RowJob*>ctx
+    cdef Py_ssize_t o = lo * j.f
+    cdef const double* s = NULL
+    if j.s != NULL:
+        s = <const double*>j.s + o
+    nnrt_bn_bwd_dx_d(<const double*>j.x + o, <const double*>j.dy + o, s, <double*>j.out + o,
+                     <const double*>j.center, <const double*>j.p1, <const double*>j.p2,
+                     <const double*>j.p3, hi - lo, j.f)
+
+
+cdef inline int _affine_kind(int t, bint sig) noexcept nogil:
+    # with the sigmoid the pass costs an exp per element
+    if not sig:
+        return PAR_STREAM
+    return PAR_EXPF if t == cnp.NPY_FLOAT32 else PAR_EXP
 
 
 cdef inline void* _data(cnp.ndarray arr) noexcept:
@@ -298,6 +359,12 @@ cdef class BatchNorm(Layer):
         cdef void* psh = _data(shift_t)
         cdef void* center
         cdef void* shift
+        cdef _RowJob job
+        job.x = x
+        job.out = y
+        job.p1 = psc
+        job.f = f
+        job.sig = sig
         if t == cnp.NPY_FLOAT32:
             with nogil:
                 if training:
@@ -315,8 +382,9 @@ cdef class BatchNorm(Layer):
                                         <float*>psc)
                     center = prm
                     shift = pb
-                nnrt_bn_affine_f(<float*>x, <float*>y, n, f, <float*>center,
-                                 <float*>psc, <float*>shift, sig)
+                job.center = center
+                job.p2 = shift
+                par_for(_affine_kind(t, sig), <par_fn>_affine_f, &job, n, f)
         else:
             with nogil:
                 if training:
@@ -334,8 +402,9 @@ cdef class BatchNorm(Layer):
                                         <double*>psc)
                     center = prm
                     shift = pb
-                nnrt_bn_affine_d(<double*>x, <double*>y, n, f, <double*>center,
-                                 <double*>psc, <double*>shift, sig)
+                job.center = center
+                job.p2 = shift
+                par_for(_affine_kind(t, sig), <par_fn>_affine_d, &job, n, f)
         return 0
 
     cdef int _check_train_batch(self, cnp.ndarray Xa) except -1:
@@ -521,6 +590,18 @@ cdef class BatchNorm(Layer):
         cdef void* pa = _data(a_t)
         cdef void* pbb = _data(b_t)
         cdef void* pc = _data(c_t)
+        # dx = a dz + c (x - mean_t) + b: center mean_t, p1 a, p2 b, p3 c
+        cdef _RowJob job
+        job.x = x
+        job.dy = dy
+        job.s = sp
+        job.out = dx
+        job.center = pmt
+        job.p1 = pa
+        job.p2 = pbb
+        job.p3 = pc
+        job.f = f
+        job.sig = 0
         if t == cnp.NPY_FLOAT32:
             with nogil:
                 if phase != 2:
@@ -531,9 +612,7 @@ cdef class BatchNorm(Layer):
                                         <float*>pdb, <float*>pa,
                                         <float*>pbb, <float*>pc)
                 if phase != 1:
-                    nnrt_bn_bwd_dx_f(<float*>x, <float*>dy, <float*>sp, <float*>dx,
-                                     <float*>pmt, <float*>pa,
-                                     <float*>pbb, <float*>pc, n, f)
+                    par_for(PAR_STREAM, <par_fn>_dx_f, &job, n, f)
         else:
             with nogil:
                 if phase != 2:
@@ -544,9 +623,7 @@ cdef class BatchNorm(Layer):
                                         <double*>pdb, <double*>pa,
                                         <double*>pbb, <double*>pc)
                 if phase != 1:
-                    nnrt_bn_bwd_dx_d(<double*>x, <double*>dy, <double*>sp, <double*>dx,
-                                     <double*>pmt, <double*>pa,
-                                     <double*>pbb, <double*>pc, n, f)
+                    par_for(PAR_STREAM, <par_fn>_dx_d, &job, n, f)
         return 0
 
     cdef cnp.ndarray _grad_for_kernel(self, object dY):

@@ -10,6 +10,8 @@ cimport numpy as cnp
 from nnrt.layer cimport (LAYER_BUILT, LAYER_FROZEN, NNRT_ABI_VERSION, Layer, check_array,
                          check_self, grad_as, reuse_buffer, unaliased)
 
+from nnrt._parallel cimport PAR_EXP, PAR_EXPF, PAR_STREAM, par_fn, par_for
+
 from nnrt.layer import check_abi
 
 cdef extern from "nnrt/_vmath.h" nogil:
@@ -22,6 +24,36 @@ cdef extern from "nnrt/_vmath.h" nogil:
 
 cnp.import_array()
 check_abi(NNRT_ABI_VERSION, __name__)
+
+
+# Element ranges of the kernels for nnrt._parallel.par_for (two halves on two threads
+# above a size threshold; each element computed as in one call: bit-identical).
+ctypedef struct _SigJob:
+    const void* a     # forward: x; backward: S
+    const void* b     # backward: dY
+    void* out
+
+
+cdef void _fwd_f(void* ctx, Py_ssize_t lo, Py_ssize_t hi) noexcept nogil:
+    cdef _SigJob* j = <_SigJob*>ctx
+    nnrt_sigmoidf_array(<const float*>j.a + lo, <float*>j.out + lo, hi - lo)
+
+
+cdef void _fwd_d(void* ctx, Py_ssize_t lo, Py_ssize_t hi) noexcept nogil:
+    cdef _SigJob* j = <_SigJob*>ctx
+    nnrt_sigmoid_array(<const double*>j.a + lo, <double*>j.out + lo, hi - lo)
+
+
+cdef void _bwd_f(void* ctx, Py_ssize_t lo, Py_ssize_t hi) noexcept nogil:
+    cdef _SigJob* j = <_SigJob*>ctx
+    nnrt_sigmoid_bwd_f(<const float*>j.a + lo, <const float*>j.b + lo, <float*>j.out + lo,
+                       hi - lo)
+
+
+cdef void _bwd_d(void* ctx, Py_ssize_t lo, Py_ssize_t hi) noexcept nogil:
+    cdef _SigJob* j = <_SigJob*>ctx
+    nnrt_sigmoid_bwd_d(<const double*>j.a + lo, <const double*>j.b + lo,
+                       <double*>j.out + lo, hi - lo)
 
 
 cdef class Sigmoid(Layer):
@@ -66,12 +98,16 @@ cdef class Sigmoid(Layer):
         check_array(self, Xa, "input", rows, cols, t, False)
         check_array(self, S, "output buffer", rows, cols, t, True)
         cdef Py_ssize_t n = rows * cols
+        cdef _SigJob job
+        job.a = cnp.PyArray_DATA(Xa)
+        job.b = NULL
+        job.out = cnp.PyArray_DATA(S)
         if t == cnp.NPY_FLOAT32:
             with nogil:
-                nnrt_sigmoidf_array(<float*>cnp.PyArray_DATA(Xa), <float*>cnp.PyArray_DATA(S), n)
+                par_for(PAR_EXPF, <par_fn>_fwd_f, &job, n, 1)
         else:
             with nogil:
-                nnrt_sigmoid_array(<double*>cnp.PyArray_DATA(Xa), <double*>cnp.PyArray_DATA(S), n)
+                par_for(PAR_EXP, <par_fn>_fwd_d, &job, n, 1)
         return S
 
     cpdef object backward(self, object dY):
@@ -104,14 +140,12 @@ cdef class Sigmoid(Layer):
         check_array(self, dYa, "gradient", rows, cols, t, False)
         check_array(self, dX, "input-gradient buffer", rows, cols, t, True)
         cdef Py_ssize_t n = rows * cols
-        if t == cnp.NPY_FLOAT32:
-            with nogil:
-                nnrt_sigmoid_bwd_f(<float*>cnp.PyArray_DATA(S), <float*>cnp.PyArray_DATA(dYa),
-                                   <float*>cnp.PyArray_DATA(dX), n)
-        else:
-            with nogil:
-                nnrt_sigmoid_bwd_d(<double*>cnp.PyArray_DATA(S), <double*>cnp.PyArray_DATA(dYa),
-                                   <double*>cnp.PyArray_DATA(dX), n)
+        cdef _SigJob job
+        job.a = cnp.PyArray_DATA(S)
+        job.b = cnp.PyArray_DATA(dYa)
+        job.out = cnp.PyArray_DATA(dX)
+        with nogil:
+            par_for(PAR_STREAM, <par_fn>(_bwd_f if t == cnp.NPY_FLOAT32 else _bwd_d), &job, n, 1)
         return dX
 
 

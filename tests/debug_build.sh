@@ -96,6 +96,6 @@ echo "== fuzz suites (API and stateful) and core kernel tests against the debug 
 "$PY" -m pytest -q -p no:cacheprovider --hypothesis-profile="${HYPOTHESIS_PROFILE:-ci}" \
     tests/test_fuzz_api.py tests/test_fuzz_stateful.py tests/test_layers.py \
     tests/test_inputs.py tests/test_sequential.py tests/test_cython_suite.py \
-    tests/test_threads.py tests/test_plugin_faults.py tests/test_reliability_state.py \
+    tests/test_threads.py tests/test_parallel.py tests/test_plugin_faults.py tests/test_reliability_state.py \
     tests/test_reliability_files.py tests/test_reliability_concurrency.py "$@"
 echo "== debug build suite passed in $(($(date +%s) - start))s"

@@ -1,0 +1,237 @@
+/* One persistent helper thread for nnrt's element-wise kernels (nnrt/_parallel.pyx).
+ *
+ * nnrt_par_run(fn, ctx, n, nchunks, align) runs fn(ctx, lo, hi) over contiguous
+ * chunks of [0, n) (rows of a row-wise kernel, elements of an element-wise one), the
+ * caller and the helper thread each claiming the next chunk until none is left, and
+ * returns when all are done. Every output element is computed by exactly the same
+ * code as in the 1-thread run: results are bit-identical. Chunks rather than two
+ * fixed halves: on a loaded 2-core machine the helper is often late (asleep, or
+ * descheduled for a whole time slice, ~4-8 ms); the caller then simply runs more
+ * chunks instead of waiting for a half.
+ *
+ * Why not OpenMP: libgomp's idle threads spin without yielding and so hold the core
+ * OpenBLAS's worker needs for the next GEMM (and OpenBLAS's idle workers, which do
+ * yield, hold it from libgomp). This helper spins only briefly, yielding, after a
+ * job (consecutive kernels then find it awake), then sleeps on a condition variable;
+ * a job that finds it asleep pays one wake-up (~10-40 us, which the size thresholds
+ * account for).
+ *
+ * One caller at a time: a second thread calling while a job runs (two Python threads
+ * in two networks' kernels) gets 0 back and runs its job alone. After fork() the
+ * child has no helper thread; the pthread_atfork handler resets the state so the
+ * child starts its own on first use.
+ */
+#ifndef NNRT_PARALLEL_H
+#define NNRT_PARALLEL_H
+
+#include <stddef.h>
+
+typedef void (*nnrt_par_fn)(void *ctx, ptrdiff_t begin, ptrdiff_t end);
+
+/* monotonic seconds (the GEMM thread policy times the Dense calls with it) */
+#if defined(_WIN32)
+#include <windows.h>
+static double nnrt_par_now(void) {
+    LARGE_INTEGER f, c;
+    QueryPerformanceFrequency(&f);
+    QueryPerformanceCounter(&c);
+    return (double)c.QuadPart / (double)f.QuadPart;
+}
+#else
+#include <time.h>
+static double nnrt_par_now(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
+}
+#endif
+
+#if defined(_WIN32)
+/* no helper thread on Windows (yet): every job runs on the caller */
+static int nnrt_par_run(nnrt_par_fn fn, void *ctx, ptrdiff_t n, long nchunks,
+                        ptrdiff_t align) {
+    (void)fn; (void)ctx; (void)n; (void)nchunks; (void)align;
+    return 0;
+}
+static long nnrt_par_stat(int which) { (void)which; return 0; }
+static void nnrt_par_set_spin(long spin) { (void)spin; }
+#else
+#include <pthread.h>
+#include <sched.h>
+
+typedef struct {
+    pthread_mutex_t mu;      /* guards sleeping/cond_wait; never held during a job */
+    pthread_cond_t cv;
+    pthread_mutex_t busy;    /* held by the one caller whose job is in flight */
+    int started;             /* helper thread created (0 again in a forked child) */
+    int failed;              /* pthread_create failed: run everything serially */
+    int sleeping;            /* helper is (about to be) in cond_wait */
+    long gen;                /* job generation posted by the caller */
+    /* (generation << 32) | next unclaimed chunk: claims are compare-and-swaps, so a
+     * helper that arrives after its job is over cannot claim a chunk of the next */
+    unsigned long long ticket;
+    long finished;           /* chunks of the current job done */
+    nnrt_par_fn fn;
+    void *ctx;
+    ptrdiff_t n, align;
+    long nchunks;
+    long spin;               /* yields the helper makes before it sleeps */
+    long jobs, wakeups, helped;  /* statistics: jobs, of which woke the helper; chunks it ran */
+} nnrt_par_pool;
+
+static nnrt_par_pool nnrt_par = {PTHREAD_MUTEX_INITIALIZER, PTHREAD_COND_INITIALIZER,
+                                 PTHREAD_MUTEX_INITIALIZER, 0, 0, 0, 0, 0, 0, NULL, NULL,
+                                 0, 1, 0, 200, 0, 0, 0};
+
+/* start of chunk c of nnrt_par's current job */
+static ptrdiff_t nnrt_par_bound(long c) {
+    ptrdiff_t n = nnrt_par.n, a = nnrt_par.align;
+    ptrdiff_t b;
+    if (c >= nnrt_par.nchunks) return n;
+    b = (ptrdiff_t)((double)n * (double)c / (double)nnrt_par.nchunks);
+    b -= b % a;
+    return b;
+}
+
+/* Claim and run chunks of generation g until none is left; returns the number run. */
+static long nnrt_par_work(unsigned long long g) {
+    long ran = 0;
+    for (;;) {
+        unsigned long long t = __atomic_load_n(&nnrt_par.ticket, __ATOMIC_ACQUIRE);
+        long c;
+        if ((t >> 32) != (g & 0xffffffffULL)) return ran;
+        c = (long)(t & 0xffffffffULL);
+        if (c >= nnrt_par.nchunks) return ran;
+        if (!__atomic_compare_exchange_n(&nnrt_par.ticket, &t, t + 1, 0, __ATOMIC_ACQ_REL,
+                                         __ATOMIC_ACQUIRE))
+            continue;
+        nnrt_par.fn(nnrt_par.ctx, nnrt_par_bound(c), nnrt_par_bound(c + 1));
+        __atomic_add_fetch(&nnrt_par.finished, 1, __ATOMIC_ACQ_REL);
+        ran++;
+    }
+}
+
+static void *nnrt_par_main(void *unused) {
+    long seen = 0;
+    (void)unused;
+    for (;;) {
+        long g;
+        long i;
+        /* brief yielding spin: the next kernel of a step usually follows within us */
+        for (i = 0; i < __atomic_load_n(&nnrt_par.spin, __ATOMIC_RELAXED); i++) {
+            if (__atomic_load_n(&nnrt_par.gen, __ATOMIC_ACQUIRE) != seen) break;
+            sched_yield();
+        }
+        g = __atomic_load_n(&nnrt_par.gen, __ATOMIC_ACQUIRE);
+        if (g == seen) {
+            pthread_mutex_lock(&nnrt_par.mu);
+            __atomic_store_n(&nnrt_par.sleeping, 1, __ATOMIC_SEQ_CST);
+            while ((g = __atomic_load_n(&nnrt_par.gen, __ATOMIC_SEQ_CST)) == seen)
+                pthread_cond_wait(&nnrt_par.cv, &nnrt_par.mu);
+            __atomic_store_n(&nnrt_par.sleeping, 0, __ATOMIC_SEQ_CST);
+            pthread_mutex_unlock(&nnrt_par.mu);
+        }
+        seen = g;
+        __atomic_add_fetch(&nnrt_par.helped, nnrt_par_work((unsigned long long)g),
+                           __ATOMIC_RELAXED);
+    }
+    return NULL;
+}
+
+static void nnrt_par_atfork_child(void) {
+    /* the helper thread does not exist in the child: start afresh */
+    pthread_mutex_t m = PTHREAD_MUTEX_INITIALIZER;
+    pthread_cond_t c = PTHREAD_COND_INITIALIZER;
+    nnrt_par.mu = m;
+    nnrt_par.busy = m;
+    nnrt_par.cv = c;
+    nnrt_par.started = 0;
+    nnrt_par.sleeping = 0;
+    nnrt_par.gen = 0;
+    nnrt_par.ticket = 0;
+}
+
+/* Start the helper (called with nnrt_par.busy held). Returns 0 when it cannot run. */
+static int nnrt_par_start(void) {
+    static int atfork_done = 0;
+    pthread_t th;
+    pthread_attr_t attr;
+    if (nnrt_par.failed) return 0;
+    if (nnrt_par.started) return 1;
+    if (!atfork_done) {
+        if (pthread_atfork(NULL, NULL, nnrt_par_atfork_child) != 0) {
+            nnrt_par.failed = 1;
+            return 0;
+        }
+        atfork_done = 1;
+    }
+    nnrt_par.gen = 0;
+    nnrt_par.ticket = 0;
+    if (pthread_attr_init(&attr) != 0) { nnrt_par.failed = 1; return 0; }
+    pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
+    pthread_attr_setstacksize(&attr, 1 << 18);
+    if (pthread_create(&th, &attr, nnrt_par_main, NULL) != 0) {
+        pthread_attr_destroy(&attr);
+        nnrt_par.failed = 1;
+        return 0;
+    }
+    pthread_attr_destroy(&attr);
+    nnrt_par.started = 1;
+    return 1;
+}
+
+/* Run fn over [0, n) in nchunks contiguous chunks (bounds multiples of align, except
+ * n), claimed one at a time by the caller and the helper thread: a helper that is
+ * asleep, slow to wake or descheduled only leaves more chunks to the caller, which
+ * waits only for chunks the helper is running. Returns 1 when the job ran so, 0 when
+ * the helper is busy (another caller) or unavailable and nothing ran (the caller then
+ * runs fn(ctx, 0, n) itself). */
+static int nnrt_par_run(nnrt_par_fn fn, void *ctx, ptrdiff_t n, long nchunks,
+                        ptrdiff_t align) {
+    long g;
+    long spins = 0;
+    if (nchunks < 2 || nchunks > 1024 || align < 1) return 0;
+    if (pthread_mutex_trylock(&nnrt_par.busy) != 0) return 0;
+    if (!nnrt_par_start()) {
+        pthread_mutex_unlock(&nnrt_par.busy);
+        return 0;
+    }
+    nnrt_par.fn = fn;
+    nnrt_par.ctx = ctx;
+    nnrt_par.n = n;
+    nnrt_par.align = align;
+    nnrt_par.nchunks = nchunks;
+    nnrt_par.finished = 0;
+    g = nnrt_par.gen + 1;
+    if (g > 0x7fffffffL) g = 1;  /* the ticket holds 32 bits of it */
+    __atomic_store_n(&nnrt_par.ticket, ((unsigned long long)g) << 32, __ATOMIC_SEQ_CST);
+    __atomic_store_n(&nnrt_par.gen, g, __ATOMIC_SEQ_CST);
+    nnrt_par.jobs++;
+    if (__atomic_load_n(&nnrt_par.sleeping, __ATOMIC_SEQ_CST)) {
+        nnrt_par.wakeups++;
+        pthread_mutex_lock(&nnrt_par.mu);
+        pthread_cond_signal(&nnrt_par.cv);
+        pthread_mutex_unlock(&nnrt_par.mu);
+    }
+    nnrt_par_work((unsigned long long)g);
+    while (__atomic_load_n(&nnrt_par.finished, __ATOMIC_ACQUIRE) != nchunks) {
+        if (++spins > 64) sched_yield();
+    }
+    pthread_mutex_unlock(&nnrt_par.busy);
+    return 1;
+}
+
+/* 0: jobs run in parallel; 1: of which woke the sleeping helper; 2: helper started */
+static long nnrt_par_stat(int which) {
+    if (which == 0) return nnrt_par.jobs;
+    if (which == 1) return nnrt_par.wakeups;
+    if (which == 2) return nnrt_par.started;
+    return __atomic_load_n(&nnrt_par.helped, __ATOMIC_RELAXED);
+}
+
+static void nnrt_par_set_spin(long spin) {
+    __atomic_store_n(&nnrt_par.spin, spin < 0 ? 0 : spin, __ATOMIC_RELAXED);
+}
+#endif /* _WIN32 */
+
+#endif /* NNRT_PARALLEL_H */

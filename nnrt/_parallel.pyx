@@ -1,0 +1,384 @@
+# cython: language_level=3
+"""Threads in nnrt: the helper thread of the element-wise kernels and the thread policy.
+
+Default policy (nothing set by the user; docs/performance.md "Threads"):
+
+* GEMMs: before each Dense GEMM, the BLAS nnrt's GEMMs run on (numpy's or scipy's
+  OpenBLAS) is set to one thread when the GEMM has fewer than ``gemm_min_macs``
+  multiply-adds (m*n*k), and to the BLAS's own thread count (one per core, or
+  ``OPENBLAS_NUM_THREADS``, or what threadpoolctl set last) otherwise: on 2 cores
+  a second BLAS thread loses on the small GEMMs of small networks.
+* element-wise kernels (sigmoid, BatchNorm's element-wise passes, softmax
+  cross-entropy, SGD/Adam updates, the bias gradient) run in two contiguous halves,
+  the second on a helper thread, when that thread count is >= 2 and the job has at
+  least the measured threshold of elements for its kind. Each output element is
+  computed by the same code as in one thread: the results are bit-identical.
+
+``nnrt.set_num_threads(n)`` overrides both: n BLAS threads for every GEMM, and the
+element-wise split on (n >= 2, still above the thresholds) or off (n = 1);
+``nnrt.set_num_threads(None)`` returns to the default policy. ``policy()`` reports
+the current choice; ``gemm_threads``/``split_threads`` what it picks for a size.
+"""
+
+import os
+
+from nnrt._blas cimport blas_get_threads, blas_set_threads
+
+cdef extern from "nnrt/_parallel.h" nogil:
+    ctypedef void (*nnrt_par_fn)(void* ctx, Py_ssize_t begin, Py_ssize_t end) noexcept nogil
+    int nnrt_par_run(nnrt_par_fn fn, void* ctx, Py_ssize_t n, long nchunks, Py_ssize_t align)
+    long nnrt_par_stat(int which)
+    double nnrt_par_now()
+    void nnrt_par_set_spin(long spin)
+
+ctypedef void (*blas_set_t)(int) noexcept nogil
+ctypedef int (*blas_get_t)() noexcept nogil
+
+# thresholds in elements per job kind: about 10-45 us of 1-thread work at the per-element
+# costs measured on AMD EPYC (Zen, AVX2): docs/performance.md "Threads"
+cdef Py_ssize_t _thr[PAR_NKINDS]
+_KINDS = {"stream": PAR_STREAM, "expf": PAR_EXPF, "exp": PAR_EXP, "adam": PAR_ADAM}
+_DEFAULT_THRESHOLDS = {"stream": 1 << 17, "expf": 1 << 16, "exp": 1 << 13, "adam": 1 << 17}
+_DEFAULT_GEMM_MIN_MACS = 16_000_000
+for _name, _v in _DEFAULT_THRESHOLDS.items():
+    _thr[<int>_KINDS[_name]] = _v
+
+cdef int _user = 0           # nnrt.set_num_threads(n): n; 0 = the default policy
+cdef int _avail = 1          # threads the default policy may use
+cdef int _initial = 1        # the BLAS's thread count when nnrt was imported
+cdef double _gemm_min = _DEFAULT_GEMM_MIN_MACS
+cdef blas_set_t _blas_set = NULL
+cdef blas_get_t _blas_get = NULL
+cdef int _blas_last = -1     # the count this policy set last (-1: none)
+cdef int _blas_ceiling = 1   # the count anyone else set last
+# the GEMM learner's latest verdict: 1 when more threads won, 0 when one did, -1 none
+# yet; the element-wise split follows it in the default policy (a second core that a
+# GEMM cannot use, e.g. busy with other processes, does not help a kernel either)
+cdef int _verdict = -1
+_blas_name = None
+
+
+cdef int par_for(int kind, par_fn fn, void* ctx, Py_ssize_t n, Py_ssize_t unit) noexcept nogil:
+    cdef int threads = _user if _user > 0 else (1 if _verdict == 0 else _avail)
+    cdef double elements = <double>n * <double>unit, chunk
+    cdef long nchunks
+    if threads >= 2 and n >= 2 and 0 <= kind < PAR_NKINDS and elements >= <double>_thr[kind]:
+        # chunks of about a quarter of the threshold, 2 to 16 of them
+        chunk = max(<double>_thr[kind] / 4.0, 4096.0)
+        nchunks = <long>min(16.0, max(2.0, elements / chunk))
+        if nchunks > n:
+            nchunks = <long>n
+        # element ranges start on 64-byte boundaries (16 floats)
+        if nnrt_par_run(<nnrt_par_fn>fn, ctx, n, nchunks, 16 if unit == 1 and n >= 1024 else 1):
+            return 2
+    fn(ctx, 0, n)
+    return 1
+
+
+# The GEMM choice, learnt per shape: a GEMM with at least _gemm_min multiply-adds
+# runs on 1 or on the ceiling's threads, whichever has been faster for its shape
+# (m, n, k) lately: each option is tried twice first (once when the first times differ
+# more than twice; the first re-try then comes after 128 calls), then the faster one is
+# used and
+# the other re-tried once after 16 calls, then 32, 64, ... up to 4096 (8 times later
+# instead of twice when it was more than twice as slow; back to 16 when the winner
+# changes): load from other processes changes which wins (on a busy 2-core
+# machine one thread is faster at every size), and a re-try of the slow option is
+# costly there. Times are
+# exponential moving averages (weight 0.3) of the Dense call's GEMM work. Races between
+# Python threads on a slot only blur the averages (the slot index is always in range).
+cdef enum:
+    _NSLOTS = 64
+    _RETRY_MIN = 16
+    _RETRY_MAX = 4096
+
+ctypedef struct _Slot:
+    Py_ssize_t m, n, k
+    int op            # the caller's kind of call (Dense: 0 forward, 1 backward)
+    double t[2]       # seconds: [0] one thread, [1] the ceiling's threads
+    int cnt[2]
+    long calls
+    long retry        # calls between re-tries of the slower option
+    int best          # the option used (0 or 1)
+
+cdef _Slot _slots[_NSLOTS]
+
+
+cdef inline int _slot_of(Py_ssize_t m, Py_ssize_t n, Py_ssize_t k, int op) noexcept nogil:
+    cdef unsigned long long h = <unsigned long long>m * 1000003ULL
+    h = (h ^ <unsigned long long>n) * 1000003ULL
+    h = (h ^ <unsigned long long>k) * 1000003ULL
+    h = (h ^ <unsigned long long>op) * 1000003ULL
+    cdef int i = <int>((h >> 17) % _NSLOTS)
+    cdef _Slot* s = &_slots[i]
+    if s.m != m or s.n != n or s.k != k or s.op != op:
+        s.m = m
+        s.n = n
+        s.k = k
+        s.op = op
+        s.t[0] = s.t[1] = 0
+        s.cnt[0] = s.cnt[1] = 0
+        s.calls = 0
+        s.retry = _RETRY_MIN
+        s.best = 0
+    return i
+
+
+cdef inline int _choose(_Slot* s) noexcept nogil:
+    # 0: one thread, 1: the ceiling's
+    s.calls += 1
+    cdef bint lopsided = s.t[0] > 2.0 * s.t[1] or s.t[1] > 2.0 * s.t[0]
+    if s.cnt[0] < 2 or s.cnt[1] < 2:
+        # two samples of each, unless the first ones differ more than twice: then a
+        # second sample of the slow option is not worth its cost
+        if s.cnt[0] < 1 or s.cnt[1] < 1 or not lopsided:
+            return 0 if s.cnt[0] <= s.cnt[1] else 1
+        s.cnt[0] = s.cnt[1] = 2  # exploration over
+        s.retry = _RETRY_MIN * 8
+    global _verdict
+    cdef int best = 0 if s.t[0] <= s.t[1] else 1
+    _verdict = best
+    if best != s.best:
+        s.best = best
+        s.retry = _RETRY_MIN  # the winner changed: watch more closely
+    if s.calls >= s.retry:
+        # re-try the slower option; the next re-try comes twice as late (8 times when
+        # it was more than twice as slow: a re-try costs that much)
+        s.calls = 0
+        if s.retry < _RETRY_MAX:
+            s.retry *= 8 if s.t[1 - best] > 2.0 * s.t[best] else 2
+            if s.retry > _RETRY_MAX:
+                s.retry = _RETRY_MAX
+        return 1 - best
+    return best
+
+
+cdef int blas_threads_for(Py_ssize_t m, Py_ssize_t n, Py_ssize_t k, int op) noexcept nogil:
+    global _blas_last, _blas_ceiling, _avail
+    if _user != 0 or _blas_set == NULL or _blas_get == NULL:
+        return -1
+    if _initial < 0 and not _settle():
+        return -1
+    cdef int cur = _blas_get()
+    if cur != _blas_last:
+        # someone else (threadpoolctl, the BLAS's own API) set it: that is the ceiling
+        _blas_ceiling = cur
+        _avail = cur
+    cdef int want = 1, token = -1, i, c
+    if _blas_ceiling > 1 and <double>m * <double>n * <double>k >= _gemm_min:
+        i = _slot_of(m, n, k, op)
+        c = _choose(&_slots[i])
+        want = _blas_ceiling if c else 1
+        token = 2 * i + c
+    if want != cur:
+        _blas_set(want)
+    _blas_last = want
+    return token
+
+
+cdef void blas_threads_done(int token, double seconds) noexcept nogil:
+    if token < 0 or token >= 2 * _NSLOTS:
+        return
+    cdef _Slot* s = &_slots[token // 2]
+    cdef int c = token % 2
+    if s.cnt[c] == 0:
+        s.t[c] = seconds
+    else:
+        s.t[c] = 0.7 * s.t[c] + 0.3 * seconds
+    if s.cnt[c] < 1000000:
+        s.cnt[c] += 1
+
+
+cdef double par_now() noexcept nogil:
+    return nnrt_par_now()
+
+
+cdef void _set_via_blas(int n) noexcept nogil:
+    blas_set_threads(n)
+
+
+cdef int _get_via_blas() noexcept nogil:
+    return blas_get_threads()
+
+
+def _bind_blas():
+    """Control the thread count of the BLAS backend nnrt's GEMMs use (nnrt/_blas.pyx:
+    numpy's OpenBLAS, MKL, scipy-openblas or scipy's; ``blas_set_threads`` and
+    ``blas_get_threads`` follow the backend in use, so a later change of backend
+    is followed too). The backend's thread count is read at the first GEMM
+    (``_settle``): reading it here would settle a pending MKL calibration at import.
+    Returns whether the policy controls the BLAS."""
+    global _blas_set, _blas_get, _blas_last, _initial, _blas_name
+    _blas_set = _set_via_blas
+    _blas_get = _get_via_blas
+    _blas_last = -1
+    _initial = -1
+    _blas_name = "nnrt._blas"
+    return True
+
+
+cdef int _settle() noexcept nogil:
+    # the first use of the policy: the backend's own thread count is the ceiling
+    global _blas_set, _blas_get, _initial, _blas_ceiling, _avail, _blas_name
+    cdef int n = _blas_get() if _blas_get != NULL else -1
+    if n < 1:  # the backend has no thread controls: leave the BLAS alone
+        _blas_set = NULL
+        _blas_get = NULL
+        with gil:
+            _blas_name = None
+            _initial = _cpu_count()
+        _avail = _initial
+        return 0
+    _initial = n
+    _blas_ceiling = n
+    _avail = n
+    return 1
+
+
+def _cpu_count():
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return max(1, os.cpu_count() or 1)
+
+
+def set_user_threads(n):
+    """``nnrt.set_num_threads``'s side: ``n`` >= 1 fixes the thread count (the policy
+    then leaves the BLAS alone); None returns to the default policy (and the BLAS to
+    the thread count it had when nnrt was imported)."""
+    global _user, _blas_last, _blas_ceiling, _avail
+    if n is None:
+        _user = 0
+        _blas_last = -1
+        if _initial >= 1:  # else the policy has not settled yet: nothing to undo
+            if _blas_set != NULL:
+                _blas_set(_initial)
+            _blas_ceiling = _initial
+            _avail = _initial
+        return
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"set_user_threads: n must be a positive int or None, got {n!r}")
+    _user = n
+
+
+def gemm_threads(m, n, k, op=0):
+    """BLAS threads the policy would pick for the next (m x k) @ (k x n) GEMM (the
+    fixed count when ``nnrt.set_num_threads`` set one; None when nnrt does not
+    control the BLAS in use). Does not count as a call."""
+    if _initial < 0:
+        _settle()
+    if _user:
+        return _user
+    if _blas_set == NULL:
+        return None
+    if _blas_ceiling <= 1 or float(m) * float(n) * float(k) < _gemm_min:
+        return 1
+    cdef _Slot* s = &_slots[_slot_of(m, n, k, op)]
+    cdef _Slot saved = s[0]
+    cdef int c = _choose(s)  # this is only a question: leave the slot as it was
+    s[0] = saved
+    return _blas_ceiling if c else 1
+
+
+def _gemm_next(m, n, k, op=0, seconds=None):
+    """The choice for the next call of a shape, counted as a call, and ``seconds``
+    recorded as its time when given (tests of the policy's logic); the BLAS is not
+    touched."""
+    if _initial < 0:
+        _settle()
+    if _blas_ceiling <= 1 or float(m) * float(n) * float(k) < _gemm_min:
+        return 1
+    cdef int i = _slot_of(m, n, k, op)
+    cdef int c = _choose(&_slots[i])
+    if seconds is not None:
+        blas_threads_done(2 * i + c, seconds)
+    return _blas_ceiling if c else 1
+
+
+def _gemm_learn(m, n, k, double one, double many, op=0):
+    """Record one timing of each option for a shape (tests of the policy's logic)."""
+    cdef int i = _slot_of(m, n, k, op)
+    blas_threads_done(2 * i, one)
+    blas_threads_done(2 * i + 1, many)
+
+
+def _gemm_table():
+    """The learnt GEMM choices: one dict per shape seen (m, n, k, seconds per option)."""
+    out = []
+    cdef int i
+    for i in range(_NSLOTS):
+        if _slots[i].cnt[0] or _slots[i].cnt[1]:
+            out.append({"m": _slots[i].m, "n": _slots[i].n, "k": _slots[i].k,
+                        "op": _slots[i].op,
+                        "t1": _slots[i].t[0], "t_many": _slots[i].t[1],
+                        "samples": (_slots[i].cnt[0], _slots[i].cnt[1])})
+    return out
+
+
+def _gemm_forget():
+    """Forget every learnt GEMM choice."""
+    global _verdict
+    _verdict = -1
+    cdef int i
+    for i in range(_NSLOTS):
+        _slots[i].m = _slots[i].n = _slots[i].k = 0
+        _slots[i].op = 0
+        _slots[i].cnt[0] = _slots[i].cnt[1] = 0
+        _slots[i].t[0] = _slots[i].t[1] = 0
+        _slots[i].calls = 0
+
+
+def split_threads(str kind, n, unit=1):
+    """Threads (1 or 2) an element-wise job of ``n`` units of ``unit`` elements
+    of ``kind`` ("stream", "expf", "exp", "adam") runs on now."""
+    if _initial < 0:
+        _settle()
+    cdef int k = _KINDS[kind]
+    cdef int threads = _user if _user > 0 else (1 if _verdict == 0 else _avail)
+    if threads >= 2 and n >= 2 and float(n) * float(unit) >= _thr[k]:
+        return 2
+    return 1
+
+
+def policy():
+    """The current thread policy, as a dict (JSON-able)."""
+    if _initial < 0:
+        _settle()
+    return {
+        "mode": "fixed" if _user else "auto",
+        "threads": _user if _user else _avail,
+        "blas": _blas_name,
+        "blas_ceiling": _blas_ceiling if _blas_set != NULL else None,
+        "gemm_min_macs": _gemm_min,
+        "gemm_verdict": {-1: None, 0: "one thread", 1: "more threads"}[_verdict],
+        "split_min_elements": {name: int(_thr[k]) for name, k in _KINDS.items()},
+    }
+
+
+def stats():
+    """Helper-thread counters: jobs run on two threads, of which woke the helper,
+    and the chunks the helper ran."""
+    return {"jobs": int(nnrt_par_stat(0)), "wakeups": int(nnrt_par_stat(1)),
+            "started": bool(nnrt_par_stat(2)), "helper_chunks": int(nnrt_par_stat(3))}
+
+
+def _set_thresholds(gemm_min_macs=None, **split_min_elements):
+    """Change the thresholds (tests and measurements); returns the previous values."""
+    global _gemm_min
+    old = {"gemm_min_macs": _gemm_min}
+    old.update({name: int(_thr[k]) for name, k in _KINDS.items()})
+    for name, v in split_min_elements.items():
+        if name not in _KINDS:
+            raise ValueError(f"unknown job kind {name!r}; known: {', '.join(_KINDS)}")
+        _thr[<int>_KINDS[name]] = max(0, int(v))
+    if gemm_min_macs is not None:
+        _gemm_min = float(gemm_min_macs)
+    return old
+
+
+def _set_spin(long spin):
+    """Yields the helper makes after a job before it sleeps (measurements)."""
+    nnrt_par_set_spin(spin)
+
+
+_bind_blas()

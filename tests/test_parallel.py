@@ -1,0 +1,459 @@
+"""Two-thread element-wise kernels (nnrt/_parallel.h) and the default thread policy.
+
+Above a size threshold the element-wise kernels (sigmoid, BatchNorm's element-wise
+passes, softmax cross-entropy, SGD/Adam, Dense's bias gradient) run in contiguous
+chunks on the caller and nnrt's helper thread. Every element is computed by the same
+code as in one thread, so the 2-thread results must be bit-identical to the 1-thread
+ones; they are also checked against float64 numpy references written here. The
+policy is checked for its logic (what it picks), never for timing.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import threading
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import numpy as np
+import pytest
+from threadpoolctl import threadpool_limits
+
+import nnrt
+import nnrt.losses
+import nnrt.optim
+from nnrt import _parallel
+from nnrt._kernels import softmax_cross_entropy
+
+
+@pytest.fixture(autouse=True)
+def _restore_policy() -> Iterator[None]:
+    old = _parallel._set_thresholds()
+    yield
+    _parallel._set_thresholds(**old)
+    nnrt.set_num_threads(None)
+
+
+def _with_threads(n: int, fn: Callable[[], Any]) -> Any:
+    # the element-wise split only (the BLAS keeps its count: the GEMMs stay the same)
+    _parallel.set_user_threads(n)
+    try:
+        return fn()
+    finally:
+        _parallel.set_user_threads(None)
+
+
+def _both(fn: Callable[[], Any]) -> tuple[Any, Any]:
+    """fn's results with 1 and with 2 element-wise threads; checks the 2-thread run
+    went through the helper (job counter)."""
+    one = _with_threads(1, fn)
+    jobs = _parallel.stats()["jobs"]
+    two = _with_threads(2, fn)
+    assert _parallel.stats()["jobs"] > jobs, "no job was split over two threads"
+    return one, two
+
+
+def _same(a: Any, b: Any) -> None:
+    if isinstance(a, (tuple, list)):
+        assert len(a) == len(b)
+        for x, y in zip(a, b, strict=True):
+            _same(x, y)
+    elif isinstance(a, dict):
+        assert a.keys() == b.keys()
+        for k in a:
+            _same(a[k], b[k])
+    else:
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b), strict=True)
+
+
+SIZES = [(1024, 512), (777, 333), (3, 5)]  # above the real thresholds; odd; tiny
+
+
+def _thresholds_for(shape: tuple[int, int]) -> None:
+    # the real thresholds for the large shape, every size split for the others
+    if shape[0] * shape[1] < 500_000:
+        _parallel._set_thresholds(stream=0, expf=0, exp=0, adam=0)
+
+
+def _sigmoid64(x: np.ndarray) -> np.ndarray:
+    x = x.astype(np.float64)
+    return np.exp(-np.logaddexp(0.0, -x))
+
+
+@pytest.mark.parametrize("shape", SIZES)
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_sigmoid_two_threads_bit_identical_and_correct(shape: tuple[int, int], dtype: str) -> None:
+    _thresholds_for(shape)
+    rng = np.random.default_rng(0)
+    X = (rng.standard_normal(shape) * 6).astype(dtype)
+    dY = rng.standard_normal(shape).astype(dtype)
+    layer = nnrt.layer("sigmoid").to_dtype(dtype)
+
+    def run() -> tuple[np.ndarray, np.ndarray]:
+        S = layer.forward(X, training=True).copy()
+        return S, layer.backward(dY).copy()
+
+    one, two = _both(run)
+    _same(one, two)
+    ref = _sigmoid64(X)
+    tol = 1e-6 if dtype == "float32" else 1e-14
+    np.testing.assert_allclose(two[0], ref, rtol=tol, atol=tol)
+    S64 = two[0].astype(np.float64)
+    np.testing.assert_allclose(two[1], dY * S64 * (1 - S64), rtol=tol * 4, atol=tol)
+
+
+def _bn_reference(
+    X: np.ndarray, dY: np.ndarray, gamma: np.ndarray, beta: np.ndarray, eps: float
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    X = X.astype(np.float64)
+    dY = dY.astype(np.float64)
+    n = X.shape[0]
+    mean = X.mean(axis=0)
+    var = X.var(axis=0)
+    istd = 1 / np.sqrt(var + eps)
+    xhat = (X - mean) * istd
+    Y = gamma * xhat + beta
+    dbeta = dY.sum(axis=0)
+    dgamma = (dY * xhat).sum(axis=0)
+    dX = gamma * istd / n * (n * dY - dbeta - xhat * dgamma)
+    return Y, dX, dgamma, dbeta
+
+
+@pytest.mark.parametrize("shape", SIZES)
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_batchnorm_two_threads_bit_identical_and_correct(
+    shape: tuple[int, int], dtype: str
+) -> None:
+    _thresholds_for(shape)
+    rng = np.random.default_rng(1)
+    n, f = shape
+    X = (rng.standard_normal(shape) * 3 + 5).astype(dtype)
+    dY = rng.standard_normal(shape).astype(dtype)
+    gamma = rng.uniform(0.5, 2.0, f)
+    beta = rng.standard_normal(f)
+
+    def run() -> dict[str, np.ndarray]:
+        bn = nnrt.layer("batchnorm", f).to_dtype(dtype)
+        bn.params()["gamma"][...] = gamma
+        bn.params()["beta"][...] = beta
+        Y = bn.forward(X, training=True).copy()
+        dX = bn.backward(dY).copy()
+        Ye = bn.forward(X, training=False).copy()
+        out = {"Y": Y, "dX": dX, "Ye": Ye}
+        out.update({k: v.copy() for k, v in bn.grads().items()})
+        out.update({k: v.copy() for k, v in bn.buffers().items()})
+        return out
+
+    one, two = _both(run)
+    _same(one, two)
+    Y, dX, dgamma, dbeta = _bn_reference(X, dY, gamma.astype(dtype), beta.astype(dtype), 1e-5)
+    rtol, atol = (2e-4, 2e-4) if dtype == "float32" else (1e-9, 1e-10)
+    np.testing.assert_allclose(two["Y"], Y, rtol=rtol, atol=atol)
+    np.testing.assert_allclose(two["dX"], dX, rtol=rtol, atol=atol * 10)
+    np.testing.assert_allclose(two["gamma"], dgamma, rtol=rtol, atol=atol * n)
+    np.testing.assert_allclose(two["beta"], dbeta, rtol=rtol, atol=atol * n)
+
+
+def _mlp(dtype: str, width: int, seed: int = 0) -> nnrt.Sequential:
+    return nnrt.Sequential(
+        [
+            nnrt.layer("dense_nobias", 40, width),
+            nnrt.layer("batchnorm", width),
+            nnrt.layer("sigmoid"),
+            nnrt.layer("dense", width, width),
+            nnrt.layer("sigmoid"),
+            nnrt.layer("dense", width, 10),
+        ],
+        seed=seed,
+        dtype=dtype,
+    )
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("optimizer", ["sgd", "sgd_nesterov", "adam", "adamw"])
+def test_training_steps_two_threads_bit_identical(dtype: str, optimizer: str) -> None:
+    # fused BatchNorm+sigmoid, sigmoid, softmax-CE, db, and the optimizer, at sizes
+    # above the real thresholds (batch 1024 x 512 features)
+    rng = np.random.default_rng(2)
+    X = rng.standard_normal((1024, 40)).astype(dtype)
+    y = rng.integers(0, 10, 1024)
+
+    def run() -> dict[str, np.ndarray]:
+        net = _mlp(dtype, 512)
+        if optimizer == "sgd":
+            opt: Any = nnrt.optim.SGD(net, lr=0.1, momentum=0.9, weight_decay=1e-4)
+        elif optimizer == "sgd_nesterov":
+            opt = nnrt.optim.SGD(net, lr=0.1, momentum=0.9, nesterov=True)
+        elif optimizer == "adam":
+            opt = nnrt.optim.Adam(net, lr=1e-3, weight_decay=1e-4)
+        else:
+            opt = nnrt.optim.AdamW(net, lr=1e-3)
+        for _ in range(3):
+            _step(net, opt, X, y)
+        return net.state_dict()
+
+    one, two = _both(run)
+    _same(one, two)
+
+
+def _step(net: nnrt.Sequential, opt: Any, X: np.ndarray, y: np.ndarray) -> None:
+    out = net.forward(X, training=True)
+    _, dY = nnrt.losses.softmax_cross_entropy(out, y)
+    net.backward(dY, input_grad=False)
+    opt.step()
+
+
+@pytest.mark.parametrize("shape", [(4096, 10), (2048, 100), (33, 7)])
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_softmax_cross_entropy_two_threads_bit_identical_and_correct(
+    shape: tuple[int, int], dtype: str
+) -> None:
+    if shape[0] < 100:
+        _parallel._set_thresholds(exp=0)
+    rng = np.random.default_rng(3)
+    logits = (rng.standard_normal(shape) * 4).astype(dtype)
+    labels = rng.integers(0, shape[1], shape[0])
+    one, two = _both(lambda: softmax_cross_entropy(logits, labels))
+    assert one[0] == two[0]  # the row losses are summed in row order either way
+    _same(one[1], two[1])
+    x = logits.astype(np.float64)
+    m = x.max(axis=1, keepdims=True)
+    lse = m[:, 0] + np.log(np.exp(x - m).sum(axis=1))
+    n = shape[0]
+    loss = float(np.mean(lse - x[np.arange(n), labels]))
+    p = np.exp(x - lse[:, None])
+    p[np.arange(n), labels] -= 1
+    np.testing.assert_allclose(two[0], loss, rtol=1e-12)
+    # float32: the label's entry p - 1 cancels: an absolute error of ~eps / n there
+    rtol, atol = (1e-5, 1e-6 / n) if dtype == "float32" else (1e-11, 1e-14 / n)
+    np.testing.assert_allclose(two[1], p / n, rtol=rtol, atol=atol)
+
+
+def test_softmax_cross_entropy_bad_label_still_falls_back() -> None:
+    _parallel._set_thresholds(exp=0)
+    logits = np.zeros((64, 5))
+    labels = np.arange(64) % 5
+    labels[40] = 5
+    _parallel.set_user_threads(2)
+    assert softmax_cross_entropy(logits, labels) is None
+    with pytest.raises(ValueError):
+        nnrt.losses.softmax_cross_entropy(logits, labels)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_dense_bias_gradient_two_threads(dtype: str) -> None:
+    _parallel._set_thresholds(stream=0)
+    rng = np.random.default_rng(4)
+    X = rng.standard_normal((301, 17)).astype(dtype)
+    dY = rng.standard_normal((301, 259)).astype(dtype)
+    layer = nnrt.layer("dense", 17, 259).to_dtype(dtype)
+
+    def run() -> dict[str, np.ndarray]:
+        layer.forward(X, training=True)
+        layer.backward(dY)
+        return {k: v.copy() for k, v in layer.grads().items()}
+
+    one, two = _both(run)
+    _same(one, two)
+    tol = 1e-5 if dtype == "float32" else 1e-12
+    np.testing.assert_allclose(two["bias"], dY.astype(np.float64).sum(axis=0), rtol=tol, atol=tol)
+
+
+# ------------------------------------------------------------ the policy's logic
+def test_policy_reports_auto_and_fixed() -> None:
+    pol = _parallel.policy()
+    assert pol["mode"] == "auto"
+    nnrt.set_num_threads(1)
+    assert _parallel.policy()["mode"] == "fixed"
+    assert _parallel.policy()["threads"] == 1
+    assert _parallel.split_threads("stream", 10**9) == 1
+    assert _parallel.gemm_threads(4096, 4096, 4096) == 1
+    nnrt.set_num_threads(2)
+    assert _parallel.gemm_threads(2, 2, 2) == 2  # fixed: every GEMM
+    assert _parallel.split_threads("stream", 10**9) == 2
+    assert _parallel.split_threads("stream", 3) == 1  # still below the threshold
+    nnrt.set_num_threads(None)
+    assert _parallel.policy()["mode"] == "auto"
+
+
+def _auto_policy() -> dict[str, Any]:
+    pol = _parallel.policy()
+    if pol["blas"] is None:
+        pytest.skip("nnrt does not control this BLAS's threads")
+    if pol["blas_ceiling"] < 2:
+        pytest.skip("the BLAS runs one thread (OPENBLAS_NUM_THREADS=1 or one core)")
+    return pol
+
+
+def test_auto_policy_small_gemms_one_thread_large_ones_learnt() -> None:
+    pol = _auto_policy()
+    ceiling = pol["blas_ceiling"]
+    _parallel._gemm_forget()
+    gmin = pol["gemm_min_macs"]
+    side = int(np.ceil(gmin ** (1 / 3)))
+    # below the size threshold: one thread, never tried with more
+    assert _parallel.gemm_threads(1, 1, 1) == 1
+    assert _parallel.gemm_threads(32, 64, 64) == 1  # the tiny benchmark net
+    assert _parallel.gemm_threads(side - 2, side - 2, side - 2) == 1
+    # above it: each option is tried twice, one thread first
+    tried = [_parallel._gemm_next(side, side, side, seconds=1.0) for _ in range(4)]
+    assert tried == [1, ceiling] * 2
+    assert _parallel.gemm_threads(1024, 1024, 1024) == 1  # a new shape starts at 1
+    # more threads measured faster: used, and the element-wise split is on
+    _parallel._gemm_learn(1024, 1024, 1024, one=2.0, many=1.0)
+    _parallel._gemm_learn(1024, 1024, 1024, one=2.0, many=1.0)
+    assert _parallel.gemm_threads(1024, 1024, 1024) == ceiling
+    assert _parallel.gemm_threads(1024, 1024, 1024, op=1) == 1  # another kind of call
+    assert _parallel.policy()["gemm_verdict"] == "more threads"
+    t = pol["split_min_elements"]["stream"]
+    assert _parallel.split_threads("stream", t) == 2
+    assert _parallel.split_threads("stream", t - 1) == 1
+    assert _parallel.split_threads("stream", t // 4 + 1, 4) == 2
+    # one thread measured faster (e.g. the other core is busy): GEMMs and kernels follow
+    for _ in range(4):
+        _parallel._gemm_learn(1024, 1024, 1024, one=0.5, many=3.0)
+    assert _parallel.gemm_threads(1024, 1024, 1024) == 1
+    assert _parallel.policy()["gemm_verdict"] == "one thread"
+    assert _parallel.split_threads("stream", 10**9) == 1
+    table = _parallel._gemm_table()
+    assert any(r["m"] == 1024 and r["samples"][0] >= 6 for r in table)
+
+
+def test_auto_policy_retries_the_slower_option_less_and_less_often() -> None:
+    ceiling = _auto_policy()["blas_ceiling"]
+    _parallel._gemm_forget()
+    _parallel._set_thresholds(gemm_min_macs=1)
+    for _ in range(2):
+        _parallel._gemm_learn(64, 64, 64, one=1.0, many=1.5)
+    picks = [_parallel._gemm_next(64, 64, 64) for _ in range(16 + 32 + 64)]
+    retries = [i for i, p in enumerate(picks) if p == ceiling]
+    assert retries == [15, 15 + 32, 15 + 32 + 64]
+    # much slower (> 2x): the interval grows 8-fold
+    for _ in range(2):
+        _parallel._gemm_learn(96, 96, 96, one=1.0, many=5.0)
+    picks = [_parallel._gemm_next(96, 96, 96) for _ in range(16 + 128 + 1024)]
+    retries = [i for i, p in enumerate(picks) if p == ceiling]
+    assert retries == [15, 15 + 128, 15 + 128 + 1024]
+    # a first sample of each that differs more than twice: no second sample of the
+    # slow option during exploration, the first re-try after 128 calls
+    _parallel._gemm_forget()
+    _parallel._gemm_learn(80, 80, 80, one=1.0, many=5.0)
+    picks = [_parallel._gemm_next(80, 80, 80) for _ in range(128 + 1024)]
+    retries = [i for i, p in enumerate(picks) if p == ceiling]
+    assert retries == [127, 127 + 1024]
+
+
+def test_auto_policy_sets_blas_threads_per_gemm_and_follows_threadpoolctl() -> None:
+    _auto_policy()
+    _parallel._gemm_forget()
+    small = nnrt.layer("dense", 8, 8)
+    big = nnrt.layer("dense", 512, 512)
+    Xs = np.ones((4, 8))
+    Xb = np.ones((256, 512))
+    _parallel._set_thresholds(gemm_min_macs=1_000_000)
+    for _ in range(2):  # more threads "measured" faster for the big forward GEMM
+        _parallel._gemm_learn(256, 512, 512, one=1.0, many=1e-9)
+    with threadpool_limits(2, user_api="blas"):
+        big.forward(Xb)
+        assert _parallel.policy()["blas_ceiling"] == 2
+        assert nnrt.get_num_threads() == 2
+        small.forward(Xs)
+        assert nnrt.get_num_threads() == 1  # the policy lowered it for the small GEMM
+        big.forward(Xb)
+        assert nnrt.get_num_threads() == 2
+    with threadpool_limits(1, user_api="blas"):
+        big.forward(Xb)  # someone else set 1: that is the ceiling now
+        assert _parallel.policy()["blas_ceiling"] == 1
+        assert nnrt.get_num_threads() == 1
+        assert _parallel.split_threads("stream", 10**9) == 1
+
+
+def test_set_num_threads_none_restores_the_policy() -> None:
+    nnrt.set_num_threads(1)
+    big = nnrt.layer("dense", 512, 512)
+    big.forward(np.ones((256, 512)))
+    assert nnrt.get_num_threads() == 1  # fixed: the policy leaves the BLAS alone
+    nnrt.set_num_threads(None)
+    assert _parallel.policy()["mode"] == "auto"
+
+
+@pytest.mark.parametrize("bad", [0, -1, 1.5, True, "2"])
+def test_set_user_threads_rejects_bad_values(bad: Any) -> None:
+    with pytest.raises(ValueError, match="positive int"):
+        _parallel.set_user_threads(bad)
+
+
+def test_set_thresholds_rejects_unknown_kind() -> None:
+    with pytest.raises(ValueError, match="unknown job kind"):
+        _parallel._set_thresholds(nope=1)
+
+
+# ---------------------------------------------- thread-count changes and callers
+def test_thread_count_changes_while_other_threads_train() -> None:
+    # two networks trained in two Python threads (the helper serves one caller at a
+    # time; the other runs alone) while a third flips the thread count
+    _parallel._set_thresholds(stream=0, expf=0, exp=0, adam=0)
+    rng = np.random.default_rng(5)
+    X = rng.standard_normal((96, 40))
+    y = rng.integers(0, 10, 96)
+
+    def train(seed: int) -> dict[str, np.ndarray]:
+        net = _mlp("float64", 24, seed)
+        opt = nnrt.optim.SGD(net, lr=0.1, momentum=0.9)
+        for _ in range(30):
+            _step(net, opt, X, y)
+        return net.state_dict()
+
+    expected = [_with_threads(1, lambda s=s: train(s)) for s in (0, 1)]
+    stop = threading.Event()
+
+    def flip() -> None:
+        i = 0
+        while not stop.is_set():
+            _parallel.set_user_threads(1 + i % 2)
+            i += 1
+
+    flipper = threading.Thread(target=flip)
+    flipper.start()
+    results: list[Any] = [None, None]
+    try:
+        workers = [
+            threading.Thread(target=lambda i=i: results.__setitem__(i, train(i))) for i in (0, 1)
+        ]
+        for w in workers:
+            w.start()
+        for w in workers:
+            w.join(timeout=120)
+        assert not any(w.is_alive() for w in workers)
+    finally:
+        stop.set()
+        flipper.join()
+    for got, want in zip(results, expected, strict=True):
+        _same(got, want)
+
+
+def _child_sigmoid(q: Any) -> None:
+    _parallel._set_thresholds(expf=0)
+    _parallel.set_user_threads(2)
+    X = np.linspace(-8, 8, 100_003, dtype=np.float32).reshape(1, -1)
+    S = nnrt.layer("sigmoid").to_dtype("float32").forward(X)
+    q.put((S.tobytes(), _parallel.stats()["started"]))
+
+
+def test_helper_thread_works_in_a_forked_child() -> None:
+    if "fork" not in multiprocessing.get_all_start_methods():
+        pytest.skip("no fork on this platform")
+    # start the helper in the parent first: the child must start its own
+    _parallel._set_thresholds(expf=0)
+    X = np.linspace(-8, 8, 100_003, dtype=np.float32).reshape(1, -1)
+    want = _with_threads(2, lambda: nnrt.layer("sigmoid").to_dtype("float32").forward(X))
+    assert _parallel.stats()["started"]
+    ctx = multiprocessing.get_context("fork")
+    q = ctx.Queue()
+    p = ctx.Process(target=_child_sigmoid, args=(q,))
+    p.start()
+    got, started = q.get(timeout=60)
+    p.join(timeout=60)
+    assert p.exitcode == 0
+    assert started
+    assert got == want.tobytes()
