@@ -237,3 +237,44 @@ def test_a_communicator_that_changes_the_layer_cannot_crash_it() -> None:
     # and the layer still works afterwards, in its new dtype
     layer.comm = None
     assert layer.forward(X.astype(np.float32), training=True).dtype == np.float32
+
+
+def _trained_sync_net() -> tuple[nnrt.Sequential, np.ndarray]:
+    rng = np.random.default_rng(11)
+    net = nnrt.Sequential(
+        [nnrt.layer("dense_nobias", 3, 4), nnrt.layer("sync_batchnorm", 4, eps=1e-3),
+         nnrt.layer("sigmoid"), nnrt.layer("dense", 4, 2)],
+        seed=0, dtype="float64",
+    )  # fmt: skip
+    p, b = net[1].params(), net[1].buffers()
+    p["gamma"][...] = rng.uniform(0.5, 1.5, size=4)
+    p["beta"][...] = rng.normal(size=4)
+    b["running_mean"][...] = rng.normal(size=4)
+    b["running_var"][...] = rng.uniform(0.5, 2.0, size=4)
+    return net, rng.normal(size=(6, 3))
+
+
+def test_it_folds_like_batchnorm() -> None:
+    net, X = _trained_sync_net()
+    folded = net.fold()
+    assert [type(layer).__name__ for layer in folded.layers] == ["Dense", "Sigmoid", "Dense"]
+    # float64 reference of the eval network
+    s = net.state_dict()
+    z = X @ s["0.weight"]
+    z = (z - s["1.running_mean"]) / np.sqrt(s["1.running_var"] + 1e-3) * s["1.gamma"]
+    h = 1 / (1 + np.exp(-(z + s["1.beta"])))
+    want = h @ s["3.weight"] + s["3.bias"]
+    np.testing.assert_allclose(folded(X), want, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(net(X), want, rtol=1e-12, atol=1e-12)
+
+
+def test_it_exports_to_onnx_like_batchnorm(tmp_path: Any) -> None:
+    onnxruntime = pytest.importorskip("onnxruntime")
+    import nnrt.onnx
+
+    net, X = _trained_sync_net()
+    path = str(tmp_path / "sync.onnx")
+    nnrt.onnx.export(net, path)
+    session = onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"])
+    (got,) = session.run(None, {session.get_inputs()[0].name: X})
+    np.testing.assert_allclose(got, net(X), rtol=1e-10, atol=1e-12)
