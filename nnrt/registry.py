@@ -237,6 +237,7 @@ class Registry:
         self._plugins: dict[str, PluginInfo] = {}
         self._refused: list[PluginInfo] = []  # entry points whose plugin name was taken
         self._loaded = False
+        self._loading = False
         self._lock = threading.RLock()
 
     # ----------------------------------------------------------------- loading
@@ -244,15 +245,23 @@ class Registry:
         if self._loaded:
             return
         with self._lock:
-            if self._loaded:
+            # NOTE: _loaded is set only once everything is loaded, so that another
+            # thread waits on the lock instead of seeing a half-filled registry;
+            # _loading lets the loading thread itself (a plugin that uses nnrt while
+            # it is imported) through
+            if self._loaded or self._loading:
                 return
-            self._loaded = True
-            from nnrt import _core_plugin
+            self._loading = True
+            try:
+                from nnrt import _core_plugin
 
-            info = PluginInfo(name="nnrt", status="ok", source="nnrt core")
-            self._plugins["nnrt"] = info
-            self._register(_core_plugin, "nnrt", "nnrt", info)
-            self._load_entry_points()
+                info = PluginInfo(name="nnrt", status="ok", source="nnrt core")
+                self._plugins["nnrt"] = info
+                self._register(_core_plugin, "nnrt", "nnrt", info)
+                self._load_entry_points()
+            finally:
+                self._loaded = True
+                self._loading = False
 
     def _load_entry_points(self) -> None:
         disabled = {s.strip() for s in os.environ.get(DISABLE_ENV, "").split(",") if s.strip()}

@@ -169,6 +169,17 @@ cdef inline int _affine_kind(int t, bint sig) noexcept nogil:
     return PAR_EXPF if t == cnp.NPY_FLOAT32 else PAR_EXP
 
 
+cdef cnp.ndarray _message(cnp.ndarray buf, Py_ssize_t size):
+    # buf if it is still a writeable C-contiguous float64 vector of size elements,
+    # else a new one: a message buffer goes out to a communicator (Python code),
+    # which may have reshaped it; its values never outlive one step
+    if (buf is None or cnp.PyArray_NDIM(buf) != 1 or cnp.PyArray_DIM(buf, 0) != size
+            or cnp.PyArray_TYPE(buf) != cnp.NPY_FLOAT64
+            or not cnp.PyArray_ISCARRAY(buf)):
+        return np.zeros(size)
+    return buf
+
+
 cdef inline void* _data(cnp.ndarray arr) noexcept:
     # data pointer of an ndarray, NULL for None
     if arr is None:
@@ -430,6 +441,8 @@ cdef class BatchNorm(Layer):
         cdef Py_ssize_t n = cnp.PyArray_DIM(Xa, 0)
         cdef Py_ssize_t f = self._n_in
         cdef int t = self._typenum
+        self._msg_stats = _message(self._msg_stats, f + 1)
+        self._msg_sums = _message(self._msg_sums, 2 * f)
         cdef cnp.ndarray stats = self._msg_stats, sums = self._msg_sums
         cdef cnp.ndarray mean = self._mean, var = self._var
         check_array(self, Xa, "input", n, f, t, False)
@@ -531,6 +544,7 @@ cdef class BatchNorm(Layer):
             return self._backward_pass(X, dYa, S, dX, 0)
         # NOTE: dgamma/dbeta are this rank's share (from its own sums): the trainer's
         # gradient allreduce adds the shares up; dx needs the sums of the global batch
+        self._msg_sums = _message(self._msg_sums, 2 * self._n_in)
         self._backward_pass(X, dYa, S, dX, 1)
         self._allreduce(self._msg_sums, "backward: sums of dy and dy*xhat")
         return self._backward_pass(X, dYa, S, dX, 2)

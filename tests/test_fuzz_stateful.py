@@ -356,6 +356,12 @@ def _op_write(kind: str, tid: int, which: str, how: str, value: float) -> None:
     if not isinstance(arr, np.ndarray):
         return
     if how == "fill":
+        if arr.dtype.kind in "iub" and not (
+            np.isfinite(value)
+            and arr.dtype.kind != "b"
+            and np.iinfo(arr.dtype).min <= value <= np.iinfo(arr.dtype).max
+        ):
+            return  # numpy itself refuses (OverflowError): not a write nnrt can see
         if arr.flags.writeable:
             try:
                 arr[...] = value

@@ -327,10 +327,49 @@ def test_a_pickle_carries_parameters_buffers_and_config_only() -> None:
     np.testing.assert_array_equal(clone.predict(X[:50]), net.predict(X[:50]))
 
 
+class _CachingScale(nnrt.Layer):
+    """A registered Python layer with a batch-sized training cache (``_X``)."""
+
+    def __init__(self, width: int = 8) -> None:
+        super().__init__()
+        self.in_features = self.out_features = int(width)
+        self.scale = np.ones(width)
+        self.dscale = np.zeros(width)
+        self._X: np.ndarray | None = None
+
+    def params(self) -> dict[str, np.ndarray]:
+        return {"scale": self.scale}
+
+    def grads(self) -> dict[str, np.ndarray]:
+        return {"scale": self.dscale}
+
+    def forward(self, X: Any, training: bool = False) -> np.ndarray:
+        Xa = self.prepare_input(X)
+        if training:
+            self._X = Xa.copy()
+        return Xa * self.scale
+
+    def backward(self, dY: Any) -> np.ndarray:
+        assert self._X is not None
+        self.dscale[...] = (dY * self._X).sum(axis=0)
+        return np.asarray(dY * self.scale)
+
+    def config(self) -> dict[str, Any]:
+        return {"width": self.in_features}
+
+
+class _CachingScalePlugin:
+    @nnrt.hookimpl
+    def nnrt_register_layers(self, register: Any) -> None:
+        register("test_caching_scale", _CachingScale)
+
+
 def test_a_python_layer_s_caches_do_not_travel_in_the_pickle() -> None:
-    # a batch-normalisation layer's training caches are batch-sized
+    # a registered Python layer whose training cache is batch-sized
+    if "test_caching_scale" not in nnrt.available_layers():
+        nnrt.register_plugin(_CachingScalePlugin(), name="test_caching_scale_plugin")
     net = nnrt.Sequential(
-        [nnrt.layer("dense", 6, 8), nnrt.layer("sync_batchnorm", 8), nnrt.layer("dense", 8, 2)],
+        [nnrt.layer("dense", 6, 8), nnrt.layer("test_caching_scale", 8), nnrt.layer("dense", 8, 2)],
         dtype="float64",
     )
     X = np.random.default_rng(6).normal(size=(20_000, 6))
