@@ -14,6 +14,7 @@ import numpy as np
 cimport numpy as cnp
 
 from cython cimport floating
+from libc.stdint cimport int32_t, int64_t
 from libc.string cimport memcpy
 
 cnp.import_array()
@@ -103,6 +104,32 @@ cdef enum:
     _PREFETCH_BYTES = 4096  # of each row (the hardware prefetcher streams the rest)
 
 
+class NonFinite(ValueError):
+    """``take_rows(..., check=True)`` copied a NaN/Inf (``row``: its index in ``src``)."""
+
+    def __init__(self, row: int) -> None:
+        super().__init__(f"take_rows: row {row} holds a non-finite value (NaN/Inf)")
+        self.row = row
+
+
+cdef inline bint _bad32(const int32_t* v, Py_ssize_t n) noexcept nogil:
+    # some v[i], read as a float32, is NaN or +-Inf (all exponent bits set); integer
+    # compares, so the loop vectorises (a float compare chain would not, without -ffast-math)
+    cdef Py_ssize_t i
+    cdef int bad = 0
+    for i in range(n):
+        bad |= (v[i] & 0x7fffffff) >= 0x7f800000
+    return bad != 0
+
+
+cdef inline bint _bad64(const int64_t* v, Py_ssize_t n) noexcept nogil:
+    cdef Py_ssize_t i
+    cdef int bad = 0
+    for i in range(n):
+        bad |= (v[i] & 0x7fffffffffffffffLL) >= 0x7ff0000000000000LL
+    return bad != 0
+
+
 cdef inline bint _rows_of(object a) noexcept:
     # a C-contiguous ndarray (or subclass: a memory map) with at least one dimension
     if not isinstance(a, np.ndarray):
@@ -111,13 +138,19 @@ cdef inline bint _rows_of(object a) noexcept:
     return cnp.PyArray_NDIM(arr) >= 1 and cnp.PyArray_IS_C_CONTIGUOUS(arr)
 
 
-def take_rows(object src, object idx, object out):
+def take_rows(object src, object idx, object out, bint check=False):
     """``out[i] = src[idx[i]]`` for every i, as ``np.take(src, idx, axis=0, out=out)``.
 
     For C-contiguous ``src`` and ``out`` of one dtype and row shape, ``out``
     writeable with ``len(idx)`` rows, ``idx`` an intp array; returns True. Returns
     False for anything else (the caller uses ``np.take``). An index outside
     ``[0, len(src))`` raises IndexError before anything is copied.
+
+    With ``check=True`` (float32/float64 only, ``out`` aligned: else False) each
+    row is also tested for NaN/Inf right after its copy, while it is in L1, and
+    the first bad one raises :class:`NonFinite` (the rows before it are copied).
+    This costs next to nothing beside the memory-bound copy, where a separate
+    ``np.isfinite`` pass over ``src`` reads it all once more.
 
     NOTE: rows of a shuffled batch sit anywhere in ``src``, so each row's first
     cache lines miss; the rows a few places ahead are prefetched while one is
@@ -134,6 +167,10 @@ def take_rows(object src, object idx, object out):
             or not (cnp.PyArray_ISNUMBER(s) or cnp.PyArray_ISBOOL(s))  # never objects
             or not (cnp.PyArray_ISNOTSWAPPED(s) and cnp.PyArray_ISNOTSWAPPED(o))
             or cnp.PyArray_NDIM(s) != cnp.PyArray_NDIM(o)):
+        return False
+    cdef int typ = cnp.PyArray_TYPE(s)
+    if check and not (cnp.PyArray_ISALIGNED(o)
+                      and (typ == cnp.NPY_FLOAT32 or typ == cnp.NPY_FLOAT64)):
         return False
     cdef int d
     for d in range(1, cnp.PyArray_NDIM(s)):
@@ -152,6 +189,8 @@ def take_rows(object src, object idx, object out):
     cdef Py_ssize_t row = cnp.PyArray_NBYTES(s) // nrows
     cdef const char* sp = <const char*>cnp.PyArray_DATA(s)
     cdef char* op = <char*>cnp.PyArray_DATA(o)
+    cdef Py_ssize_t items = row // cnp.PyArray_ITEMSIZE(s)
+    cdef bint bad
     pre = row if row < _PREFETCH_BYTES else _PREFETCH_BYTES
     # the GIL stays held: no other thread can resize src or out while they are read
     for i in range(m):
@@ -159,4 +198,11 @@ def take_rows(object src, object idx, object out):
             for k in range(0, pre, 64):
                 NNRT_PREFETCH(sp + ip[i + _AHEAD] * row + k)
         memcpy(op + i * row, sp + ip[i] * row, row)
+        if check:
+            if typ == cnp.NPY_FLOAT32:
+                bad = _bad32(<const int32_t*>(op + i * row), items)
+            else:
+                bad = _bad64(<const int64_t*>(op + i * row), items)
+            if bad:
+                raise NonFinite(ip[i])
     return True
