@@ -14,7 +14,7 @@ import numpy as np
 cimport numpy as cnp
 
 from cython cimport floating
-from libc.stdint cimport int32_t, int64_t
+from libc.stdint cimport uint32_t, uint64_t
 from libc.string cimport memcpy
 
 cnp.import_array()
@@ -112,22 +112,37 @@ class NonFinite(ValueError):
         self.row = row
 
 
-cdef inline bint _bad32(const int32_t* v, Py_ssize_t n) noexcept nogil:
-    # some v[i], read as a float32, is NaN or +-Inf (all exponent bits set); integer
-    # compares, so the loop vectorises (a float compare chain would not, without -ffast-math)
-    cdef Py_ssize_t i
-    cdef int bad = 0
-    for i in range(n):
-        bad |= (v[i] & 0x7fffffff) >= 0x7f800000
-    return bad != 0
-
-
-cdef inline bint _bad64(const int64_t* v, Py_ssize_t n) noexcept nogil:
-    cdef Py_ssize_t i
-    cdef int bad = 0
-    for i in range(n):
-        bad |= (v[i] & 0x7fffffffffffffffLL) >= 0x7ff0000000000000LL
-    return bad != 0
+cdef extern from *:
+    """
+    #include <stdint.h>
+    /* Copy n items and say whether one is NaN/Inf (all exponent bits set), in one pass:
+       the values are tested as they go through the registers on their way from src
+       to dst. (x & ~sign) + (lowest exponent bit) reaches the sign bit exactly when the
+       exponent is all ones; OR-ing these sums keeps the loop branch-free, and integer
+       ops let it vectorise (a float compare chain would not, without -ffast-math). */
+    static int nnrt_copy_check32(uint32_t* restrict dst, const uint32_t* restrict src,
+                                 Py_ssize_t n) {
+        uint32_t acc = 0;
+        for (Py_ssize_t i = 0; i < n; i++) {
+            uint32_t x = src[i];
+            dst[i] = x;
+            acc |= (x & 0x7fffffffu) + 0x00800000u;
+        }
+        return (acc >> 31) != 0;
+    }
+    static int nnrt_copy_check64(uint64_t* restrict dst, const uint64_t* restrict src,
+                                 Py_ssize_t n) {
+        uint64_t acc = 0;
+        for (Py_ssize_t i = 0; i < n; i++) {
+            uint64_t x = src[i];
+            dst[i] = x;
+            acc |= (x & 0x7fffffffffffffffull) + 0x0010000000000000ull;
+        }
+        return (acc >> 63) != 0;
+    }
+    """
+    bint nnrt_copy_check32(uint32_t* dst, const uint32_t* src, Py_ssize_t n) noexcept nogil
+    bint nnrt_copy_check64(uint64_t* dst, const uint64_t* src, Py_ssize_t n) noexcept nogil
 
 
 cdef inline bint _rows_of(object a) noexcept:
@@ -146,10 +161,10 @@ def take_rows(object src, object idx, object out, bint check=False):
     False for anything else (the caller uses ``np.take``). An index outside
     ``[0, len(src))`` raises IndexError before anything is copied.
 
-    With ``check=True`` (float32/float64 only, ``out`` aligned: else False) each
-    row is also tested for NaN/Inf right after its copy, while it is in L1, and
-    the first bad one raises :class:`NonFinite` (the rows before it are copied).
-    This costs next to nothing beside the memory-bound copy, where a separate
+    With ``check=True`` (float32/float64 only, ``src`` and ``out`` aligned: else
+    False) each row's values are also tested for NaN/Inf as they are copied, and
+    the first bad row raises :class:`NonFinite` (the rows before it are copied).
+    The copy waits on memory anyway, so the test costs little, where a separate
     ``np.isfinite`` pass over ``src`` reads it all once more.
 
     NOTE: rows of a shuffled batch sit anywhere in ``src``, so each row's first
@@ -169,7 +184,7 @@ def take_rows(object src, object idx, object out, bint check=False):
             or cnp.PyArray_NDIM(s) != cnp.PyArray_NDIM(o)):
         return False
     cdef int typ = cnp.PyArray_TYPE(s)
-    if check and not (cnp.PyArray_ISALIGNED(o)
+    if check and not (cnp.PyArray_ISALIGNED(o) and cnp.PyArray_ISALIGNED(s)
                       and (typ == cnp.NPY_FLOAT32 or typ == cnp.NPY_FLOAT64)):
         return False
     cdef int d
@@ -197,12 +212,15 @@ def take_rows(object src, object idx, object out, bint check=False):
         if i + _AHEAD < m:
             for k in range(0, pre, 64):
                 NNRT_PREFETCH(sp + ip[i + _AHEAD] * row + k)
-        memcpy(op + i * row, sp + ip[i] * row, row)
-        if check:
-            if typ == cnp.NPY_FLOAT32:
-                bad = _bad32(<const int32_t*>(op + i * row), items)
-            else:
-                bad = _bad64(<const int64_t*>(op + i * row), items)
-            if bad:
-                raise NonFinite(ip[i])
+        if not check:
+            memcpy(op + i * row, sp + ip[i] * row, row)
+            continue
+        if typ == cnp.NPY_FLOAT32:
+            bad = nnrt_copy_check32(<uint32_t*>(op + i * row),
+                                    <const uint32_t*>(sp + ip[i] * row), items)
+        else:
+            bad = nnrt_copy_check64(<uint64_t*>(op + i * row),
+                                    <const uint64_t*>(sp + ip[i] * row), items)
+        if bad:
+            raise NonFinite(ip[i])
     return True
