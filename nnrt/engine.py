@@ -614,14 +614,20 @@ class _Batches:
         self.k = max(1, min(steps, _CHUNK_BYTES // batch_bytes))
         self.Xbuf, self.ybuf = Xs.buffer(self.k * batch_size), ys.buffer(self.k * batch_size)
         # NOTE: each chunk is gathered into the same buffers, so the full batches are
-        # the same views every time: made once (slicing per step is ~0.3 us of 30)
+        # the same views every time: made once (slicing per step is ~0.3 us of 30),
+        # by iterating a (batches, rows, ...) reshape (C-level views: 4x faster than
+        # slicing, which was 10 us of a tiny fit's set-up)
         lo, hi = self._shard(batch_size)
         self.w = w = hi - lo
         Xo, yo = self.Xbuf[0], self.ybuf[0]
-        self.views = [
-            (Xo[j * w : (j + 1) * w], yo[j * w : (j + 1) * w], batch_size)
-            for j in range(min(self.k, Xo.shape[0] // max(w, 1)))
-        ]
+        nv = min(self.k, Xo.shape[0] // max(w, 1))
+        self.views = list(
+            zip(
+                Xo[: nv * w].reshape(nv, w, *Xo.shape[1:]),
+                yo[: nv * w].reshape(nv, w, *yo.shape[1:]),
+                itertools.repeat(batch_size, nv),
+            )
+        )
 
     def _shard(self, n: int) -> tuple[int, int]:
         return self.sync.shard(n) if self.sync is not None else (0, n)
