@@ -115,12 +115,20 @@ class NonFinite(ValueError):
 cdef extern from *:
     """
     #include <stdint.h>
+    /* an AVX2 clone picked at load time (GCC on x86-64 Linux; not under ASan, whose
+       start-up runs after ifunc resolvers): copy and test 8 floats an instruction */
+    #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) \
+        && defined(__linux__) && !defined(__SANITIZE_ADDRESS__)
+    #define NNRT_CLONES __attribute__((target_clones("avx2", "default")))
+    #else
+    #define NNRT_CLONES
+    #endif
     /* Copy n items and say whether one is NaN/Inf (all exponent bits set), in one pass:
        the values are tested as they go through the registers on their way from src
        to dst. (x & ~sign) + (lowest exponent bit) reaches the sign bit exactly when the
        exponent is all ones; OR-ing these sums keeps the loop branch-free, and integer
        ops let it vectorise (a float compare chain would not, without -ffast-math). */
-    static int nnrt_copy_check32(uint32_t* restrict dst, const uint32_t* restrict src,
+    NNRT_CLONES static int nnrt_copy_check32(uint32_t* restrict dst, const uint32_t* restrict src,
                                  Py_ssize_t n) {
         uint32_t acc = 0;
         for (Py_ssize_t i = 0; i < n; i++) {
@@ -130,7 +138,7 @@ cdef extern from *:
         }
         return (acc >> 31) != 0;
     }
-    static int nnrt_copy_check64(uint64_t* restrict dst, const uint64_t* restrict src,
+    NNRT_CLONES static int nnrt_copy_check64(uint64_t* restrict dst, const uint64_t* restrict src,
                                  Py_ssize_t n) {
         uint64_t acc = 0;
         for (Py_ssize_t i = 0; i < n; i++) {

@@ -626,6 +626,7 @@ class _Batches:
                 Xo[: nv * w].reshape(nv, w, *Xo.shape[1:]),
                 yo[: nv * w].reshape(nv, w, *yo.shape[1:]),
                 itertools.repeat(batch_size, nv),
+                strict=True,
             )
         )
 
