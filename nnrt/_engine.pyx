@@ -14,6 +14,7 @@ import numpy as np
 cimport numpy as cnp
 
 from cython cimport floating
+from libc.stdint cimport uint32_t, uint64_t
 from libc.string cimport memcpy
 
 cnp.import_array()
@@ -103,6 +104,55 @@ cdef enum:
     _PREFETCH_BYTES = 4096  # of each row (the hardware prefetcher streams the rest)
 
 
+class NonFinite(ValueError):
+    """``take_rows(..., check=True)`` copied a NaN/Inf (``row``: its index in ``src``)."""
+
+    def __init__(self, row: int) -> None:
+        super().__init__(f"take_rows: row {row} holds a non-finite value (NaN/Inf)")
+        self.row = row
+
+
+cdef extern from *:
+    """
+    #include <stdint.h>
+    /* an AVX2 clone picked at load time (GCC on x86-64 Linux; not under ASan, whose
+       start-up runs after ifunc resolvers): copy and test 8 floats an instruction */
+    #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) \
+        && defined(__linux__) && !defined(__SANITIZE_ADDRESS__)
+    #define NNRT_CLONES __attribute__((target_clones("avx2", "default")))
+    #else
+    #define NNRT_CLONES
+    #endif
+    /* Copy n items and say whether one is NaN/Inf (all exponent bits set), in one pass:
+       the values are tested as they go through the registers on their way from src
+       to dst. (x & ~sign) + (lowest exponent bit) reaches the sign bit exactly when the
+       exponent is all ones; OR-ing these sums keeps the loop branch-free, and integer
+       ops let it vectorise (a float compare chain would not, without -ffast-math). */
+    NNRT_CLONES static int nnrt_copy_check32(uint32_t* restrict dst, const uint32_t* restrict src,
+                                 Py_ssize_t n) {
+        uint32_t acc = 0;
+        for (Py_ssize_t i = 0; i < n; i++) {
+            uint32_t x = src[i];
+            dst[i] = x;
+            acc |= (x & 0x7fffffffu) + 0x00800000u;
+        }
+        return (acc >> 31) != 0;
+    }
+    NNRT_CLONES static int nnrt_copy_check64(uint64_t* restrict dst, const uint64_t* restrict src,
+                                 Py_ssize_t n) {
+        uint64_t acc = 0;
+        for (Py_ssize_t i = 0; i < n; i++) {
+            uint64_t x = src[i];
+            dst[i] = x;
+            acc |= (x & 0x7fffffffffffffffull) + 0x0010000000000000ull;
+        }
+        return (acc >> 63) != 0;
+    }
+    """
+    bint nnrt_copy_check32(uint32_t* dst, const uint32_t* src, Py_ssize_t n) noexcept nogil
+    bint nnrt_copy_check64(uint64_t* dst, const uint64_t* src, Py_ssize_t n) noexcept nogil
+
+
 cdef inline bint _rows_of(object a) noexcept:
     # a C-contiguous ndarray (or subclass: a memory map) with at least one dimension
     if not isinstance(a, np.ndarray):
@@ -111,13 +161,19 @@ cdef inline bint _rows_of(object a) noexcept:
     return cnp.PyArray_NDIM(arr) >= 1 and cnp.PyArray_IS_C_CONTIGUOUS(arr)
 
 
-def take_rows(object src, object idx, object out):
+def take_rows(object src, object idx, object out, bint check=False):
     """``out[i] = src[idx[i]]`` for every i, as ``np.take(src, idx, axis=0, out=out)``.
 
     For C-contiguous ``src`` and ``out`` of one dtype and row shape, ``out``
     writeable with ``len(idx)`` rows, ``idx`` an intp array; returns True. Returns
     False for anything else (the caller uses ``np.take``). An index outside
     ``[0, len(src))`` raises IndexError before anything is copied.
+
+    With ``check=True`` (float32/float64 only, ``src`` and ``out`` aligned: else
+    False) each row's values are also tested for NaN/Inf as they are copied, and
+    the first bad row raises :class:`NonFinite` (the rows before it are copied).
+    The copy waits on memory anyway, so the test costs little, where a separate
+    ``np.isfinite`` pass over ``src`` reads it all once more.
 
     NOTE: rows of a shuffled batch sit anywhere in ``src``, so each row's first
     cache lines miss; the rows a few places ahead are prefetched while one is
@@ -134,6 +190,10 @@ def take_rows(object src, object idx, object out):
             or not (cnp.PyArray_ISNUMBER(s) or cnp.PyArray_ISBOOL(s))  # never objects
             or not (cnp.PyArray_ISNOTSWAPPED(s) and cnp.PyArray_ISNOTSWAPPED(o))
             or cnp.PyArray_NDIM(s) != cnp.PyArray_NDIM(o)):
+        return False
+    cdef int typ = cnp.PyArray_TYPE(s)
+    if check and not (cnp.PyArray_ISALIGNED(o) and cnp.PyArray_ISALIGNED(s)
+                      and (typ == cnp.NPY_FLOAT32 or typ == cnp.NPY_FLOAT64)):
         return False
     cdef int d
     for d in range(1, cnp.PyArray_NDIM(s)):
@@ -152,11 +212,23 @@ def take_rows(object src, object idx, object out):
     cdef Py_ssize_t row = cnp.PyArray_NBYTES(s) // nrows
     cdef const char* sp = <const char*>cnp.PyArray_DATA(s)
     cdef char* op = <char*>cnp.PyArray_DATA(o)
+    cdef Py_ssize_t items = row // cnp.PyArray_ITEMSIZE(s)
+    cdef bint bad
     pre = row if row < _PREFETCH_BYTES else _PREFETCH_BYTES
     # the GIL stays held: no other thread can resize src or out while they are read
     for i in range(m):
         if i + _AHEAD < m:
             for k in range(0, pre, 64):
                 NNRT_PREFETCH(sp + ip[i + _AHEAD] * row + k)
-        memcpy(op + i * row, sp + ip[i] * row, row)
+        if not check:
+            memcpy(op + i * row, sp + ip[i] * row, row)
+            continue
+        if typ == cnp.NPY_FLOAT32:
+            bad = nnrt_copy_check32(<uint32_t*>(op + i * row),
+                                    <const uint32_t*>(sp + ip[i] * row), items)
+        else:
+            bad = nnrt_copy_check64(<uint64_t*>(op + i * row),
+                                    <const uint64_t*>(sp + ip[i] * row), items)
+        if bad:
+            raise NonFinite(ip[i])
     return True

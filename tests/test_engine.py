@@ -8,6 +8,7 @@ tracemalloc for "never copied whole".
 from __future__ import annotations
 
 import contextlib
+import copy
 import io
 import tracemalloc
 from pathlib import Path
@@ -384,3 +385,102 @@ def test_take_rows_is_np_take_or_declines(tmp_path: Path) -> None:
         with pytest.raises(IndexError, match="out of bounds for 20 rows"):
             take_rows(X, np.array([bad], dtype=np.intp), out)
         assert not out.any()
+
+
+def test_take_rows_check_finds_every_non_finite_row() -> None:
+    from nnrt._engine import NonFinite, take_rows
+
+    rng = np.random.default_rng(7)
+    idx = np.array([3, 11, 0, 11, 5], dtype=np.intp)
+    for dtype in (np.float32, np.float64):
+        info = np.finfo(dtype)
+        src = rng.normal(size=(12, 37)).astype(dtype)
+        # extremes that are finite: no false alarm
+        src[3, 0], src[3, 36], src[0, 5] = info.max, -info.max, info.smallest_subnormal
+        out = np.empty((len(idx), 37), dtype=dtype)
+        assert take_rows(src, idx, out, True) is True
+        np.testing.assert_array_equal(out, src[idx])
+        for value in (np.nan, np.inf, -np.inf, -np.nan):
+            for col in (0, 17, 36):
+                bad = src.copy()
+                bad[11, col] = value
+                with pytest.raises(NonFinite) as exc:
+                    take_rows(bad, idx, np.empty_like(out), True)
+                assert exc.value.row == 11 and isinstance(exc.value, ValueError)
+                bad = src.copy()
+                bad[7, col] = value  # a row not gathered
+                assert take_rows(bad, idx, np.empty_like(out), True) is True
+    # the scan needs float rows and an aligned out; else the caller scans
+    ints = rng.integers(0, 9, size=(12, 4))
+    assert take_rows(ints, idx, np.empty((5, 4), dtype=ints.dtype), True) is False
+    raw = np.empty(5 * 4 * 8 + 1, dtype=np.uint8)[1:].view(np.float64).reshape(5, 4)
+    assert not raw.flags.aligned
+    assert take_rows(rng.normal(size=(12, 4)), idx, raw, True) is False
+
+
+def _opt_bytes(state: Any) -> list[bytes]:
+    # an optimizer's state_dict, flattened to bytes (keys and arrays, in order)
+    if isinstance(state, dict):
+        return [
+            b for k in sorted(state, key=str) for b in [repr(k).encode(), *_opt_bytes(state[k])]
+        ]
+    if isinstance(state, (list, tuple)):
+        return [b for item in state for b in _opt_bytes(item)]
+    return [np.asarray(state).tobytes()]
+
+
+@pytest.mark.filterwarnings("ignore::nnrt.TrainingWarning")
+@pytest.mark.parametrize(
+    "case", ["last-batch", "first-batch", "skipped-row", "split-tail", "in-order", "cast"]
+)
+def test_nan_in_x_found_in_first_epoch_restores_network_and_optimizer(
+    case: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A NaN/Inf in X is found as the first epoch gathers its rows (or before, where the
+    # rows are never gathered); fit raises ValueError naming the entry, and the network
+    # and the optimizer are bit for bit as before fit. The optimizer has state already
+    # (a previous fit), so "as before" is not "as new". One batch is gathered at a time
+    # (as for wide rows), so a NaN in the last batch is found after two steps.
+    monkeypatch.setattr(nnrt.engine, "_CHUNK_BYTES", 1)
+    X, y = _blobs(97)  # 97 = 3 batches of 32 + 1 row: skipped under batchnorm
+    X = X.astype(np.float32)
+    net = _bn_net()
+    opt = nnrt.optim.Adam(net, lr=0.01)
+    net.fit(X, y, optimizer=opt, epochs=2, progress=False)
+    before, opt_before = net.state_dict(), copy.deepcopy(opt.state_dict())
+    kwargs: dict[str, Any] = {}
+    order = np.random.default_rng(net.seed).permutation(97)  # fit's first epoch
+    if case == "last-batch":
+        row, col = int(order[95]), 4  # last row of the last full batch
+    elif case == "first-batch":
+        row, col = int(order[0]), 0
+    elif case == "skipped-row":
+        row, col = int(order[96]), 5  # the row the short last batch would hold
+    elif case == "split-tail":
+        row, col = 95, 2
+        kwargs["validation_split"] = 0.1
+    elif case == "in-order":
+        row, col = 95, 1
+        kwargs["shuffle"] = False
+    else:  # float64 data for a float32 network: scanned before training
+        X = X.astype(np.float64)
+        row, col = 60, 3
+    X[row, col] = np.inf if case == "first-batch" else np.nan
+    seen: list[int] = []
+    cb = nnrt.engine.LambdaCallback(on_epoch_end=lambda s, e, logs: seen.append(e))
+    with pytest.raises(ValueError, match=rf"fit: X: contains 1 non-finite .* \({row}, {col}\)"):
+        net.fit(X, y, optimizer=opt, epochs=3, progress=False, callbacks=[cb], **kwargs)
+    assert seen == []  # no epoch ended
+    after = net.state_dict()
+    assert before.keys() == after.keys()
+    assert all(before[k].tobytes() == after[k].tobytes() for k in before)
+    assert _opt_bytes(opt.state_dict()) == _opt_bytes(opt_before)
+    # and it trains on as if nothing had happened
+    X[row, col] = 0.0
+    ref = _bn_net()
+    ref.load_state_dict(before)
+    ref_opt = nnrt.optim.Adam(ref, lr=0.01)
+    ref_opt.load_state_dict(opt_before)
+    net.fit(X, y, optimizer=opt, epochs=1, progress=False, **kwargs)
+    ref.fit(X, y, optimizer=ref_opt, epochs=1, progress=False, **kwargs)
+    assert _same_state(net, ref)
