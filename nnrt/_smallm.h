@@ -5,7 +5,7 @@
  *   on every call; at a batch of a few rows that copy costs as much as the product.
  *   This kernel reads W in place, once per block of MR rows, register-blocked as MR
  *   rows x NV vectors of columns (AVX-512: 8 x 3 vectors, 24 accumulators, 3 loads of
- *   W and 8 broadcasts of X per step of k), over blocks of KC rows of W that every
+ *   W and 8 broadcasts of X per step of k), over blocks of kc rows of W that every
  *   row block reads from L1/L2 before the next block is streamed in.
  *   GCC vector extensions (portable C; AVX-512 and AVX2+FMA builds of it are picked
  *   at run time from the CPU). The caller chooses this kernel or GEMM by the shape
@@ -51,9 +51,15 @@ typedef double nnrt_v1d __attribute__((vector_size(8)));
 typedef double nnrt_v1d_u __attribute__((vector_size(8), aligned(8)));
 #endif
 
-/* depth of a block of k: a panel of KC x (NV vectors) of W stays in L1/L2 while every
- * row block reads it */
-#define NNRT_SMALLM_KC 64
+/* Depth of a block of k (kc <= 0 picks it): kc rows of W (kc n elements, contiguous)
+ * stay in L1/L2 while every row block reads them: about 256 KB of W per block, 64 to
+ * 256 rows deep. Measured on Zen 5 (AVX-512, 1 MB L2) on the benchmark shapes: whole
+ * rows of W in 64-row blocks beat 192-column panels 256 rows deep by 5-40%; between
+ * 32 and 256 rows the differences were within the noise (a few %), 32 the slowest. */
+static ptrdiff_t nnrt_smallm_kc(ptrdiff_t n, size_t elsize) {
+    ptrdiff_t kc = (ptrdiff_t)(262144 / ((size_t)(n > 0 ? n : 1) * elsize));
+    return kc < 64 ? 64 : kc > 256 ? 256 : kc;
+}
 
 #ifdef NNRT_SMALLM_VECTOR
 /* One block: rows i0 .. i0+MR-1, columns j .. j+NV*L-1, k in [k0, k1); the first
@@ -80,11 +86,13 @@ typedef double nnrt_v1d_u __attribute__((vector_size(8), aligned(8)));
     } while (0)
 
 /* Rows i0 .. i0+MR-1 over the panel's columns: full blocks of NV vectors, then single
- * 4, 2, 1 vectors, then one of a half-width vector type (H, L/2 lanes), then scalars. */
+ * 8, 4, 2, 1 vectors, then one of a half-width vector type (H, L/2 lanes), then scalars. */
 #define NNRT_SMALLM_ROWS(T, V, VU, L, H, HU, MR, NV)                                      \
     do {                                                                                  \
         ptrdiff_t j = j0;                                                                 \
         for (; j + NV * L <= j1; j += NV * L) NNRT_SMALLM_BLOCK(T, V, VU, L, MR, NV);     \
+        if (NV > 8)                                                                       \
+            for (; j + 8 * L <= j1; j += 8 * L) NNRT_SMALLM_BLOCK(T, V, VU, L, MR, 8);    \
         if (NV > 4)                                                                       \
             for (; j + 4 * L <= j1; j += 4 * L) NNRT_SMALLM_BLOCK(T, V, VU, L, MR, 4);    \
         if (NV > 2)                                                                       \
@@ -101,16 +109,16 @@ typedef double nnrt_v1d_u __attribute__((vector_size(8), aligned(8)));
         }                                                                                 \
     } while (0)
 
-/* Blocks of KC rows of W (contiguous in memory: read once, sequentially, then served
+/* Blocks of kc rows of W (contiguous in memory: read once, sequentially, then served
  * from L1/L2 to every row block); rows in blocks of MR, then 4, then 3, 2 and 1 with
  * wider blocks (4 NV / 3, 2 NV, 4 NV vectors), which keep enough independent sums in
  * flight. */
 #define NNRT_SMALLM_KERNEL(NAME, ATTR, T, V, VU, L, H, HU, MR, NV)                        \
 ATTR static void NAME(const T *X, const T *W, T *Y, ptrdiff_t m, ptrdiff_t k,             \
-                      ptrdiff_t n) {                                                      \
+                      ptrdiff_t n, ptrdiff_t kc) {                                        \
     const ptrdiff_t j0 = 0, j1 = n;                                                       \
-    for (ptrdiff_t k0 = 0; k0 < k; k0 += NNRT_SMALLM_KC) {                                \
-        ptrdiff_t k1 = k0 + NNRT_SMALLM_KC < k ? k0 + NNRT_SMALLM_KC : k;                 \
+    for (ptrdiff_t k0 = 0; k0 < k; k0 += kc) {                                            \
+        ptrdiff_t k1 = k0 + kc < k ? k0 + kc : k;                                         \
         ptrdiff_t i0 = 0;                                                                 \
         for (; i0 + MR <= m; i0 += MR) NNRT_SMALLM_ROWS(T, V, VU, L, H, HU, MR, NV);      \
         for (; i0 + 4 <= m; i0 += 4) NNRT_SMALLM_ROWS(T, V, VU, L, H, HU, 4, NV);         \
@@ -176,29 +184,32 @@ static const char *nnrt_smallm_isa_name(void) {
 }
 
 static void nnrt_smallm_f(const float *X, const float *W, float *Y, ptrdiff_t m,
-                          ptrdiff_t k, ptrdiff_t n) {
+                          ptrdiff_t k, ptrdiff_t n, ptrdiff_t kc) {
+    if (kc <= 0) kc = nnrt_smallm_kc(n, sizeof(float));
 #ifdef NNRT_SMALLM_X86
     int level = nnrt_smallm_level();
-    if (level == 2) { nnrt_smallm_f_avx512(X, W, Y, m, k, n); return; }
-    if (level == 1) { nnrt_smallm_f_avx2(X, W, Y, m, k, n); return; }
+    if (level == 2) { nnrt_smallm_f_avx512(X, W, Y, m, k, n, kc); return; }
+    if (level == 1) { nnrt_smallm_f_avx2(X, W, Y, m, k, n, kc); return; }
 #endif
-    nnrt_smallm_f_base(X, W, Y, m, k, n);
+    nnrt_smallm_f_base(X, W, Y, m, k, n, kc);
 }
 
 static void nnrt_smallm_d(const double *X, const double *W, double *Y, ptrdiff_t m,
-                          ptrdiff_t k, ptrdiff_t n) {
+                          ptrdiff_t k, ptrdiff_t n, ptrdiff_t kc) {
+    if (kc <= 0) kc = nnrt_smallm_kc(n, sizeof(double));
 #ifdef NNRT_SMALLM_X86
     int level = nnrt_smallm_level();
-    if (level == 2) { nnrt_smallm_d_avx512(X, W, Y, m, k, n); return; }
-    if (level == 1) { nnrt_smallm_d_avx2(X, W, Y, m, k, n); return; }
+    if (level == 2) { nnrt_smallm_d_avx512(X, W, Y, m, k, n, kc); return; }
+    if (level == 1) { nnrt_smallm_d_avx2(X, W, Y, m, k, n, kc); return; }
 #endif
-    nnrt_smallm_d_base(X, W, Y, m, k, n);
+    nnrt_smallm_d_base(X, W, Y, m, k, n, kc);
 }
 #else
 /* other compilers: the plain triple loop (the caller uses GEMM there anyway) */
 #define NNRT_SMALLM_PLAIN(T, SUF)                                                         \
 static void nnrt_smallm_##SUF(const T *X, const T *W, T *Y, ptrdiff_t m, ptrdiff_t k,     \
-                              ptrdiff_t n) {                                              \
+                              ptrdiff_t n, ptrdiff_t kc) {                                \
+    (void)kc;                                                                             \
     for (ptrdiff_t i = 0; i < m; i++) {                                                   \
         for (ptrdiff_t j = 0; j < n; j++) Y[i * n + j] = 0;                               \
         for (ptrdiff_t p = 0; p < k; p++) {                                               \

@@ -159,9 +159,9 @@ cdef void dense_backward(const floating* X, const floating* W, const floating* d
 # them, nnrt/_kernels.pyx), are then applied in one pass over the output.
 cdef extern from "nnrt/_smallm.h" nogil:
     void nnrt_smallm_f(const float* X, const float* W, float* Y, Py_ssize_t m, Py_ssize_t k,
-                       Py_ssize_t n)
+                       Py_ssize_t n, Py_ssize_t kc)
     void nnrt_smallm_d(const double* X, const double* W, double* Y, Py_ssize_t m,
-                       Py_ssize_t k, Py_ssize_t n)
+                       Py_ssize_t k, Py_ssize_t n, Py_ssize_t kc)
     void nnrt_epilogue_f(float* Y, Py_ssize_t m, Py_ssize_t n, const float* bias,
                          const float* center, const float* scale, const float* shift, int act)
     void nnrt_epilogue_d(double* Y, Py_ssize_t m, Py_ssize_t n, const double* bias,
@@ -171,7 +171,8 @@ cdef extern from "nnrt/_smallm.h" nogil:
     const char* nnrt_smallm_isa_name()
 
 # Kernel choice of the eval forward: 0 by shape (below), 1 always GEMM, 2 GEMV at one
-# row and the small-M kernel for every other batch (tests and benchmarks force them).
+# row and the small-M kernel for every other batch, 3 the small-M kernel at every batch
+# (tests and benchmarks force them).
 cdef int _eval_mode = 0
 # Largest batch the small-M kernel serves, by the CPU's vector ISA (measured against
 # OpenBLAS's sgemm at one thread: nnrt/_smallm.h); it also needs a layer at least
@@ -179,20 +180,35 @@ cdef int _eval_mode = 0
 # scalars, slower than GEMM).
 cdef Py_ssize_t _SMALL_M_MAX = nnrt_smallm_rows_max()
 cdef Py_ssize_t _SMALL_M_MIN_COLS = 32
+# At one row the small-M kernel beat GEMV while W fits in L2 (784 x 128 float32: 2.2 vs
+# 3.3 us); GEMV streamed larger W from L3/memory faster (1024 x 1024: 40 vs 56 us).
+cdef Py_ssize_t _SMALL_M_ROW_BYTES = 524288
 SMALL_M_ISA = nnrt_smallm_isa_name().decode()
 SMALL_M_MAX_ROWS = _SMALL_M_MAX
 # Below this many multiply-adds the kernel runs without releasing the GIL (releasing
 # and taking it back costs more than the work).
 cdef Py_ssize_t _NOGIL_MIN = 32768
 
+# depth of the small-M kernel's blocks of k (0: by the layer's width, nnrt/_smallm.h)
+cdef Py_ssize_t _small_m_kc = 0
+
 EVAL_ACT_NONE = 0
 EVAL_ACT_SIGMOID = 1
 
 
+def _set_small_m_block(Py_ssize_t kc):
+    """Depth of the small-M kernel's blocks of k; 0 picks it by the width (tuning)."""
+    global _small_m_kc
+    if kc < 0:
+        raise ValueError(f"block depth must be >= 0, got {kc}")
+    _small_m_kc = kc
+
+
 def _set_eval_kernel(str mode):
-    """Force the eval forward's kernel: "auto", "gemm" or "small" (tests, benchmarks)."""
+    """Force the eval forward's kernel: "auto", "gemm", "small" (GEMV at one row) or
+    "small-all" (tests, benchmarks)."""
     global _eval_mode
-    modes = {"auto": 0, "gemm": 1, "small": 2}
+    modes = {"auto": 0, "gemm": 1, "small": 2, "small-all": 3}
     if mode not in modes:
         raise ValueError(f"eval kernel must be one of {sorted(modes)}, got {mode!r}")
     _eval_mode = modes[mode]
@@ -204,14 +220,29 @@ cdef void dense_eval(const floating* X, const floating* W, const floating* b,
                      Py_ssize_t n_out, int mode) noexcept nogil:
     # Y = epilogue(X @ W): + b (b non-NULL), then (y - center) * scale + shift (center
     # non-NULL), then sigmoid (act 1)
-    if mode != 1 and batch == 1:
+    cdef bint small_ok = (batch <= _SMALL_M_MAX and n_out >= _SMALL_M_MIN_COLS
+                          and n_out % 8 == 0)
+    cdef int use
+    if mode == 1:
+        use = 0
+    elif mode == 3:
+        use = 2
+    elif batch == 1:
+        # one row: the small-M kernel while W sits in L2, else BLAS GEMV (which streams
+        # a large W from memory faster)
+        use = 2 if (mode == 0 and small_ok
+                    and n_in * n_out * <Py_ssize_t>sizeof(floating) <= _SMALL_M_ROW_BYTES) else 1
+    elif mode == 2 or small_ok:
+        use = 2
+    else:
+        use = 0
+    if use == 1:
         gemv_rm(True, <int>n_in, <int>n_out, 1, W, <int>n_out, X, 0, Y)
-    elif mode == 2 or (mode == 0 and batch <= _SMALL_M_MAX and n_out >= _SMALL_M_MIN_COLS
-                       and n_out % 8 == 0):
+    elif use == 2:
         if floating is float:
-            nnrt_smallm_f(X, W, Y, batch, n_in, n_out)
+            nnrt_smallm_f(X, W, Y, batch, n_in, n_out, _small_m_kc)
         else:
-            nnrt_smallm_d(X, W, Y, batch, n_in, n_out)
+            nnrt_smallm_d(X, W, Y, batch, n_in, n_out, _small_m_kc)
     else:
         gemm_rm(False, False, <int>batch, <int>n_out, <int>n_in, 1, X, <int>n_in, W,
                 <int>n_out, 0, Y, <int>n_out)

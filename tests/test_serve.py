@@ -15,7 +15,7 @@ import nnrt
 import nnrt._kernels as kernels
 import nnrt.dense as dense
 
-MODES = ("auto", "gemm", "small")
+MODES = ("auto", "gemm", "small", "small-all")
 # a dense layer with a bias before BatchNorm is tested on purpose (the bias path)
 pytestmark = pytest.mark.filterwarnings("ignore::nnrt.BiasBeforeBatchNormWarning")
 
@@ -242,7 +242,7 @@ def test_predict_returns_a_fresh_array():
 @pytest.mark.parametrize("k,n", [(1, 1), (3, 5), (17, 40), (64, 48), (100, 96), (300, 200)])
 def test_small_batch_kernel_any_shape(dtype, k, n):
     # the small-M kernel on its own (forced), every row and column remainder
-    dense._set_eval_kernel("small")
+    dense._set_eval_kernel("small-all")
     layer = nnrt.layer("dense", k, n).to_dtype(dtype)
     rng = np.random.default_rng(13)
     W = layer.params()["weight"].astype(np.float64)
