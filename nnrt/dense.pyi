@@ -24,8 +24,8 @@ class Dense(Layer):
 
 SMALL_M_ISA: str
 """The build of the small-batch eval kernel in use: "avx512", "avx2" or "baseline"."""
-SMALL_M_MAX_ROWS: int
-"""Largest batch the eval forward runs through the small-batch kernel instead of GEMM."""
+SMALL_M_ENABLED: bool
+"""Whether the eval forward runs wide layers through the small-batch kernel (AVX-512)."""
 EVAL_ACT_NONE: int
 EVAL_ACT_SIGMOID: int
 

@@ -20,7 +20,6 @@ from libc.string cimport memcpy
 from cython cimport floating
 
 from nnrt.blas cimport gemm_rm as _scipy_gemm_rm
-from nnrt.blas cimport gemv_rm
 from libc.stdint cimport int64_t, uintptr_t
 from nnrt.layer cimport (LAYER_BUILT, LAYER_FROZEN, Layer, cache_input, check_array, check_self,
                          grad_as, overlaps, reuse_buffer, unaliased)
@@ -153,10 +152,11 @@ cdef void dense_backward(const floating* X, const floating* W, const floating* d
 
 # ------------------------------------------------------------- eval forward
 # NOTE: at a batch of a few rows a BLAS GEMM spends most of its time packing W (the
-# whole weight matrix, on every call): one row goes through GEMV, a few rows through
-# nnrt/_smallm.h (reads W in place), more rows through GEMM. The bias, and the
-# per-feature affine and sigmoid of the layers that follow (when the eval chain fuses
-# them, nnrt/_kernels.pyx), are then applied in one pass over the output.
+# whole weight matrix, on every call); nnrt/_smallm.h reads W in place. Which of the two
+# runs depends on the layer (its width, the CPU), never on the batch size, so a row's
+# result is the same whatever batch it comes in. The bias, and the per-feature affine
+# and sigmoid of the layers that follow (when the eval chain fuses them,
+# nnrt/_kernels.pyx), are then applied in one pass over the output.
 cdef extern from "nnrt/_smallm.h" nogil:
     void nnrt_smallm_f(const float* X, const float* W, float* Y, Py_ssize_t m, Py_ssize_t k,
                        Py_ssize_t n, Py_ssize_t kc)
@@ -167,24 +167,21 @@ cdef extern from "nnrt/_smallm.h" nogil:
     void nnrt_epilogue_d(double* Y, Py_ssize_t m, Py_ssize_t n, const double* bias,
                          const double* center, const double* scale, const double* shift,
                          int act)
-    Py_ssize_t nnrt_smallm_rows_max()
+    int nnrt_smallm_enabled()
     const char* nnrt_smallm_isa_name()
 
-# Kernel choice of the eval forward: 0 by shape (below), 1 always GEMM, 2 GEMV at one
-# row and the small-M kernel for every other batch, 3 the small-M kernel at every batch
-# (tests and benchmarks force them).
+# Kernel choice of the eval forward: 0 by layer shape (below), 1 always GEMM, 2 always
+# the small-M kernel (tests and benchmarks force them).
 cdef int _eval_mode = 0
-# Largest batch the small-M kernel serves, by the CPU's vector ISA (measured against
-# OpenBLAS's sgemm at one thread: nnrt/_smallm.h); it also needs a layer at least
-# _SMALL_M_MIN_COLS wide and a multiple of 8 (its last few columns otherwise run as
-# scalars, slower than GEMM).
-cdef Py_ssize_t _SMALL_M_MAX = nnrt_smallm_rows_max()
+# NOTE: the choice depends on the layer, never on the batch size: a row's result must
+# not depend on the batch it came in (predict in batches == one forward, bit for bit).
+# The small-M kernel serves layers at least _SMALL_M_MIN_COLS wide and a multiple of 8
+# (its last few columns otherwise run as scalars, slower than GEMM) on CPUs where it
+# beats GEMM at every batch measured (AVX-512: nnrt/_smallm.h); GEMM otherwise.
+cdef bint _SMALL_M_ON = nnrt_smallm_enabled() != 0
 cdef Py_ssize_t _SMALL_M_MIN_COLS = 32
-# At one row the small-M kernel beat GEMV while W fits in L2 (784 x 128 float32: 2.2 vs
-# 3.3 us); GEMV streamed larger W from L3/memory faster (1024 x 1024: 40 vs 56 us).
-cdef Py_ssize_t _SMALL_M_ROW_BYTES = 524288
 SMALL_M_ISA = nnrt_smallm_isa_name().decode()
-SMALL_M_MAX_ROWS = _SMALL_M_MAX
+SMALL_M_ENABLED = bool(_SMALL_M_ON)
 # Below this many multiply-adds the kernel runs without releasing the GIL (releasing
 # and taking it back costs more than the work).
 cdef Py_ssize_t _NOGIL_MIN = 32768
@@ -205,10 +202,9 @@ def _set_small_m_block(Py_ssize_t kc):
 
 
 def _set_eval_kernel(str mode):
-    """Force the eval forward's kernel: "auto", "gemm", "small" (GEMV at one row) or
-    "small-all" (tests, benchmarks)."""
+    """Force the eval forward's kernel: "auto", "gemm" or "small" (tests, benchmarks)."""
     global _eval_mode
-    modes = {"auto": 0, "gemm": 1, "small": 2, "small-all": 3}
+    modes = {"auto": 0, "gemm": 1, "small": 2}
     if mode not in modes:
         raise ValueError(f"eval kernel must be one of {sorted(modes)}, got {mode!r}")
     _eval_mode = modes[mode]
@@ -220,25 +216,9 @@ cdef void dense_eval(const floating* X, const floating* W, const floating* b,
                      Py_ssize_t n_out, int mode) noexcept nogil:
     # Y = epilogue(X @ W): + b (b non-NULL), then (y - center) * scale + shift (center
     # non-NULL), then sigmoid (act 1)
-    cdef bint small_ok = (batch <= _SMALL_M_MAX and n_out >= _SMALL_M_MIN_COLS
-                          and n_out % 8 == 0)
-    cdef int use
-    if mode == 1:
-        use = 0
-    elif mode == 3:
-        use = 2
-    elif batch == 1:
-        # one row: the small-M kernel while W sits in L2, else BLAS GEMV (which streams
-        # a large W from memory faster)
-        use = 2 if (mode == 0 and small_ok
-                    and n_in * n_out * <Py_ssize_t>sizeof(floating) <= _SMALL_M_ROW_BYTES) else 1
-    elif mode == 2 or small_ok:
-        use = 2
-    else:
-        use = 0
-    if use == 1:
-        gemv_rm(True, <int>n_in, <int>n_out, 1, W, <int>n_out, X, 0, Y)
-    elif use == 2:
+    cdef bint small = mode == 2 or (mode == 0 and _SMALL_M_ON and n_out >= _SMALL_M_MIN_COLS
+                                    and n_out % 8 == 0)
+    if small:
         if floating is float:
             nnrt_smallm_f(X, W, Y, batch, n_in, n_out, _small_m_kc)
         else:
@@ -349,8 +329,9 @@ cdef class Dense(Layer):
     """
 
     # the eval chain (nnrt/_kernels.pyx) may run this layer's eval forward fused with
-    # the per-feature affine and activation that follow (nnrt.dense.eval_run). A
-    # compiled subclass whose forward is not X @ W (+ b) sets this to False.
+    # the per-feature affine and activation that follow (nnrt.dense.eval_run). Read
+    # from the layer's own class only: a compiled subclass whose eval forward is still
+    # X @ W (+ b) declares it again (dense_nobias does).
     _nnrt_eval_dense = True
 
     def __cinit__(self, *args, **kwargs):

@@ -15,7 +15,7 @@ import nnrt
 import nnrt._kernels as kernels
 import nnrt.dense as dense
 
-MODES = ("auto", "gemm", "small", "small-all")
+MODES = ("auto", "gemm", "small")
 # a dense layer with a bias before BatchNorm is tested on purpose (the bias path)
 pytestmark = pytest.mark.filterwarnings("ignore::nnrt.BiasBeforeBatchNormWarning")
 
@@ -242,7 +242,7 @@ def test_predict_returns_a_fresh_array():
 @pytest.mark.parametrize("k,n", [(1, 1), (3, 5), (17, 40), (64, 48), (100, 96), (300, 200)])
 def test_small_batch_kernel_any_shape(dtype, k, n):
     # the small-M kernel on its own (forced), every row and column remainder
-    dense._set_eval_kernel("small-all")
+    dense._set_eval_kernel("small")
     layer = nnrt.layer("dense", k, n).to_dtype(dtype)
     rng = np.random.default_rng(13)
     W = layer.params()["weight"].astype(np.float64)
@@ -258,4 +258,19 @@ def test_eval_kernel_names():
     with pytest.raises(ValueError, match="eval kernel"):
         dense._set_eval_kernel("fast")
     assert dense.SMALL_M_ISA in ("avx512", "avx2", "baseline")
-    assert dense.SMALL_M_MAX_ROWS >= 0
+    assert dense.SMALL_M_ENABLED in (True, False)
+
+
+@pytest.mark.skipif(not dense.SMALL_M_ENABLED, reason="GEMM serves every layer on this CPU")
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("sizes", [[784, 128, 128, 64], [30, 40, 72, 48], [64, 64, 64, 32]])
+def test_rows_do_not_depend_on_the_batch(dtype, sizes):
+    # bit for bit on the small-M kernel's layers: a row gives the same output alone, in
+    # any slice, or in the whole batch (predict in batches equals one forward). (BLAS
+    # GEMM, used for other widths, makes no such promise.)
+    net = build(sizes, dtype)
+    X = np.random.default_rng(14).normal(size=(300, sizes[0])).astype(dtype)
+    whole = net(X).copy()
+    for lo, hi in [(0, 1), (5, 6), (7, 9), (10, 13), (20, 37), (40, 104), (100, 300)]:
+        np.testing.assert_array_equal(net(X[lo:hi]), whole[lo:hi])
+    np.testing.assert_array_equal(net.predict(X, batch_size=7), whole)
