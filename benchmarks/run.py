@@ -749,7 +749,7 @@ def blas_backend() -> dict[str, Any]:
                 out["backend"] = v() if callable(v) else v
     out.setdefault("backend", "unknown")
     out["small_batch_kernel"] = getattr(dense, "SMALL_M_ISA", "n/a")
-    out["small_batch_max_rows"] = getattr(dense, "SMALL_M_MAX_ROWS", None)
+    out["small_batch_enabled"] = getattr(dense, "SMALL_M_ENABLED", None)
     return out
 
 
@@ -949,7 +949,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     print(
         f"nnrt BLAS backend: {nb['backend']}; small-batch eval kernel: "
-        f"{nb['small_batch_kernel']} (up to {nb['small_batch_max_rows']} rows)"
+        f"{nb['small_batch_kernel']} ({'in use' if nb['small_batch_enabled'] else 'not used'})"
     )
     for b in info["blas"]:
         print(

@@ -380,12 +380,18 @@ cdef inline bint _fusable(object obj):
     return isinstance(obj, Layer) and _owns_output(<Layer>obj)
 
 
+cdef inline object _own_attr(object obj, str name):
+    # the protocol attribute `name` as defined by obj's own class, never inherited: a
+    # compiled subclass that changes what forward computes does not claim it by accident
+    return type(obj).__dict__.get(name)
+
+
 cdef Py_ssize_t _eval_run_end(list snap, Py_ssize_t i, Dense dense, bint* aff,
                               int* act):
     # The run that starts at the dense-like layer snap[i]: [dense] -> affine? ->
     # sigmoid?; returns the index after it and sets *aff (snap[i + 1] is the affine
-    # layer) and *act. Only compiled layers that offer the protocol, of the dense layer's
-    # width and dtype, join the run.
+    # layer) and *act. Only compiled layers whose own class offers the protocol, of the
+    # dense layer's width and dtype, join the run.
     cdef Py_ssize_t m = len(snap), j = i + 1
     cdef Layer nxt
     aff[0] = False
@@ -394,14 +400,14 @@ cdef Py_ssize_t _eval_run_end(list snap, Py_ssize_t i, Dense dense, bint* aff,
         nxt = <Layer>snap[j]
         if (nxt._n_in == dense._n_out and nxt._n_out == dense._n_out
                 and nxt._typenum == dense._typenum
-                and getattr(type(nxt), "_nnrt_eval_affine", None) is not None):
+                and _own_attr(nxt, "_nnrt_eval_affine") is not None):
             aff[0] = True
             j += 1
     if j < m and _fusable(snap[j]):
         nxt = <Layer>snap[j]
         if ((nxt._n_in < 0 or nxt._n_in == dense._n_out)
                 and (nxt._typenum < 0 or nxt._typenum == dense._typenum)
-                and getattr(type(nxt), "_nnrt_epilogue", None) == "sigmoid"):
+                and _own_attr(nxt, "_nnrt_epilogue") == "sigmoid"):
             act[0] = 1
             j += 1
     return j
@@ -457,7 +463,7 @@ def forward_chain(list layers, object X, bint training, object fuse=None,
         while i < m:
             layer = _as_layer(snap[i], i)
             if (eval_fuse and isinstance(layer, Dense) and _owns_output(layer)
-                    and getattr(type(layer), "_nnrt_eval_dense", False) is True):
+                    and _own_attr(layer, "_nnrt_eval_dense") is True):
                 # eval: the dense layer applies the affine (e.g. BatchNorm with running
                 # statistics) and activation after it in its own output pass
                 end = _eval_run_end(snap, i, <Dense>layer, &aff, &act)

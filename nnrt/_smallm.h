@@ -5,7 +5,7 @@
  *   on every call; at a batch of a few rows that copy costs as much as the product.
  *   This kernel reads W in place, once per block of MR rows, register-blocked as MR
  *   rows x NV vectors of columns (AVX-512: 8 x 3 vectors, 24 accumulators, 3 loads of
- *   W and 8 broadcasts of X per step of k), over blocks of KC rows of W that every
+ *   W and 8 broadcasts of X per step of k), over blocks of kc rows of W that every
  *   row block reads from L1/L2 before the next block is streamed in.
  *   GCC vector extensions (portable C; AVX-512 and AVX2+FMA builds of it are picked
  *   at run time from the CPU). The caller chooses this kernel or GEMM by the shape
@@ -51,9 +51,15 @@ typedef double nnrt_v1d __attribute__((vector_size(8)));
 typedef double nnrt_v1d_u __attribute__((vector_size(8), aligned(8)));
 #endif
 
-/* depth of a block of k: a panel of KC x (NV vectors) of W stays in L1/L2 while every
- * row block reads it */
-#define NNRT_SMALLM_KC 64
+/* Depth of a block of k (kc <= 0 picks it): kc rows of W (kc n elements, contiguous)
+ * stay in L1/L2 while every row block reads them: about 256 KB of W per block, 64 to
+ * 256 rows deep. Measured on Zen 5 (AVX-512, 1 MB L2) on the benchmark shapes: whole
+ * rows of W in 64-row blocks beat 192-column panels 256 rows deep by 5-40%; between
+ * 32 and 256 rows the differences were within the noise (a few %), 32 the slowest. */
+static ptrdiff_t nnrt_smallm_kc(ptrdiff_t n, size_t elsize) {
+    ptrdiff_t kc = (ptrdiff_t)(262144 / ((size_t)(n > 0 ? n : 1) * elsize));
+    return kc < 64 ? 64 : kc > 256 ? 256 : kc;
+}
 
 #ifdef NNRT_SMALLM_VECTOR
 /* One block: rows i0 .. i0+MR-1, columns j .. j+NV*L-1, k in [k0, k1); the first
@@ -80,11 +86,13 @@ typedef double nnrt_v1d_u __attribute__((vector_size(8), aligned(8)));
     } while (0)
 
 /* Rows i0 .. i0+MR-1 over the panel's columns: full blocks of NV vectors, then single
- * 4, 2, 1 vectors, then one of a half-width vector type (H, L/2 lanes), then scalars. */
+ * 8, 4, 2, 1 vectors, then one of a half-width vector type (H, L/2 lanes), then scalars. */
 #define NNRT_SMALLM_ROWS(T, V, VU, L, H, HU, MR, NV)                                      \
     do {                                                                                  \
         ptrdiff_t j = j0;                                                                 \
         for (; j + NV * L <= j1; j += NV * L) NNRT_SMALLM_BLOCK(T, V, VU, L, MR, NV);     \
+        if (NV > 8)                                                                       \
+            for (; j + 8 * L <= j1; j += 8 * L) NNRT_SMALLM_BLOCK(T, V, VU, L, MR, 8);    \
         if (NV > 4)                                                                       \
             for (; j + 4 * L <= j1; j += 4 * L) NNRT_SMALLM_BLOCK(T, V, VU, L, MR, 4);    \
         if (NV > 2)                                                                       \
@@ -101,16 +109,41 @@ typedef double nnrt_v1d_u __attribute__((vector_size(8), aligned(8)));
         }                                                                                 \
     } while (0)
 
-/* Blocks of KC rows of W (contiguous in memory: read once, sequentially, then served
+/* W larger than this (bytes) is streamed row by row at a batch of one */
+#define NNRT_SMALLM_ROW_BYTES 524288
+
+/* One row, W streamed in order (p outer, columns inner, the output row kept in L1): as
+ * fast as a BLAS GEMV on a W too large for L2 (1024 x 1024 float32: 40 vs 56 us for the
+ * blocked kernel; on a W in L2 the blocked kernel wins: 784 x 128, 2.2 vs 3.3 us). Every output element is the same chain
+ * of fused multiply-adds over p = 0 .. k-1 as in the blocked kernel below, so a row's
+ * result does not depend on the batch it came in. */
+#define NNRT_SMALLM_ROW1(NAME, ATTR, T, V, VU, L, H, HU)                                  \
+ATTR static void NAME(const T *x, const T *W, T *y, ptrdiff_t k, ptrdiff_t n) {           \
+    for (ptrdiff_t j = 0; j < n; j++) y[j] = 0;                                           \
+    for (ptrdiff_t p = 0; p < k; p++) {                                                   \
+        const T *w = W + p * n;                                                           \
+        const T xp = x[p];                                                                \
+        const V xv = (V){0} + xp;                                                         \
+        const H xh = (H){0} + xp;                                                         \
+        ptrdiff_t j = 0;                                                                  \
+        for (; j + L <= n; j += L)                                                        \
+            *(VU *)(y + j) = *(const VU *)(y + j) + xv * *(const VU *)(w + j);            \
+        for (; j + L / 2 <= n; j += L / 2)                                                \
+            *(HU *)(y + j) = *(const HU *)(y + j) + xh * *(const HU *)(w + j);            \
+        for (; j < n; j++) y[j] = y[j] + xp * w[j];                                       \
+    }                                                                                     \
+}
+
+/* Blocks of kc rows of W (contiguous in memory: read once, sequentially, then served
  * from L1/L2 to every row block); rows in blocks of MR, then 4, then 3, 2 and 1 with
  * wider blocks (4 NV / 3, 2 NV, 4 NV vectors), which keep enough independent sums in
  * flight. */
 #define NNRT_SMALLM_KERNEL(NAME, ATTR, T, V, VU, L, H, HU, MR, NV)                        \
 ATTR static void NAME(const T *X, const T *W, T *Y, ptrdiff_t m, ptrdiff_t k,             \
-                      ptrdiff_t n) {                                                      \
+                      ptrdiff_t n, ptrdiff_t kc) {                                        \
     const ptrdiff_t j0 = 0, j1 = n;                                                       \
-    for (ptrdiff_t k0 = 0; k0 < k; k0 += NNRT_SMALLM_KC) {                                \
-        ptrdiff_t k1 = k0 + NNRT_SMALLM_KC < k ? k0 + NNRT_SMALLM_KC : k;                 \
+    for (ptrdiff_t k0 = 0; k0 < k; k0 += kc) {                                            \
+        ptrdiff_t k1 = k0 + kc < k ? k0 + kc : k;                                         \
         ptrdiff_t i0 = 0;                                                                 \
         for (; i0 + MR <= m; i0 += MR) NNRT_SMALLM_ROWS(T, V, VU, L, H, HU, MR, NV);      \
         for (; i0 + 4 <= m; i0 += 4) NNRT_SMALLM_ROWS(T, V, VU, L, H, HU, 4, NV);         \
@@ -125,19 +158,31 @@ ATTR static void NAME(const T *X, const T *W, T *Y, ptrdiff_t m, ptrdiff_t k,   
 /* AVX-512: 32 vector registers: 8 rows x 3 vectors of 16 (24 accumulators) */
 NNRT_SMALLM_KERNEL(nnrt_smallm_f_avx512, __attribute__((target("avx512f,avx512vl,fma"))),
                    float, nnrt_v16f, nnrt_v16f_u, 16, nnrt_v8f, nnrt_v8f_u, 8, 3)
+NNRT_SMALLM_ROW1(nnrt_smallm_row_f_avx512, __attribute__((target("avx512f,avx512vl,fma"))),
+                 float, nnrt_v16f, nnrt_v16f_u, 16, nnrt_v8f, nnrt_v8f_u)
 NNRT_SMALLM_KERNEL(nnrt_smallm_d_avx512, __attribute__((target("avx512f,avx512vl,fma"))),
                    double, nnrt_v8d, nnrt_v8d_u, 8, nnrt_v4d, nnrt_v4d_u, 8, 3)
+NNRT_SMALLM_ROW1(nnrt_smallm_row_d_avx512, __attribute__((target("avx512f,avx512vl,fma"))),
+                 double, nnrt_v8d, nnrt_v8d_u, 8, nnrt_v4d, nnrt_v4d_u)
 /* AVX2 + FMA: 16 registers: 4 rows x 3 vectors of 8 (12 accumulators) */
 NNRT_SMALLM_KERNEL(nnrt_smallm_f_avx2, __attribute__((target("avx2,fma"))),
                    float, nnrt_v8f, nnrt_v8f_u, 8, nnrt_v4f, nnrt_v4f_u, 4, 3)
+NNRT_SMALLM_ROW1(nnrt_smallm_row_f_avx2, __attribute__((target("avx2,fma"))),
+                 float, nnrt_v8f, nnrt_v8f_u, 8, nnrt_v4f, nnrt_v4f_u)
 NNRT_SMALLM_KERNEL(nnrt_smallm_d_avx2, __attribute__((target("avx2,fma"))),
                    double, nnrt_v4d, nnrt_v4d_u, 4, nnrt_v2d, nnrt_v2d_u, 4, 3)
+NNRT_SMALLM_ROW1(nnrt_smallm_row_d_avx2, __attribute__((target("avx2,fma"))),
+                 double, nnrt_v4d, nnrt_v4d_u, 4, nnrt_v2d, nnrt_v2d_u)
 #endif
 /* baseline (SSE2 on x86-64, whatever 16-byte vectors the target has elsewhere) */
 NNRT_SMALLM_KERNEL(nnrt_smallm_f_base, NNRT_NOATTR, float, nnrt_v4f, nnrt_v4f_u, 4,
                    nnrt_v2f, nnrt_v2f_u, 4, 3)
 NNRT_SMALLM_KERNEL(nnrt_smallm_d_base, NNRT_NOATTR, double, nnrt_v2d, nnrt_v2d_u, 2,
                    nnrt_v1d, nnrt_v1d_u, 4, 3)
+NNRT_SMALLM_ROW1(nnrt_smallm_row_f_base, NNRT_NOATTR, float, nnrt_v4f, nnrt_v4f_u, 4,
+                 nnrt_v2f, nnrt_v2f_u)
+NNRT_SMALLM_ROW1(nnrt_smallm_row_d_base, NNRT_NOATTR, double, nnrt_v2d, nnrt_v2d_u, 2,
+                 nnrt_v1d, nnrt_v1d_u)
 
 #ifdef NNRT_SMALLM_X86
 /* 2: AVX-512F, 1: AVX2 + FMA, 0: neither (checked once; a race writes the same value) */
@@ -152,14 +197,17 @@ static int nnrt_smallm_level(void) {
 }
 #endif
 
-/* Largest batch for which nnrt_smallm beats the BLAS GEMM (OpenBLAS 0.3.31, one thread,
- * the benchmark's layer shapes): AVX-512 (AMD Zen 5) ~1.8x faster at every batch measured
- * up to 512 rows (OpenBLAS runs its AVX2 kernels there); AVX2 + FMA (the same kernel at
- * 32 bytes) up to about 32 rows; baseline: never (0). */
-static ptrdiff_t nnrt_smallm_rows_max(void) {
+/* 1 when the eval forward should use nnrt_smallm (at every batch: a row's result must
+ * not depend on the batch it came in, so the choice is by layer, not by batch size).
+ * AVX-512 only. Measured on AMD Zen 5, one thread, the benchmark's shapes: against
+ * numpy's OpenBLAS 0.3.31 with its own AVX-512 kernels the small-M kernel was 1.2-4.8x
+ * faster up to 64 rows, even at 256 and 1-13% slower at 1024; with
+ * OPENBLAS_CORETYPE=Haswell (AVX2 kernels, as set on the project's machines) 1.6-2.5x
+ * faster up to 1024 rows. With AVX2 only (the same kernel at 32 bytes) it lost to GEMM
+ * from about 48 rows (up to 1.7x at 64): GEMM there, as on every other CPU. */
+static int nnrt_smallm_enabled(void) {
 #ifdef NNRT_SMALLM_X86
-    int level = nnrt_smallm_level();
-    return level == 2 ? 512 : level == 1 ? 32 : 0;
+    return nnrt_smallm_level() == 2;
 #else
     return 0;
 #endif
@@ -176,29 +224,56 @@ static const char *nnrt_smallm_isa_name(void) {
 }
 
 static void nnrt_smallm_f(const float *X, const float *W, float *Y, ptrdiff_t m,
-                          ptrdiff_t k, ptrdiff_t n) {
+                          ptrdiff_t k, ptrdiff_t n, ptrdiff_t kc) {
+    if (kc <= 0) kc = nnrt_smallm_kc(n, sizeof(float));
+    /* one row streams W in order when W does not fit in L2 (the blocked kernel's
+     * registers then wait on memory); the same sums either way */
+    int row = (size_t)k * (size_t)n * sizeof(float) > NNRT_SMALLM_ROW_BYTES;
 #ifdef NNRT_SMALLM_X86
     int level = nnrt_smallm_level();
-    if (level == 2) { nnrt_smallm_f_avx512(X, W, Y, m, k, n); return; }
-    if (level == 1) { nnrt_smallm_f_avx2(X, W, Y, m, k, n); return; }
+    if (level == 2) {
+        if (m == 1 && row) nnrt_smallm_row_f_avx512(X, W, Y, k, n);
+        else nnrt_smallm_f_avx512(X, W, Y, m, k, n, kc);
+        return;
+    }
+    if (level == 1) {
+        if (m == 1 && row) nnrt_smallm_row_f_avx2(X, W, Y, k, n);
+        else nnrt_smallm_f_avx2(X, W, Y, m, k, n, kc);
+        return;
+    }
 #endif
-    nnrt_smallm_f_base(X, W, Y, m, k, n);
+    if (m == 1 && row) nnrt_smallm_row_f_base(X, W, Y, k, n);
+    else nnrt_smallm_f_base(X, W, Y, m, k, n, kc);
 }
 
 static void nnrt_smallm_d(const double *X, const double *W, double *Y, ptrdiff_t m,
-                          ptrdiff_t k, ptrdiff_t n) {
+                          ptrdiff_t k, ptrdiff_t n, ptrdiff_t kc) {
+    if (kc <= 0) kc = nnrt_smallm_kc(n, sizeof(double));
+    /* one row streams W in order when W does not fit in L2 (the blocked kernel's
+     * registers then wait on memory); the same sums either way */
+    int row = (size_t)k * (size_t)n * sizeof(double) > NNRT_SMALLM_ROW_BYTES;
 #ifdef NNRT_SMALLM_X86
     int level = nnrt_smallm_level();
-    if (level == 2) { nnrt_smallm_d_avx512(X, W, Y, m, k, n); return; }
-    if (level == 1) { nnrt_smallm_d_avx2(X, W, Y, m, k, n); return; }
+    if (level == 2) {
+        if (m == 1 && row) nnrt_smallm_row_d_avx512(X, W, Y, k, n);
+        else nnrt_smallm_d_avx512(X, W, Y, m, k, n, kc);
+        return;
+    }
+    if (level == 1) {
+        if (m == 1 && row) nnrt_smallm_row_d_avx2(X, W, Y, k, n);
+        else nnrt_smallm_d_avx2(X, W, Y, m, k, n, kc);
+        return;
+    }
 #endif
-    nnrt_smallm_d_base(X, W, Y, m, k, n);
+    if (m == 1 && row) nnrt_smallm_row_d_base(X, W, Y, k, n);
+    else nnrt_smallm_d_base(X, W, Y, m, k, n, kc);
 }
 #else
 /* other compilers: the plain triple loop (the caller uses GEMM there anyway) */
 #define NNRT_SMALLM_PLAIN(T, SUF)                                                         \
 static void nnrt_smallm_##SUF(const T *X, const T *W, T *Y, ptrdiff_t m, ptrdiff_t k,     \
-                              ptrdiff_t n) {                                              \
+                              ptrdiff_t n, ptrdiff_t kc) {                                \
+    (void)kc;                                                                             \
     for (ptrdiff_t i = 0; i < m; i++) {                                                   \
         for (ptrdiff_t j = 0; j < n; j++) Y[i * n + j] = 0;                               \
         for (ptrdiff_t p = 0; p < k; p++) {                                               \

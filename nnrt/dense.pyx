@@ -111,40 +111,53 @@ cdef void dense_backward(const floating* X, const floating* W, const floating* d
 
 # ------------------------------------------------------------- eval forward
 # NOTE: at a batch of a few rows a BLAS GEMM spends most of its time packing W (the
-# whole weight matrix, on every call): one row goes through GEMV, a few rows through
-# nnrt/_smallm.h (reads W in place), more rows through GEMM. The bias, and the
-# per-feature affine and sigmoid of the layers that follow (when the eval chain fuses
-# them, nnrt/_kernels.pyx), are then applied in one pass over the output.
+# whole weight matrix, on every call); nnrt/_smallm.h reads W in place. Which of the two
+# runs depends on the layer (its width, the CPU), never on the batch size, so a row's
+# result is the same whatever batch it comes in. The bias, and the per-feature affine
+# and sigmoid of the layers that follow (when the eval chain fuses them,
+# nnrt/_kernels.pyx), are then applied in one pass over the output.
 cdef extern from "nnrt/_smallm.h" nogil:
     void nnrt_smallm_f(const float* X, const float* W, float* Y, Py_ssize_t m, Py_ssize_t k,
-                       Py_ssize_t n)
+                       Py_ssize_t n, Py_ssize_t kc)
     void nnrt_smallm_d(const double* X, const double* W, double* Y, Py_ssize_t m,
-                       Py_ssize_t k, Py_ssize_t n)
+                       Py_ssize_t k, Py_ssize_t n, Py_ssize_t kc)
     void nnrt_epilogue_f(float* Y, Py_ssize_t m, Py_ssize_t n, const float* bias,
                          const float* center, const float* scale, const float* shift, int act)
     void nnrt_epilogue_d(double* Y, Py_ssize_t m, Py_ssize_t n, const double* bias,
                          const double* center, const double* scale, const double* shift,
                          int act)
-    Py_ssize_t nnrt_smallm_rows_max()
+    int nnrt_smallm_enabled()
     const char* nnrt_smallm_isa_name()
 
-# Kernel choice of the eval forward: 0 by shape (below), 1 always GEMM, 2 GEMV at one
-# row and the small-M kernel for every other batch (tests and benchmarks force them).
+# Kernel choice of the eval forward: 0 by layer shape (below), 1 always GEMM, 2 always
+# the small-M kernel (tests and benchmarks force them).
 cdef int _eval_mode = 0
-# Largest batch the small-M kernel serves, by the CPU's vector ISA (measured against
-# OpenBLAS's sgemm at one thread: nnrt/_smallm.h); it also needs a layer at least
-# _SMALL_M_MIN_COLS wide and a multiple of 8 (its last few columns otherwise run as
-# scalars, slower than GEMM).
-cdef Py_ssize_t _SMALL_M_MAX = nnrt_smallm_rows_max()
+# NOTE: the choice depends on the layer, never on the batch size: a row's result must
+# not depend on the batch it came in (predict in batches == one forward, bit for bit).
+# The small-M kernel serves layers at least _SMALL_M_MIN_COLS wide and a multiple of 8
+# (its last few columns otherwise run as scalars, slower than GEMM) on CPUs where it
+# beats GEMM at every batch measured (AVX-512: nnrt/_smallm.h); GEMM otherwise.
+cdef bint _SMALL_M_ON = nnrt_smallm_enabled() != 0
 cdef Py_ssize_t _SMALL_M_MIN_COLS = 32
 SMALL_M_ISA = nnrt_smallm_isa_name().decode()
-SMALL_M_MAX_ROWS = _SMALL_M_MAX
+SMALL_M_ENABLED = bool(_SMALL_M_ON)
 # Below this many multiply-adds the kernel runs without releasing the GIL (releasing
 # and taking it back costs more than the work).
 cdef Py_ssize_t _NOGIL_MIN = 32768
 
+# depth of the small-M kernel's blocks of k (0: by the layer's width, nnrt/_smallm.h)
+cdef Py_ssize_t _small_m_kc = 0
+
 EVAL_ACT_NONE = 0
 EVAL_ACT_SIGMOID = 1
+
+
+def _set_small_m_block(Py_ssize_t kc):
+    """Depth of the small-M kernel's blocks of k; 0 picks it by the width (tuning)."""
+    global _small_m_kc
+    if kc < 0:
+        raise ValueError(f"block depth must be >= 0, got {kc}")
+    _small_m_kc = kc
 
 
 def _set_eval_kernel(str mode):
@@ -162,14 +175,13 @@ cdef void dense_eval(const floating* X, const floating* W, const floating* b,
                      Py_ssize_t n_out, int mode) noexcept nogil:
     # Y = epilogue(X @ W): + b (b non-NULL), then (y - center) * scale + shift (center
     # non-NULL), then sigmoid (act 1)
-    if mode != 1 and batch == 1:
-        gemv_rm(True, <int>n_in, <int>n_out, 1, W, <int>n_out, X, 0, Y)
-    elif mode == 2 or (mode == 0 and batch <= _SMALL_M_MAX and n_out >= _SMALL_M_MIN_COLS
-                       and n_out % 8 == 0):
+    cdef bint small = mode == 2 or (mode == 0 and _SMALL_M_ON and n_out >= _SMALL_M_MIN_COLS
+                                    and n_out % 8 == 0)
+    if small:
         if floating is float:
-            nnrt_smallm_f(X, W, Y, batch, n_in, n_out)
+            nnrt_smallm_f(X, W, Y, batch, n_in, n_out, _small_m_kc)
         else:
-            nnrt_smallm_d(X, W, Y, batch, n_in, n_out)
+            nnrt_smallm_d(X, W, Y, batch, n_in, n_out, _small_m_kc)
     else:
         gemm_rm(False, False, <int>batch, <int>n_out, <int>n_in, 1, X, <int>n_in, W,
                 <int>n_out, 0, Y, <int>n_out)
@@ -230,6 +242,9 @@ cdef object _eval_run(Dense layer, object X, Layer aff_layer, int act):
     if act != EVAL_ACT_SIGMOID:
         act = EVAL_ACT_NONE
     cdef bint big = rows * n_in * n_out >= _NOGIL_MIN
+    # the thread policy (nnrt._parallel) picks the BLAS threads and learns the time
+    cdef int policy = blas_threads_for(rows, n_out, n_in, 2)
+    cdef double t0 = par_now()
     if t == cnp.NPY_FLOAT32:
         if big:
             with nogil:
@@ -246,6 +261,7 @@ cdef object _eval_run(Dense layer, object X, Layer aff_layer, int act):
         else:
             dense_eval(<double*>px, <double*>pw, <double*>pb, <double*>pc, <double*>ps,
                        <double*>psh, act, <double*>py, rows, n_in, n_out, mode)
+    blas_threads_done(policy, par_now() - t0)
     return Y
 
 
@@ -276,8 +292,9 @@ cdef class Dense(Layer):
     """
 
     # the eval chain (nnrt/_kernels.pyx) may run this layer's eval forward fused with
-    # the per-feature affine and activation that follow (nnrt.dense.eval_run). A
-    # compiled subclass whose forward is not X @ W (+ b) sets this to False.
+    # the per-feature affine and activation that follow (nnrt.dense.eval_run). Read
+    # from the layer's own class only: a compiled subclass whose eval forward is still
+    # X @ W (+ b) declares it again (dense_nobias does).
     _nnrt_eval_dense = True
 
     def __cinit__(self, *args, **kwargs):

@@ -21,5 +21,9 @@ cdef class DenseNoBias(Dense):
     weight has shape (in_features, out_features), uniform in ±1/sqrt(in_features).
     """
 
+    # eval-chain protocol (nnrt/_kernels.pyx): its eval forward is Dense's (X @ W), so
+    # the core may fuse the affine and activation after it into its output pass
+    _nnrt_eval_dense = True
+
     def __init__(self, in_features, out_features):
         self._setup(in_features, out_features, False)

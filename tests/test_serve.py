@@ -258,4 +258,19 @@ def test_eval_kernel_names():
     with pytest.raises(ValueError, match="eval kernel"):
         dense._set_eval_kernel("fast")
     assert dense.SMALL_M_ISA in ("avx512", "avx2", "baseline")
-    assert dense.SMALL_M_MAX_ROWS >= 0
+    assert dense.SMALL_M_ENABLED in (True, False)
+
+
+@pytest.mark.skipif(not dense.SMALL_M_ENABLED, reason="GEMM serves every layer on this CPU")
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("sizes", [[784, 128, 128, 64], [30, 40, 72, 48], [64, 64, 64, 32]])
+def test_rows_do_not_depend_on_the_batch(dtype, sizes):
+    # bit for bit on the small-M kernel's layers: a row gives the same output alone, in
+    # any slice, or in the whole batch (predict in batches equals one forward). (BLAS
+    # GEMM, used for other widths, makes no such promise.)
+    net = build(sizes, dtype)
+    X = np.random.default_rng(14).normal(size=(300, sizes[0])).astype(dtype)
+    whole = net(X).copy()
+    for lo, hi in [(0, 1), (5, 6), (7, 9), (10, 13), (20, 37), (40, 104), (100, 300)]:
+        np.testing.assert_array_equal(net(X[lo:hi]), whole[lo:hi])
+    np.testing.assert_array_equal(net.predict(X, batch_size=7), whole)
