@@ -464,7 +464,7 @@ def forward_chain(list layers, object X, bint training, object fuse=None,
             layer = _as_layer(snap[i], i)
             if (eval_fuse and isinstance(layer, Dense) and _owns_output(layer)
                     and _own_attr(layer, "_nnrt_eval_dense") is True):
-                # eval: the dense layer applies the affine (e.g. BatchNorm with running
+                # eval: the dense layer applies the affine (e.g. a normalisation with running
                 # statistics) and activation after it in its own output pass
                 end = _eval_run_end(snap, i, <Dense>layer, &aff, &act)
                 if end > i + 1:

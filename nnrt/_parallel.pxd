@@ -17,8 +17,8 @@ ctypedef void (*par_fn)(void* ctx, Py_ssize_t begin, Py_ssize_t end) noexcept no
 
 cdef enum:
     # job kinds (their thresholds differ with the cost per element)
-    PAR_STREAM = 0    # memory-bound passes: SGD, sigmoid backward, BatchNorm dx/affine, db
-    PAR_EXPF = 1      # float32 polynomial exp: sigmoid forward, BatchNorm+sigmoid forward
+    PAR_STREAM = 0    # memory-bound passes: SGD, sigmoid backward, normalisation dx/affine, db
+    PAR_EXPF = 1      # float32 polynomial exp: sigmoid forward, normalisation+sigmoid forward
     PAR_EXP = 2       # float64 libm exp: float64 sigmoid, softmax cross-entropy
     PAR_ADAM = 3      # Adam/AdamW (a sqrt and a division per element)
     PAR_NKINDS = 4

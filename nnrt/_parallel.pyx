@@ -8,7 +8,7 @@ Default policy (nothing set by the user; docs/performance.md "Threads"):
   multiply-adds (m*n*k), and to the BLAS's own thread count (one per core, or
   ``OPENBLAS_NUM_THREADS``, or what threadpoolctl set last) otherwise: on 2 cores
   a second BLAS thread loses on the small GEMMs of small networks.
-* element-wise kernels (sigmoid, BatchNorm's element-wise passes, softmax
+* element-wise kernels (sigmoid, a normalisation's element-wise passes, softmax
   cross-entropy, SGD/Adam updates, the bias gradient) run in two contiguous halves,
   the second on a helper thread, when that thread count is >= 2 and the job has at
   least the measured threshold of elements for its kind. Each output element is

@@ -12,7 +12,7 @@
  *   (nnrt/dense.pyx, measured crossover).
  * nnrt_epilogue_{f,d}: in one pass over Y (m x n): y = y + b; then
  *   y = (y - center) * scale + shift (a following layer's eval-mode per-feature
- *   affine, e.g. BatchNorm with running statistics); then y = sigmoid(y). Any part
+ *   affine, e.g. a normalisation with running statistics); then y = sigmoid(y). Any part
  *   may be absent (NULL / act 0). The affine and the sigmoid are written exactly as
  *   the separate layers' kernels (nnrt/_vmath.h), so the fused result equals the
  *   unfused one up to the GEMM's own rounding.
@@ -288,7 +288,7 @@ NNRT_SMALLM_PLAIN(double, d)
 
 #if defined(__GNUC__) && !defined(__clang__)
 /* as nnrt/_vmath.h: vectorisable selects, and no FMA contraction so that the affine
- * rounds exactly as BatchNorm's own kernel */
+ * rounds exactly as the normalisation plugin's own kernel */
 #pragma GCC push_options
 #pragma GCC optimize("no-trapping-math")
 #pragma GCC optimize("fp-contract=off")
