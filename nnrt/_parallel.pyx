@@ -94,7 +94,7 @@ cdef enum:
 
 ctypedef struct _Slot:
     Py_ssize_t m, n, k
-    int op            # the caller's kind of call (Dense: 0 forward, 1 backward, 2 eval)
+    int op            # the caller's kind of call (Dense: 0 forward or eval, 1 backward)
     double t[2]       # seconds: [0] one thread, [1] the ceiling's threads
     int cnt[2]
     long calls

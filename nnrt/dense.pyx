@@ -20,7 +20,7 @@ from libc.string cimport memcpy
 
 from cython cimport floating
 
-from nnrt.blas cimport gemm_rm, gemv_rm
+from nnrt.blas cimport gemm_rm
 from nnrt._parallel cimport (PAR_STREAM, blas_threads_done, blas_threads_for, par_fn, par_for,
                              par_now)
 from nnrt.layer cimport (LAYER_BUILT, LAYER_FROZEN, Layer, cache_input, check_array, check_self,
@@ -243,7 +243,7 @@ cdef object _eval_run(Dense layer, object X, Layer aff_layer, int act):
         act = EVAL_ACT_NONE
     cdef bint big = rows * n_in * n_out >= _NOGIL_MIN
     # the thread policy (nnrt._parallel) picks the BLAS threads and learns the time
-    cdef int policy = blas_threads_for(rows, n_out, n_in, 2)
+    cdef int policy = blas_threads_for(rows, n_out, n_in, 0)  # as the forward GEMM
     cdef double t0 = par_now()
     if t == cnp.NPY_FLOAT32:
         if big:

@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 
 import nnrt
+import nnrt._network
 from nnrt_plugins.batchnorm import BatchNorm
 from nnrt_plugins.sync_batchnorm import SyncBatchNorm
 
@@ -154,7 +155,7 @@ def test_one_rank_is_batchnorm_and_float32_keeps_its_accuracy() -> None:
 def test_it_is_the_compiled_batchnorm() -> None:
     layer = nnrt.layer("sync_batchnorm", 3)
     assert isinstance(layer, BatchNorm) and type(layer).uses_communicator
-    assert not nnrt.network._is_python_layer(layer)
+    assert not nnrt._network._is_python_layer(layer)
     with pytest.raises(AttributeError):
         layer.gamma = np.ones(3)  # type: ignore[misc]
     # never fused with a following sigmoid (the plugin fuses the exact pair only)
