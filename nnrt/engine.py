@@ -589,7 +589,10 @@ def _fit(
     except NonFinite:  # a NaN/Inf in X, found in the first epoch's gather
         rewind.reset()
         net._fit_loss = fit_loss  # type: ignore[attr-defined]
-        Xall.check_finite()  # raises ValueError naming the first bad entry
+        try:
+            Xall.check_finite()  # the scan's ValueError, naming the first bad entry
+        except ValueError as exc:
+            raise exc from None
         raise
     finally:
         for cb in cbs:
