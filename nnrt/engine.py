@@ -29,8 +29,11 @@ The rules every caller gets from here:
 - Data. X and y may be numpy arrays (also ``np.load(..., mmap_mode="r")``
   memory maps), pandas DataFrames/Series or anything ``np.asarray`` takes.
   They are never copied whole: each batch's rows are gathered (and cast to the
-  network's dtype) as they are used; ``fit`` scans them for NaN/Inf once, in
-  chunks.
+  network's dtype) as they are used. NaN/Inf raise ValueError naming the first
+  bad entry, with the network and optimizer as before ``fit``: X's rows are
+  checked as the first epoch gathers them (and the state rewound to the
+  epoch's copy), the rest (y, validation data, unused rows, X where the rewind
+  or the fused check cannot apply) is scanned before training, in chunks.
 - Threads. ``fit`` holds the network's training lock throughout (a second
   ``fit`` raises) and its inference lock around each step, so ``predict`` or
   ``save`` from another thread sees whole steps.
@@ -586,7 +589,10 @@ def _fit(
     except NonFinite:  # a NaN/Inf in X, found in the first epoch's gather
         rewind.reset()
         net._fit_loss = fit_loss  # type: ignore[attr-defined]
-        Xall.check_finite()  # raises ValueError naming the first bad entry
+        try:
+            Xall.check_finite()  # the scan's ValueError, naming the first bad entry
+        except ValueError as exc:
+            raise exc from None
         raise
     finally:
         for cb in cbs:

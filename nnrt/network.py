@@ -52,7 +52,7 @@ class Sequential(Network):
         (``nnrt.available_optimizers()``; default ``"adam"``). Rows are
         shuffled with a generator seeded from the network's seed (or ``seed``),
         so the same seed gives bit-identical weights. NaN/Inf in X or y raise
-        ValueError before training; a non-finite loss raises FloatingPointError
+        ValueError and leave the network and optimizer as before ``fit``; a non-finite loss raises FloatingPointError
         and leaves the weights that gave the last finite loss. A final
         mini-batch of one sample is skipped (one ``nnrt.TrainingWarning``)
         when a layer has ``uses_batch_statistics``. ``progress`` (tqdm bar) defaults to on
