@@ -477,7 +477,11 @@ def _fit(
     batch_size = _check_batch_size(batch_size, "fit")
     Xs = Xall = _Rows(X, net, "fit: X")
     ys = _Rows(y, net, "fit: y", targets=Xs.n)
-    optimizer = _check_optimizer(net, optimizer)
+    try:
+        optimizer = _check_optimizer(net, optimizer)
+    except (TypeError, ValueError):
+        Xs.check_finite()  # bad data is reported first, as before the scan moved
+        raise
     # NOTE: X is scanned for NaN/Inf as the first epoch gathers its rows (a separate
     # pass reads all of X once more: ~2% of an epoch on small); a bad row rewinds the
     # network and the optimizer to their state before fit. Where that cannot be done
