@@ -210,6 +210,17 @@ class Network:
         self._last_out = out
         return out
 
+    def _forward_owned(self, X: Any) -> np.ndarray:
+        """``forward(X, training=True)`` for a batch its caller owns and leaves alone
+        until the step's backward (the training engine's gathered batches): the first
+        layer may cache it without the private copy it makes of a user's array."""
+        python, fuse, _ = self._structure()
+        if python:
+            return self._forward_checked(X, True)
+        out = _forward_chain(self.layers, X, True, fuse, True)
+        self._last_out = out
+        return out
+
     def __call__(self, X: Any) -> np.ndarray:
         return self.forward(X, training=False)
 

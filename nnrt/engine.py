@@ -389,12 +389,16 @@ class TrainStep:
         loss: str | LossFn = "softmax_cross_entropy",
         sync: GradientSync | None = None,
         count_correct: bool = False,
+        owns_batches: bool = False,
     ) -> None:
         self.net = net
         self.optimizer = optimizer
         self.loss_name, self.loss_fn = _resolve_loss(loss)
         self.sync = sync
         self.count_correct = count_correct
+        # the caller's batches are its own buffers, left alone until the step returns
+        # (fit's gathered batches): the first layer may cache one without a copy
+        self.owns_batches = owns_batches
         self._lock: tuple[int, Any] = (-1, None)  # (fork generation, net's state lock)
 
     def __call__(
@@ -404,7 +408,7 @@ class TrainStep:
         if self._lock[0] != _locks.generation:  # a forked child has new locks
             self._lock = (_locks.generation, state_lock(net))
         with self._lock[1]:
-            Y = net.forward(Xb, training=True)
+            Y = net._forward_owned(Xb) if self.owns_batches else net.forward(Xb, training=True)
             result = self.loss_fn(Y, yb)
             if type(result) is not tuple or len(result) != 2:
                 raise TypeError(
@@ -502,7 +506,7 @@ def _fit(
         if scan and not Xv.all_finite():
             Xall.check_finite()
     cbs = _check_callbacks(callbacks, progress)
-    step = TrainStep(net, optimizer, loss, sync, count_correct=ys.class_labels)
+    step = TrainStep(net, optimizer, loss, sync, count_correct=ys.class_labels, owns_batches=True)
     rank, size = (sync.rank, sync.size) if sync is not None else (0, 1)
 
     # ---- batches: the same global batches on every process; a short last one is skipped
