@@ -19,6 +19,11 @@ nnrt/_kernels.pyx):
 * a following activation declared by ``_nnrt_epilogue = "sigmoid"`` runs in the
   same output pass as the bias.
 
+Merged layers whose weights exceed 512 KB also keep a copy packed into column
+panels (nnrt/_packed.h) for batches of 2-8 rows (only where the small-M kernel
+serves the layer); every output element is then the same fused multiply-add chain
+whichever of the two kernels computes it, so a row gives the same bits in any batch.
+
 Every other layer (Python layers, plugins without the protocol) runs through its
 own eval forward, on a private copy of the layer, in sequence; those layers keep
 internal buffers, so each one runs under a lock of the session (calls from several
