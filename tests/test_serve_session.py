@@ -336,3 +336,21 @@ def test_a_row_gives_the_same_bits_in_any_batch() -> None:
         np.testing.assert_array_equal(sess.predict(X, batch_size=bs), whole)
     ref = net.predict(X).astype(np.float64)
     np.testing.assert_allclose(whole, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_tampered_session_raises_instead_of_crashing() -> None:
+    net = _net(np.float32)
+    sess = nnrt.freeze(net)
+    X = np.ones((3, 12), dtype=np.float32)
+    # what Python can reach is never trusted by a kernel: a first layer of another width
+    # lets the wrong input through, and the stage's own check stops it
+    sess._first = nnrt.layer("dense", 5, 5)
+    with pytest.raises(ValueError, match="expected input of shape"):
+        sess(np.ones((3, 5)))
+    sess._first = nnrt.freeze(net)._first
+    stages = sess._stages
+    sess._stages = (stages[1],) + stages  # stages out of order: widths checked per stage
+    with pytest.raises(ValueError, match="expected input of shape"):
+        sess(X)
+    sess._stages = stages
+    assert np.isfinite(sess(X)).all()
