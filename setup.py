@@ -129,6 +129,7 @@ extensions = [
     ext("nnrt.dense", "nnrt/dense.pyx"),
     ext("nnrt._kernels", "nnrt/_kernels.pyx"),
     ext("nnrt._engine", "nnrt/_engine.pyx"),
+    ext("nnrt._serve", "nnrt/_serve.pyx"),
     # built-in plugins (cimport nnrt's .pxd files as a third party would)
     ext("nnrt_plugins._sigmoid", "plugins/_sigmoid.pyx"),
     ext("nnrt_plugins._batchnorm", "plugins/_batchnorm.pyx"),

@@ -36,16 +36,19 @@ interleaved in the same rounds with
           before jax is imported) and keras is timed by the process's CPU time
           (target on small: nnrt fit <= 0.7x keras fit per step)
 
-The serving table: eval forward (``net.forward(X, training=False)``) at batch 1, 4, 16
-and 64 of every configuration, float32, running statistics from a few training
-batches, against
+The serving table: inference at batch 1, 4, 16 and 64 of every configuration,
+float32, running statistics from a few training batches:
+  nnrt         the live network's eval forward (``net.forward(X, training=False)``)
+  nnrt frozen  a frozen session (``nnrt.freeze(net)``: BatchNorm folded into the
+               weights, bias + sigmoid fused, private read-only weights), the
+               serving contender, against
   onnxruntime  an InferenceSession of nnrt's own ONNX export (nnrt.onnx.to_model), with
                intra/inter-op threads = --threads and sequential execution
   torch        the same model in ``torch.inference_mode()``, eval mode
   jax          the jitted eval forward
   numpy        the reference forward
-each call given a numpy array, as a request arrives. Targets (issue 16): nnrt at most
-0.5x onnxruntime at batch 1 on tiny and small, at most 1.0x everywhere else.
+each call given a numpy array, as a request arrives. Targets (issue 16): nnrt frozen
+at most 0.5x onnxruntime at batch 1 on tiny and small, at most 1.0x everywhere else.
 
 ``--threads 1,2`` runs the whole benchmark once per thread count, each in its own
 process (XLA reads its thread settings at import), and reports every run.
@@ -149,8 +152,10 @@ TARGETS: dict[str, dict[str, float]] = {
 LR = 0.01
 CONTENDERS = ("nnrt", "numpy", "torch", "jax", "floor")
 SERVE_BATCHES = (1, 4, 16, 64)
-SERVE_CONTENDERS = ("nnrt", "onnxruntime", "torch", "jax", "numpy")
-# nnrt / onnxruntime, serving (issue 16): batch 1 on tiny and small, everything else
+SERVE_CONTENDERS = ("nnrt", "nnrt frozen", "onnxruntime", "torch", "jax", "numpy")
+# the serving contender: nnrt.freeze(net) (nnrt/serve.py), against the peers below
+SERVE_PEERS = ("onnxruntime", "torch", "jax", "numpy")
+# nnrt frozen / onnxruntime, serving (issue 16): batch 1 on tiny and small, everything else
 SERVE_TARGETS = {("tiny", 1): 0.5, ("small", 1): 0.5}
 SERVE_TARGET = 1.0
 # batches per epoch in the fit row (samples = FIT_STEPS * batch)
@@ -614,6 +619,7 @@ def make_serve_contenders(sizes: list[int], threads: int) -> dict[str, Callable[
     net = serving_net(sizes)
     state = net.state_dict()
     out: dict[str, Callable[[Any], Any]] = {"nnrt": lambda X: net.forward(X, training=False)}
+    out["nnrt frozen"] = nnrt.freeze(net)
     if ort is not None:
         from nnrt.onnx import to_model
 
@@ -680,18 +686,20 @@ def time_serving(cfg: str, rounds: int, sample_s: float, threads: int) -> dict[s
             v = np.array(samples.get(name, []))
             row[name] = None if not len(v) else float(np.median(v) * 1e6)
         row["ratios"] = {
-            f"nnrt/{k}": (row["nnrt"] / row[k] if row.get(k) else None)
-            for k in SERVE_CONTENDERS[1:]
+            f"frozen/{k}": (row["nnrt frozen"] / row[k] if row.get(k) else None)
+            for k in SERVE_PEERS
         }
+        ort_t = row.get("onnxruntime")
+        row["ratios"]["nnrt/onnxruntime"] = row["nnrt"] / ort_t if ort_t else None
         res["batches"][batch] = row
     return res
 
 
 def format_serve_table(results: dict[str, Any]) -> str:
     lines = [
-        "| config | batch | nnrt | onnxruntime | torch | jax | numpy | nnrt/ort | nnrt/torch "
-        "| nnrt/jax | nnrt/numpy | target nnrt/ort |",
-        "|" + "---|" * 12,
+        "| config | batch | nnrt | nnrt frozen | onnxruntime | torch | jax | numpy | nnrt/ort "
+        "| frozen/ort | frozen/torch | frozen/jax | frozen/numpy | target frozen/ort |",
+        "|" + "---|" * 14,
     ]
     for cfg, res in results["configs"].items():
         r = res.get("serve")
@@ -701,9 +709,10 @@ def format_serve_table(results: dict[str, Any]) -> str:
             cells = [
                 "not installed" if row[n] is None else _fmt_t(row[n]) for n in SERVE_CONTENDERS
             ]
-            ratios = [_fmt_ratio(row["ratios"][f"nnrt/{k}"]) for k in SERVE_CONTENDERS[1:]]
+            ratios = [_fmt_ratio(row["ratios"]["nnrt/onnxruntime"])]
+            ratios += [_fmt_ratio(row["ratios"][f"frozen/{k}"]) for k in SERVE_PEERS]
             t = SERVE_TARGETS.get((cfg, int(batch)), SERVE_TARGET)
-            v = row["ratios"]["nnrt/onnxruntime"]
+            v = row["ratios"]["frozen/onnxruntime"]
             verdict = "n/a" if v is None else ("ok" if v <= t else "MISSED")
             lines.append(
                 f"| {cfg} | {batch} | "

@@ -32,6 +32,7 @@ from nnrt.layer import ABI_VERSION, Layer, check_abi
 from nnrt.network import Sequential
 from nnrt.perf import get_num_threads, profile, set_num_threads
 from nnrt.registry import PluginError, PluginWarning
+from nnrt.serve import InferenceSession, freeze
 from nnrt.warnings import NetworkWarning, TrainingWarning
 
 __version__ = "0.1.0"
@@ -48,6 +49,7 @@ __all__ = [
     "TrainingWarning",
     "load",
     "Dense",
+    "InferenceSession",
     "Layer",
     "PluginError",
     "PluginWarning",
@@ -57,6 +59,7 @@ __all__ = [
     "available_losses",
     "available_optimizers",
     "check_abi",
+    "freeze",
     "from_torch",
     "get_num_threads",
     "hookimpl",

@@ -1,0 +1,253 @@
+# cython: language_level=3
+"""Compiled stages of a frozen inference session (nnrt/serve.py).
+
+``FrozenDense``: ``Y = act(X @ W + b)`` on weights the stage owns. ``W`` and ``b``
+are private copies made at construction (C-contiguous, read-only, never exposed to
+Python: no attribute of the stage can be changed or replaced from Python), and
+every size the kernel uses is a C field set once. Each call writes a new output
+array, so a stage may run in several Python threads at once. The product runs
+through the small-M kernel of the eval path (nnrt/_smallm.h, read in place) or the
+BLAS GEMM, chosen by the layer's width as the eval forward chooses (nnrt/dense.pyx);
+the bias and the sigmoid are applied in one pass over the output.
+"""
+
+import numpy as np
+cimport numpy as cnp
+
+from cython cimport floating
+
+from nnrt.blas cimport gemm_rm
+from nnrt._parallel cimport blas_threads_done, blas_threads_for, par_now
+
+cnp.import_array()
+
+cdef extern from "nnrt/_smallm.h" nogil:
+    void nnrt_smallm_f(const float* X, const float* W, float* Y, Py_ssize_t m, Py_ssize_t k,
+                       Py_ssize_t n, Py_ssize_t kc)
+    void nnrt_smallm_d(const double* X, const double* W, double* Y, Py_ssize_t m,
+                       Py_ssize_t k, Py_ssize_t n, Py_ssize_t kc)
+    void nnrt_epilogue_f(float* Y, Py_ssize_t m, Py_ssize_t n, const float* bias,
+                         const float* center, const float* scale, const float* shift, int act)
+    void nnrt_epilogue_d(double* Y, Py_ssize_t m, Py_ssize_t n, const double* bias,
+                         const double* center, const double* scale, const double* shift,
+                         int act)
+    int nnrt_smallm_enabled()
+
+cdef extern from "nnrt/_packed.h" nogil:
+    Py_ssize_t nnrt_panel_cols_f()
+    Py_ssize_t nnrt_panel_cols_d()
+    void nnrt_pack_f(const float* W, float* Wp, Py_ssize_t k, Py_ssize_t n)
+    void nnrt_pack_d(const double* W, double* Wp, Py_ssize_t k, Py_ssize_t n)
+    void nnrt_packed_f(const float* X, const float* Wp, float* Y, Py_ssize_t m, Py_ssize_t k,
+                       Py_ssize_t n)
+    void nnrt_packed_d(const double* X, const double* Wp, double* Y, Py_ssize_t m,
+                       Py_ssize_t k, Py_ssize_t n)
+
+# as nnrt/dense.pyx: the small-M kernel serves layers at least 32 wide and a multiple
+# of 8 on CPUs where it beats GEMM; below _NOGIL_MIN multiply-adds the GIL is kept
+cdef bint _SMALL_M_ON = nnrt_smallm_enabled() != 0
+cdef Py_ssize_t _SMALL_M_MIN_COLS = 32
+cdef Py_ssize_t _NOGIL_MIN = 32768
+cdef Py_ssize_t _MAX_ELEMENTS = 2147483647
+# Packed weights serve batches of _PACKED_MIN_ROWS.._PACKED_MAX_ROWS rows of layers whose
+# W is larger than _PACKED_MIN_BYTES (measured on AMD Zen 5, one thread, float32: at 4
+# rows 784 x 512 18 vs 22.5 us and 1024 x 1024 47 vs 80 us against the small-M kernel
+# on the row-major W; at 1 and 16-64 rows, and on W that fits in L2, 0-45 % slower).
+cdef Py_ssize_t _PACKED_MIN_BYTES = 524288
+cdef Py_ssize_t _PACKED_MIN_ROWS = 2
+cdef Py_ssize_t _PACKED_MAX_ROWS = 8
+
+ACT_NONE = 0
+ACT_SIGMOID = 1
+
+# kernel of the stages built from now on: 0 by layer (packed where the eval path uses
+# the small-M kernel, GEMM elsewhere), 1 GEMM, 2 the small-M kernel on the row-major W,
+# 3 packed (tests and benchmarks force them)
+cdef int _mode = 0
+KERNELS = {"auto": 0, "gemm": 1, "small": 2, "packed": 3}
+
+
+def _set_kernel(str mode):
+    """Kernel of FrozenDense stages built after this call: "auto", "gemm", "small" or
+    "packed" (tests, benchmarks)."""
+    global _mode
+    if mode not in KERNELS:
+        raise ValueError(f"kernel must be one of {sorted(KERNELS)}, got {mode!r}")
+    _mode = KERNELS[mode]
+
+
+cdef void _run_kernel(const floating* X, const floating* W, const floating* b, int act,
+                      floating* Y, Py_ssize_t rows, Py_ssize_t n_in, Py_ssize_t n_out,
+                      int kernel) noexcept nogil:
+    # kernel: 1 GEMM, 2 small-M on the row-major W, 3 packed (W is then the packed copy)
+    if kernel == 3:
+        if floating is float:
+            nnrt_packed_f(X, W, Y, rows, n_in, n_out)
+        else:
+            nnrt_packed_d(X, W, Y, rows, n_in, n_out)
+    elif kernel == 2:
+        if floating is float:
+            nnrt_smallm_f(X, W, Y, rows, n_in, n_out, 0)
+        else:
+            nnrt_smallm_d(X, W, Y, rows, n_in, n_out, 0)
+    else:
+        gemm_rm(False, False, <int>rows, <int>n_out, <int>n_in, 1, X, <int>n_in, W,
+                <int>n_out, 0, Y, <int>n_out)
+    if b != NULL or act != 0:
+        if floating is float:
+            nnrt_epilogue_f(Y, rows, n_out, b, NULL, NULL, NULL, act)
+        else:
+            nnrt_epilogue_d(Y, rows, n_out, b, NULL, NULL, NULL, act)
+
+
+cdef class FrozenDense:
+    """``act(X @ W + b)`` on private copies of ``W`` (n_in, n_out) and ``b`` (n_out,
+    or None), float32 or float64; ``act`` 0 (none) or 1 (sigmoid). Internal: built by
+    ``nnrt.serve.freeze``."""
+
+    cdef cnp.ndarray _W
+    cdef cnp.ndarray _Wp  # the packed copy (kernel 3), else None
+    cdef cnp.ndarray _b
+    cdef Py_ssize_t _n_in, _n_out
+    cdef int _typenum, _act
+    cdef int _kernel
+    cdef object _dtype
+
+    def __init__(self, W, b, int act):
+        W = np.array(W, order="C", copy=True)
+        if W.ndim != 2 or W.dtype not in (np.float32, np.float64):
+            raise ValueError(f"FrozenDense: W must be a 2-D float32/float64 array, got {W!r:.60}")
+        if W.shape[0] < 1 or W.shape[1] < 1 or W.size > _MAX_ELEMENTS:
+            raise ValueError(f"FrozenDense: bad weight shape {W.shape}")
+        if act not in (0, 1):
+            raise ValueError(f"FrozenDense: act must be 0 or 1, got {act}")
+        if b is not None:
+            b = np.array(b, dtype=W.dtype, order="C", copy=True)
+            if b.shape != (W.shape[1],):
+                raise ValueError(f"FrozenDense: bias of shape {b.shape}, expected ({W.shape[1]},)")
+            b.setflags(write=False)
+        W.setflags(write=False)
+        self._W = W
+        self._b = b
+        self._n_in = W.shape[0]
+        self._n_out = W.shape[1]
+        self._typenum = cnp.PyArray_TYPE(W)
+        self._dtype = W.dtype
+        self._act = act
+        cdef bint small = (_SMALL_M_ON and self._n_out >= _SMALL_M_MIN_COLS
+                           and self._n_out % 8 == 0)
+        self._kernel = _mode if _mode != 0 else (2 if small else 1)
+        cdef Py_ssize_t cols, panels
+        # the packed copy: forced, or (auto) for the batches of 2-8 rows on a W larger
+        # than L2 can serve the small-M kernel from (same sums: the same bits)
+        if self._kernel == 3 or (self._kernel == 2 and _mode == 0
+                                 and W.nbytes > _PACKED_MIN_BYTES):
+            cols = nnrt_panel_cols_f() if self._typenum == cnp.NPY_FLOAT32 else nnrt_panel_cols_d()
+            panels = (self._n_out + cols - 1) // cols
+            Wp = np.empty(panels * self._n_in * cols, dtype=W.dtype)
+            if self._typenum == cnp.NPY_FLOAT32:
+                nnrt_pack_f(<float*>cnp.PyArray_DATA(W), <float*>cnp.PyArray_DATA(Wp),
+                            self._n_in, self._n_out)
+            else:
+                nnrt_pack_d(<double*>cnp.PyArray_DATA(W), <double*>cnp.PyArray_DATA(Wp),
+                            self._n_in, self._n_out)
+            Wp.setflags(write=False)
+            self._Wp = Wp
+
+    @property
+    def kernel(self):
+        """The kernel this stage runs: "gemm", "small", "packed" or "small+packed" (the
+        packed copy at 2-8 rows, the small-M kernel otherwise: the same sums)."""
+        if self._kernel == 2 and self._Wp is not None:
+            return "small+packed"
+        return {1: "gemm", 2: "small", 3: "packed"}[self._kernel]
+
+    @property
+    def in_features(self):
+        return self._n_in
+
+    @property
+    def out_features(self):
+        return self._n_out
+
+    def arrays(self):
+        """Copies of ``(W, b)`` (b None without a bias), for inspection and tests."""
+        return self._W.copy(), (None if self._b is None else self._b.copy())
+
+    def __reduce__(self):
+        return (FrozenDense, (self._W, self._b, self._act))
+
+    def __call__(self, X):
+        return self.run(X)
+
+    cpdef cnp.ndarray run(self, object X):
+        """``act(X @ W + b)`` as a new array; ``X`` is cast to a C-contiguous 2-D array
+        of the stage's dtype (its width must be in_features)."""
+        cdef cnp.ndarray Xa
+        if (type(X) is np.ndarray and cnp.PyArray_TYPE(<cnp.ndarray>X) == self._typenum
+                and cnp.PyArray_NDIM(<cnp.ndarray>X) == 2
+                and cnp.PyArray_IS_C_CONTIGUOUS(<cnp.ndarray>X)
+                and cnp.PyArray_ISALIGNED(<cnp.ndarray>X)
+                and cnp.PyArray_ISNOTSWAPPED(<cnp.ndarray>X)):
+            Xa = <cnp.ndarray>X
+        else:
+            Xa = np.ascontiguousarray(np.asarray(X, dtype=self._dtype))
+            if type(Xa) is not np.ndarray:
+                Xa = np.array(Xa, dtype=self._dtype, order="C", subok=False)
+        if cnp.PyArray_NDIM(Xa) != 2 or cnp.PyArray_DIM(Xa, 1) != self._n_in:
+            raise ValueError(
+                f"frozen dense stage: expected input of shape (batch, {self._n_in}), "
+                f"got {np.shape(Xa)}"
+            )
+        cdef Py_ssize_t rows = cnp.PyArray_DIM(Xa, 0)
+        cdef Py_ssize_t n_in = self._n_in, n_out = self._n_out
+        if rows < 1:
+            raise ValueError("frozen dense stage: empty batch")
+        if rows * n_out > _MAX_ELEMENTS or rows * n_in > _MAX_ELEMENTS:
+            raise ValueError(f"frozen dense stage: batch of {rows} rows is too large")
+        cdef cnp.npy_intp dims[2]
+        dims[0] = rows
+        dims[1] = n_out
+        cdef cnp.ndarray Y = cnp.PyArray_EMPTY(2, dims, self._typenum, 0)
+        cdef void* px = cnp.PyArray_DATA(Xa)
+        cdef int kernel = self._kernel
+        if (kernel == 2 and self._Wp is not None and _PACKED_MIN_ROWS <= rows
+                and rows <= _PACKED_MAX_ROWS):
+            kernel = 3
+        cdef void* pw = cnp.PyArray_DATA(self._Wp if kernel == 3 else self._W)
+        cdef void* pb = NULL if self._b is None else cnp.PyArray_DATA(self._b)
+        cdef void* py = cnp.PyArray_DATA(Y)
+        cdef int act = self._act
+        cdef bint big = rows * n_in * n_out >= _NOGIL_MIN
+        cdef int policy = blas_threads_for(rows, n_out, n_in, 0)
+        cdef double t0 = par_now()
+        if self._typenum == cnp.NPY_FLOAT32:
+            if big:
+                with nogil:
+                    _run_kernel(<float*>px, <float*>pw, <float*>pb, act, <float*>py, rows,
+                                n_in, n_out, kernel)
+            else:
+                _run_kernel(<float*>px, <float*>pw, <float*>pb, act, <float*>py, rows,
+                            n_in, n_out, kernel)
+        else:
+            if big:
+                with nogil:
+                    _run_kernel(<double*>px, <double*>pw, <double*>pb, act, <double*>py,
+                                rows, n_in, n_out, kernel)
+            else:
+                _run_kernel(<double*>px, <double*>pw, <double*>pb, act, <double*>py, rows,
+                            n_in, n_out, kernel)
+        blas_threads_done(policy, par_now() - t0)
+        return Y
+
+
+def run_stages(tuple stages, object X):
+    """Run ``stages`` in order (FrozenDense through C, others through their call)."""
+    cdef object out = X
+    cdef object s
+    for s in stages:
+        if type(s) is FrozenDense:
+            out = (<FrozenDense>s).run(out)
+        else:
+            out = s(out)
+    return out
