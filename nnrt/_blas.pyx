@@ -23,13 +23,14 @@ of numpy's OpenBLAS. ``import nnrt`` never loads MKL; it costs a glob, a file ch
 and a dlopen of the OpenBLAS numpy already loaded.
 
 nnrt's own GEMM kernel (nnrt/_smallm.h, register-blocked, W read in place, AVX-512/AVX2
-builds picked at run time) is a route in front of the backend: a float32 GEMM with
-alpha 1, beta 0 or 1, an output a multiple of 8 and at least 32 wide, not TT, on a BLAS
-at one thread runs there instead when the route (NN forward, TN weight gradient, NT
-input gradient) is on. ``NNRT_GEMM_KERNEL=auto`` (default) times the kernel against the
-backend per route at the first GEMM (about 0.2 s; AVX2/AVX-512 CPUs only) and turns on
-the routes where it takes at most 0.95x the time; ``on`` turns every route on (float32
-and float64), ``off`` none.
+builds picked at run time) is a route in front of the backend: a GEMM with alpha 1,
+beta 0 or 1, an output a multiple of 8 and at least 32 wide, not TT, runs there instead
+when its route (NN forward, TN weight gradient, NT input gradient) is on; with two
+threads its rows are split over nnrt's helper thread (bit-identical to one thread).
+``NNRT_GEMM_KERNEL=auto`` (default) times the kernel against the backend per route at
+the first GEMM (float32, one thread; about 0.2 s; AVX2/AVX-512 CPUs only) and turns on
+the float32 routes where it takes at most 0.95x the time; ``on`` turns every route on
+(float32 and float64), ``off`` none.
 
 C callers use ``sgemm_rm`` ... (nnrt/_blas.pxd, via nnrt/blas.pxd): one indirect call
 through the current backend's table; the tables are filled once, before they can be
