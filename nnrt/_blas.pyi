@@ -4,6 +4,7 @@ of nnrt's GEMM/GEMV helpers."""
 from typing import Any
 
 BACKENDS: tuple[str, ...]
+KERNEL_MODES: tuple[str, ...]
 
 def find_numpy_openblas() -> str | None:
     """Path of numpy's bundled OpenBLAS, or None."""
@@ -17,8 +18,12 @@ def available() -> list[str]:
 def use(name: str) -> str:
     """Route nnrt's GEMMs through backend ``name``; returns the previous one."""
 
+def use_kernel(mode: str) -> str:
+    """Route qualifying GEMMs through nnrt's own kernel: "auto", "on" or "off";
+    returns the previous mode."""
+
 def resolve() -> None:
-    """Finish a pending automatic choice (the MKL calibration)."""
+    """Finish the pending automatic choices (MKL and nnrt's kernel calibrations)."""
 
 def threads() -> int:
     """Threads of the backend in use."""

@@ -22,6 +22,16 @@ in thread CPU time; 0.1-0.2 s) and uses MKL only if it takes at most 0.90x the t
 of numpy's OpenBLAS. ``import nnrt`` never loads MKL; it costs a glob, a file check
 and a dlopen of the OpenBLAS numpy already loaded.
 
+nnrt's own GEMM kernel (nnrt/_smallm.h, register-blocked, W read in place, AVX-512/AVX2
+builds picked at run time) is a route in front of the backend: a GEMM with alpha 1,
+beta 0 or 1, an output a multiple of 8 and at least 32 wide, not TT, runs there instead
+when its route (NN forward, TN weight gradient, NT input gradient) is on; with two
+threads its rows are split over nnrt's helper thread (bit-identical to one thread).
+``NNRT_GEMM_KERNEL=auto`` (default) times the kernel against the backend per route at
+the first GEMM (float32, one thread; about 0.2 s; AVX2/AVX-512 CPUs only) and turns on
+the float32 routes where it takes at most 0.95x the time; ``on`` turns every route on
+(float32 and float64), ``off`` none.
+
 C callers use ``sgemm_rm`` ... (nnrt/_blas.pxd, via nnrt/blas.pxd): one indirect call
 through the current backend's table; the tables are filled once, before they can be
 selected, and never change, so a switch (``use``) while another thread is inside a
@@ -32,11 +42,24 @@ import os
 import sys
 import threading
 
+from cython cimport floating
 from libc.stdint cimport int64_t, uintptr_t
+from libc.stdlib cimport free, malloc
 from scipy.linalg.cython_blas cimport dgemm, dgemv, sgemm, sgemv
 
-__all__ = ["BACKENDS", "available", "find_mkl", "find_numpy_openblas", "info", "resolve",
-           "set_threads", "thread_control_addresses", "threads", "use"]
+
+cdef extern from "nnrt/_smallm.h" nogil:
+    void nnrt_gemm_s_f(const float* X, Py_ssize_t xi, Py_ssize_t xk, const float* W,
+                       Py_ssize_t ldw, float* Y, Py_ssize_t ldy, int acc_y, Py_ssize_t m,
+                       Py_ssize_t k, Py_ssize_t n)
+    void nnrt_gemm_s_d(const double* X, Py_ssize_t xi, Py_ssize_t xk, const double* W,
+                       Py_ssize_t ldw, double* Y, Py_ssize_t ldy, int acc_y, Py_ssize_t m,
+                       Py_ssize_t k, Py_ssize_t n)
+    const char* nnrt_smallm_isa_name()
+
+__all__ = ["BACKENDS", "KERNEL_MODES", "available", "find_mkl", "find_numpy_openblas", "info",
+           "resolve", "set_threads", "thread_control_addresses", "threads", "use",
+           "use_kernel"]
 
 ctypedef void (*sgemm32_t)(const char*, const char*, const int*, const int*, const int*,
                            const float*, const float*, const int*, const float*, const int*,
@@ -178,16 +201,168 @@ cdef inline void _dgemv(const Table* t, bint trans, int m, int n, double alpha,
         (<dgemv32_t>t.dgemv)(&tr, &n, &m, &alpha, a, &lda, x, &one, &beta, y, &one)
 
 
+# ------------------------------------------------------------- nnrt's own GEMM kernel
+# The register-blocked kernel of nnrt/_smallm.h (strided variant) as a route of the
+# GEMMs with alpha 1 and beta 0 or 1 (the forward's Y = b + X W): bit 1 NN (forward
+# X W), bit 2 TN (dW = X^T dY: X read transposed in place), bit 4 NT (dX = dY W^T: W
+# transposed into a per-call scratch buffer). One set of routes per dtype; 0 = the
+# BLAS backend. Set by use_kernel / NNRT_GEMM_KERNEL / the calibration.
+cdef int _kroutes_f = 0
+cdef int _kroutes_d = 0
+# the kernel serves outputs at least this wide and a multiple of 8 wide (its last
+# columns otherwise run as scalars)
+cdef int _KERNEL_MIN_N = 32
+# GEMMs the kernel served (tests check the route is taken; a race between threads may
+# lose a count, never corrupt anything)
+cdef Py_ssize_t _kernel_count = 0
+
+
+def _kernel_calls():
+    """How many GEMMs nnrt's kernel has served in this process (tests)."""
+    return _kernel_count
+
+
+cdef inline int _route_bit(bint ta, bint tb) noexcept nogil:
+    if ta and tb:
+        return 0
+    return 2 if ta else 4 if tb else 1
+
+
+# nnrt._parallel's par_for (rows of the kernel over nnrt's helper thread when the thread
+# policy allows two threads), bound at run time by _bind_par_for: nnrt._parallel
+# cimports this module, so this one cannot cimport it back. NULL: one thread.
+ctypedef void (*par_fn_t)(void* ctx, Py_ssize_t begin, Py_ssize_t end) noexcept nogil
+ctypedef int (*par_for_t)(int kind, par_fn_t fn, void* ctx, Py_ssize_t n,
+                          Py_ssize_t unit) noexcept nogil
+cdef par_for_t _par_for = NULL
+cdef int _PAR_STREAM = 0  # nnrt/_parallel.pxd's kind (its threshold: 2^17 multiply-adds)
+
+
+def _bind_par_for():
+    global _par_for
+    from nnrt import _parallel
+
+    _par_for = <par_for_t><uintptr_t>_parallel._par_for_address()
+
+
+ctypedef struct _KJob:
+    # one kernel call, split by rows of C: rows [lo, hi) read rows lo.. of op(A)
+    const void* a
+    Py_ssize_t xi, xk
+    const void* w
+    Py_ssize_t ldw
+    void* c
+    Py_ssize_t ldc
+    int acc
+    Py_ssize_t k, n
+
+
+cdef void _kjob_f(void* ctx, Py_ssize_t lo, Py_ssize_t hi) noexcept nogil:
+    cdef _KJob* j = <_KJob*>ctx
+    nnrt_gemm_s_f(<const float*>j.a + lo * j.xi, j.xi, j.xk, <const float*>j.w, j.ldw,
+                  <float*>j.c + lo * j.ldc, j.ldc, j.acc, hi - lo, j.k, j.n)
+
+
+cdef void _kjob_d(void* ctx, Py_ssize_t lo, Py_ssize_t hi) noexcept nogil:
+    cdef _KJob* j = <_KJob*>ctx
+    nnrt_gemm_s_d(<const double*>j.a + lo * j.xi, j.xi, j.xk, <const double*>j.w, j.ldw,
+                  <double*>j.c + lo * j.ldc, j.ldc, j.acc, hi - lo, j.k, j.n)
+
+
+cdef void _kernel_rows(const floating* a, Py_ssize_t xi, Py_ssize_t xk, const floating* w,
+                       Py_ssize_t ldw, floating* c, Py_ssize_t ldc, int acc, Py_ssize_t m,
+                       Py_ssize_t k, Py_ssize_t n, bint split) noexcept nogil:
+    # rows of C on one thread, or over two through par_for: each row's sums are the
+    # same whatever rows share its call (nnrt/_smallm.h), so the split is bit-identical
+    cdef _KJob job
+    job.a = a
+    job.xi = xi
+    job.xk = xk
+    job.w = w
+    job.ldw = ldw
+    job.c = c
+    job.ldc = ldc
+    job.acc = acc
+    job.k = k
+    job.n = n
+    cdef par_fn_t fn = _kjob_f if floating is float else _kjob_d
+    if split and _par_for != NULL and m >= 2:
+        _par_for(_PAR_STREAM, fn, &job, m, n * k)
+    else:
+        fn(&job, 0, m)
+
+
+cdef bint _kernel_gemm(bint ta, bint tb, int m, int n, int k, floating alpha,
+                       const floating* a, int lda, const floating* b, int ldb,
+                       floating beta, floating* c, int ldc, bint split) noexcept nogil:
+    """C = op(A) op(B) (beta 0: C not read) or C + op(A) op(B) (beta 1) through nnrt's
+    kernel, or False (nothing done) when the call does not qualify: alpha != 1, beta
+    neither 0 nor 1, TT, n not a multiple of 8 or < the minimum, a leading dimension
+    below its row length, or no memory for the scratch copy. ``split``: rows over two
+    threads when the thread policy allows (the calibration times one thread)."""
+    cdef Py_ssize_t xi, xk, j, p, j0, p0, j1, p1
+    cdef Py_ssize_t M = m, N = n, K = k, LDB = ldb
+    cdef floating* bt = NULL
+    cdef int acc = beta == 1
+    if alpha != 1 or (beta != 0 and beta != 1) or (ta and tb):
+        return False
+    if m < 1 or k < 1 or n < _KERNEL_MIN_N or n % 8 != 0 or ldc < n:
+        return False
+    if ta:  # A stored k x m
+        if lda < m:
+            return False
+        xi = 1
+        xk = lda
+    else:
+        if lda < k:
+            return False
+        xi = lda
+        xk = 1
+    if not tb:
+        if ldb < n:
+            return False
+        _kernel_rows(a, xi, xk, b, ldb, c, ldc, acc, M, K, N, split)
+        return True
+    # B stored n x k (row stride ldb >= k): its transpose, k x n, into scratch
+    if ldb < k:
+        return False
+    bt = <floating*>malloc(<size_t>K * <size_t>N * sizeof(floating))
+    if bt == NULL:
+        return False
+    for j0 in range(0, N, 32):  # 32 x 32 tiles
+        j1 = j0 + 32 if j0 + 32 < N else N
+        for p0 in range(0, K, 32):
+            p1 = p0 + 32 if p0 + 32 < K else K
+            for j in range(j0, j1):
+                for p in range(p0, p1):
+                    bt[p * N + j] = b[j * LDB + p]
+    _kernel_rows(a, xi, xk, bt, N, c, ldc, acc, M, K, N, split)
+    free(bt)
+    return True
+
+
 cdef void sgemm_rm(bint trans_a, bint trans_b, int m, int n, int k,
                    float alpha, const float* a, int lda, const float* b, int ldb,
                    float beta, float* c, int ldc) noexcept nogil:
-    _sgemm(_table(), trans_a, trans_b, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc)
+    cdef Table* t = _table()
+    global _kernel_count
+    if (_kroutes_f & _route_bit(trans_a, trans_b)):
+        if _kernel_gemm(trans_a, trans_b, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc, True):
+            _kernel_count += 1
+            return
+    _sgemm(t, trans_a, trans_b, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc)
 
 
 cdef void dgemm_rm(bint trans_a, bint trans_b, int m, int n, int k,
                    double alpha, const double* a, int lda, const double* b, int ldb,
                    double beta, double* c, int ldc) noexcept nogil:
-    _dgemm(_table(), trans_a, trans_b, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc)
+    cdef Table* t = _table()
+    global _kernel_count
+    if (_kroutes_d & _route_bit(trans_a, trans_b)):
+        if _kernel_gemm(trans_a, trans_b, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc, True):
+            _kernel_count += 1
+            return
+    _dgemm(t, trans_a, trans_b, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc)
 
 
 cdef void sgemv_rm(bint trans, int m, int n, float alpha, const float* a, int lda,
@@ -533,9 +708,54 @@ def use(name):
     returns the previous one. ``NNRT_BLAS`` is the way to choose one for a program."""
     global _pending
     with _lock:
-        _pending = 0
+        _state["mkl_pending"] = False
+        _pending = 1 if _kstate["pending"] or _par_for == NULL else 0
         previous = _state["backend"]
         _set_backend(name, f"set by nnrt._blas.use({name!r})")
+        return previous
+
+
+KERNEL_MODES = ("auto", "on", "off")
+
+
+cdef void _set_routes(int f, int d) noexcept:
+    global _kroutes_f, _kroutes_d
+    _kroutes_f = f
+    _kroutes_d = d
+
+
+def _routes_of(int bits):
+    return {"NN": bool(bits & 1), "TN": bool(bits & 2), "NT": bool(bits & 4)}
+
+
+def use_kernel(mode):
+    """Route nnrt's GEMMs through nnrt's own kernel (nnrt/_smallm.h) where the shape
+    qualifies: ``"on"`` (every route, float32 and float64), ``"off"`` (the BLAS backend
+    only) or ``"auto"`` (calibrated against the backend in use at the next GEMM;
+    float32 routes only). Returns the previous mode. ``NNRT_GEMM_KERNEL`` is the way to
+    choose one for a program."""
+    global _pending
+    if mode not in KERNEL_MODES:
+        raise ValueError(f"GEMM kernel mode must be one of {KERNEL_MODES}, got {mode!r}")
+    with _lock:
+        previous = _kstate["mode"]
+        _kstate["mode"] = mode
+        _kstate["ratios"] = None
+        if mode == "auto" and _kstate["isa"] == "baseline":
+            _kstate["pending"] = False
+            _set_routes(0, 0)
+            _kstate["reason"] = ("auto: not calibrated (no AVX2/AVX-512 build of the "
+                                 "kernel on this CPU): the BLAS backend")
+        elif mode == "auto":
+            _kstate["pending"] = True
+            _kstate["reason"] = "auto: calibrated at the next GEMM"
+            _pending = 1
+        else:
+            _kstate["pending"] = False
+            _set_routes(7 if mode == "on" else 0, 7 if mode == "on" else 0)
+            if mode == "on" and _par_for == NULL:
+                _pending = 1  # bind the row split at the first GEMM
+            _kstate["reason"] = f"set by nnrt._blas.use_kernel({mode!r})"
         return previous
 
 
@@ -565,7 +785,7 @@ class _Operands:
         self.y = np.zeros(m, dtype=dt)
 
 
-def _time_calls(name, ops, int calls, bint gemv=False, bint cpu=False):
+def _time_calls(name, ops, int calls, bint gemv=False, bint cpu=False, bint kernel=False):
     """Seconds for ``calls`` GEMMs C = op(A) op(B) (or GEMVs y = A x, A m x k) of the
     operands ``ops`` through backend ``name``: a C loop with the GIL released. ``cpu``:
     the calling thread's CPU time (a 1-thread BLAS runs in it), which time slices
@@ -580,12 +800,19 @@ def _time_calls(name, ops, int calls, bint gemv=False, bint cpu=False):
     cdef int lda = ops.A.shape[1], ldb = ops.B.shape[1]
     cdef uintptr_t pa = ops.A.ctypes.data, pb = ops.B.ctypes.data, pc = ops.C.ctypes.data
     cdef uintptr_t px = ops.x.ctypes.data, py = ops.y.ctypes.data
+    cdef bint ok = True
     if calls < 1:
         raise ValueError("calls must be positive")
     t0 = clock()
     with nogil:
         for _i in range(calls):
-            if gemv and single:
+            if kernel and single:
+                ok = _kernel_gemm(ta, tb, m, n, k, <float>1, <float*>pa, lda, <float*>pb, ldb,
+                                  <float>0, <float*>pc, n, False)
+            elif kernel:
+                ok = _kernel_gemm(ta, tb, m, n, k, <double>1, <double*>pa, lda, <double*>pb,
+                                  ldb, <double>0, <double*>pc, n, False)
+            elif gemv and single:
                 _sgemv(t, False, m, k, 1, <float*>pa, k, <float*>px, 0, <float*>py)
             elif gemv:
                 _dgemv(t, False, m, k, 1, <double*>pa, k, <double*>px, 0, <double*>py)
@@ -595,6 +822,10 @@ def _time_calls(name, ops, int calls, bint gemv=False, bint cpu=False):
             else:
                 _dgemm(t, ta, tb, m, n, k, 1, <double*>pa, lda, <double*>pb, ldb, 0,
                        <double*>pc, n)
+            if not ok:
+                break
+    if not ok:
+        raise ValueError(f"nnrt's kernel does not take the GEMM {ops.shape}")
     return clock() - t0
 
 
@@ -610,20 +841,81 @@ _CAL_SHAPES = ((256, 512, 784, False, False), (784, 512, 256, True, False),
 _CAL_MARGIN = 0.90  # MKL must take at most 90 % of OpenBLAS's time
 
 
+class _at_one_thread:
+    """Context: the libraries ``libs`` at one thread, their own counts restored after."""
+
+    def __init__(self, libs):
+        self.libs = libs
+        self.saved = []
+
+    def __enter__(self):
+        for lib in self.libs:
+            before = lib.get_threads() if lib.get_threads is not None else None
+            if lib.set_threads is not None:
+                previous = lib.set_threads(1)
+                if lib.set_global is not None:  # MKL's local count: restore it (0: none)
+                    before = previous
+            self.saved.append(before)
+        return self
+
+    def __exit__(self, *exc):
+        for lib, n in zip(self.libs, self.saved):
+            if lib.set_threads is not None and n is not None:
+                lib.set_threads(n)
+        return False
+
+
+# float32 shapes (m, n, k, trans_a, trans_b) per route of nnrt's kernel: the medium
+# network's forward and a 1024^3 product (NN), its weight gradient (TN), its input
+# gradient (NT)
+_KCAL_SHAPES = {"NN": ((256, 512, 784, False, False), (1024, 1024, 1024, False, False)),
+                "TN": ((784, 512, 256, True, False),),
+                "NT": ((256, 784, 512, False, True),)}
+_KERNEL_MARGIN = 0.95  # the kernel must take at most 95 % of the backend's time
+
+
+def _calibrate_kernel():
+    """Per route, best-of-3 float32 time of nnrt's kernel over the backend in use at one
+    thread (thread CPU time); sets the float32 routes where the kernel takes at most
+    _KERNEL_MARGIN of the backend's time. Returns {route: ratio}."""
+    base = _state["backend"]
+    with _at_one_thread([_load(base)]):
+        operands = {r: [_Operands("float32", *sh) for sh in shapes]
+                    for r, shapes in _KCAL_SHAPES.items()}
+        best = {(r, kern): [float("inf")] * len(ops) for r, ops in operands.items()
+                for kern in (False, True)}
+        for ops in operands.values():  # warm up
+            for op in ops:
+                _time_calls(base, op, 1)
+                _time_calls(base, op, 1, kernel=True)
+        for _ in range(3):
+            for r, ops in operands.items():
+                for j, op in enumerate(ops):
+                    m, n, k = op.shape[:3]
+                    calls = max(1, 50_000_000 // (2 * m * n * k))
+                    for kern in (False, True):  # interleaved
+                        t = _time_calls(base, op, calls, cpu=True, kernel=kern) / calls
+                        best[(r, kern)][j] = min(best[(r, kern)][j], t)
+    ratios = {r: float(sum(best[(r, True)]) / sum(best[(r, False)])) for r in operands}
+    bits = sum(b for r, b in (("NN", 1), ("TN", 2), ("NT", 4))
+               if ratios[r] <= _KERNEL_MARGIN)
+    _set_routes(bits, 0)
+    _kstate["ratios"] = ratios
+    _kstate["against"] = base
+    chosen = [r for r in ("NN", "TN", "NT") if bits & {"NN": 1, "TN": 2, "NT": 4}[r]]
+    _kstate["reason"] = (
+        f"auto: calibrated against {base} at 1 thread (kernel/BLAS time "
+        + ", ".join(f"{r} {ratios[r]:.2f}x" for r in ("NN", "TN", "NT"))
+        + f"; the kernel is used at <= {_KERNEL_MARGIN:.2f}x): "
+        + (f"float32 {'/'.join(chosen)} through nnrt's kernel" if chosen else "the BLAS"))
+    return ratios
+
+
 def _calibrate(candidates):
     """Best-of-5 float32 GEMM time of each candidate at one thread, in the calling
     thread's CPU time (each library's own thread count is restored afterwards);
     returns {name: seconds summed over shapes}."""
-    libs = [_load(name) for name in candidates]
-    saved = []
-    for lib in libs:
-        before = lib.get_threads() if lib.get_threads is not None else None
-        if lib.set_threads is not None:
-            previous = lib.set_threads(1)
-            if lib.set_global is not None:  # MKL's local count: restore what it was (0: none)
-                before = previous
-        saved.append(before)
-    try:
+    with _at_one_thread([_load(name) for name in candidates]):
         best = {name: [float("inf")] * len(_CAL_SHAPES) for name in candidates}
         operands = [_Operands("float32", *shape) for shape in _CAL_SHAPES]
         for name in candidates:  # warm up: first calls load kernels and pools
@@ -637,16 +929,37 @@ def _calibrate(candidates):
                     t = _time_calls(name, ops, calls, cpu=True) / calls
                     best[name][j] = min(best[name][j], t)
         return {name: float(sum(v)) for name, v in best.items()}
-    finally:
-        for lib, n in zip(libs, saved):
-            if lib.set_threads is not None and n is not None:
-                lib.set_threads(n)
+
+
+def _resolve_mkl():
+    base = _state["backend"]
+    try:
+        _load("mkl")
+    except RuntimeError as exc:
+        _state["reason"] += f"; MKL found but not usable ({exc})"
+        return
+    times = _calibrate([base, "mkl"])
+    _state["calibration"] = {
+        "shapes": [list(s[:3]) + [("T" if s[3] else "N") + ("T" if s[4] else "N")]
+                   for s in _CAL_SHAPES],
+        "seconds": times,
+        "margin": _CAL_MARGIN,
+    }
+    ratio = times["mkl"] / times[base]
+    what = (f"{_state['note']}calibrated: MKL took {ratio:.2f}x the time of {base} on "
+            f"float32 GEMMs at 1 thread (MKL is chosen at <= {_CAL_MARGIN:.2f}x)")
+    if ratio <= _CAL_MARGIN:
+        _set_backend("mkl", what)
+    else:
+        _state["reason"] = what
 
 
 def resolve():
-    """Finish the automatic choice if it is still pending (MKL installed, no ``NNRT_BLAS``):
-    calibrate ``openblas`` against ``mkl`` and keep the faster; a no-op otherwise. The
-    first GEMM calls it; so do ``info()`` and ``nnrt.set_num_threads``."""
+    """Finish the automatic choices still pending: the backend (MKL installed, no
+    ``NNRT_BLAS``: calibrate ``openblas`` against ``mkl`` and keep the faster), then
+    nnrt's kernel routes (``NNRT_GEMM_KERNEL=auto``, the default: calibrate the kernel
+    against the backend per route); a no-op otherwise. The first GEMM calls it; so do
+    ``info()`` and ``nnrt.set_num_threads``."""
     global _pending
     if not _pending:
         return
@@ -654,29 +967,25 @@ def resolve():
         if not _pending:
             return
         try:
-            base = _state["backend"]
-            try:
-                _load("mkl")
-            except RuntimeError as exc:
-                _state["reason"] += f"; MKL found but not usable ({exc})"
-                return
-            times = _calibrate([base, "mkl"])
-            _state["calibration"] = {
-                "shapes": [list(s[:3]) + [("T" if s[3] else "N") + ("T" if s[4] else "N")]
-                           for s in _CAL_SHAPES],
-                "seconds": times,
-                "margin": _CAL_MARGIN,
-            }
-            ratio = times["mkl"] / times[base]
-            what = (f"{_state['note']}calibrated: MKL took {ratio:.2f}x the time of {base} on "
-                    f"float32 GEMMs at 1 thread (MKL is chosen at <= {_CAL_MARGIN:.2f}x)")
-            if ratio <= _CAL_MARGIN:
-                _set_backend("mkl", what)
-            else:
-                _state["reason"] = what
-        except Exception as exc:
-            _state["reason"] += f"; calibration failed ({type(exc).__name__}: {exc})"
-            raise
+            if _par_for == NULL:
+                _bind_par_for()
+            if _state["mkl_pending"]:
+                _state["mkl_pending"] = False
+                try:
+                    _resolve_mkl()
+                except Exception as exc:
+                    _state["reason"] += (f"; calibration failed ({type(exc).__name__}: "
+                                         f"{exc})")
+                    raise
+            if _kstate["pending"]:
+                _kstate["pending"] = False
+                try:
+                    _calibrate_kernel()
+                except Exception as exc:
+                    _set_routes(0, 0)
+                    _kstate["reason"] = (f"auto: calibration failed ({type(exc).__name__}: "
+                                         f"{exc}): the BLAS")
+                    raise
         finally:
             _pending = 0
 
@@ -707,10 +1016,29 @@ def _init():
         return  # nothing to calibrate MKL against
     if find_mkl() is not None:
         _state["reason"] += " (MKL installed: calibrated at the first GEMM)"
+        _state["mkl_pending"] = True
         _pending = 1
 
 
+def _init_kernel():
+    mode = os.environ.get("NNRT_GEMM_KERNEL", "").strip().lower() or "auto"
+    _kstate["requested"] = os.environ.get("NNRT_GEMM_KERNEL") or None
+    if mode not in KERNEL_MODES:
+        from nnrt.warnings import warn_user
+
+        warn_user(f"NNRT_GEMM_KERNEL={mode!r} is not one of {', '.join(KERNEL_MODES)}; "
+                  "using auto", RuntimeWarning)
+        mode = "auto"
+    use_kernel(mode)
+    if mode != "auto":
+        _kstate["reason"] = f"forced by NNRT_GEMM_KERNEL={mode}"
+
+
+_kstate = {"mode": "off", "pending": False, "reason": "", "ratios": None, "against": None,
+           "requested": None, "isa": nnrt_smallm_isa_name().decode()}
+_state["mkl_pending"] = False
 _init()
+_init_kernel()
 
 
 # -------------------------------------------------------------------------- queries
@@ -769,4 +1097,15 @@ def info():
         "requested": _state["requested"],
         "calibration": _state["calibration"],
         "unavailable": dict(_load_errors),
+        "gemm_kernel": {
+            "mode": _kstate["mode"],
+            "isa": _kstate["isa"],
+            "float32": _routes_of(_kroutes_f),
+            "float64": _routes_of(_kroutes_d),
+            "ratios": dict(_kstate["ratios"]) if _kstate["ratios"] else None,
+            "against": _kstate["against"],
+            "reason": _kstate["reason"],
+            "requested": _kstate["requested"],
+            "row_split": _par_for != NULL,
+        },
     }

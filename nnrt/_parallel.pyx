@@ -22,6 +22,8 @@ the current choice; ``gemm_threads``/``split_threads`` what it picks for a size.
 
 import os
 
+from libc.stdint cimport uintptr_t
+
 from nnrt._blas cimport blas_get_threads, blas_set_threads
 
 cdef extern from "nnrt/_parallel.h" nogil:
@@ -199,6 +201,12 @@ cdef void _set_via_blas(int n) noexcept nogil:
 
 cdef int _get_via_blas() noexcept nogil:
     return blas_get_threads()
+
+
+def _par_for_address():
+    """C address of ``par_for`` (nnrt/_blas.pyx binds it at run time to split its GEMM
+    kernel's rows: a cimport of this module from there would be circular)."""
+    return <uintptr_t>&par_for
 
 
 def _bind_blas():

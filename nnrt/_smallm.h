@@ -69,20 +69,21 @@ static ptrdiff_t nnrt_smallm_kc(ptrdiff_t n, size_t elsize) {
         V acc[MR][NV];                                                                    \
         for (int r = 0; r < MR; r++)                                                      \
             for (int v = 0; v < NV; v++)                                                  \
-                acc[r][v] = k0 == 0 ? (V){0} : *(const VU *)(Y + (i0 + r) * n + j + v * L); \
-        const T *wp = W + k0 * n + j;                                                     \
-        const T *xp = X + i0 * k;                                                         \
-        for (ptrdiff_t p = k0; p < k1; p++, wp += n) {                                    \
+                acc[r][v] = k0 == 0 && !acc_y ? (V){0}                                   \
+                                : *(const VU *)(Y + (i0 + r) * ldy + j + v * L);          \
+        const T *wp = W + k0 * ldw + j;                                                   \
+        const T *xp = X + i0 * xi;                                                        \
+        for (ptrdiff_t p = k0; p < k1; p++, wp += ldw) {                                  \
             V w[NV];                                                                      \
             for (int v = 0; v < NV; v++) w[v] = *(const VU *)(wp + v * L);                \
             for (int r = 0; r < MR; r++) {                                                \
-                V x = (V){0} + xp[r * k + p];                                             \
+                V x = (V){0} + xp[r * xi + p * xk];                                       \
                 for (int v = 0; v < NV; v++) acc[r][v] += x * w[v];                       \
             }                                                                             \
         }                                                                                 \
         for (int r = 0; r < MR; r++)                                                      \
             for (int v = 0; v < NV; v++)                                                  \
-                *(VU *)(Y + (i0 + r) * n + j + v * L) = acc[r][v];                        \
+                *(VU *)(Y + (i0 + r) * ldy + j + v * L) = acc[r][v];                      \
     } while (0)
 
 /* Rows i0 .. i0+MR-1 over the panel's columns: full blocks of NV vectors, then single
@@ -101,10 +102,10 @@ static ptrdiff_t nnrt_smallm_kc(ptrdiff_t n, size_t elsize) {
         for (; j + L / 2 <= j1; j += L / 2) NNRT_SMALLM_BLOCK(T, H, HU, L / 2, MR, 1);    \
         for (; j < j1; j++) {                                                             \
             for (int r = 0; r < MR; r++) {                                                \
-                const T *xr = X + (i0 + r) * k;                                           \
-                T s = k0 == 0 ? (T)0 : Y[(i0 + r) * n + j];                               \
-                for (ptrdiff_t p = k0; p < k1; p++) s += xr[p] * W[p * n + j];            \
-                Y[(i0 + r) * n + j] = s;                                                  \
+                const T *xr = X + (i0 + r) * xi;                                          \
+                T s = k0 == 0 && !acc_y ? (T)0 : Y[(i0 + r) * ldy + j];                  \
+                for (ptrdiff_t p = k0; p < k1; p++) s += xr[p * xk] * W[p * ldw + j];     \
+                Y[(i0 + r) * ldy + j] = s;                                                \
             }                                                                             \
         }                                                                                 \
     } while (0)
@@ -138,9 +139,7 @@ ATTR static void NAME(const T *x, const T *W, T *y, ptrdiff_t k, ptrdiff_t n) { 
  * from L1/L2 to every row block); rows in blocks of MR, then 4, then 3, 2 and 1 with
  * wider blocks (4 NV / 3, 2 NV, 4 NV vectors), which keep enough independent sums in
  * flight. */
-#define NNRT_SMALLM_KERNEL(NAME, ATTR, T, V, VU, L, H, HU, MR, NV)                        \
-ATTR static void NAME(const T *X, const T *W, T *Y, ptrdiff_t m, ptrdiff_t k,             \
-                      ptrdiff_t n, ptrdiff_t kc) {                                        \
+#define NNRT_SMALLM_LOOPS(T, V, VU, L, H, HU, MR, NV)                                     \
     const ptrdiff_t j0 = 0, j1 = n;                                                       \
     for (ptrdiff_t k0 = 0; k0 < k; k0 += kc) {                                            \
         ptrdiff_t k1 = k0 + kc < k ? k0 + kc : k;                                         \
@@ -150,7 +149,28 @@ ATTR static void NAME(const T *X, const T *W, T *Y, ptrdiff_t m, ptrdiff_t k,   
         for (; i0 + 3 <= m; i0 += 3) NNRT_SMALLM_ROWS(T, V, VU, L, H, HU, 3, 4 * NV / 3); \
         for (; i0 + 2 <= m; i0 += 2) NNRT_SMALLM_ROWS(T, V, VU, L, H, HU, 2, 2 * NV);     \
         for (; i0 < m; i0++) NNRT_SMALLM_ROWS(T, V, VU, L, H, HU, 1, 4 * NV);             \
-    }                                                                                     \
+    }
+
+/* The packed kernel: X row-major (row stride k), W and Y row-major (row stride n).
+ * The constant strides make it the same code, and the same sums, as before the strided
+ * variant below shared its loops. */
+#define NNRT_SMALLM_KERNEL(NAME, ATTR, T, V, VU, L, H, HU, MR, NV)                        \
+ATTR static void NAME(const T *X, const T *W, T *Y, ptrdiff_t m, ptrdiff_t k,             \
+                      ptrdiff_t n, ptrdiff_t kc) {                                        \
+    const ptrdiff_t xi = k, xk = 1, ldw = n, ldy = n;                                     \
+    const int acc_y = 0;                                                                  \
+    NNRT_SMALLM_LOOPS(T, V, VU, L, H, HU, MR, NV)                                         \
+}
+
+/* The strided kernel of the training GEMMs (nnrt/_blas.pyx): X element (i, p) at
+ * X[i * xi + p * xk] (xi = lda, xk = 1: X as stored; xi = 1, xk = lda: X transposed,
+ * as dW = X^T dY reads it), W and Y row-major with row strides ldw >= n, ldy >= n.
+ * acc_y 0: Y = X W (Y not read); 1: Y = Y + X W (each sum starts from Y). */
+#define NNRT_SMALLM_KERNEL_S(NAME, ATTR, T, V, VU, L, H, HU, MR, NV)                      \
+ATTR static void NAME(const T *X, ptrdiff_t xi, ptrdiff_t xk, const T *W, ptrdiff_t ldw, \
+                      T *Y, ptrdiff_t ldy, int acc_y, ptrdiff_t m, ptrdiff_t k,           \
+                      ptrdiff_t n, ptrdiff_t kc) {                                        \
+    NNRT_SMALLM_LOOPS(T, V, VU, L, H, HU, MR, NV)                                         \
 }
 
 #define NNRT_NOATTR
@@ -164,6 +184,10 @@ NNRT_SMALLM_KERNEL(nnrt_smallm_d_avx512, __attribute__((target("avx512f,avx512vl
                    double, nnrt_v8d, nnrt_v8d_u, 8, nnrt_v4d, nnrt_v4d_u, 8, 3)
 NNRT_SMALLM_ROW1(nnrt_smallm_row_d_avx512, __attribute__((target("avx512f,avx512vl,fma"))),
                  double, nnrt_v8d, nnrt_v8d_u, 8, nnrt_v4d, nnrt_v4d_u)
+NNRT_SMALLM_KERNEL_S(nnrt_gemm_s_f_avx512, __attribute__((target("avx512f,avx512vl,fma"))),
+                     float, nnrt_v16f, nnrt_v16f_u, 16, nnrt_v8f, nnrt_v8f_u, 8, 3)
+NNRT_SMALLM_KERNEL_S(nnrt_gemm_s_d_avx512, __attribute__((target("avx512f,avx512vl,fma"))),
+                     double, nnrt_v8d, nnrt_v8d_u, 8, nnrt_v4d, nnrt_v4d_u, 8, 3)
 /* AVX2 + FMA: 16 registers: 4 rows x 3 vectors of 8 (12 accumulators) */
 NNRT_SMALLM_KERNEL(nnrt_smallm_f_avx2, __attribute__((target("avx2,fma"))),
                    float, nnrt_v8f, nnrt_v8f_u, 8, nnrt_v4f, nnrt_v4f_u, 4, 3)
@@ -173,8 +197,16 @@ NNRT_SMALLM_KERNEL(nnrt_smallm_d_avx2, __attribute__((target("avx2,fma"))),
                    double, nnrt_v4d, nnrt_v4d_u, 4, nnrt_v2d, nnrt_v2d_u, 4, 3)
 NNRT_SMALLM_ROW1(nnrt_smallm_row_d_avx2, __attribute__((target("avx2,fma"))),
                  double, nnrt_v4d, nnrt_v4d_u, 4, nnrt_v2d, nnrt_v2d_u)
+NNRT_SMALLM_KERNEL_S(nnrt_gemm_s_f_avx2, __attribute__((target("avx2,fma"))),
+                     float, nnrt_v8f, nnrt_v8f_u, 8, nnrt_v4f, nnrt_v4f_u, 4, 3)
+NNRT_SMALLM_KERNEL_S(nnrt_gemm_s_d_avx2, __attribute__((target("avx2,fma"))),
+                     double, nnrt_v4d, nnrt_v4d_u, 4, nnrt_v2d, nnrt_v2d_u, 4, 3)
 #endif
 /* baseline (SSE2 on x86-64, whatever 16-byte vectors the target has elsewhere) */
+NNRT_SMALLM_KERNEL_S(nnrt_gemm_s_f_base, NNRT_NOATTR, float, nnrt_v4f, nnrt_v4f_u, 4,
+                     nnrt_v2f, nnrt_v2f_u, 4, 3)
+NNRT_SMALLM_KERNEL_S(nnrt_gemm_s_d_base, NNRT_NOATTR, double, nnrt_v2d, nnrt_v2d_u, 2,
+                     nnrt_v1d, nnrt_v1d_u, 4, 3)
 NNRT_SMALLM_KERNEL(nnrt_smallm_f_base, NNRT_NOATTR, float, nnrt_v4f, nnrt_v4f_u, 4,
                    nnrt_v2f, nnrt_v2f_u, 4, 3)
 NNRT_SMALLM_KERNEL(nnrt_smallm_d_base, NNRT_NOATTR, double, nnrt_v2d, nnrt_v2d_u, 2,
@@ -268,6 +300,35 @@ static void nnrt_smallm_d(const double *X, const double *W, double *Y, ptrdiff_t
     if (m == 1 && row) nnrt_smallm_row_d_base(X, W, Y, k, n);
     else nnrt_smallm_d_base(X, W, Y, m, k, n, kc);
 }
+
+/* nnrt_gemm_s_{f,d}: Y (m x n, row stride ldy) = op(X) (m x k) @ W (k x n, row stride
+ * ldw), X element (i, p) at X[i * xi + p * xk], plus Y itself when acc_y (else Y is
+ * written, never read). The
+ * training GEMM route of nnrt/_blas.pyx (chosen there by measurement). */
+#define NNRT_GEMM_S_DISPATCH(T, SUF)                                                      \
+static void nnrt_gemm_s_##SUF(const T *X, ptrdiff_t xi, ptrdiff_t xk, const T *W,         \
+                              ptrdiff_t ldw, T *Y, ptrdiff_t ldy, int acc_y,              \
+                              ptrdiff_t m, ptrdiff_t k, ptrdiff_t n) {                    \
+    ptrdiff_t kc = nnrt_smallm_kc(n, sizeof(T));                                          \
+    NNRT_GEMM_S_X86(SUF)                                                                  \
+    nnrt_gemm_s_##SUF##_base(X, xi, xk, W, ldw, Y, ldy, acc_y, m, k, n, kc);              \
+}
+#ifdef NNRT_SMALLM_X86
+#define NNRT_GEMM_S_X86(SUF)                                                              \
+    int level = nnrt_smallm_level();                                                      \
+    if (level == 2) {                                                                     \
+        nnrt_gemm_s_##SUF##_avx512(X, xi, xk, W, ldw, Y, ldy, acc_y, m, k, n, kc);        \
+        return;                                                                           \
+    }                                                                                     \
+    if (level == 1) {                                                                     \
+        nnrt_gemm_s_##SUF##_avx2(X, xi, xk, W, ldw, Y, ldy, acc_y, m, k, n, kc);          \
+        return;                                                                           \
+    }
+#else
+#define NNRT_GEMM_S_X86(SUF)
+#endif
+NNRT_GEMM_S_DISPATCH(float, f)
+NNRT_GEMM_S_DISPATCH(double, d)
 #else
 /* other compilers: the plain triple loop (the caller uses GEMM there anyway) */
 #define NNRT_SMALLM_PLAIN(T, SUF)                                                         \
@@ -284,6 +345,21 @@ static void nnrt_smallm_##SUF(const T *X, const T *W, T *Y, ptrdiff_t m, ptrdiff
 }
 NNRT_SMALLM_PLAIN(float, f)
 NNRT_SMALLM_PLAIN(double, d)
+#define NNRT_GEMM_S_PLAIN(T, SUF)                                                         \
+static void nnrt_gemm_s_##SUF(const T *X, ptrdiff_t xi, ptrdiff_t xk, const T *W,         \
+                              ptrdiff_t ldw, T *Y, ptrdiff_t ldy, int acc_y,              \
+                              ptrdiff_t m, ptrdiff_t k, ptrdiff_t n) {                    \
+    for (ptrdiff_t i = 0; i < m; i++) {                                                   \
+        if (!acc_y)                                                                       \
+            for (ptrdiff_t j = 0; j < n; j++) Y[i * ldy + j] = 0;                         \
+        for (ptrdiff_t p = 0; p < k; p++) {                                               \
+            T x = X[i * xi + p * xk];                                                     \
+            for (ptrdiff_t j = 0; j < n; j++) Y[i * ldy + j] += x * W[p * ldw + j];       \
+        }                                                                                 \
+    }                                                                                     \
+}
+NNRT_GEMM_S_PLAIN(float, f)
+NNRT_GEMM_S_PLAIN(double, d)
 #endif
 
 #if defined(__GNUC__) && !defined(__clang__)

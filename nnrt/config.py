@@ -41,6 +41,7 @@ _THREAD_ENV = (
     "BLIS_NUM_THREADS",
     "VECLIB_MAXIMUM_THREADS",
     "NNRT_BLAS",
+    "NNRT_GEMM_KERNEL",
     "NNRT_DISABLE_PLUGINS",
 )
 
@@ -191,6 +192,16 @@ def show_config(file: IO[str] | None = None, *, as_json: bool = False) -> None:
         lines.append(f"  kernel    {_fmt(gemm.get('kernel'))}")
         lines.append(f"  threads   {_fmt(gemm.get('threads'))}")
         lines.append(f"  chosen    {gemm.get('reason')}")
+        kern = gemm.get("gemm_kernel")
+        if kern:
+            routes = [
+                f"{dt} {r}" for dt in ("float32", "float64") for r, on in kern[dt].items() if on
+            ]
+            lines.append(
+                f"  nnrt gemm {kern['mode']} ({kern['isa']}): "
+                f"{', '.join(routes) if routes else 'not used'}"
+            )
+            lines.append(f"            {kern['reason']}")
         lines.append(f"  filepath  {_fmt(gemm.get('filepath'))}")
     lines.append("blas / threads (threadpoolctl):")
     if not info["blas"]:

@@ -63,6 +63,9 @@ ln -s plugins nnrt_plugins
 ln -s tests/cython nnrt_cytests
 export PYTHONPATH="$BUILD${PYTHONPATH:+:$PYTHONPATH}"
 export OPENBLAS_NUM_THREADS=${OPENBLAS_NUM_THREADS:-1}
+# every qualifying GEMM through nnrt's own kernel (nnrt/_blas.pyx): the fuzz suites
+# exercise its strided reads and scratch copies under AddressSanitizer
+export NNRT_GEMM_KERNEL=${NNRT_GEMM_KERNEL:-on}
 if [ -n "$ASAN_LIB" ]; then
     export LD_PRELOAD="$ASAN_LIB"
     # CPython and numpy are not instrumented: leak reports would be theirs
@@ -95,7 +98,7 @@ EOF
 echo "== fuzz suites (API and stateful) and core kernel tests against the debug build"
 "$PY" -m pytest -q -p no:cacheprovider --hypothesis-profile="${HYPOTHESIS_PROFILE:-ci}" \
     tests/test_fuzz_api.py tests/test_fuzz_stateful.py tests/test_layers.py \
-    tests/test_inputs.py tests/test_sequential.py tests/test_cython_suite.py \
+    tests/test_inputs.py tests/test_sequential.py tests/test_cython_suite.py tests/test_blas.py \
     tests/test_threads.py tests/test_parallel.py tests/test_plugin_faults.py tests/test_reliability_state.py \
     tests/test_reliability_files.py tests/test_reliability_concurrency.py \
     tests/test_serve.py tests/test_serve_session.py tests/test_blas.py tests/test_fused.py \

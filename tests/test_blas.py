@@ -5,8 +5,10 @@ scipy-openblas64 wheel when installed; the others are skipped) runs the same
 checks: ``gemm_rm``/``gemv_rm`` called from a separately compiled module (the test
 suite's Cython module, as a third-party plugin would) and Dense's forward and
 backward, against float64 numpy references written here (rtol 1e-9 in float64).
-The selection (``NNRT_BLAS``, the default, the calibration when MKL is installed)
-is checked in fresh interpreters; thread control and ``nnrt info`` against
+nnrt's own GEMM kernel (the route ``NNRT_GEMM_KERNEL``/``use_kernel`` selects) runs
+the same float64 reference checks over every backend, with the shapes that must fall
+back to the BLAS. The selection (``NNRT_BLAS``, the default, the calibrations) is
+checked in fresh interpreters; thread control and ``nnrt info`` against
 threadpoolctl's independent view of the libraries.
 """
 
@@ -209,7 +211,7 @@ def test_info_kernel_and_version_match_threadpoolctl(backend: str) -> None:
 
 # --------------------------------------------------------------- fresh interpreters
 def _run(code: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    full = {k: v for k, v in os.environ.items() if k != "NNRT_BLAS"}
+    full = {k: v for k, v in os.environ.items() if k not in ("NNRT_BLAS", "NNRT_GEMM_KERNEL")}
     full.update(env or {})
     return subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, env=full, timeout=120
@@ -296,3 +298,224 @@ def test_nnrt_info_prints_the_backend() -> None:
     finally:
         _blas.use(previous)
     assert lines["filepath"] == here["filepath"] and lines["kernel"] == str(here["kernel"])
+
+
+# ----------------------------------------------------------- nnrt's own GEMM kernel
+
+
+@pytest.fixture
+def kernel_on(backend: str) -> Iterator[str]:
+    """The kernel route forced on (every route, both dtypes) over ``backend``, whose
+    threads are set to one (the kernel serves one-thread GEMMs only)."""
+    before_threads = _blas.threads()
+    previous = _blas.use_kernel("on")
+    _blas.set_threads(1)
+    try:
+        yield backend
+    finally:
+        _blas.use_kernel(previous)
+        _blas.set_threads(before_threads)
+
+
+def _stored(rng: np.random.Generator, op: np.ndarray, trans: bool, pad: int, dtype: type):
+    """``op`` stored as the GEMM reads it (transposed when ``trans``) in rows padded
+    with ``pad`` NaN entries; returns (array, the values as float64 op)."""
+    st = op.T if trans else op
+    a = np.full((st.shape[0], st.shape[1] + pad), np.nan, dtype=dtype)
+    a[:, : st.shape[1]] = st
+    v = a[:, : st.shape[1]].astype(np.float64)
+    return a, (v.T if trans else v)
+
+
+# (m, n, k): n a multiple of 8 and >= 32 (the kernel's shapes), rows and depths that are
+# not multiples of its blocks, one row, one step of k, k deeper than one block of k
+KERNEL_SHAPES = ((1, 32, 1), (5, 40, 8), (33, 64, 65), (130, 96, 257), (9, 1024, 3))
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("ta", [False, True])
+@pytest.mark.parametrize("tb", [False, True])
+def test_kernel_route_matches_numpy(kernel_on: str, dtype: type, ta: bool, tb: bool) -> None:
+    rng = np.random.default_rng(17)
+    rtol = 1e-9 if dtype == np.float64 else 2e-4
+    for m, n, k in KERNEL_SHAPES:
+        for pad, beta in ((0, 0.0), (3, 0.0), (0, 1.0), (3, 1.0)):
+            A, a64 = _stored(rng, rng.standard_normal((m, k)), ta, pad, dtype)
+            B, b64 = _stored(rng, rng.standard_normal((k, n)), tb, pad, dtype)
+            C0 = rng.standard_normal((m, n)).astype(dtype)
+            C = np.full((m, n + pad), 7.0, dtype=dtype)
+            # beta = 0: C is not read (NaN stays out); beta = 1: C + op(A) op(B)
+            C[:, :n] = C0 if beta else np.nan
+            before = _blas._kernel_calls()
+            cy.gemm_rm_call(ta, tb, m, n, k, 1.0, A, B, beta, C)
+            served = _blas._kernel_calls() - before
+            # TT is not a kernel route; every other combination is
+            assert served == (0 if (ta and tb) else 1), (m, n, k, ta, tb, pad, beta)
+            want = a64 @ b64 + (C0.astype(np.float64) if beta else 0.0)
+            _close(C[:, :n].astype(np.float64), want, rtol)
+            assert np.all(C[:, n:] == 7.0), "wrote outside C"
+
+
+@pytest.mark.parametrize("ta", [False, True])
+@pytest.mark.parametrize("tb", [False, True])
+def test_kernel_route_falls_back_to_the_blas(kernel_on: str, ta: bool, tb: bool) -> None:
+    """alpha != 1, beta != 0, outputs narrower than 32 or not a multiple of 8: the BLAS
+    runs them, with its full alpha/beta semantics."""
+    rng = np.random.default_rng(23)
+    cases = [  # (m, n, k, alpha, beta)
+        (7, 64, 9, 1.5, 0.0),
+        (7, 64, 9, 1.0, -0.5),
+        (7, 64, 9, 2.0, 1.0),
+        (7, 37, 9, 1.0, 0.0),
+        (7, 24, 9, 1.0, 0.0),
+        (7, 100, 9, 1.0, 0.0),
+        (1, 1, 1, 1.0, 0.0),
+    ]
+    for m, n, k, alpha, beta in cases:
+        A, a64 = _stored(rng, rng.standard_normal((m, k)), ta, 2, np.float64)
+        B, b64 = _stored(rng, rng.standard_normal((k, n)), tb, 2, np.float64)
+        C0 = rng.standard_normal((m, n))
+        C = np.full((m, n + 2), 7.0)
+        C[:, :n] = C0 if beta != 0 else np.nan
+        before = _blas._kernel_calls()
+        cy.gemm_rm_call(ta, tb, m, n, k, alpha, A, B, beta, C)
+        assert _blas._kernel_calls() == before, (m, n, k, alpha, beta)
+        want = alpha * (a64 @ b64) + (beta * C0 if beta != 0 else 0.0)
+        _close(C[:, :n], want, 1e-9)
+        assert np.all(C[:, n:] == 7.0)
+
+
+@pytest.mark.parametrize("tb", [False, True])
+def test_kernel_route_two_threads_bit_identical(kernel_on: str, tb: bool) -> None:
+    """With two threads the kernel's rows are split over nnrt's helper thread: each row's
+    sums are the same, so the result equals the one-thread result bit for bit."""
+    rng = np.random.default_rng(29)
+    m, n, k = 517, 264, 300
+    A = rng.standard_normal((m, k)).astype(np.float32)
+    B = rng.standard_normal((n, k) if tb else (k, n)).astype(np.float32)
+    out = {}
+    try:
+        for threads in (1, 2):
+            nnrt.set_num_threads(threads)
+            C = np.full((m, n), np.nan, dtype=np.float32)
+            before = _blas._kernel_calls()
+            for _ in range(3):  # the helper may be asleep at the first
+                cy.gemm_rm_call(False, tb, m, n, k, 1.0, A, B, 0.0, C)
+            assert _blas._kernel_calls() == before + 3
+            out[threads] = C
+    finally:
+        nnrt.set_num_threads(None)
+    np.testing.assert_array_equal(out[1], out[2])
+    b64 = B.astype(np.float64)
+    _close(out[2].astype(np.float64), A.astype(np.float64) @ (b64.T if tb else b64), 2e-4)
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_dense_through_the_kernel_route(kernel_on: str, dtype: type) -> None:
+    """Dense forward (NN), weight gradient (TN) and input gradient (NT) through the
+    kernel, against float64 numpy from the stored values."""
+    rng = np.random.default_rng(31)
+    rtol = 1e-9 if dtype == np.float64 else 2e-4
+    layer = nnrt.layer("dense", 40, 64)
+    layer.to_dtype(dtype)
+    X = rng.standard_normal((19, 40)).astype(dtype)
+    dY = rng.standard_normal((19, 64)).astype(dtype)
+    params = layer.params()
+    W = np.array(params["weight"], dtype=np.float64)
+    b = np.array(params["bias"], dtype=np.float64)
+    X64, dY64 = X.astype(np.float64), dY.astype(np.float64)
+    before = _blas._kernel_calls()
+    Y = np.array(layer.forward(X, True), dtype=np.float64)
+    _close(Y, X64 @ W + b, rtol)
+    dX = np.array(layer.backward(dY), dtype=np.float64)
+    _close(dX, dY64 @ W.T, rtol)
+    _close(np.array(layer.grads()["weight"], dtype=np.float64), X64.T @ dY64, rtol)
+    # forward (n = 64) and dW (n = 64) qualify; dX (n = 40) is a multiple of 8 >= 32 too
+    assert _blas._kernel_calls() - before == 3
+
+
+def test_kernel_route_is_thread_safe(kernel_on: str) -> None:
+    """NT GEMMs (each with its own scratch copy of B) from several Python threads at
+    once, every result checked."""
+    import threading
+
+    rng = np.random.default_rng(37)
+    jobs = []
+    for i in range(4):
+        m, n, k = 20 + i, 64 + 8 * i, 50 + 3 * i
+        A = rng.standard_normal((m, k))
+        B = rng.standard_normal((n, k))
+        jobs.append((m, n, k, A, B, A @ B.T))
+    errors: list[BaseException] = []
+
+    def work(job: tuple) -> None:
+        m, n, k, A, B, want = job
+        try:
+            for _ in range(30):
+                C = np.full((m, n), np.nan)
+                cy.gemm_rm_call(False, True, m, n, k, 1.0, A, B, 0.0, C)
+                _close(C, want, 1e-9)
+        except BaseException as exc:  # reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(job,)) for job in jobs]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors[0]
+
+
+def test_use_kernel_rejects_unknown_modes() -> None:
+    before = _blas.info()["gemm_kernel"]["mode"]
+    with pytest.raises(ValueError, match="GEMM kernel mode"):
+        _blas.use_kernel("fast")
+    assert _blas.info()["gemm_kernel"]["mode"] == before
+
+
+def test_kernel_auto_calibrates_at_the_first_gemm() -> None:
+    code = (
+        "import json, nnrt, numpy as np, nnrt._blas as b\n"
+        "print(json.dumps({'pending': b._kstate['pending']}))\n"
+        "nnrt.layer('dense', 4, 3).forward(np.ones((2, 4)))\n"
+        "print(json.dumps(b.info()['gemm_kernel']))\n"
+    )
+    proc = _run(code)
+    assert proc.returncode == 0, proc.stderr
+    first, info = (json.loads(line) for line in proc.stdout.strip().splitlines()[-2:])
+    assert info["mode"] == "auto" and info["requested"] is None
+    assert info["float64"] == {"NN": False, "TN": False, "NT": False}
+    if info["isa"] == "baseline":
+        assert not first["pending"] and info["ratios"] is None
+        assert not any(info["float32"].values())
+        return
+    assert first["pending"], "calibrated at import, not at the first GEMM"
+    ratios = info["ratios"]
+    assert set(ratios) == {"NN", "TN", "NT"} and all(r > 0 for r in ratios.values())
+    for route, ratio in ratios.items():
+        assert info["float32"][route] == (ratio <= 0.95), (route, ratio)
+    assert info["against"] in _blas.BACKENDS and "calibrated" in info["reason"]
+
+
+@pytest.mark.parametrize("mode", ["on", "off"])
+def test_nnrt_gemm_kernel_forces_the_route(mode: str) -> None:
+    proc = _run(
+        "import json, nnrt._blas as b; print(json.dumps(b.info()['gemm_kernel']))",
+        {"NNRT_GEMM_KERNEL": mode},
+    )
+    assert proc.returncode == 0, proc.stderr
+    info = json.loads(proc.stdout.strip().splitlines()[-1])
+    routes = {"NN": mode == "on", "TN": mode == "on", "NT": mode == "on"}
+    assert info["mode"] == mode and info["float32"] == routes and info["float64"] == routes
+    assert info["ratios"] is None and info["reason"] == f"forced by NNRT_GEMM_KERNEL={mode}"
+
+
+def test_bad_nnrt_gemm_kernel_warns_and_uses_auto() -> None:
+    proc = _run(
+        "import warnings; warnings.simplefilter('always')\n"
+        "import nnrt._blas as b; print(b.info()['gemm_kernel']['mode'])",
+        {"NNRT_GEMM_KERNEL": "fast"},
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "RuntimeWarning" in proc.stderr and "NNRT_GEMM_KERNEL='fast'" in proc.stderr
+    assert proc.stdout.split()[-1] == "auto"
