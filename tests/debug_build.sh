@@ -101,6 +101,6 @@ echo "== fuzz suites (API and stateful) and core kernel tests against the debug 
     tests/test_inputs.py tests/test_sequential.py tests/test_cython_suite.py tests/test_blas.py \
     tests/test_threads.py tests/test_parallel.py tests/test_plugin_faults.py tests/test_reliability_state.py \
     tests/test_reliability_files.py tests/test_reliability_concurrency.py \
-    tests/test_serve.py tests/test_serve_session.py tests/test_blas.py tests/test_fused.py \
+    tests/test_serve.py tests/test_serve_session.py tests/test_fused.py \
     tests/test_sync_batchnorm.py "$@"
 echo "== debug build suite passed in $(($(date +%s) - start))s"
