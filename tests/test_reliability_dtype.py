@@ -1,0 +1,176 @@
+"""A network computes in its own dtype, or refuses: layers cast after it was built.
+
+``Sequential(layers, dtype=)`` casts its layers once. A layer cast afterwards (by
+``layer.to_dtype``, or by building another network of the other dtype that shares
+the layer) used to make the network answer in the layer's dtype (a float32
+network's ``predict`` returned float64) and ``save`` write ``dtype: float32`` over
+float64 arrays, so the reloaded network gave other numbers (found by
+tests/test_fuzz_stateful.py, whose exact save/load check missed it because numpy
+compares a float64 dtype equal to None). Now every ``forward``/``backward``
+(``predict``, ``fit``, ``evaluate``) and ``save`` of such a network raises
+TypeError naming the layer and both dtypes; casting the layer back, or building
+the network again, makes it usable.
+
+References are float64 numpy computed here from the layers' own parameters.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+import nnrt
+
+PAIRS = [("float32", "float64"), ("float64", "float32")]
+
+
+def _X(rows: int = 5, cols: int = 3) -> np.ndarray:
+    # multiples of 1/8: exact in float32 and float64
+    return np.round(np.random.default_rng(7).uniform(-2, 2, (rows, cols)) * 8) / 8
+
+
+def _reference(net: Any, X: np.ndarray) -> np.ndarray:
+    """float64 reference of a network of dense and sigmoid layers, each layer's input
+    and output rounded to the network's dtype."""
+    dt = np.dtype(net.dtype)
+    h = X.astype(dt).astype(np.float64)
+    for layer in net.layers:
+        p = {k: np.asarray(v, dtype=np.float64) for k, v in layer.params().items()}
+        if "weight" in p:
+            h = h @ p["weight"] + p.get("bias", 0.0)
+        else:  # sigmoid
+            h = 1.0 / (1.0 + np.exp(-h))
+        h = h.astype(dt).astype(np.float64)
+    return h
+
+
+def _tol(dtype: str) -> dict[str, float]:
+    return {"rtol": 1e-5, "atol": 1e-6} if dtype == "float32" else {"rtol": 1e-12, "atol": 1e-13}
+
+
+def _refuses(call: Any, index: int, layer_dt: str, net_dt: str) -> None:
+    with pytest.raises(TypeError) as info:
+        call()
+    msg = str(info.value)
+    assert f"layer {index}" in msg, msg
+    assert f"has dtype {layer_dt}" in msg and f"network has dtype {net_dt}" in msg, msg
+    assert f"to_dtype('{net_dt}')" in msg, msg  # says how to repair it
+
+
+@pytest.mark.parametrize(("net_dt", "other"), PAIRS)
+def test_layer_cast_inside_network_is_refused_then_repaired(
+    net_dt: str, other: str, tmp_path: Path
+) -> None:
+    net = nnrt.Sequential(
+        [nnrt.layer("dense", 3, 4), nnrt.layer("sigmoid"), nnrt.layer("dense", 4, 2)],
+        seed=3,
+        dtype=net_dt,
+    )
+    X = _X()
+    before = net.predict(X).copy()
+    np.testing.assert_allclose(before, _reference(net, X), **_tol(net_dt))
+    net[2].to_dtype(other)
+    path = tmp_path / "m.npz"
+    y = np.array([0, 1, 0, 1, 1])
+    for call in (
+        lambda: net.predict(X),
+        lambda: net.forward(X, training=True),
+        lambda: net(X),
+        lambda: net.backward(np.ones((5, 2))),
+        lambda: net.fit(X, y, epochs=1, batch_size=5, progress=False),
+        lambda: net.evaluate(X, y),
+        lambda: net.save(path),
+    ):
+        _refuses(call, 2, other, net_dt)
+    assert not path.exists() and not os.listdir(tmp_path)  # no file, no temporary left
+    # the parameters are still readable (to inspect or repair the network)
+    assert net.state_dict()["2.weight"].dtype == np.dtype(other)
+    net[2].to_dtype(net_dt)
+    got = net.predict(X)
+    assert got.dtype == np.dtype(net_dt)
+    np.testing.assert_allclose(got, _reference(net, X), **_tol(net_dt))
+    net.save(path)
+    back = nnrt.load(path)
+    np.testing.assert_array_equal(back.predict(X), got)
+
+
+@pytest.mark.parametrize(("first", "second"), PAIRS)
+def test_layer_shared_by_networks_of_two_dtypes(first: str, second: str, tmp_path: Path) -> None:
+    shared = nnrt.layer("dense", 3, 2)
+    a = nnrt.Sequential([shared], seed=0, dtype=first)
+    b = nnrt.Sequential([nnrt.layer("sigmoid"), shared], seed=0, dtype=second)  # casts it
+    assert shared.dtype == np.dtype(second)
+    X = _X()
+    # b computes in its dtype, and its file reloads to exactly what it computes
+    got = b.predict(X)
+    assert got.dtype == np.dtype(second)
+    np.testing.assert_allclose(got, _reference(b, X), **_tol(second))
+    b.save(tmp_path / "b.npz")
+    np.testing.assert_array_equal(nnrt.load(tmp_path / "b.npz").predict(X), got)
+    # a no longer computes in its own dtype: refused (it used to answer in the other
+    # dtype, and its file to reload to other numbers)
+    _refuses(lambda: a.predict(X), 0, second, first)
+    _refuses(lambda: a.save(tmp_path / "a.npz"), 0, second, first)
+    # a pickle keeps the state: the copy refuses the same way
+    _refuses(lambda: pickle.loads(pickle.dumps(a)).predict(X), 0, second, first)
+    # load_state_dict does not change dtypes: still refused
+    a.load_state_dict(a.state_dict())
+    _refuses(lambda: a.predict(X), 0, second, first)
+    # building it again takes the layer back (and b refuses in turn)
+    a2 = nnrt.Sequential([shared], seed=0, dtype=first)
+    assert a2.predict(X).dtype == np.dtype(first)
+    np.testing.assert_allclose(a2.predict(X), _reference(a2, X), **_tol(first))
+    _refuses(lambda: b.predict(X), 1, first, second)
+
+
+def test_float64_layer_in_float32_network_is_not_mistaken_for_none() -> None:
+    """np.dtype("float64") == None is True in numpy: the check must not use ``in``."""
+    assert np.dtype("float64") == None  # noqa: E711 (the numpy behaviour guarded against)
+    net = nnrt.Sequential([nnrt.layer("dense", 3, 2)], seed=0, dtype="float32")
+    net[0].to_dtype("float64")
+    _refuses(lambda: net.predict(_X()), 0, "float64", "float32")
+
+
+def test_width_keeping_layers_without_dtype_follow_the_network() -> None:
+    # a sigmoid built alone has dtype None (it computes in the dtype of its input):
+    # appended to a network, it follows the network's dtype and is never refused
+    for dt in ("float32", "float64"):
+        net = nnrt.Sequential([nnrt.layer("dense", 3, 2)], dtype=dt)
+        net.layers.append(nnrt.layer("sigmoid"))
+        assert net[1].dtype is None
+        X = _X()
+        got = net.predict(X)
+        assert got.dtype == np.dtype(dt)
+        np.testing.assert_allclose(got, _reference(net, X), **_tol(dt))
+
+
+class _Scale(nnrt.Layer):
+    """A Python layer (its forward is checked by the network): Y = 2 X."""
+
+    def __init__(self, n: int) -> None:
+        super().__init__()
+        self.in_features = n
+        self.out_features = n
+
+    def forward(self, X: Any, training: bool = False) -> np.ndarray:
+        return self.prepare_input(X) * 2
+
+    def backward(self, dY: Any) -> np.ndarray:
+        return np.asarray(dY) * 2
+
+
+def test_python_layer_cast_after_construction_is_refused_by_name() -> None:
+    net = nnrt.Sequential([_Scale(3), nnrt.layer("dense", 3, 2)], seed=1, dtype="float32")
+    X = _X()
+    got = net.predict(X)
+    want = (2 * X) @ net[1].params()["weight"].astype(np.float64) + net[1].params()["bias"]
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    net[0].to_dtype("float64")
+    # the dtype check names the layer before its forward runs (it used to be reported
+    # as a broken plugin returning the wrong dtype)
+    _refuses(lambda: net.predict(X), 0, "float64", "float32")
