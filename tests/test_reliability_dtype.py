@@ -174,3 +174,84 @@ def test_python_layer_cast_after_construction_is_refused_by_name() -> None:
     # the dtype check names the layer before its forward runs (it used to be reported
     # as a broken plugin returning the wrong dtype)
     _refuses(lambda: net.predict(X), 0, "float64", "float32")
+
+
+# ------------------------------------------------ optimizers over replaced arrays
+# An optimizer resolves its parameter arrays once. ``to_dtype`` (even a round trip
+# float32 -> float64 -> float32) and a network built again over the same layers replace
+# them: the optimizer used to update the old arrays, so ``fit`` ran, reported losses and
+# left the network untouched. ``step`` now refuses (RuntimeError) and names the layer.
+
+
+def _sgd_reference(net: Any, X: np.ndarray, dY: np.ndarray, lr: float) -> np.ndarray:
+    """The weight of a one-dense network after one SGD step, in float64 numpy."""
+    return net[0].params()["weight"].astype(np.float64) - lr * (X.T @ dY)
+
+
+@pytest.mark.parametrize("opt_name", ["SGD", "Adam", "AdamW"])
+@pytest.mark.parametrize(
+    "change",
+    ["to_dtype round trip", "to_dtype", "rebuilt over the layers", "layer replaced"],
+)
+def test_optimizer_refuses_arrays_replaced_after_it_was_built(opt_name: str, change: str) -> None:
+    net = nnrt.Sequential([nnrt.layer("dense", 3, 2)], seed=0, dtype="float64")
+    opt = getattr(nnrt.optim, opt_name)(net, lr=0.1)
+    X, dY = _X(), np.random.default_rng(1).normal(size=(5, 2))
+    if change == "to_dtype round trip":
+        net[0].to_dtype("float32")
+        net[0].to_dtype("float64")
+    elif change == "to_dtype":
+        net[0].to_dtype("float32")
+        net.dtype = np.dtype("float32")  # the network follows: only the optimizer is stale
+    elif change == "rebuilt over the layers":
+        net = nnrt.Sequential(net.layers, seed=0, dtype="float32")
+    else:
+        net.layers[0] = nnrt.layer("dense", 3, 2)
+    net.forward(X, training=True)
+    net.backward(dY)
+    w = net[0].params()["weight"].copy()
+    with pytest.raises(RuntimeError, match=r"replaced|net\.layers") as info:
+        opt.step()
+    assert "create a new optimizer" in str(info.value)
+    np.testing.assert_array_equal(net[0].params()["weight"], w)  # nothing half-done
+    y = np.array([0, 1, 0, 1, 1])
+    with pytest.raises(RuntimeError, match="create a new optimizer"):
+        net.fit(X, y, optimizer=opt, epochs=1, batch_size=5, progress=False)
+    # a new optimizer trains the live arrays
+    if opt_name == "SGD":
+        net.forward(X, training=True)
+        net.backward(dY)
+        want = _sgd_reference(net, X.astype(net.dtype).astype(np.float64), dY, 0.1)
+        nnrt.optim.SGD(net, lr=0.1).step()
+        tol = 1e-5 if net.dtype == np.float32 else 1e-12
+        np.testing.assert_allclose(net[0].params()["weight"], want, rtol=tol, atol=tol)
+    else:
+        before = net[0].params()["weight"].copy()
+        net.fit(
+            X,
+            y,
+            optimizer=getattr(nnrt.optim, opt_name)(net, lr=0.1),
+            epochs=1,
+            batch_size=5,
+            progress=False,
+        )
+        assert not np.array_equal(net[0].params()["weight"], before)
+
+
+def test_optimizer_over_unchanged_arrays_still_steps() -> None:
+    """Same-dtype to_dtype keeps the arrays; a layer given alone is checked too."""
+    layer = nnrt.layer("dense", 3, 2)
+    opt = nnrt.optim.SGD(layer, lr=0.5)
+    layer.to_dtype("float64")  # already float64: the same arrays
+    X, dY = _X(), np.random.default_rng(2).normal(size=(5, 2))
+    layer.forward(X, training=True)
+    layer.backward(dY)
+    want = layer.params()["weight"] - 0.5 * (X.T @ dY)
+    opt.step()
+    np.testing.assert_allclose(layer.params()["weight"], want, rtol=1e-12, atol=1e-12)
+    layer.to_dtype("float32")
+    with pytest.raises(RuntimeError, match="replaced"):
+        opt.step()
+    # a pickled optimizer holds its own arrays (no network): it steps them
+    back = pickle.loads(pickle.dumps(nnrt.optim.SGD(layer, lr=0.5)))
+    back.step()
