@@ -144,6 +144,33 @@ def _stale(opt: Optimizer) -> str | None:
     return None
 
 
+def check_trains(opt: Any, net: Any, where: str) -> None:
+    """RuntimeError unless ``opt`` (an nnrt optimizer) updates live parameters of ``net``.
+
+    ``fit`` calls it before its first batch: an optimizer built for another network,
+    or over arrays replaced since (``_stale``), would run every epoch and leave the
+    network untrained. An optimizer over a part of the network (one layer) is fine.
+    """
+    if not isinstance(opt, Optimizer):
+        return
+    params = opt.__dict__.get("_params")
+    if not params:
+        return
+    why = _stale(opt)
+    if why is None:
+        live = {id(a) for a in net.params().values()}
+        if not any(id(p) in live for p in params):
+            why = (
+                "it updates none of this network's parameters (it was built for another "
+                "network or layer)"
+            )
+    if why is not None:
+        raise RuntimeError(
+            f"{where}: {type(opt).__name__}: {why}; it would leave the network untrained: "
+            f"create a new optimizer over this network"
+        )
+
+
 def _kernel_problem(opt: Optimizer) -> str | None:
     """Why the update kernels cannot take ``opt``'s parameters/gradients, or None."""
     for name, p, g in zip(opt._names, opt._params, opt._grads, strict=True):

@@ -532,13 +532,20 @@ def _op_pickle(kind: str, tid: int) -> None:
 def _op_new_opt(oid: int, nid: int, name: str, lr: Any, extra: dict[str, Any]) -> None:
     net = _S["nets"][nid]
     cls = {"sgd": nnrt.optim.SGD, "adam": nnrt.optim.Adam, "adamw": nnrt.optim.AdamW}[name]
-    _S["opts"][oid] = (nid, cls(net, lr=lr, **extra))
+    _S["opts"][oid] = (net, cls(net, lr=lr, **extra))
 
 
 def _op_opt(oid: int, action: str) -> None:
-    nid, opt = _S["opts"][oid]
+    net, opt = _S["opts"][oid]
     with np.errstate(all="ignore"):
         getattr(opt, action)()
+    if action == "step":
+        # a step that succeeds updated the network's live arrays (not ones replaced by
+        # to_dtype or by a network built again over the layers: those steps must raise)
+        live = list(net.params().values())
+        assert len(live) == len(opt._params) and all(
+            a is b for a, b in zip(live, opt._params, strict=True)
+        ), f"{opt!r} stepped arrays that {net!r:.200} no longer uses"
 
 
 def _op_fit(nid: int, rows: int, epochs: int, batch: int, loss: str) -> None:

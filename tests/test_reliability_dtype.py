@@ -255,3 +255,38 @@ def test_optimizer_over_unchanged_arrays_still_steps() -> None:
     # a pickled optimizer holds its own arrays (no network): it steps them
     back = pickle.loads(pickle.dumps(nnrt.optim.SGD(layer, lr=0.5)))
     back.step()
+
+
+def test_fit_refuses_an_optimizer_of_another_network_before_any_batch() -> None:
+    """It used to run every epoch, report a flat loss and leave the network untrained."""
+    X = _X(8, 3)
+    y = np.array([0, 1] * 4)
+
+    def build(seed: int) -> Any:
+        return nnrt.Sequential(
+            [
+                nnrt.layer("dense_nobias", 3, 4),
+                nnrt.layer("batchnorm", 4),
+                nnrt.layer("dense", 4, 2),
+            ],
+            seed=seed,
+        )
+
+    net, other = build(0), build(1)
+    before = net.state_dict()
+    for opt in (nnrt.optim.SGD(other, lr=0.1), nnrt.optim.Adam(other[2])):
+        with pytest.raises(RuntimeError, match="none of this network's parameters"):
+            net.fit(X, y, optimizer=opt, epochs=2, batch_size=4, progress=False)
+    stale = nnrt.optim.SGD(net, lr=0.1)
+    net[0].to_dtype("float64")
+    net[0].to_dtype("float32")
+    with pytest.raises(RuntimeError, match="replaced"):
+        net.fit(X, y, optimizer=stale, epochs=2, batch_size=4, progress=False)
+    # refused before the first batch: no training forward ran (running stats unchanged)
+    for k, v in net.state_dict().items():
+        np.testing.assert_array_equal(v, before[k], err_msg=k)
+    # an optimizer over a part of the network trains that part only
+    w0, w2 = net[0].params()["weight"].copy(), net[2].params()["weight"].copy()
+    net.fit(X, y, optimizer=nnrt.optim.SGD(net[2], lr=0.1), epochs=2, batch_size=4, progress=False)
+    np.testing.assert_array_equal(net[0].params()["weight"], w0)
+    assert not np.array_equal(net[2].params()["weight"], w2)
