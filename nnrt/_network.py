@@ -285,6 +285,12 @@ class Network:
         test per layer when nothing changed.
         """
         want = self.dtype
+        for layer in self.layers:  # the fast path: numpy's float dtypes are singletons
+            dt = layer.dtype
+            if dt is not None and dt is not want:
+                break
+        else:
+            return
         for i, layer in enumerate(self.layers):
             dt = layer.dtype
             # NOTE: not ``dt in (None, want)``: numpy compares a dtype equal to None
