@@ -535,10 +535,19 @@ def _op_new_opt(oid: int, nid: int, name: str, lr: Any, extra: dict[str, Any]) -
     _S["opts"][oid] = (net, cls(net, lr=lr, **extra))
 
 
-def _op_opt(oid: int, action: str) -> None:
+def _op_opt(oid: int, action: str) -> str | None:
     net, opt = _S["opts"][oid]
+    if action == "train":  # one training step by hand: forward, backward, step
+        X = _predict_ref_input(net)
+        with np.errstate(all="ignore"):
+            Y = net.forward(X, training=True)
+            net.backward(np.ones_like(Y) / max(Y.size, 1))
+        before = {k: v.astype(np.float64) for k, v in net.params().items()}
+        grads = {k: v.astype(np.float64) for k, v in net.grads().items()}
+        action = "step"
     with np.errstate(all="ignore"):
         getattr(opt, action)()
+    checked = None
     if action == "step":
         # a step that succeeds updated the network's live arrays (not ones replaced by
         # to_dtype or by a network built again over the layers: those steps must raise)
@@ -546,6 +555,14 @@ def _op_opt(oid: int, action: str) -> None:
         assert len(live) == len(opt._params) and all(
             a is b for a, b in zip(live, opt._params, strict=True)
         ), f"{opt!r} stepped arrays that {net!r:.200} no longer uses"
+        plain = isinstance(opt, nnrt.optim.SGD) and opt.momentum == 0 and opt.weight_decay == 0
+        if plain and "before" in locals():
+            # plain SGD: p - lr * g, in float64 numpy from the arrays before the step
+            for k, p in net.params().items():
+                ref = before[k] - float(opt.lr) * grads[k]
+                _check_close(p, ref, p.dtype, f"SGD step of {k}")
+            checked = "checked"
+    return checked
 
 
 def _op_fit(nid: int, rows: int, epochs: int, batch: int, loss: str) -> None:
@@ -880,7 +897,7 @@ class StatefulAPI(RuleBasedStateMachine):
         target=opts,
         nid=nets,
         name=st.sampled_from(["sgd", "adam", "adamw"]),
-        lr=st.sampled_from([0.1, 1e-3, 0.0, -1.0, float("nan"), "0.1"]),
+        lr=st.sampled_from([0.1, 0.1, 1e-3, 1e-3, 0.0, -1.0, float("nan"), "0.1"]),
         momentum=st.booleans(),
     )
     def new_optimizer(self, nid: int, name: str, lr: Any, momentum: bool) -> Any:
@@ -889,7 +906,7 @@ class StatefulAPI(RuleBasedStateMachine):
         ok = self.run("new_opt", oid, nid, name, lr, extra) == "ok"
         return oid if ok else multiple()
 
-    @rule(oid=opts, action=st.sampled_from(["step", "step", "zero_grad"]))
+    @rule(oid=opts, action=st.sampled_from(["step", "step", "zero_grad", "train", "train"]))
     def optimizer_call(self, oid: int, action: str) -> None:
         self.run("opt", oid, action)
 
