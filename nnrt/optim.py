@@ -113,6 +113,19 @@ def _binding(net: Any) -> tuple[Any, list[Any], list[tuple[Any, tuple[np.ndarray
     return (net if is_net else None), parts, [(p, a) for p, a in held if a]
 
 
+def _address(a: Any) -> tuple[int, tuple[int, ...], Any] | None:
+    """Where an array's elements are: (data pointer, shape, dtype), or None."""
+    if not isinstance(a, np.ndarray):
+        return None
+    return (a.__array_interface__["data"][0], a.shape, a.dtype)
+
+
+def _same_memory(a: Any, b: Any) -> bool:
+    """The same elements: a plugin's ``params()`` may hand out a new view each call."""
+    where = _address(a)
+    return where is not None and where == _address(b)
+
+
 def _stale(opt: Optimizer) -> str | None:
     """Why ``opt``'s arrays are no longer the live parameters of its network, or None.
 
@@ -131,7 +144,7 @@ def _stale(opt: Optimizer) -> str | None:
         if len(live) == len(arrays):
             j = 0
             for a in live.values():
-                if a is not arrays[j]:
+                if a is not arrays[j] and not _same_memory(a, arrays[j]):
                     break
                 j += 1
             else:
@@ -158,8 +171,9 @@ def check_trains(opt: Any, net: Any, where: str) -> None:
         return
     why = _stale(opt)
     if why is None:
-        live = {id(a) for a in net.params().values()}
-        if not any(id(p) in live for p in params):
+        arrays = list(net.params().values())
+        live = {id(a) for a in arrays} | {_address(a) for a in arrays}
+        if not any(id(p) in live or _address(p) in live for p in params):
             why = (
                 "it updates none of this network's parameters (it was built for another "
                 "network or layer)"

@@ -290,3 +290,55 @@ def test_fit_refuses_an_optimizer_of_another_network_before_any_batch() -> None:
     net.fit(X, y, optimizer=nnrt.optim.SGD(net[2], lr=0.1), epochs=2, batch_size=4, progress=False)
     np.testing.assert_array_equal(net[0].params()["weight"], w0)
     assert not np.array_equal(net[2].params()["weight"], w2)
+
+
+class _ViewParams(nnrt.Layer):
+    """A Python layer whose params()/grads() hand out new views of its arrays each call
+    (Y = X * w): an optimizer updating the views updates the layer."""
+
+    def __init__(self, n: int) -> None:
+        super().__init__()
+        self.in_features = self.out_features = n
+        self._w = np.ones((1, n))
+        self._dw = np.zeros((1, n))
+        self.dtype = "float64"
+
+    def params(self) -> dict[str, np.ndarray]:
+        return {"w": self._w[0]}
+
+    def grads(self) -> dict[str, np.ndarray]:
+        return {"w": self._dw[0]}
+
+    def to_dtype(self, dtype: Any) -> Any:
+        super().to_dtype(dtype)
+        self._w = self._w.astype(dtype)
+        self._dw = self._dw.astype(dtype)
+        return self
+
+    def forward(self, X: Any, training: bool = False) -> np.ndarray:
+        self._X = self.prepare_input(X)
+        return self._X * self._w
+
+    def backward(self, dY: Any) -> np.ndarray:
+        dY = np.asarray(dY)
+        self._dw[0] = (dY * self._X).sum(axis=0)
+        return dY * self._w
+
+
+def test_optimizer_accepts_params_handed_out_as_new_views() -> None:
+    net = nnrt.Sequential([_ViewParams(3)], dtype="float64")
+    opt = nnrt.optim.SGD(net, lr=0.5)
+    X, dY = _X(), np.random.default_rng(3).normal(size=(5, 3))
+    net.forward(X, training=True)
+    net.backward(dY)
+    want = 1.0 - 0.5 * (dY * X).sum(axis=0)
+    opt.step()
+    np.testing.assert_allclose(net[0].params()["w"], want, rtol=1e-12, atol=1e-12)
+    # fit accepts it too (it trains this network's parameters, through the views)
+    w = net[0].params()["w"].copy()
+    net.fit(X, np.zeros(5, dtype=np.int64), optimizer=opt, epochs=1, batch_size=5, progress=False)
+    assert not np.array_equal(net[0].params()["w"], w)
+    net[0].to_dtype("float32")
+    net.dtype = np.dtype("float32")
+    with pytest.raises(RuntimeError, match="replaced"):
+        opt.step()
