@@ -204,6 +204,7 @@ class Network:
         # NOTE: one compiled loop over the layers (nnrt/_kernels.pyx): compiled layers
         # are called through the C vtable; errors come back prefixed with the index.
         python, fuse, _ = self._structure()
+        self._check_dtypes("forward")
         if python:  # Python plugin layers: check what each one returns
             return self._forward_checked(X, bool(training))
         out = _forward_chain(self.layers, X, bool(training), fuse)
@@ -215,6 +216,7 @@ class Network:
         until the step's backward (the training engine's gathered batches): the first
         layer may cache it without the private copy it makes of a user's array."""
         python, fuse, _ = self._structure()
+        self._check_dtypes("forward")
         if python:
             return self._forward_checked(X, True)
         out = _forward_chain(self.layers, X, True, fuse, True)
@@ -234,6 +236,7 @@ class Network:
         ``None`` is returned; parameter gradients are the same.
         """
         python, fuse, first = self._structure()
+        self._check_dtypes("backward")
         stop = 0 if input_grad else first
         if python:
             return self._backward_checked(dY, stop, bool(input_grad))
@@ -269,6 +272,43 @@ class Network:
         found = (python, _fuse_flags(snapshot), first)
         self.__dict__["_structure_cache"] = (snapshot, found)
         return found
+
+    def _check_dtypes(self, where: str) -> None:
+        """TypeError unless every layer computes in the network's dtype (or follows its input).
+
+        ``Sequential(..., dtype=)`` casts its layers once; a layer cast afterwards (by
+        ``layer.to_dtype``, or by building another network of the other dtype that
+        shares it) would make the network answer in another dtype than its own and
+        save a file that reloads to other numbers: refused here, by ``forward``,
+        ``backward`` (and so ``predict``, ``fit``, ``evaluate``) and ``save``.
+        Checked on every call (a layer's dtype can change at any time); one identity
+        test per layer when nothing changed.
+        """
+        want = self.dtype
+        for layer in self.layers:  # the fast path: numpy's float dtypes are singletons
+            dt = layer.dtype
+            if dt is not None and dt is not want:
+                break
+        else:
+            return
+        for i, layer in enumerate(self.layers):
+            dt = layer.dtype
+            # NOTE: not ``dt in (None, want)``: numpy compares a dtype equal to None
+            # when it is float64 (np.dtype(None) is float64)
+            if dt is None or dt is want:
+                continue
+            try:
+                same = np.dtype(dt) == np.dtype(want)
+            except TypeError:
+                same = False
+            if not same:
+                raise TypeError(
+                    f"Sequential.{where}: layer {i} {layer!r} has dtype {dt}, but the network "
+                    f"has dtype {want}: the layer was cast after the network was built "
+                    f"(layer.to_dtype, or another network of dtype {dt} that shares the "
+                    f"layer); cast it back with net[{i}].to_dtype({str(want)!r}), or build "
+                    f"the network again with dtype={str(dt)!r}"
+                )
 
     def _python_layers(self) -> tuple[int, ...]:
         """Indices of the layers whose forward or backward is Python code (checked)."""

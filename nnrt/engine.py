@@ -55,6 +55,7 @@ from nnrt import _locks
 from nnrt._engine import NonFinite, n_correct, take_rows
 from nnrt._locks import state_lock, training_guard
 from nnrt.io import save
+from nnrt.optim import check_trains
 from nnrt.plotting import plot_history
 from nnrt.registry import registry
 from nnrt.warnings import TrainingWarning, warn_user
@@ -785,9 +786,11 @@ def _validation_data(
 def _check_optimizer(net: Network, optimizer: Any) -> Any:
     """``optimizer`` itself, or the registered one of that name (default ``"adam"``)."""
     try:
-        return registry.resolve_optimizer(optimizer, net)
+        opt = registry.resolve_optimizer(optimizer, net)
     except TypeError as exc:
         raise TypeError(f"fit: {exc}") from exc
+    check_trains(opt, net, "fit")  # another network's, or stale arrays: before any batch
+    return opt
 
 
 def _check_callbacks(callbacks: Iterable[Callback] | None, progress: bool | None) -> list[Callback]:

@@ -110,6 +110,9 @@ def architecture(net: Network) -> dict[str, Any]:
     """The JSON-able description ``save`` writes (without the arrays)."""
     import nnrt  # the version (the package imports this module)
 
+    # a layer cast after the network was built (TypeError): the file would hold the
+    # network's dtype over that layer's arrays and reload to other numbers
+    net._check_dtypes("save")
     plugins = registry.plugins()
     layers = []
     for i, layer in enumerate(net.layers):

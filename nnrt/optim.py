@@ -9,8 +9,11 @@ identity.
 
 NOTE: because the arrays are resolved once, rebuilding the network or casting
 it (``Sequential(dtype=...)``, ``layer.to_dtype(...)``, which replace the
-arrays) after creating an optimizer leaves the optimizer updating the old
-arrays: create a new optimizer after such a change.
+arrays) or changing ``net.layers`` after creating an optimizer would leave the
+optimizer updating the old arrays (training silently doing nothing): ``step``
+checks, one identity test per parameter, that its arrays are still the live
+ones and raises RuntimeError otherwise; create a new optimizer after such a
+change.
 
 Steps allocate nothing parameter-sized after the first one: state (momentum,
 moments) and scratch buffers are allocated lazily, in each parameter's dtype,
@@ -28,6 +31,7 @@ import numpy as np
 
 from nnrt import _locks
 from nnrt._kernels import adam_step as _adam_kernel
+from nnrt._kernels import same_items as _same_items
 from nnrt._kernels import sgd_step as _sgd_kernel
 
 __all__ = ["SGD", "Adam", "AdamW", "Optimizer"]
@@ -96,6 +100,91 @@ def _resolve(net: HasParams, owner: str) -> tuple[list[str], list[np.ndarray], l
     return names, ps, gs
 
 
+def _binding(net: Any) -> tuple[Any, list[Any], list[tuple[Any, tuple[np.ndarray, ...]]]] | None:
+    """What ``step`` checks is still live: the layer list of a network, and each
+    layer with parameters (or the object itself) with the arrays its ``params()`` gave."""
+    layers = getattr(net, "layers", None)
+    is_net = isinstance(layers, list)
+    parts = list(layers) if isinstance(layers, list) else [net]
+    try:
+        held = [(part, tuple(part.params().values())) for part in parts]
+    except Exception:
+        return None  # the network's own checks report it (forward, backward)
+    return (net if is_net else None), parts, [(p, a) for p, a in held if a]
+
+
+def _address(a: Any) -> tuple[int, tuple[int, ...], Any] | None:
+    """Where an array's elements are: (data pointer, shape, dtype), or None."""
+    if not isinstance(a, np.ndarray):
+        return None
+    return (a.__array_interface__["data"][0], a.shape, a.dtype)
+
+
+def _same_memory(a: Any, b: Any) -> bool:
+    """The same elements: a plugin's ``params()`` may hand out a new view each call."""
+    where = _address(a)
+    return where is not None and where == _address(b)
+
+
+def _stale(opt: Optimizer) -> str | None:
+    """Why ``opt``'s arrays are no longer the live parameters of its network, or None.
+
+    About 0.2 us per layer: one ``params()`` call and an identity test per array.
+    """
+    bound = opt.__dict__.get("_bound")
+    if bound is None:
+        return None
+    net, parts, held = bound
+    if net is not None:
+        layers = net.layers
+        if type(layers) is not list or not _same_items(parts, layers):
+            return "net.layers no longer holds the layers it was built for"
+    for part, arrays in held:
+        live = part.params()
+        if len(live) == len(arrays):
+            j = 0
+            for a in live.values():
+                if a is not arrays[j] and not _same_memory(a, arrays[j]):
+                    break
+                j += 1
+            else:
+                continue
+        where = f"layer {parts.index(part)} {part!r:.80}" if net is not None else f"{part!r:.80}"
+        return (
+            f"the parameters of {where} were replaced (layer.to_dtype, or a network built "
+            f"again over the same layers, casts them)"
+        )
+    return None
+
+
+def check_trains(opt: Any, net: Any, where: str) -> None:
+    """RuntimeError unless ``opt`` (an nnrt optimizer) updates live parameters of ``net``.
+
+    ``fit`` calls it before its first batch: an optimizer built for another network,
+    or over arrays replaced since (``_stale``), would run every epoch and leave the
+    network untrained. An optimizer over a part of the network (one layer) is fine.
+    """
+    if not isinstance(opt, Optimizer):
+        return
+    params = opt.__dict__.get("_params")
+    if not params:
+        return
+    why = _stale(opt)
+    if why is None:
+        arrays = list(net.params().values())
+        live = {id(a) for a in arrays} | {_address(a) for a in arrays}
+        if not any(id(p) in live or _address(p) in live for p in params):
+            why = (
+                "it updates none of this network's parameters (it was built for another "
+                "network or layer)"
+            )
+    if why is not None:
+        raise RuntimeError(
+            f"{where}: {type(opt).__name__}: {why}; it would leave the network untrained: "
+            f"create a new optimizer over this network"
+        )
+
+
 def _kernel_problem(opt: Optimizer) -> str | None:
     """Why the update kernels cannot take ``opt``'s parameters/gradients, or None."""
     for name, p, g in zip(opt._names, opt._params, opt._grads, strict=True):
@@ -123,6 +212,13 @@ def _locked_step(step: Any) -> Any:
     @functools.wraps(step)
     def locked(self: Any) -> None:
         d = self.__dict__
+        if d.get("_bound") is not None:
+            why = _stale(self)
+            if why is not None:
+                raise RuntimeError(
+                    f"{type(self).__name__}.step: {why}: this optimizer would update the old "
+                    f"arrays and leave the network untrained; create a new optimizer"
+                )
         net = d.get("_lock_net")
         if net is None:
             step(self)
@@ -153,6 +249,8 @@ class Optimizer:
         # a network's optimizer steps under the network's state lock (nnrt/_locks.py):
         # a predict or save in another thread sees the weights before or after a step
         self._lock_net: Any = net if hasattr(net, "layers") else None
+        # checked by every step: the arrays above are still the live parameters
+        self._bound = _binding(net)
         n = len(self._params)
         # per-parameter state arrays (allocated at the first step) and scratch buffers
         self.state: dict[str, dict[str, np.ndarray]] = {k: {} for k in self._names}
@@ -176,6 +274,7 @@ class Optimizer:
         state = dict(self.__dict__)
         state["_lock_net"] = None
         state.pop("_lock_cache", None)
+        state["_bound"] = None  # the arrays travel, not the network's layers
         return state
 
     def zero_grad(self) -> None:

@@ -871,7 +871,9 @@ def case_layer_replaced_by_an_equal_one() -> None:
     net = nnrt.Sequential([nnrt.layer("dense", 3, 3), nnrt.layer("dense", 3, 2)])
     X = np.ones((4, 3))
     net.forward(X)
-    net.layers[0] = ClaimsEquality(3)  # == the old list, but not the same objects
+    other = ClaimsEquality(3)
+    other.dtype = "float32"  # the network's dtype (else forward refuses it for its dtype)
+    net.layers[0] = other  # == the old list, but not the same objects
     with pytest.raises(PluginError, match="ClaimsEquality"):
         net.forward(X)
     net.layers = tuple(net.layers)  # type: ignore[assignment]
