@@ -159,7 +159,10 @@ def freeze(net: Any) -> InferenceSession:
     """
     if not hasattr(net, "layers") or not hasattr(net, "dtype"):
         raise TypeError(f"freeze: expected an nnrt network, got {type(net).__name__}")
+    check = getattr(net, "_check_dtypes", None)
     with holding(net):
+        if check is not None:  # a layer cast after the network was built: refused
+            check("freeze")
         return InferenceSession(net)
 
 

@@ -342,3 +342,17 @@ def test_optimizer_accepts_params_handed_out_as_new_views() -> None:
     net.dtype = np.dtype("float32")
     with pytest.raises(RuntimeError, match="replaced"):
         opt.step()
+
+
+def test_freeze_refuses_a_network_whose_layer_was_cast() -> None:
+    # the frozen session snapshots what the network computes: a float32 network
+    # whose dense layer was cast to float64 afterwards is refused, as forward is
+    net = nnrt.Sequential([nnrt.layer("dense", 3, 2)], seed=0, dtype="float32")
+    net[0].to_dtype("float64")
+    with pytest.raises(TypeError, match="float64"):
+        nnrt.freeze(net)
+    net[0].to_dtype("float32")  # the repair the message names
+    X = np.linspace(-1, 1, 6).reshape(2, 3)
+    W = net[0].params()["weight"].astype(np.float64)
+    b = net[0].params()["bias"].astype(np.float64)
+    np.testing.assert_allclose(nnrt.freeze(net)(X), X @ W + b, rtol=1e-6, atol=1e-6)
