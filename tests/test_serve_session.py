@@ -116,9 +116,11 @@ def test_unaffected_by_later_mutation() -> None:
     net[1].buffers()["running_var"][...] = 100.0
     net[1].buffers()["running_mean"][...] = -3.0
     net.fit(X, np.zeros(5, dtype=np.int64), epochs=1, batch_size=5, progress=False)
-    net[0].to_dtype(np.float32)
-    np.testing.assert_allclose(sess(X), ref, rtol=1e-12, atol=1e-12)
     assert not np.allclose(net.predict(X), ref)
+    net[0].to_dtype(np.float32)  # the network now refuses to run (its layer was cast)
+    with pytest.raises(TypeError, match="was cast after the network was built"):
+        net.predict(X)
+    np.testing.assert_allclose(sess(X), ref, rtol=1e-12, atol=1e-12)
 
 
 def test_outputs_are_new_arrays() -> None:
