@@ -48,14 +48,7 @@ from libc.stdlib cimport free, malloc
 from scipy.linalg.cython_blas cimport dgemm, dgemv, sgemm, sgemv
 
 
-cdef extern from "nnrt/_smallm.h" nogil:
-    void nnrt_gemm_s_f(const float* X, Py_ssize_t xi, Py_ssize_t xk, const float* W,
-                       Py_ssize_t ldw, float* Y, Py_ssize_t ldy, int acc_y, Py_ssize_t m,
-                       Py_ssize_t k, Py_ssize_t n)
-    void nnrt_gemm_s_d(const double* X, Py_ssize_t xi, Py_ssize_t xk, const double* W,
-                       Py_ssize_t ldw, double* Y, Py_ssize_t ldy, int acc_y, Py_ssize_t m,
-                       Py_ssize_t k, Py_ssize_t n)
-    const char* nnrt_smallm_isa_name()
+from nnrt._smallm cimport nnrt_gemm_s_d, nnrt_gemm_s_f, nnrt_smallm_isa_name
 
 __all__ = ["BACKENDS", "KERNEL_MODES", "available", "find_mkl", "find_numpy_openblas", "info",
            "resolve", "set_threads", "thread_control_addresses", "threads", "use",

@@ -21,17 +21,8 @@ from nnrt._parallel cimport blas_threads_done, blas_threads_for, par_now
 
 cnp.import_array()
 
-cdef extern from "nnrt/_smallm.h" nogil:
-    void nnrt_smallm_f(const float* X, const float* W, float* Y, Py_ssize_t m, Py_ssize_t k,
-                       Py_ssize_t n, Py_ssize_t kc)
-    void nnrt_smallm_d(const double* X, const double* W, double* Y, Py_ssize_t m,
-                       Py_ssize_t k, Py_ssize_t n, Py_ssize_t kc)
-    void nnrt_epilogue_f(float* Y, Py_ssize_t m, Py_ssize_t n, const float* bias,
-                         const float* center, const float* scale, const float* shift, int act)
-    void nnrt_epilogue_d(double* Y, Py_ssize_t m, Py_ssize_t n, const double* bias,
-                         const double* center, const double* scale, const double* shift,
-                         int act)
-    int nnrt_smallm_enabled()
+from nnrt._smallm cimport (nnrt_epilogue_d, nnrt_epilogue_f, nnrt_smallm_d,
+                           nnrt_smallm_enabled, nnrt_smallm_f)
 
 cdef extern from "nnrt/_packed.h" nogil:
     Py_ssize_t nnrt_panel_cols_f()

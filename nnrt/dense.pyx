@@ -116,18 +116,8 @@ cdef void dense_backward(const floating* X, const floating* W, const floating* d
 # result is the same whatever batch it comes in. The bias, and the per-feature affine
 # and sigmoid of the layers that follow (when the eval chain fuses them,
 # nnrt/_kernels.pyx), are then applied in one pass over the output.
-cdef extern from "nnrt/_smallm.h" nogil:
-    void nnrt_smallm_f(const float* X, const float* W, float* Y, Py_ssize_t m, Py_ssize_t k,
-                       Py_ssize_t n, Py_ssize_t kc)
-    void nnrt_smallm_d(const double* X, const double* W, double* Y, Py_ssize_t m,
-                       Py_ssize_t k, Py_ssize_t n, Py_ssize_t kc)
-    void nnrt_epilogue_f(float* Y, Py_ssize_t m, Py_ssize_t n, const float* bias,
-                         const float* center, const float* scale, const float* shift, int act)
-    void nnrt_epilogue_d(double* Y, Py_ssize_t m, Py_ssize_t n, const double* bias,
-                         const double* center, const double* scale, const double* shift,
-                         int act)
-    int nnrt_smallm_enabled()
-    const char* nnrt_smallm_isa_name()
+from nnrt._smallm cimport (nnrt_epilogue_d, nnrt_epilogue_f, nnrt_smallm_d,
+                           nnrt_smallm_enabled, nnrt_smallm_f, nnrt_smallm_isa_name)
 
 # Kernel choice of the eval forward: 0 by layer shape (below), 1 always GEMM, 2 always
 # the small-M kernel (tests and benchmarks force them).

@@ -1,0 +1,22 @@
+# cython: language_level=3
+"""Declarations of nnrt/_smallm.h, nnrt's register-blocked GEMM kernel (cimported by
+nnrt/dense.pyx, nnrt/_serve.pyx and nnrt/_blas.pyx; no module of its own)."""
+
+cdef extern from "nnrt/_smallm.h" nogil:
+    void nnrt_smallm_f(const float* X, const float* W, float* Y, Py_ssize_t m, Py_ssize_t k,
+                       Py_ssize_t n, Py_ssize_t kc)
+    void nnrt_smallm_d(const double* X, const double* W, double* Y, Py_ssize_t m,
+                       Py_ssize_t k, Py_ssize_t n, Py_ssize_t kc)
+    void nnrt_gemm_s_f(const float* X, Py_ssize_t xi, Py_ssize_t xk, const float* W,
+                       Py_ssize_t ldw, float* Y, Py_ssize_t ldy, int acc_y, Py_ssize_t m,
+                       Py_ssize_t k, Py_ssize_t n)
+    void nnrt_gemm_s_d(const double* X, Py_ssize_t xi, Py_ssize_t xk, const double* W,
+                       Py_ssize_t ldw, double* Y, Py_ssize_t ldy, int acc_y, Py_ssize_t m,
+                       Py_ssize_t k, Py_ssize_t n)
+    void nnrt_epilogue_f(float* Y, Py_ssize_t m, Py_ssize_t n, const float* bias,
+                         const float* center, const float* scale, const float* shift, int act)
+    void nnrt_epilogue_d(double* Y, Py_ssize_t m, Py_ssize_t n, const double* bias,
+                         const double* center, const double* scale, const double* shift,
+                         int act)
+    int nnrt_smallm_enabled()
+    const char* nnrt_smallm_isa_name()
