@@ -31,7 +31,7 @@ eps, momentum)`` (``affine=True``, tracking running statistics) with
 from __future__ import annotations
 
 import warnings
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 
@@ -228,7 +228,7 @@ def fold_batchnorm(net: Sequential) -> Sequential:
         DeprecationWarning,
         stacklevel=2,
     )
-    return nnrt.fold.fold(net)
+    return cast(Sequential, nnrt.fold.fold(net))
 
 
 Sequential.fold_batchnorm = fold_batchnorm  # type: ignore[attr-defined]
