@@ -127,71 +127,44 @@ cdef inline Table* _table() noexcept nogil:
     return _cur
 
 
-cdef inline void _sgemm(const Table* t, bint trans_a, bint trans_b, int m, int n, int k,
-                        float alpha, const float* a, int lda, const float* b, int ldb,
-                        float beta, float* c, int ldc) noexcept nogil:
+cdef inline void _gemm(const Table* t, bint trans_a, bint trans_b, int m, int n, int k,
+                       floating alpha, const floating* a, int lda, const floating* b, int ldb,
+                       floating beta, floating* c, int ldc) noexcept nogil:
     # row-major C = op(A) op(B) is column-major C^T = op(B)^T op(A)^T: operands swapped
     cdef char ta = b'T' if trans_b else b'N'
     cdef char tb = b'T' if trans_a else b'N'
-    cdef int64_t m64, n64, k64, la, lb, lc
-    if t.ilp64:
-        m64 = n
-        n64 = m
-        k64 = k
-        la = ldb
-        lb = lda
-        lc = ldc
-        (<sgemm64_t>t.sgemm)(&ta, &tb, &m64, &n64, &k64, &alpha, b, &la, a, &lb, &beta, c, &lc)
+    cdef int64_t m64 = n, n64 = m, k64 = k, la = ldb, lb = lda, lc = ldc
+    if floating is float:
+        if t.ilp64:
+            (<sgemm64_t>t.sgemm)(&ta, &tb, &m64, &n64, &k64, &alpha, b, &la, a, &lb, &beta,
+                                 c, &lc)
+        else:
+            (<sgemm32_t>t.sgemm)(&ta, &tb, &n, &m, &k, &alpha, b, &ldb, a, &lda, &beta, c, &ldc)
     else:
-        (<sgemm32_t>t.sgemm)(&ta, &tb, &n, &m, &k, &alpha, b, &ldb, a, &lda, &beta, c, &ldc)
+        if t.ilp64:
+            (<dgemm64_t>t.dgemm)(&ta, &tb, &m64, &n64, &k64, &alpha, b, &la, a, &lb, &beta,
+                                 c, &lc)
+        else:
+            (<dgemm32_t>t.dgemm)(&ta, &tb, &n, &m, &k, &alpha, b, &ldb, a, &lda, &beta, c, &ldc)
 
 
-cdef inline void _dgemm(const Table* t, bint trans_a, bint trans_b, int m, int n, int k,
-                        double alpha, const double* a, int lda, const double* b, int ldb,
-                        double beta, double* c, int ldc) noexcept nogil:
-    cdef char ta = b'T' if trans_b else b'N'
-    cdef char tb = b'T' if trans_a else b'N'
-    cdef int64_t m64, n64, k64, la, lb, lc
-    if t.ilp64:
-        m64 = n
-        n64 = m
-        k64 = k
-        la = ldb
-        lb = lda
-        lc = ldc
-        (<dgemm64_t>t.dgemm)(&ta, &tb, &m64, &n64, &k64, &alpha, b, &la, a, &lb, &beta, c, &lc)
-    else:
-        (<dgemm32_t>t.dgemm)(&ta, &tb, &n, &m, &k, &alpha, b, &ldb, a, &lda, &beta, c, &ldc)
-
-
-cdef inline void _sgemv(const Table* t, bint trans, int m, int n, float alpha, const float* a,
-                        int lda, const float* x, float beta, float* y) noexcept nogil:
+cdef inline void _gemv(const Table* t, bint trans, int m, int n, floating alpha,
+                       const floating* a, int lda, const floating* x, floating beta,
+                       floating* y) noexcept nogil:
     # row-major A (m x n) is column-major A^T (n x m): y = A x is 'T', y = A^T x is 'N'
     cdef char tr = b'N' if trans else b'T'
     cdef int one = 1
-    cdef int64_t m64, n64, l64, one64 = 1
-    if t.ilp64:
-        m64 = n
-        n64 = m
-        l64 = lda
-        (<sgemv64_t>t.sgemv)(&tr, &m64, &n64, &alpha, a, &l64, x, &one64, &beta, y, &one64)
+    cdef int64_t m64 = n, n64 = m, l64 = lda, one64 = 1
+    if floating is float:
+        if t.ilp64:
+            (<sgemv64_t>t.sgemv)(&tr, &m64, &n64, &alpha, a, &l64, x, &one64, &beta, y, &one64)
+        else:
+            (<sgemv32_t>t.sgemv)(&tr, &n, &m, &alpha, a, &lda, x, &one, &beta, y, &one)
     else:
-        (<sgemv32_t>t.sgemv)(&tr, &n, &m, &alpha, a, &lda, x, &one, &beta, y, &one)
-
-
-cdef inline void _dgemv(const Table* t, bint trans, int m, int n, double alpha,
-                        const double* a, int lda, const double* x, double beta,
-                        double* y) noexcept nogil:
-    cdef char tr = b'N' if trans else b'T'
-    cdef int one = 1
-    cdef int64_t m64, n64, l64, one64 = 1
-    if t.ilp64:
-        m64 = n
-        n64 = m
-        l64 = lda
-        (<dgemv64_t>t.dgemv)(&tr, &m64, &n64, &alpha, a, &l64, x, &one64, &beta, y, &one64)
-    else:
-        (<dgemv32_t>t.dgemv)(&tr, &n, &m, &alpha, a, &lda, x, &one, &beta, y, &one)
+        if t.ilp64:
+            (<dgemv64_t>t.dgemv)(&tr, &m64, &n64, &alpha, a, &l64, x, &one64, &beta, y, &one64)
+        else:
+            (<dgemv32_t>t.dgemv)(&tr, &n, &m, &alpha, a, &lda, x, &one, &beta, y, &one)
 
 
 # ------------------------------------------------------------- nnrt's own GEMM kernel
@@ -343,7 +316,7 @@ cdef void sgemm_rm(bint trans_a, bint trans_b, int m, int n, int k,
         if _kernel_gemm(trans_a, trans_b, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc, True):
             _kernel_count += 1
             return
-    _sgemm(t, trans_a, trans_b, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc)
+    _gemm(t, trans_a, trans_b, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc)
 
 
 cdef void dgemm_rm(bint trans_a, bint trans_b, int m, int n, int k,
@@ -355,17 +328,17 @@ cdef void dgemm_rm(bint trans_a, bint trans_b, int m, int n, int k,
         if _kernel_gemm(trans_a, trans_b, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc, True):
             _kernel_count += 1
             return
-    _dgemm(t, trans_a, trans_b, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc)
+    _gemm(t, trans_a, trans_b, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc)
 
 
 cdef void sgemv_rm(bint trans, int m, int n, float alpha, const float* a, int lda,
                    const float* x, float beta, float* y) noexcept nogil:
-    _sgemv(_table(), trans, m, n, alpha, a, lda, x, beta, y)
+    _gemv(_table(), trans, m, n, alpha, a, lda, x, beta, y)
 
 
 cdef void dgemv_rm(bint trans, int m, int n, double alpha, const double* a, int lda,
                    const double* x, double beta, double* y) noexcept nogil:
-    _dgemv(_table(), trans, m, n, alpha, a, lda, x, beta, y)
+    _gemv(_table(), trans, m, n, alpha, a, lda, x, beta, y)
 
 
 cdef int blas_get_threads() noexcept nogil:
@@ -806,15 +779,15 @@ def _time_calls(name, ops, int calls, bint gemv=False, bint cpu=False, bint kern
                 ok = _kernel_gemm(ta, tb, m, n, k, <double>1, <double*>pa, lda, <double*>pb,
                                   ldb, <double>0, <double*>pc, n, False)
             elif gemv and single:
-                _sgemv(t, False, m, k, 1, <float*>pa, k, <float*>px, 0, <float*>py)
+                _gemv(t, False, m, k, 1, <float*>pa, k, <float*>px, 0, <float*>py)
             elif gemv:
-                _dgemv(t, False, m, k, 1, <double*>pa, k, <double*>px, 0, <double*>py)
+                _gemv(t, False, m, k, 1, <double*>pa, k, <double*>px, 0, <double*>py)
             elif single:
-                _sgemm(t, ta, tb, m, n, k, 1, <float*>pa, lda, <float*>pb, ldb, 0,
-                       <float*>pc, n)
+                _gemm(t, ta, tb, m, n, k, 1, <float*>pa, lda, <float*>pb, ldb, 0,
+                      <float*>pc, n)
             else:
-                _dgemm(t, ta, tb, m, n, k, 1, <double*>pa, lda, <double*>pb, ldb, 0,
-                       <double*>pc, n)
+                _gemm(t, ta, tb, m, n, k, 1, <double*>pa, lda, <double*>pb, ldb, 0,
+                      <double*>pc, n)
             if not ok:
                 break
     if not ok:

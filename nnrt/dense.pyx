@@ -182,6 +182,17 @@ cdef void dense_eval(const floating* X, const floating* W, const floating* b,
             nnrt_epilogue_d(Y, batch, n_out, b, center, scale, shift, act)
 
 
+cdef inline int _check_output_size(Layer layer, object X, Py_ssize_t rows,
+                                   Py_ssize_t n_out) except -1:
+    # ValueError (not an allocation of any size) for an output too large for the kernels
+    if rows * n_out > _MAX_ELEMENTS:
+        raise ValueError(
+            f"{layer!r}: the output for {_describe(X)} would have "
+            f"{rows * n_out} elements, more than {_MAX_ELEMENTS}"
+        )
+    return 0
+
+
 cdef object _eval_run(Dense layer, object X, Layer aff_layer, int act):
     # the eval forward of `layer`, followed by `aff_layer`'s per-feature affine (None:
     # none) and the activation `act`, in one output buffer (the layer's own)
@@ -190,11 +201,7 @@ cdef object _eval_run(Dense layer, object X, Layer aff_layer, int act):
     cdef Py_ssize_t rows = cnp.PyArray_DIM(Xa, 0)
     cdef Py_ssize_t n_in = layer._n_in, n_out = layer._n_out
     cdef int t = layer._typenum
-    if rows * n_out > _MAX_ELEMENTS:
-        raise ValueError(
-            f"{layer!r}: the output for {_describe(X)} would have "
-            f"{rows * n_out} elements, more than {_MAX_ELEMENTS}"
-        )
+    _check_output_size(layer, X, rows, n_out)
     cdef cnp.ndarray Y = reuse_buffer(unaliased(layer._Y_eval, Xa), rows, n_out, t)
     layer._Y_eval = Y
     cdef object center = None, scale = None, shift = None
@@ -392,11 +399,7 @@ cdef class Dense(Layer):
         cdef Py_ssize_t rows = cnp.PyArray_DIM(Xa, 0)
         cdef Py_ssize_t n_in = self._n_in, n_out = self._n_out
         cdef int t = self._typenum
-        if rows * n_out > _MAX_ELEMENTS:
-            raise ValueError(
-                f"{self!r}: the output for {_describe(X)} would have "
-                f"{rows * n_out} elements, more than {_MAX_ELEMENTS}"
-            )
+        _check_output_size(self, X, rows, n_out)
         # training: the input is kept for backward, the output goes to its own buffer
         cdef cnp.ndarray Xc = cache_input(X, Xa, self._Xcopy, trusted)
         if Xc is not Xa:
