@@ -13,35 +13,12 @@ resize it (``resize(refcheck=False)``) while the kernel reads it.
 import numpy as np
 cimport numpy as cnp
 
-from cython cimport floating
 from libc.stdint cimport uint32_t, uint64_t
 from libc.string cimport memcpy
 
+from nnrt._kernels cimport count_correct
+
 cnp.import_array()
-
-
-cdef Py_ssize_t count_correct(const floating* Y, const cnp.int64_t* labels,
-                              Py_ssize_t n, Py_ssize_t c) noexcept nogil:
-    # prediction of row i: argmax_j Y[i, j] (the first maximum; a NaN wins, as
-    # numpy's argmax), or Y[i, 0] > 0 when there is one column
-    cdef Py_ssize_t i, j, best, right = 0
-    cdef const floating* row
-    for i in range(n):
-        row = &Y[i * c]
-        if c == 1:
-            best = 1 if row[0] > 0 else 0
-        else:
-            best = 0
-            if row[0] == row[0]:
-                for j in range(1, c):
-                    if row[j] != row[j]:
-                        best = j
-                        break
-                    if row[j] > row[best]:
-                        best = j
-        if labels[i] == best:
-            right += 1
-    return right
 
 
 cdef inline bint _plain(object a, int ndim, int typenum) noexcept:

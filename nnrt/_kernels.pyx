@@ -10,6 +10,7 @@ raw pointers from ``PyArray_DATA``; large jobs run on two threads (nnrt._paralle
 
 import numpy as np
 cimport numpy as cnp
+from cpython.mem cimport PyMem_Free, PyMem_Malloc
 from libc.math cimport exp, log, sqrt
 
 from cython cimport floating
@@ -29,6 +30,30 @@ cdef inline bint _plain(object a, int ndim) noexcept:
 
 
 # ------------------------------------------------------- softmax cross-entropy
+cdef Py_ssize_t count_correct(const floating* Y, const cnp.int64_t* labels,
+                              Py_ssize_t n, Py_ssize_t c) noexcept nogil:
+    # prediction of row i: argmax_j Y[i, j] (the first maximum; a NaN wins, as
+    # numpy's argmax), or Y[i, 0] > 0 when there is one column
+    cdef Py_ssize_t i, j, best, right = 0
+    cdef const floating* row
+    for i in range(n):
+        row = &Y[i * c]
+        if c == 1:
+            best = 1 if row[0] > 0 else 0
+        else:
+            best = 0
+            if row[0] == row[0]:
+                for j in range(1, c):
+                    if row[j] != row[j]:
+                        best = j
+                        break
+                    if row[j] > row[best]:
+                        best = j
+        if labels[i] == best:
+            right += 1
+    return right
+
+
 cdef void softmax_ce_rows(const floating* x, const cnp.int64_t* y, floating* dY,
                           double* row_loss, Py_ssize_t lo, Py_ssize_t hi, Py_ssize_t c,
                           double inv_n) noexcept nogil:
@@ -80,12 +105,14 @@ cdef void _ce_d(void* ctx, Py_ssize_t lo, Py_ssize_t hi) noexcept nogil:
     softmax_ce_rows(<const double*>j.x, j.y, <double*>j.dY, j.row_loss, lo, hi, j.c, j.inv_n)
 
 
-def softmax_cross_entropy(object logits, object labels):
+def softmax_cross_entropy(object logits, object labels, bint count=False):
     """``(loss, dY)`` for float32/float64 C-contiguous 2-D logits and int64 labels.
 
     Returns ``None`` for anything else (other dtypes, layouts, shapes, NaN-free
     is not checked) and for out-of-range labels: the numpy implementation then
-    handles (or rejects) the input.
+    handles (or rejects) the input. ``count=True``: ``(loss, dY, correct)``, with
+    the number of rows whose argmax (the first maximum; a NaN wins, as numpy's)
+    is the label (the training engine's accuracy, in the same call).
     """
     if not _plain(logits, 2) or not _plain(labels, 1):
         return None
@@ -117,10 +144,18 @@ def softmax_cross_entropy(object logits, object labels):
     job.row_loss = rl
     job.c = c
     job.inv_n = 1.0 / n
+    cdef Py_ssize_t right = 0
     with nogil:
         par_for(PAR_EXP, <par_fn>(_ce_f if t == cnp.NPY_FLOAT32 else _ce_d), &job, n, c)
         for i in range(n):
             total += rl[i]
+        if count:
+            if t == cnp.NPY_FLOAT32:
+                right = count_correct(<const float*>job.x, yp, n, c)
+            else:
+                right = count_correct(<const double*>job.x, yp, n, c)
+    if count:
+        return total * job.inv_n, dY, right
     return total * job.inv_n, dY
 
 
@@ -142,6 +177,12 @@ ctypedef struct _SGDJob:
     void* buf
     double lr, momentum, omd, wd
     int nesterov, fresh
+    bint f32
+    Py_ssize_t n
+
+
+# below this many elements in all, the SGD update runs with the GIL held
+cdef Py_ssize_t _SGD_NOGIL_MIN = 65536
 
 
 cdef void _sgd_f(void* ctx, Py_ssize_t lo, Py_ssize_t hi) noexcept nogil:
@@ -196,29 +237,50 @@ def sgd_step(list params, list grads, object bufs, double lr, double momentum,
             b = <cnp.ndarray>bufs[k]
             if cnp.PyArray_TYPE(b) != t or cnp.PyArray_SIZE(b) != cnp.PyArray_SIZE(p):
                 return False
-    cdef Py_ssize_t n
-    cdef _SGDJob job
-    # the scalars as the kernels always took them (float32 kernels round each to float)
-    job.lr = lr
-    job.momentum = momentum
-    job.omd = 1.0 - dampening
-    job.wd = weight_decay
-    job.nesterov = nesterov
+    # one job per parameter, run in one pass (the GIL released once, and only when the
+    # work is worth it: taking it back costs ~50 ns per release)
+    cdef _SGDJob few[16]
+    cdef _SGDJob* jobs = few
+    if m > 16:
+        jobs = <_SGDJob*>PyMem_Malloc(m * sizeof(_SGDJob))
+        if jobs == NULL:
+            raise MemoryError()
+    cdef Py_ssize_t total = 0
     for k in range(m):
         p = <cnp.ndarray>params[k]
         g = <cnp.ndarray>grads[k]
-        n = cnp.PyArray_SIZE(p)
-        job.p = cnp.PyArray_DATA(p)
-        job.g = cnp.PyArray_DATA(g)
-        job.buf = NULL
-        job.fresh = False
+        jobs[k].n = cnp.PyArray_SIZE(p)
+        total += jobs[k].n
+        # the scalars as the kernels always took them (float32 kernels round each to float)
+        jobs[k].lr = lr
+        jobs[k].momentum = momentum
+        jobs[k].omd = 1.0 - dampening
+        jobs[k].wd = weight_decay
+        jobs[k].nesterov = nesterov
+        jobs[k].p = cnp.PyArray_DATA(p)
+        jobs[k].g = cnp.PyArray_DATA(g)
+        jobs[k].f32 = cnp.PyArray_TYPE(p) == cnp.NPY_FLOAT32
+        jobs[k].buf = NULL
+        jobs[k].fresh = False
         if bufs is not None:
-            job.buf = cnp.PyArray_DATA(<cnp.ndarray>bufs[k])
-            job.fresh = fresh[k] is True
-        with nogil:
-            par_for(PAR_STREAM, <par_fn>(_sgd_f if cnp.PyArray_TYPE(p) == cnp.NPY_FLOAT32
-                                         else _sgd_d), &job, n, 1)
+            jobs[k].buf = cnp.PyArray_DATA(<cnp.ndarray>bufs[k])
+            jobs[k].fresh = fresh[k] is True
+    try:
+        if total >= _SGD_NOGIL_MIN:
+            with nogil:
+                _sgd_all(jobs, m)
+        else:
+            _sgd_all(jobs, m)
+    finally:
+        if jobs != few:
+            PyMem_Free(jobs)
     return True
+
+
+cdef void _sgd_all(_SGDJob* jobs, Py_ssize_t m) noexcept nogil:
+    cdef Py_ssize_t k
+    for k in range(m):
+        par_for(PAR_STREAM, <par_fn>(_sgd_f if jobs[k].f32 else _sgd_d), &jobs[k], jobs[k].n, 1)
 
 
 # ----------------------------------------------------------------- Adam/AdamW
@@ -424,6 +486,47 @@ def same_items(list cached, object layers):
         return False
     for i in range(m):
         if <void*>cached[i] is not <void*>other[i]:
+            return False
+    return True
+
+
+def params_held(list held):
+    """True when every ``(part, arrays)`` of ``held`` still gives the very ``arrays``
+    (identity, in order) from ``part.params()``; False otherwise, and the caller looks
+    closer (a plugin may hand out a new view of the same memory on each call). The
+    optimizers' per-step check that their arrays are still the live parameters."""
+    cdef tuple pair, arrays
+    cdef Py_ssize_t j, m
+    for item in held:
+        pair = <tuple?>item
+        arrays = <tuple?>pair[1]
+        live = pair[0].params()
+        if type(live) is not dict:
+            return False
+        m = len(arrays)
+        if len(<dict>live) != m:
+            return False
+        j = 0
+        for a in (<dict>live).values():
+            if a is not arrays[j]:
+                return False
+            j += 1
+    return True
+
+
+def dtypes_are(object layers, object want):
+    """True when every item of the list ``layers`` computes in dtype ``want`` or follows
+    its input (dtype None): ``Network._check_dtypes``'s fast path (identity tests of
+    numpy's singleton float dtypes; False sends the caller to its exact check)."""
+    if type(layers) is not list:
+        return False
+    cdef object dt
+    for layer in <list>layers:
+        if _fusable(layer):  # a built-in-style compiled layer: its C field
+            dt = (<Layer>layer)._dtype
+        else:
+            dt = getattr(layer, "dtype", None)
+        if dt is not None and dt is not want:
             return False
     return True
 

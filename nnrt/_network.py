@@ -24,6 +24,7 @@ import numpy as np
 
 from nnrt._hooks import first_result, plugin_error
 from nnrt._kernels import backward_chain as _backward_chain
+from nnrt._kernels import dtypes_are as _dtypes_are
 from nnrt._kernels import forward_chain as _forward_chain
 from nnrt._kernels import same_items as _same_items
 from nnrt._locks import holding as _holding
@@ -285,11 +286,7 @@ class Network:
         test per layer when nothing changed.
         """
         want = self.dtype
-        for layer in self.layers:  # the fast path: numpy's float dtypes are singletons
-            dt = layer.dtype
-            if dt is not None and dt is not want:
-                break
-        else:
+        if _dtypes_are(self.layers, want):  # the fast path: numpy's float dtypes are singletons
             return
         for i, layer in enumerate(self.layers):
             dt = layer.dtype

@@ -31,6 +31,7 @@ import numpy as np
 
 from nnrt import _locks
 from nnrt._kernels import adam_step as _adam_kernel
+from nnrt._kernels import params_held as _params_held
 from nnrt._kernels import same_items as _same_items
 from nnrt._kernels import sgd_step as _sgd_kernel
 
@@ -139,6 +140,8 @@ def _stale(opt: Optimizer) -> str | None:
         layers = net.layers
         if type(layers) is not list or not _same_items(parts, layers):
             return "net.layers no longer holds the layers it was built for"
+    if _params_held(held):  # the common case, in C
+        return None
     for part, arrays in held:
         live = part.params()
         if len(live) == len(arrays):
@@ -172,8 +175,11 @@ def check_trains(opt: Any, net: Any, where: str) -> None:
     why = _stale(opt)
     if why is None:
         arrays = list(net.params().values())
-        live = {id(a) for a in arrays} | {_address(a) for a in arrays}
-        if not any(id(p) in live or _address(p) in live for p in params):
+        ids = {id(a) for a in arrays}
+        # the same objects (the common case), else the same memory (a plugin's new views)
+        if not any(id(p) in ids for p in params) and not (
+            {_address(a) for a in arrays} & {_address(p) for p in params}
+        ):
             why = (
                 "it updates none of this network's parameters (it was built for another "
                 "network or layer)"
@@ -206,19 +212,45 @@ def _not_plain(opt: Optimizer) -> ValueError:
     return ValueError(f"{type(opt).__name__}: cannot update in place: {why}")
 
 
+def _check_live(opt: Any) -> None:
+    """RuntimeError when ``opt``'s arrays are no longer its network's live parameters."""
+    if opt.__dict__.get("_bound") is not None:
+        why = _stale(opt)
+        if why is not None:
+            raise RuntimeError(
+                f"{type(opt).__name__}.step: {why}: this optimizer would update the old "
+                f"arrays and leave the network untrained; create a new optimizer"
+            )
+
+
+def held_step(opt: Any, net: Any) -> Any:
+    """``opt.step`` for a caller that already holds ``net``'s state lock (the training
+    engine, for each step), or None when ``opt`` is not an nnrt optimizer of ``net``.
+
+    The same update and the same check that the arrays are still the live
+    parameters, without the lock taken again (a Python frame and ~0.3 us of a 23 us
+    tiny step).
+    """
+    if not isinstance(opt, Optimizer) or opt.__dict__.get("_lock_net") is not net:
+        return None
+    raw = getattr(type(opt).step, "__wrapped__", None)
+    if raw is None:
+        return None
+
+    def step() -> None:
+        _check_live(opt)
+        raw(opt)
+
+    return step
+
+
 def _locked_step(step: Any) -> Any:
     """``step`` run under the state lock of the optimizer's network (if it has one)."""
 
     @functools.wraps(step)
     def locked(self: Any) -> None:
         d = self.__dict__
-        if d.get("_bound") is not None:
-            why = _stale(self)
-            if why is not None:
-                raise RuntimeError(
-                    f"{type(self).__name__}.step: {why}: this optimizer would update the old "
-                    f"arrays and leave the network untrained; create a new optimizer"
-                )
+        _check_live(self)
         net = d.get("_lock_net")
         if net is None:
             step(self)

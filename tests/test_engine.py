@@ -496,3 +496,42 @@ def test_nan_in_x_found_in_first_epoch_restores_network_and_optimizer(
     net.fit(X, y, optimizer=opt, epochs=1, progress=False, **kwargs)
     ref.fit(X, y, optimizer=ref_opt, epochs=1, progress=False, **kwargs)
     assert _same_state(net, ref)
+
+
+def test_softmax_ce_kernel_counts_like_numpy_argmax() -> None:
+    # the training step's fused loss + accuracy call: the count is numpy's argmax count
+    # (ties: the first maximum; a NaN row predicts its NaN's column), and the loss and
+    # dY are those of the call without the count
+    from nnrt._kernels import softmax_cross_entropy as kernel
+
+    rng = np.random.default_rng(6)
+    for dtype in (np.float32, np.float64):
+        for c in (2, 7):
+            Y = rng.normal(size=(40, c)).astype(dtype)
+            Y[3] = 0.5
+            Y[4, c // 2] = np.nan
+            labels = rng.integers(0, c, size=40)
+            labels[3] = 0
+            with np.errstate(invalid="ignore"):
+                loss, dY, right = kernel(Y, labels, True)
+                loss2, dY2 = kernel(Y, labels)
+            assert right == int(np.sum(Y.argmax(axis=1) == labels))
+            assert np.array_equal(dY, dY2, equal_nan=True)
+            assert loss == loss2 or (np.isnan(loss) and np.isnan(loss2))
+    assert kernel(np.zeros((3, 2)), np.array([0, 1, 2]), True) is None  # label out of range
+
+
+def test_train_step_refuses_an_optimizer_whose_arrays_were_replaced() -> None:
+    # the step's optimizer call (without the lock taken twice) keeps the check that the
+    # optimizer's arrays are still the network's live parameters
+    X, y = _blobs(16)
+    net = _bn_net("float64")
+    step = TrainStep(net, nnrt.optim.SGD(net, lr=0.1))
+    step(X, y)
+    net[3].to_dtype("float32")
+    net[3].to_dtype("float64")  # new arrays, same dtype: only the identity check sees it
+    with pytest.raises(RuntimeError, match="were replaced"):
+        step(X, y)
+    other = _bn_net("float64")
+    step = TrainStep(other, nnrt.optim.SGD(net, lr=0.1))  # another network's optimizer
+    step(X, y)  # its step is the optimizer's own, under its own network's lock

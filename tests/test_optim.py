@@ -374,3 +374,37 @@ def test_optimizer_base_is_exported():
     assert issubclass(SGD, Optimizer) and issubclass(Adam, Optimizer)
     assert issubclass(AdamW, Optimizer)
     assert "lr=0.1" in repr(SGD(FakeNet(), lr=0.1))
+
+
+class ManyNet:
+    """``n`` parameters of ``size`` elements each (the update kernel batches its jobs
+    on the stack up to 16 and releases the GIL above 65,536 elements in all)."""
+
+    def __init__(self, n, size, dtype=np.float64, seed=0):
+        rng = np.random.default_rng(seed)
+        self.p = {f"p{i}": rng.standard_normal(size).astype(dtype) for i in range(n)}
+        self.g = {f"p{i}": rng.standard_normal(size).astype(dtype) for i in range(n)}
+
+    def params(self):
+        return self.p
+
+    def grads(self):
+        return self.g
+
+
+@pytest.mark.parametrize(("n", "size"), [(1, 5), (17, 3), (20, 4000), (3, 70000)])
+@pytest.mark.parametrize("momentum", [0.0, 0.9])
+def test_sgd_over_many_or_large_parameters_matches_numpy(n, size, momentum):
+    net = ManyNet(n, size)
+    start = {k: v.copy() for k, v in net.p.items()}
+    opt = SGD(net, lr=0.1, momentum=momentum, weight_decay=0.01)
+    buf = {}
+    want = {k: v.copy() for k, v in start.items()}
+    for _ in range(3):
+        opt.step()
+        for k in want:
+            d = net.g[k] + 0.01 * want[k]
+            buf[k] = d.copy() if k not in buf else momentum * buf[k] + d
+            want[k] = want[k] - 0.1 * (buf[k] if momentum else d)
+    for k in want:
+        np.testing.assert_allclose(net.p[k], want[k], rtol=1e-12, atol=1e-15)
