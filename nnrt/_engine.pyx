@@ -13,10 +13,13 @@ resize it (``resize(refcheck=False)``) while the kernel reads it.
 import numpy as np
 cimport numpy as cnp
 
+from libc.math cimport isfinite
 from libc.stdint cimport uint32_t, uint64_t
 from libc.string cimport memcpy
 
-from nnrt._kernels cimport count_correct
+from nnrt._kernels cimport (backward_chain, count_correct, dtypes_are, forward_chain,
+                            params_held, same_items, sgd_step, softmax_cross_entropy)
+
 
 cnp.import_array()
 
@@ -209,3 +212,59 @@ def take_rows(object src, object idx, object out, bint check=False):
         if bad:
             raise NonFinite(ip[i])
     return True
+
+
+# ------------------------------------------------------------------ the step
+
+def sgd_sce_step(object net, object opt, object Xb, object yb, bint trusted,
+                 object loss_fn, object on_stale):
+    """``nnrt.engine.TrainStep``'s step for its most common case, without a Python frame
+    per part (~1.5 us of a 22 us tiny step), or None, having done nothing, when the
+    case does not apply.
+
+    The case: ``net`` holds only compiled layers, in the order its cached structure
+    was built for, all of its dtype; the loss is the built-in softmax cross-entropy
+    (``loss_fn``, its public function, handles labels its kernel declines); ``opt`` is
+    an ``nnrt.optim.SGD`` of ``net`` without momentum (the caller checks its type).
+    The caller holds ``net``'s state lock. Computes what the general step computes,
+    bit for bit: forward (training, the batch trusted when the caller owns it), loss
+    and correct count, backward without the input gradient, then, when the loss is
+    finite, ``on_stale(opt)`` if the optimizer's arrays may no longer be the live ones
+    (it raises when they are not) and the SGD update. Returns ``(loss, correct)``.
+    """
+    cdef dict d = net.__dict__
+    cached = d.get("_structure_cache")
+    layers = net.layers
+    if cached is None or type(layers) is not list or not same_items(cached[0], layers):
+        return None
+    plan = cached[1]
+    python, fuse, first = plan
+    if python or not dtypes_are(layers, net.dtype):
+        return None
+    cdef dict od = opt.__dict__
+    if od.get("_lock_net") is not net or od["momentum"] != 0.0:
+        return None
+    Y = forward_chain(layers, Xb, True, fuse, trusted)
+    d["_last_out"] = Y
+    fused = softmax_cross_entropy(Y, yb, True)
+    if fused is None:  # labels the kernel declines: the public loss converts or raises
+        loss, dY = loss_fn(Y, yb)
+        correct = n_correct(Y, yb)
+    else:
+        loss, dY, correct = fused
+    backward_chain(layers, dY, first, False, fuse)
+    cdef double value = loss
+    if not isfinite(value):
+        return value, correct
+    bound = od.get("_bound")
+    if bound is not None:
+        bnet, parts, held = bound
+        if (bnet is not None and not same_items(parts, bnet.layers)) or not params_held(held):
+            on_stale(opt)  # raises unless the arrays are the same memory after all
+    if not sgd_step(od["_params"], od["_grads"], None, od["lr"], 0.0, od["dampening"],
+                    od["weight_decay"], od["nesterov"], None):
+        from nnrt.optim import _not_plain
+
+        raise _not_plain(opt)
+    od["step_count"] = od["step_count"] + 1
+    return value, correct

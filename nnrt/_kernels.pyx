@@ -11,7 +11,7 @@ raw pointers from ``PyArray_DATA``; large jobs run on two threads (nnrt._paralle
 import numpy as np
 cimport numpy as cnp
 from cpython.mem cimport PyMem_Free, PyMem_Malloc
-from libc.math cimport exp, log, sqrt
+from libc.math cimport sqrt
 
 from cython cimport floating
 
@@ -54,38 +54,6 @@ cdef Py_ssize_t count_correct(const floating* Y, const cnp.int64_t* labels,
     return right
 
 
-cdef void softmax_ce_rows(const floating* x, const cnp.int64_t* y, floating* dY,
-                          double* row_loss, Py_ssize_t lo, Py_ssize_t hi, Py_ssize_t c,
-                          double inv_n) noexcept nogil:
-    # rows lo..hi-1: l_i = logsumexp(x_i) - x_i[y_i];  dY = (softmax(x) - onehot(y)) / n
-    # Computed in float64 per row (shifted by the row max), written in the dtype.
-    # Labels are in range (checked by the caller).
-    cdef Py_ssize_t i, j
-    cdef const floating* xr
-    cdef floating* dr
-    cdef double m, s, e
-    cdef cnp.int64_t label
-    for i in range(lo, hi):
-        label = y[i]
-        xr = &x[i * c]
-        dr = &dY[i * c]
-        m = xr[0]
-        for j in range(1, c):
-            if xr[j] > m:
-                m = xr[j]
-        s = 0
-        for j in range(c):
-            # exp once per element: kept in dY, scaled below
-            e = exp(xr[j] - m)
-            s += e
-            dr[j] = <floating>e
-        row_loss[i] = log(s) - (xr[label] - m)
-        s = inv_n / s
-        for j in range(c):
-            dr[j] = <floating>(dr[j] * s)
-        dr[label] = <floating>(dr[label] - inv_n)
-
-
 ctypedef struct _CEJob:
     const void* x
     const cnp.int64_t* y
@@ -93,19 +61,54 @@ ctypedef struct _CEJob:
     double* row_loss
     Py_ssize_t c
     double inv_n
+    int failed  # a scratch allocation failed (set by either thread)
+
+
+cdef extern from "nnrt/_vmath.h" nogil:
+    # rows lo..hi-1 in float64 with a vectorised exp (nnrt/_vmath.h); 1: no scratch
+    int nnrt_softmax_ce_f(const float* x, const cnp.int64_t* y, float* dY, double* row_loss,
+                          Py_ssize_t lo, Py_ssize_t hi, Py_ssize_t c, double inv_n)
+    int nnrt_softmax_ce_d(const double* x, const cnp.int64_t* y, double* dY,
+                          double* row_loss, Py_ssize_t lo, Py_ssize_t hi, Py_ssize_t c,
+                          double inv_n)
 
 
 cdef void _ce_f(void* ctx, Py_ssize_t lo, Py_ssize_t hi) noexcept nogil:
     cdef _CEJob* j = <_CEJob*>ctx
-    softmax_ce_rows(<const float*>j.x, j.y, <float*>j.dY, j.row_loss, lo, hi, j.c, j.inv_n)
+    if nnrt_softmax_ce_f(<const float*>j.x, j.y, <float*>j.dY, j.row_loss, lo, hi, j.c,
+                         j.inv_n):
+        j.failed = 1
 
 
 cdef void _ce_d(void* ctx, Py_ssize_t lo, Py_ssize_t hi) noexcept nogil:
     cdef _CEJob* j = <_CEJob*>ctx
-    softmax_ce_rows(<const double*>j.x, j.y, <double*>j.dY, j.row_loss, lo, hi, j.c, j.inv_n)
+    if nnrt_softmax_ce_d(<const double*>j.x, j.y, <double*>j.dY, j.row_loss, lo, hi, j.c,
+                         j.inv_n):
+        j.failed = 1
 
 
-def softmax_cross_entropy(object logits, object labels, bint count=False):
+# below this many logits the loss runs with the GIL held
+cdef Py_ssize_t _CE_NOGIL_MIN = 16384
+
+
+cdef double _ce_run(_CEJob* job, bint f32, Py_ssize_t n, Py_ssize_t c, bint count,
+                    Py_ssize_t* right) noexcept nogil:
+    # the rows (on two threads when they are many), their losses summed in row order
+    # (the same sum whichever thread computed a row), and the correct count
+    cdef Py_ssize_t i
+    cdef double total = 0
+    par_for(PAR_EXP, <par_fn>(_ce_f if f32 else _ce_d), job, n, c)
+    for i in range(n):
+        total += job.row_loss[i]
+    if count:
+        if f32:
+            right[0] = count_correct(<const float*>job.x, job.y, n, c)
+        else:
+            right[0] = count_correct(<const double*>job.x, job.y, n, c)
+    return total
+
+
+cpdef object softmax_cross_entropy(object logits, object labels, bint count=False):
     """``(loss, dY)`` for float32/float64 C-contiguous 2-D logits and int64 labels.
 
     Returns ``None`` for anything else (other dtypes, layouts, shapes, NaN-free
@@ -133,9 +136,13 @@ def softmax_cross_entropy(object logits, object labels, bint count=False):
     cdef cnp.ndarray dY = cnp.PyArray_EMPTY(2, cnp.PyArray_DIMS(x), t, 0)
     # per-row losses, summed in row order afterwards: the same sum whether the rows
     # ran on one thread or two (nnrt._parallel)
+    cdef double few[256]
+    cdef double* rl = few
     cdef cnp.npy_intp nn = n
-    cdef cnp.ndarray rows = cnp.PyArray_EMPTY(1, &nn, cnp.NPY_FLOAT64, 0)
-    cdef double* rl = <double*>cnp.PyArray_DATA(rows)
+    cdef cnp.ndarray rows = None
+    if n > 256:
+        rows = cnp.PyArray_EMPTY(1, &nn, cnp.NPY_FLOAT64, 0)
+        rl = <double*>cnp.PyArray_DATA(rows)
     cdef double total = 0
     cdef _CEJob job
     job.x = cnp.PyArray_DATA(x)
@@ -144,16 +151,15 @@ def softmax_cross_entropy(object logits, object labels, bint count=False):
     job.row_loss = rl
     job.c = c
     job.inv_n = 1.0 / n
+    job.failed = 0
     cdef Py_ssize_t right = 0
-    with nogil:
-        par_for(PAR_EXP, <par_fn>(_ce_f if t == cnp.NPY_FLOAT32 else _ce_d), &job, n, c)
-        for i in range(n):
-            total += rl[i]
-        if count:
-            if t == cnp.NPY_FLOAT32:
-                right = count_correct(<const float*>job.x, yp, n, c)
-            else:
-                right = count_correct(<const double*>job.x, yp, n, c)
+    if n * c >= _CE_NOGIL_MIN:
+        with nogil:
+            total = _ce_run(&job, t == cnp.NPY_FLOAT32, n, c, count, &right)
+    else:  # releasing the GIL would cost more than the work
+        total = _ce_run(&job, t == cnp.NPY_FLOAT32, n, c, count, &right)
+    if job.failed:
+        raise MemoryError("softmax_cross_entropy: no memory for a row's scratch")
     if count:
         return total * job.inv_n, dY, right
     return total * job.inv_n, dY
@@ -199,8 +205,8 @@ cdef void _sgd_d(void* ctx, Py_ssize_t lo, Py_ssize_t hi) noexcept nogil:
                j.omd, j.wd, j.nesterov, j.fresh)
 
 
-def sgd_step(list params, list grads, object bufs, double lr, double momentum,
-             double dampening, double weight_decay, bint nesterov, object fresh):
+cpdef object sgd_step(list params, list grads, object bufs, double lr, double momentum,
+                      double dampening, double weight_decay, bint nesterov, object fresh):
     """Update every parameter in place; ``bufs`` is None (no momentum) or a list of
     momentum buffers, ``fresh`` a list of bools (buffer just created: it becomes d).
 
@@ -475,7 +481,7 @@ cdef Py_ssize_t _eval_run_end(list snap, Py_ssize_t i, Dense dense, bint* aff,
     return j
 
 
-def same_items(list cached, object layers):
+cpdef object same_items(list cached, object layers):
     """True when ``layers`` is a list holding the very objects of ``cached``, in order
     (identity, never ``__eq__``: a layer cannot pretend to be another)."""
     if type(layers) is not list:
@@ -490,7 +496,7 @@ def same_items(list cached, object layers):
     return True
 
 
-def params_held(list held):
+cpdef object params_held(list held):
     """True when every ``(part, arrays)`` of ``held`` still gives the very ``arrays``
     (identity, in order) from ``part.params()``; False otherwise, and the caller looks
     closer (a plugin may hand out a new view of the same memory on each call). The
@@ -500,7 +506,9 @@ def params_held(list held):
     for item in held:
         pair = <tuple?>item
         arrays = <tuple?>pair[1]
-        live = pair[0].params()
+        part = pair[0]
+        # a compiled built-in-style layer's params() through the C vtable
+        live = (<Layer>part).params() if _fusable(part) else part.params()
         if type(live) is not dict:
             return False
         m = len(arrays)
@@ -514,7 +522,7 @@ def params_held(list held):
     return True
 
 
-def dtypes_are(object layers, object want):
+cpdef object dtypes_are(object layers, object want):
     """True when every item of the list ``layers`` computes in dtype ``want`` or follows
     its input (dtype None): ``Network._check_dtypes``'s fast path (identity tests of
     numpy's singleton float dtypes; False sends the caller to its exact check)."""
@@ -531,8 +539,8 @@ def dtypes_are(object layers, object want):
     return True
 
 
-def forward_chain(list layers, object X, bint training, object fuse=None,
-                  bint trusted_input=False):
+cpdef object forward_chain(list layers, object X, bint training, object fuse=None,
+                           bint trusted_input=False):
     """``Sequential.forward`` without returning to Python between layers.
 
     Compiled layers are called through the C vtable (Python subclasses still
@@ -589,8 +597,8 @@ def forward_chain(list layers, object X, bint training, object fuse=None,
     return out
 
 
-def backward_chain(list layers, object dY, Py_ssize_t stop, bint input_grad,
-                   object fuse=None):
+cpdef object backward_chain(list layers, object dY, Py_ssize_t stop, bint input_grad,
+                            object fuse=None):
     """``Sequential.backward``: layers ``len-1 .. stop``; the last one (``stop``) only
     writes its parameter gradients when ``input_grad`` is false and it has
     ``backward_params``. Returns dX, or None when ``input_grad`` is false.

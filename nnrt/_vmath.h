@@ -16,6 +16,7 @@
 #include <string.h>
 #include <stddef.h>
 #include <math.h>
+#include <stdlib.h>
 
 #if defined(__GNUC__) && !defined(__clang__)
 /* NOTE: gcc if-converts (and so vectorises) the selects below only when float
@@ -151,6 +152,94 @@ NNRT_ADAM_KERNEL(double, d, sqrt)
 static void nnrt_sigmoid_array(const double *x, double *s, ptrdiff_t n) {
     for (ptrdiff_t i = 0; i < n; i++) s[i] = nnrt_sigmoid(x[i]);
 }
+
+/* exp(x) in float64 for x <= 0, vectorisable: x = n ln2 + r (ln2 split in two, so
+ * n ln2_hi is exact), |r| <= ln2/2, Taylor polynomial of degree 13 (truncation below
+ * 5e-18), 2^n from the exponent bits (n from the rounding constant's low bits: integer
+ * ops only, which AVX2 has too). Within ~2 ulp of libm's exp; exp(0) = 1 exactly;
+ * 0 below -708 (where exp(x) leaves the normal range); NaN stays NaN. */
+static inline double nnrt_exp_nonpos(double x) {
+    const double magic = 6755399441055744.0; /* 1.5 * 2^52 */
+    double xc = x < -708.0 ? -708.0 : x;
+    double t = xc * 1.4426950408889634074 + magic;
+    double n = t - magic;
+    double r = xc - n * 6.93145751953125e-1;
+    r = r - n * 1.42860682030941723212e-6;
+    double p = 1.0 / 6227020800.0;
+    p = p * r + 1.0 / 479001600.0;
+    p = p * r + 1.0 / 39916800.0;
+    p = p * r + 1.0 / 3628800.0;
+    p = p * r + 1.0 / 362880.0;
+    p = p * r + 1.0 / 40320.0;
+    p = p * r + 1.0 / 5040.0;
+    p = p * r + 1.0 / 720.0;
+    p = p * r + 1.0 / 120.0;
+    p = p * r + 1.0 / 24.0;
+    p = p * r + 1.0 / 6.0;
+    p = p * r + 0.5;
+    p = p * r + 1.0;
+    p = p * r + 1.0;
+    int64_t tb;
+    memcpy(&tb, &t, sizeof tb);
+    int64_t bits = (tb - (int64_t)0x4338000000000000LL + 1023) << 52;
+    double scale;
+    memcpy(&scale, &bits, sizeof scale);
+    double e = p * scale;
+    return x < -708.0 ? 0.0 : e;
+}
+
+/* Softmax cross-entropy of rows lo..hi-1 of x (c classes, labels in range), in float64
+ * whatever T is:
+ *   row_loss[i] = logsumexp(x_i) - x_i[y_i]   (from the row max m_i)
+ *   dY_i = (softmax(x_i) - onehot(y_i)) * inv_n, rounded to T
+ * Blocks of rows: z = x - m into a float64 scratch, exp over the whole block in one
+ * vectorised pass (libm's scalar exp was a third of a tiny step's loss), then each
+ * row's sum (in order), log and scale. A scratch that does not fit on the stack
+ * (c > NNRT_CE_SCRATCH) is malloc'd; 1 is returned, computing nothing, if that fails. */
+#define NNRT_CE_SCRATCH 1024
+#define NNRT_SOFTMAX_CE_KERNEL(T, SUF)                                                       \
+NNRT_CLONES                                                                               \
+static int nnrt_softmax_ce_##SUF(const T *x, const int64_t *y, T *dY, double *row_loss,   \
+                                 ptrdiff_t lo, ptrdiff_t hi, ptrdiff_t c, double inv_n) { \
+    double stack[NNRT_CE_SCRATCH];                                                        \
+    double *w = stack;                                                                    \
+    ptrdiff_t block = NNRT_CE_SCRATCH / c;                                                \
+    if (block < 1) {                                                                      \
+        w = (double *)malloc((size_t)c * sizeof(double));                                 \
+        if (w == NULL) return 1;                                                          \
+        block = 1;                                                                        \
+    }                                                                                     \
+    for (ptrdiff_t i0 = lo; i0 < hi; i0 += block) {                                       \
+        ptrdiff_t i1 = i0 + block < hi ? i0 + block : hi;                                 \
+        for (ptrdiff_t i = i0; i < i1; i++) {                                             \
+            const T *xr = x + i * c;                                                      \
+            double *wr = w + (i - i0) * c;                                                \
+            T m = xr[0];                                                                  \
+            for (ptrdiff_t j = 1; j < c; j++)                                             \
+                if (xr[j] > m) m = xr[j];                                                 \
+            for (ptrdiff_t j = 0; j < c; j++) wr[j] = (double)xr[j] - (double)m;          \
+            row_loss[i] = (double)m; /* kept for the last pass */                         \
+        }                                                                                 \
+        for (ptrdiff_t k = 0; k < (i1 - i0) * c; k++) w[k] = nnrt_exp_nonpos(w[k]);       \
+        for (ptrdiff_t i = i0; i < i1; i++) {                                             \
+            const T *xr = x + i * c;                                                      \
+            const double *wr = w + (i - i0) * c;                                          \
+            T *dr = dY + i * c;                                                           \
+            int64_t label = y[i];                                                         \
+            double s = 0;                                                                 \
+            for (ptrdiff_t j = 0; j < c; j++) s += wr[j];                                 \
+            row_loss[i] = log(s) - ((double)xr[label] - row_loss[i]);                     \
+            s = inv_n / s;                                                                \
+            for (ptrdiff_t j = 0; j < c; j++) dr[j] = (T)(wr[j] * s);                     \
+            dr[label] = (T)(wr[label] * s - inv_n);                                       \
+        }                                                                                 \
+    }                                                                                     \
+    if (w != stack) free(w);                                                              \
+    return 0;                                                                             \
+}
+
+NNRT_SOFTMAX_CE_KERNEL(float, f)
+NNRT_SOFTMAX_CE_KERNEL(double, d)
 
 #ifdef NNRT_VMATH_PUSHED
 #pragma GCC pop_options

@@ -267,3 +267,31 @@ def test_builtin_losses_are_registered_by_name():
         nnrt.loss("cross_entropy")
     with pytest.raises(TypeError, match="callable"):
         registry.resolve_loss(3)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_softmax_ce_exp_over_the_whole_range(dtype):
+    # the kernel's vectorised float64 exp against numpy's: every gap x - max from 0 down
+    # past the normal range (-708), rows wider than the kernel's stack scratch, and
+    # float32 logits computed in float64 (the loss to float64 accuracy)
+    rng = np.random.default_rng(11)
+    gaps = np.concatenate([-np.geomspace(1e-12, 800.0, 61), [0.0, -707.9, -708.1, -np.inf]])
+    x = np.zeros((4, gaps.size))
+    for i in range(4):
+        x[i] = rng.permutation(gaps) + 5.0 * i
+    wide = rng.normal(size=(3, 1500)) * 30.0  # c > 1024: a heap scratch
+    for logits in (x, wide):
+        logits = logits.astype(dtype)
+        y = rng.integers(0, logits.shape[1], size=logits.shape[0])
+        y[0] = int(np.argmax(logits[0]))  # a finite loss for every row
+        y = np.where(np.isfinite(logits[np.arange(len(y)), y]), y, y[0] * 0)
+        loss, dY = softmax_cross_entropy(logits, y)
+        want_loss, want_dY = ref_softmax_ce(logits, y)
+        assert loss == pytest.approx(want_loss, rel=1e-13)
+        # the label's entry (p - 1) / n cancels: the absolute error of p stays, that of
+        # a float64 sum of c terms (in row order here, pairwise in numpy)
+        atol = 2e-16 * logits.shape[1] / len(y)
+        if dtype == np.float64:
+            np.testing.assert_allclose(dY, want_dY, rtol=1e-13, atol=atol)
+        else:  # one rounding to float32 of the float64 value
+            np.testing.assert_allclose(dY, want_dY, rtol=1.2e-7, atol=max(atol, 1e-44))
