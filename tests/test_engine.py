@@ -535,3 +535,38 @@ def test_train_step_refuses_an_optimizer_whose_arrays_were_replaced() -> None:
     other = _bn_net("float64")
     step = TrainStep(other, nnrt.optim.SGD(net, lr=0.1))  # another network's optimizer
     step(X, y)  # its step is the optimizer's own, under its own network's lock
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_compiled_common_step_is_the_general_step(
+    dtype: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # SGD without momentum and the built-in loss take one compiled call
+    # (nnrt._engine.sgd_sce_step); a loss given as another function takes the general
+    # Python path. Both must give the same losses, counts and weights, bit for bit.
+    X, y = _blobs(48)
+    X = X.astype(dtype)
+    nets = [_bn_net(dtype), _bn_net(dtype)]
+    losses = ["softmax_cross_entropy", lambda Y, t: nnrt.losses.softmax_cross_entropy(Y, t)]
+    steps = [
+        TrainStep(net, nnrt.optim.SGD(net, lr=0.2, weight_decay=0.01), loss, count_correct=True)
+        for net, loss in zip(nets, losses, strict=True)
+    ]
+    from nnrt import engine
+
+    taken: list[object] = []
+    compiled = engine._sgd_sce_step
+
+    def spy(*args: Any) -> Any:
+        taken.append(args[0])
+        return compiled(*args)
+
+    monkeypatch.setattr(engine, "_sgd_sce_step", spy)
+    for b in range(0, 48, 16):
+        a, g = steps[0](X[b : b + 16], y[b : b + 16]), steps[1](X[b : b + 16], y[b : b + 16])
+        assert a == g and a[1] > 0
+    assert taken == [nets[0]] * 3  # the compiled call ran (and only for the built-in loss)
+    assert _same_state(*nets)
+    assert steps[0].optimizer.step_count == 3
+    quiet = TrainStep(nets[0], steps[0].optimizer)  # count_correct=False: 0
+    assert quiet(X[:16], y[:16])[1] == 0
