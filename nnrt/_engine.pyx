@@ -216,8 +216,8 @@ def take_rows(object src, object idx, object out, bint check=False):
 
 # ------------------------------------------------------------------ the step
 
-def sgd_sce_step(object net, object opt, object Xb, object yb, bint trusted,
-                 object loss_fn, object on_stale):
+cpdef object sgd_sce_step(object net, object opt, object Xb, object yb, bint trusted,
+                          object loss_fn, object on_stale):
     """``nnrt.engine.TrainStep``'s step for its most common case, without a Python frame
     per part (~1.5 us of a 22 us tiny step), or None, having done nothing, when the
     case does not apply.
@@ -268,3 +268,41 @@ def sgd_sce_step(object net, object opt, object Xb, object yb, bint trusted,
         raise _not_plain(opt)
     od["step_count"] = od["step_count"] + 1
     return value, correct
+
+
+def sgd_sce_run(list batches, object net, object opt, object loss_fn, object on_stale,
+                object lock, bint trusted, double total, Py_ssize_t correct):
+    """``sgd_sce_step`` over ``batches`` (a list of ``(Xb, yb, n_global)``), each step
+    under ``lock`` (taken and released per step, as ``TrainStep`` does), while the
+    compiled case applies and the losses are finite: the training engine's loop over
+    one gathered chunk without a Python frame per step.
+
+    Returns ``(done, total, correct, bad)``: the number of steps done; ``total`` plus
+    each one's ``loss * n_global`` and ``correct`` plus each one's count, added in
+    order (as the Python loop adds them); ``bad`` is ``(loss, correct)`` of the step
+    after them when its loss was not finite (it ran, without an update), else None.
+    A batch the compiled case does not take (a shard: ``n_global`` is not its row
+    count, or ``sgd_sce_step`` declines) stops the run with ``bad`` None: the caller
+    runs it and the rest.
+    """
+    cdef Py_ssize_t i, m = len(batches), n
+    cdef double value
+    cdef tuple item
+    for i in range(m):
+        item = <tuple?>batches[i]
+        Xb, yb, n = item
+        if n != len(Xb):
+            return i, total, correct, None
+        lock.acquire()
+        try:
+            r = sgd_sce_step(net, opt, Xb, yb, trusted, loss_fn, on_stale)
+        finally:
+            lock.release()
+        if r is None:
+            return i, total, correct, None
+        value = (<tuple>r)[0]
+        if not isfinite(value):
+            return i, total, correct, r
+        total += value * n
+        correct += <Py_ssize_t>(<tuple>r)[1]
+    return m, total, correct, None

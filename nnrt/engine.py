@@ -53,6 +53,7 @@ import numpy as np
 
 from nnrt import _locks
 from nnrt._engine import NonFinite, n_correct, take_rows
+from nnrt._engine import sgd_sce_run as _sgd_sce_run
 from nnrt._engine import sgd_sce_step as _sgd_sce_step
 from nnrt._kernels import backward_chain as _backward_chain
 from nnrt._kernels import forward_chain as _forward_chain
@@ -475,6 +476,29 @@ class TrainStep:
                 opt[1]()
         return loss, correct
 
+    def run(
+        self, batches: list[tuple[np.ndarray, np.ndarray, int]], total: float, correct: int
+    ) -> tuple[int, float, int, tuple[float, int] | None]:
+        """Steps over ``batches`` in one compiled loop while the compiled case applies
+        (``nnrt._engine.sgd_sce_run``; ``fit``'s loop over a gathered chunk).
+
+        Returns ``(done, total, correct, bad)``: the steps done, ``total`` and
+        ``correct`` with each one's ``loss * n_global`` and correct count added in
+        order, and ``(loss, correct)`` of the next step if its loss was not finite
+        (it ran, without an update), else None. The caller steps through the rest.
+        """
+        if not (self._fast and type(self.optimizer) is SGD):
+            return 0, total, correct, None
+        if self._lock[0] != _locks.generation:
+            self._lock = (_locks.generation, state_lock(self.net))
+        done, total, right, bad = _sgd_sce_run(
+            batches, self.net, self.optimizer, softmax_cross_entropy, _check_live,
+            self._lock[1], self.owns_batches, total, correct,
+        )  # fmt: skip
+        if not self.count_correct:
+            right, bad = correct, (None if bad is None else (bad[0], 0))
+        return done, total, right, bad
+
 
 # ---------------------------------------------------------------- fit
 def fit(
@@ -610,21 +634,23 @@ def _fit(
             check = scan and epoch == 0
             if check and n_used < n and not Xs.all_finite(order[n_used:]):  # skipped rows
                 Xall.check_finite()
-            total, correct = 0.0, 0
-            for b, (Xb, yb, n_batch) in enumerate(batches.epoch(order, check)):
-                value, right = step(Xb, yb, n_batch)
-                if not math.isfinite(value):
-                    rewind.restore(step, batches, epoch, b)
-                    raise FloatingPointError(
-                        f"fit: the loss became {value} at epoch {epoch}, batch {b} (loss "
-                        f"{step.loss_name!r}, optimizer {type(optimizer).__name__}); "
-                        f"{rewind.what}. Lower the learning rate or check the data scale."
-                    )
-                total += value * n_batch
-                correct += right
-                if per_batch:
+            total, correct, b = 0.0, 0, 0
+            for chunk in batches.chunks(order, check):
+                done = 0
+                if not per_batch:  # the common case: the chunk's steps in compiled code
+                    done, total, correct, bad = step.run(chunk, total, correct)
+                    b += done
+                    if bad is not None:
+                        _non_finite(bad[0], step, rewind, batches, epoch, b)
+                for Xb, yb, n_batch in chunk[done:] if done else chunk:
+                    value, right = step(Xb, yb, n_batch)
+                    if not math.isfinite(value):
+                        _non_finite(value, step, rewind, batches, epoch, b)
+                    total += value * n_batch
+                    correct += right
                     for cb in per_batch:
                         cb.on_batch_end(state, epoch, b, value)
+                    b += 1
             logs: dict[str, float] = {"loss": total / n_used}
             if ys.class_labels:
                 logs["accuracy"] = correct / n_used
@@ -652,6 +678,18 @@ def _fit(
             if isinstance(cb, ProgressBar):
                 cb.close()
     return history
+
+
+def _non_finite(
+    value: float, step: TrainStep, rewind: _Rewind, batches: _Batches, epoch: int, b: int
+) -> None:
+    """Batch ``b``'s loss was not finite: rewind to the last finite state and raise."""
+    rewind.restore(step, batches, epoch, b)
+    raise FloatingPointError(
+        f"fit: the loss became {value} at epoch {epoch}, batch {b} (loss "
+        f"{step.loss_name!r}, optimizer {type(step.optimizer).__name__}); "
+        f"{rewind.what}. Lower the learning rate or check the data scale."
+    )
 
 
 class _Batches:
@@ -700,6 +738,13 @@ class _Batches:
         ``check=True``: X's rows are scanned for NaN/Inf as they are gathered
         (``NonFinite``, raised before the batch holding the row is yielded).
         """
+        for chunk in self.chunks(order, check):
+            yield from chunk
+
+    def chunks(
+        self, order: np.ndarray, check: bool = False
+    ) -> Iterator[list[tuple[np.ndarray, np.ndarray, int]]]:
+        """The batches of :meth:`epoch`, a list per gathered chunk (valid until the next)."""
         bs, n, w = self.bs, order.shape[0], self.w
         lo, hi = self._shard(bs)
         for c0 in range(0, self.steps, self.k):
@@ -712,10 +757,11 @@ class _Batches:
                 parts.append(np.sort(order[f1 * bs + t_lo : f1 * bs + t_hi]))
             rows = np.concatenate(parts) if len(parts) > 1 else parts[0]
             Xc, yc = self.Xs.gather(rows, self.Xbuf, check), self.ys.gather(rows, self.ybuf)
-            yield from self.views[: f1 - c0]
+            chunk = self.views[: f1 - c0]
             if f1 < c1:
                 start = (f1 - c0) * w
-                yield Xc[start:], yc[start:], n - f1 * bs
+                chunk.append((Xc[start:], yc[start:], n - f1 * bs))
+            yield chunk
 
 
 @dataclass

@@ -101,6 +101,45 @@ def test_non_finite_loss_restores_weights_and_optimizer_state(lr: float, where: 
             assert np.array_equal(got_opt["state"][name][key], arr), (name, key)
 
 
+@pytest.mark.parametrize("lr", [3e36, 2e36], ids=["first-epoch", "fourth-epoch"])
+def test_non_finite_in_the_compiled_loop_rewinds_like_the_python_loop(lr: float) -> None:
+    # plain SGD + the built-in loss: fit's chunks run in compiled code
+    # (TrainStep.run); a non-finite loss there (float32 logits overflow) must rewind
+    # exactly as the Python loop does: to the weights that gave the last finite loss
+    rng = np.random.default_rng(1)
+    X = (rng.normal(size=(24, 4)) * 10).astype(np.float32)
+    y = rng.integers(0, 3, size=24)
+
+    def make() -> tuple[nnrt.Sequential, nnrt.optim.SGD]:
+        net = nnrt.Sequential([nnrt.layer("dense", 4, 3)], seed=0, dtype="float32")
+        return net, nnrt.optim.SGD(net, lr=lr)
+
+    ref, ref_opt = make()
+    weights, losses = [], []
+    with np.errstate(all="ignore"):
+        for s in range(300):
+            b = s % 6
+            weights.append(ref.state_dict())
+            value, dY = nnrt.losses.softmax_cross_entropy(
+                ref.forward(X[4 * b : 4 * b + 4], training=True), y[4 * b : 4 * b + 4]
+            )
+            losses.append(value)
+            if not np.isfinite(value):
+                break
+            ref.backward(dY)
+            ref_opt.step()
+    k = len(losses) - 1
+    assert not np.isfinite(losses[k]) and k >= 5  # a few steps to replay
+
+    net, opt = make()
+    with np.errstate(all="ignore"), pytest.raises(FloatingPointError, match="last finite loss"):
+        net.fit(X, y, optimizer=opt, epochs=100, batch_size=4, shuffle=False, progress=False)
+    got = net.state_dict()
+    for key, want in weights[k - 1].items():
+        assert np.array_equal(got[key], want), key
+    assert opt.step_count == k - 1
+
+
 def test_non_finite_on_the_first_step_keeps_initial_weights() -> None:
     X = np.full((8, 4), 1e300)
     net = nnrt.Sequential([nnrt.layer("dense", 4, 2)], seed=0, dtype="float64")
@@ -285,8 +324,9 @@ def test_progress_bar_names_the_held_out_data() -> None:
 
 
 # ----------------------------------------------------------- the epoch, step by step
+@pytest.mark.parametrize("momentum", [0.9, 0.0], ids=["python-step", "compiled-step"])
 @pytest.mark.parametrize("layout", ["c-contiguous", "fortran", "cast-from-float32", "int32-labels"])
-def test_fit_is_the_hand_written_shuffled_loop(layout: str) -> None:
+def test_fit_is_the_hand_written_shuffled_loop(layout: str, momentum: float) -> None:
     # Reference: one generator seeded with the network's seed, a permutation per epoch,
     # batch b = the rows order[b*bs:(b+1)*bs] in increasing index order, a short last
     # batch of >= 2 rows kept; History's loss is the batch-size-weighted mean, accuracy
@@ -299,8 +339,8 @@ def test_fit_is_the_hand_written_shuffled_loop(layout: str) -> None:
     elif layout == "int32-labels":
         y = y.astype(np.int32)
     net, ref = _bn_net("float64"), _bn_net("float64")
-    opt = nnrt.optim.SGD(net, lr=0.1, momentum=0.9)
-    ref_opt = nnrt.optim.SGD(ref, lr=0.1, momentum=0.9)
+    opt = nnrt.optim.SGD(net, lr=0.1, momentum=momentum)
+    ref_opt = nnrt.optim.SGD(ref, lr=0.1, momentum=momentum)
     bs, epochs = 16, 3
     rng = np.random.default_rng(ref.seed)
     want_loss, want_acc = [], []
