@@ -5,10 +5,13 @@
 are private copies made at construction (C-contiguous, read-only, never exposed to
 Python: no attribute of the stage can be changed or replaced from Python), and
 every size the kernel uses is a C field set once. Each call writes a new output
-array, so a stage may run in several Python threads at once. The product runs
-through the small-M kernel of the eval path (nnrt/_smallm.h, read in place) or the
-BLAS GEMM, chosen by the layer's width as the eval forward chooses (nnrt/dense.pyx);
-the bias and the sigmoid are applied in one pass over the output.
+array, so a stage may run in several Python threads at once. On the CPUs where the
+eval path uses its small-M kernel (AVX-512), the product runs on a copy of W packed
+into column panels (nnrt/_packed.h; one row of a W of at most 512 KB on the
+row-major W with the small-M kernel, nnrt/_smallm.h: the same sums), its panels
+split over nnrt's helper thread when two threads are allowed; elsewhere on BLAS
+GEMM. The bias and the sigmoid run panel by panel (or in one pass after the other
+kernels), always through nnrt_pk_epilogue: a row gives the same bits in any batch.
 """
 
 import numpy as np
@@ -21,8 +24,7 @@ from nnrt._parallel cimport blas_threads_done, blas_threads_for, par_now
 
 cnp.import_array()
 
-from nnrt._smallm cimport (nnrt_epilogue_d, nnrt_epilogue_f, nnrt_smallm_d,
-                           nnrt_smallm_enabled, nnrt_smallm_f)
+from nnrt._smallm cimport nnrt_smallm_d, nnrt_smallm_enabled, nnrt_smallm_f
 
 from nnrt._parallel cimport PAR_STREAM, par_fn, par_for
 
@@ -31,6 +33,10 @@ cdef extern from "nnrt/_packed.h" nogil:
     Py_ssize_t nnrt_panels_d(Py_ssize_t n)
     Py_ssize_t nnrt_packed_size_f(Py_ssize_t k, Py_ssize_t n)
     Py_ssize_t nnrt_packed_size_d(Py_ssize_t k, Py_ssize_t n)
+    void nnrt_pk_epilogue_f(float* Y, Py_ssize_t m, Py_ssize_t w, Py_ssize_t ldy,
+                            const float* bias, int act)
+    void nnrt_pk_epilogue_d(double* Y, Py_ssize_t m, Py_ssize_t w, Py_ssize_t ldy,
+                            const double* bias, int act)
     void nnrt_pack_f(const float* W, float* Wp, Py_ssize_t k, Py_ssize_t n)
     void nnrt_pack_d(const double* W, double* Wp, Py_ssize_t k, Py_ssize_t n)
     void nnrt_packed_f(const float* X, const float* Wp, float* Y, Py_ssize_t m, Py_ssize_t k,
@@ -135,11 +141,11 @@ cdef void _run_kernel(const floating* X, const floating* W, const floating* b, i
     else:
         gemm_rm(False, False, <int>rows, <int>n_out, <int>n_in, 1, X, <int>n_in, W,
                 <int>n_out, 0, Y, <int>n_out)
-    if b != NULL or act != 0:
+    if b != NULL or act != 0:  # the packed kernel's epilogue: the same bits on every path
         if floating is float:
-            nnrt_epilogue_f(Y, rows, n_out, b, NULL, NULL, NULL, act)
+            nnrt_pk_epilogue_f(Y, rows, n_out, n_out, b, act)
         else:
-            nnrt_epilogue_d(Y, rows, n_out, b, NULL, NULL, NULL, act)
+            nnrt_pk_epilogue_d(Y, rows, n_out, n_out, b, act)
 
 
 cdef class FrozenDense:

@@ -116,8 +116,9 @@ cdef void dense_backward(const floating* X, const floating* W, const floating* d
 # result is the same whatever batch it comes in. The bias, and the per-feature affine
 # and sigmoid of the layers that follow (when the eval chain fuses them,
 # nnrt/_kernels.pyx), are then applied in one pass over the output.
-from nnrt._smallm cimport (nnrt_epilogue_d, nnrt_epilogue_f, nnrt_smallm_d,
-                           nnrt_smallm_enabled, nnrt_smallm_f, nnrt_smallm_isa_name)
+from nnrt._smallm cimport (nnrt_epilogue_d, nnrt_epilogue_f, nnrt_gemm_s_d, nnrt_gemm_s_f,
+                           nnrt_smallm_d, nnrt_smallm_enabled, nnrt_smallm_f,
+                           nnrt_smallm_isa_name)
 
 # Kernel choice of the eval forward: 0 by layer shape (below), 1 always GEMM, 2 always
 # the small-M kernel (tests and benchmarks force them).
@@ -159,6 +160,83 @@ def _set_eval_kernel(str mode):
     _eval_mode = modes[mode]
 
 
+cdef extern from "nnrt/_packed.h" nogil:
+    void nnrt_gemv_cols_f(const float* x, const float* W, float* y, Py_ssize_t k, Py_ssize_t n,
+                          Py_ssize_t j0, Py_ssize_t j1)
+    void nnrt_gemv_cols_d(const double* x, const double* W, double* y, Py_ssize_t k,
+                          Py_ssize_t n, Py_ssize_t j0, Py_ssize_t j1)
+    int nnrt_gemv_cols_ok()
+
+# two threads: the small-M kernel's columns split over nnrt's helper thread (par_for,
+# "stream" kind; the work of a block of 64 bytes of columns counted as the elements of
+# W it reads, from 9 rows on the multiply-adds in eighths, as the frozen session's
+# panels, nnrt/_serve.pyx); every column computed by the same chain of fused
+# multiply-adds on either thread: the same bits
+cdef bint _SPLIT_ON = nnrt_gemv_cols_ok() != 0
+
+
+ctypedef struct _EvalJob:
+    const void* X
+    const void* W
+    void* Y
+    const void* b
+    const void* center
+    const void* scale
+    const void* shift
+    Py_ssize_t m, k, n, lanes
+    int act
+
+
+cdef void _eval_cols(_EvalJob* j, Py_ssize_t c0, Py_ssize_t c1,
+                     const floating* tag) noexcept nogil:
+    # columns [c0 * lanes, c1 * lanes) of every row, then their epilogue
+    cdef Py_ssize_t j0 = c0 * j.lanes, j1 = min(c1 * j.lanes, j.n), i
+    cdef const floating* X = <const floating*>j.X
+    cdef const floating* W = <const floating*>j.W
+    cdef floating* Y = <floating*>j.Y
+    cdef const floating* b = <const floating*>j.b
+    cdef const floating* c = <const floating*>j.center
+    cdef const floating* sc = <const floating*>j.scale
+    cdef const floating* sh = <const floating*>j.shift
+    if j0 >= j1:
+        return
+    if j.m == 1:
+        if floating is float:
+            nnrt_gemv_cols_f(X, W, Y, j.k, j.n, j0, j1)
+        else:
+            nnrt_gemv_cols_d(X, W, Y, j.k, j.n, j0, j1)
+    else:
+        if floating is float:
+            nnrt_gemm_s_f(X, j.k, 1, W + j0, j.n, Y + j0, j.n, 0, j.m, j.k, j1 - j0)
+        else:
+            nnrt_gemm_s_d(X, j.k, 1, W + j0, j.n, Y + j0, j.n, 0, j.m, j.k, j1 - j0)
+    if b == NULL and c == NULL and j.act == 0:
+        return
+    cdef const floating* pb = NULL
+    cdef const floating* pc = NULL
+    cdef const floating* psc = NULL
+    cdef const floating* psh = NULL
+    if b != NULL:
+        pb = b + j0
+    if c != NULL:
+        pc = c + j0
+        psc = sc + j0
+        psh = sh + j0
+    for i in range(j.m):
+        if floating is float:
+            nnrt_epilogue_f(Y + i * j.n + j0, 1, j1 - j0, pb, pc, psc, psh, j.act)
+        else:
+            nnrt_epilogue_d(Y + i * j.n + j0, 1, j1 - j0, pb, pc, psc, psh, j.act)
+
+
+cdef void _eval_cols_f(void* ctx, Py_ssize_t c0, Py_ssize_t c1) noexcept nogil:
+    _eval_cols(<_EvalJob*>ctx, c0, c1, <const float*>NULL)
+
+
+cdef void _eval_cols_d(void* ctx, Py_ssize_t c0, Py_ssize_t c1) noexcept nogil:
+    _eval_cols(<_EvalJob*>ctx, c0, c1, <const double*>NULL)
+
+
 cdef void dense_eval(const floating* X, const floating* W, const floating* b,
                      const floating* center, const floating* scale, const floating* shift,
                      int act, floating* Y, Py_ssize_t batch, Py_ssize_t n_in,
@@ -167,6 +245,31 @@ cdef void dense_eval(const floating* X, const floating* W, const floating* b,
     # non-NULL), then sigmoid (act 1)
     cdef bint small = mode == 2 or (mode == 0 and _SMALL_M_ON and n_out >= _SMALL_M_MIN_COLS
                                     and n_out % 8 == 0)
+    cdef _EvalJob job
+    cdef Py_ssize_t blocks
+    cdef par_fn fn
+    if small and _SPLIT_ON:
+        job.X = X
+        job.W = W
+        job.Y = Y
+        job.b = b
+        job.center = center
+        job.scale = scale
+        job.shift = shift
+        job.m = batch
+        job.k = n_in
+        job.n = n_out
+        job.act = act
+        if floating is float:
+            job.lanes = 16
+            fn = <par_fn>_eval_cols_f
+        else:
+            job.lanes = 8
+            fn = <par_fn>_eval_cols_d
+        blocks = (n_out + job.lanes - 1) // job.lanes
+        if par_for(PAR_STREAM, fn, &job, blocks, n_in * job.lanes * ((batch + 7) // 8)) == 2:
+            return  # the epilogue ran with the columns
+        # one thread: the whole kernel, then one pass of the epilogue (below)
     if small:
         if floating is float:
             nnrt_smallm_f(X, W, Y, batch, n_in, n_out, _small_m_kc)
