@@ -200,6 +200,19 @@ cdef void _eval_cols(_EvalJob* j, Py_ssize_t c0, Py_ssize_t c1,
     cdef const floating* sh = <const floating*>j.shift
     if j0 >= j1:
         return
+    if j0 == 0 and j1 == j.n:
+        # the whole layer on one thread (par_for did not split): the whole kernel, then
+        # one pass of the epilogue
+        if floating is float:
+            nnrt_smallm_f(X, W, Y, j.m, j.k, j.n, _small_m_kc)
+        else:
+            nnrt_smallm_d(X, W, Y, j.m, j.k, j.n, _small_m_kc)
+        if b != NULL or c != NULL or j.act != 0:
+            if floating is float:
+                nnrt_epilogue_f(Y, j.m, j.n, b, c, sc, sh, j.act)
+            else:
+                nnrt_epilogue_d(Y, j.m, j.n, b, c, sc, sh, j.act)
+        return
     if j.m == 1:
         if floating is float:
             nnrt_gemv_cols_f(X, W, Y, j.k, j.n, j0, j1)
@@ -267,9 +280,9 @@ cdef void dense_eval(const floating* X, const floating* W, const floating* b,
             job.lanes = 8
             fn = <par_fn>_eval_cols_d
         blocks = (n_out + job.lanes - 1) // job.lanes
-        if par_for(PAR_STREAM, fn, &job, blocks, n_in * job.lanes * ((batch + 7) // 8)) == 2:
-            return  # the epilogue ran with the columns
-        # one thread: the whole kernel, then one pass of the epilogue (below)
+        # par_for runs the whole range on this thread when it does not split
+        par_for(PAR_STREAM, fn, &job, blocks, n_in * job.lanes * ((batch + 7) // 8))
+        return
     if small:
         if floating is float:
             nnrt_smallm_f(X, W, Y, batch, n_in, n_out, _small_m_kc)
