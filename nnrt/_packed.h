@@ -23,6 +23,12 @@
  * columns of every row while they are in L1 (nnrt_pk_epilogue below).
  * GCC vector extensions; NNRT_CLONES (nnrt/_vmath.h) compiles AVX-512, AVX2 and
  * baseline builds picked at load.
+ *
+ * Also here, for the live network's eval path (nnrt/dense.pyx), which cannot pack
+ * (W may change between calls): nnrt_gemv_cols (one row on a range of columns of the
+ * row-major W, so that two threads can split a layer) and nnrt_rows_cols (2-4 rows on
+ * a W beyond L2, W streamed in order), both the small-M kernel's chains (the same
+ * bits), built for AVX-512 only, where that kernel serves the eval path.
  */
 #ifndef NNRT_PACKED_H
 #define NNRT_PACKED_H
@@ -261,6 +267,61 @@ static void nnrt_gemv_cols_##SUF(const T *x, const T *W, T *y, ptrdiff_t k, ptrd
 NNRT_GEMV_COLS(float, f, nnrt_v16f, nnrt_v16f_u, 16, nnrt_v8f, nnrt_v8f_u)
 NNRT_GEMV_COLS(double, d, nnrt_v8d, nnrt_v8d_u, 8, nnrt_v4d, nnrt_v4d_u)
 static int nnrt_gemv_cols_ok(void) { return nnrt_smallm_level() == 2; }
+
+/* nnrt_rows_cols_{f,d}: Y[:, j0:j1] = X (m x k, m <= 8) @ W[:, j0:j1] on a row-major W,
+ * W streamed PU rows at a time (PU sequential streams), the m rows' slices of Y kept
+ * in L1 and each loaded and stored once per PU rows of W (the live eval path's few
+ * rows on a W beyond L2, where the blocked small-M kernel reads W in 192-byte pieces
+ * 4 KB apart). The same chain per element as the small-M kernel: the same bits. */
+#define NNRT_ROWS_STEP(T, V, VU, L, MR, PU, J)                                            \
+    do {                                                                                  \
+        V acc[MR];                                                                        \
+        _Pragma("GCC unroll 8") for (int r = 0; r < MR; r++)                              \
+            acc[r] = p == 0 ? (V){0} : *(const VU *)(Y + r * n + (J));                    \
+        _Pragma("GCC unroll 4") for (int u = 0; u < PU; u++) {                            \
+            V w = *(const VU *)(W + (p + u) * n + (J));                                   \
+            _Pragma("GCC unroll 8") for (int r = 0; r < MR; r++) acc[r] += xb[u][r] * w;  \
+        }                                                                                 \
+        _Pragma("GCC unroll 8") for (int r = 0; r < MR; r++)                              \
+            *(VU *)(Y + r * n + (J)) = acc[r];                                            \
+    } while (0)
+#define NNRT_ROWS_BLOCK(T, V, VU, L, MR, PU)                                              \
+    do {                                                                                  \
+        V xb[PU][MR];                                                                     \
+        _Pragma("GCC unroll 4") for (int u = 0; u < PU; u++)                              \
+            _Pragma("GCC unroll 8") for (int r = 0; r < MR; r++)                          \
+                xb[u][r] = (V){0} + X[r * k + p + u];                                     \
+        for (j = j0; j + L <= j1; j += L) NNRT_ROWS_STEP(T, V, VU, L, MR, PU, j);        \
+        for (; j < j1; j++)                                                               \
+            for (int r = 0; r < MR; r++) {                                                \
+                T s = p == 0 ? (T)0 : Y[r * n + j];                                       \
+                for (int u = 0; u < PU; u++) s = s + X[r * k + p + u] * W[(p + u) * n + j]; \
+                Y[r * n + j] = s;                                                         \
+            }                                                                             \
+    } while (0)
+#define NNRT_ROWS_M(T, V, VU, L, MR, PU)                                                  \
+    do {                                                                                  \
+        ptrdiff_t p = 0, j;                                                               \
+        for (; p + PU <= k; p += PU) NNRT_ROWS_BLOCK(T, V, VU, L, MR, PU);                \
+        for (; p < k; p++) NNRT_ROWS_BLOCK(T, V, VU, L, MR, 1);                           \
+    } while (0)
+#define NNRT_ROWS_COLS(T, SUF, V, VU, L)                                                  \
+__attribute__((target("avx512f,avx512vl,fma")))                                          \
+static void nnrt_rows_cols_##SUF(const T *X, const T *W, T *Y, ptrdiff_t m, ptrdiff_t k, \
+                                 ptrdiff_t n, ptrdiff_t j0, ptrdiff_t j1) {              \
+    switch (m) {                                                                          \
+    case 1: NNRT_ROWS_M(T, V, VU, L, 1, 4); break;                                        \
+    case 2: NNRT_ROWS_M(T, V, VU, L, 2, 4); break;                                        \
+    case 3: NNRT_ROWS_M(T, V, VU, L, 3, 4); break;                                        \
+    case 4: NNRT_ROWS_M(T, V, VU, L, 4, 4); break;                                        \
+    case 5: NNRT_ROWS_M(T, V, VU, L, 5, 2); break;                                        \
+    case 6: NNRT_ROWS_M(T, V, VU, L, 6, 2); break;                                        \
+    case 7: NNRT_ROWS_M(T, V, VU, L, 7, 2); break;                                        \
+    default: NNRT_ROWS_M(T, V, VU, L, 8, 2); break;                                       \
+    }                                                                                     \
+}
+NNRT_ROWS_COLS(float, f, nnrt_v16f, nnrt_v16f_u, 16)
+NNRT_ROWS_COLS(double, d, nnrt_v8d, nnrt_v8d_u, 8)
 #else
 #define NNRT_GEMV_COLS_NONE(T, SUF)                                                       \
 static void nnrt_gemv_cols_##SUF(const T *x, const T *W, T *y, ptrdiff_t k, ptrdiff_t n,  \
@@ -269,6 +330,13 @@ static void nnrt_gemv_cols_##SUF(const T *x, const T *W, T *y, ptrdiff_t k, ptrd
 }
 NNRT_GEMV_COLS_NONE(float, f)
 NNRT_GEMV_COLS_NONE(double, d)
+#define NNRT_ROWS_COLS_NONE(T, SUF)                                                       \
+static void nnrt_rows_cols_##SUF(const T *X, const T *W, T *Y, ptrdiff_t m, ptrdiff_t k, \
+                                 ptrdiff_t n, ptrdiff_t j0, ptrdiff_t j1) {              \
+    (void)X; (void)W; (void)Y; (void)m; (void)k; (void)n; (void)j0; (void)j1;             \
+}
+NNRT_ROWS_COLS_NONE(float, f)
+NNRT_ROWS_COLS_NONE(double, d)
 static int nnrt_gemv_cols_ok(void) { return 0; }
 #endif
 

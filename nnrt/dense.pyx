@@ -165,6 +165,10 @@ cdef extern from "nnrt/_packed.h" nogil:
                           Py_ssize_t j0, Py_ssize_t j1)
     void nnrt_gemv_cols_d(const double* x, const double* W, double* y, Py_ssize_t k,
                           Py_ssize_t n, Py_ssize_t j0, Py_ssize_t j1)
+    void nnrt_rows_cols_f(const float* X, const float* W, float* Y, Py_ssize_t m,
+                          Py_ssize_t k, Py_ssize_t n, Py_ssize_t j0, Py_ssize_t j1)
+    void nnrt_rows_cols_d(const double* X, const double* W, double* Y, Py_ssize_t m,
+                          Py_ssize_t k, Py_ssize_t n, Py_ssize_t j0, Py_ssize_t j1)
     int nnrt_gemv_cols_ok()
 
 # two threads: the small-M kernel's columns split over nnrt's helper thread (par_for,
@@ -173,6 +177,13 @@ cdef extern from "nnrt/_packed.h" nogil:
 # panels, nnrt/_serve.pyx); every column computed by the same chain of fused
 # multiply-adds on either thread: the same bits
 cdef bint _SPLIT_ON = nnrt_gemv_cols_ok() != 0
+# 2.._ROWS_MAX rows of a W larger than _ROWS_MIN_BYTES (beyond L2) stream W in order
+# (nnrt_rows_cols in nnrt/_packed.h; the same sums as the small-M kernel). Measured on
+# AMD Zen 5, one thread, float32, against the blocked small-M kernel: 784 x 512 at 2
+# and 4 rows 17.1 / 19.8 and 16.9 / 22.6 us, 1024 x 1024 (in L3) at 4 rows 58 / 93 us;
+# at 6 and 8 rows (W read 2 rows at a time) as slow or slower: 32.5 / 32.3, 38.8 / 32.0.
+cdef Py_ssize_t _ROWS_MAX = 4
+cdef Py_ssize_t _ROWS_MIN_BYTES = 524288
 
 
 ctypedef struct _EvalJob:
@@ -200,7 +211,10 @@ cdef void _eval_cols(_EvalJob* j, Py_ssize_t c0, Py_ssize_t c1,
     cdef const floating* sh = <const floating*>j.shift
     if j0 >= j1:
         return
-    if j0 == 0 and j1 == j.n:
+    # 2-8 rows of a W beyond L2: W streamed in order (nnrt_rows_cols)
+    cdef bint stream = (2 <= j.m and j.m <= _ROWS_MAX
+                        and j.k * j.n * <Py_ssize_t>sizeof(floating) > _ROWS_MIN_BYTES)
+    if j0 == 0 and j1 == j.n and not stream:
         # the whole layer on one thread (par_for did not split): the whole kernel, then
         # one pass of the epilogue
         if floating is float:
@@ -218,6 +232,11 @@ cdef void _eval_cols(_EvalJob* j, Py_ssize_t c0, Py_ssize_t c1,
             nnrt_gemv_cols_f(X, W, Y, j.k, j.n, j0, j1)
         else:
             nnrt_gemv_cols_d(X, W, Y, j.k, j.n, j0, j1)
+    elif stream:
+        if floating is float:
+            nnrt_rows_cols_f(X, W, Y, j.m, j.k, j.n, j0, j1)
+        else:
+            nnrt_rows_cols_d(X, W, Y, j.m, j.k, j.n, j0, j1)
     else:
         if floating is float:
             nnrt_gemm_s_f(X, j.k, 1, W + j0, j.n, Y + j0, j.n, 0, j.m, j.k, j1 - j0)
