@@ -9,6 +9,7 @@ session cannot merge (a Python layer runs through its own eval forward).
 from __future__ import annotations
 
 import pickle
+import sys
 import threading
 import warnings
 from typing import Any
@@ -394,3 +395,18 @@ def test_tampered_session_raises_instead_of_crashing() -> None:
         sess(X)
     sess._stages = stages
     assert np.isfinite(sess(X)).all()
+
+
+def test_packed_buffers_are_aligned() -> None:
+    # the packed kernel's vector loads want 64-byte alignment; copies from 2 MB on sit on
+    # 2 MB boundaries (whole huge pages), small ones on 64 bytes
+    from nnrt._serve import _aligned_buffer
+
+    for nbytes in (1, 1000, (1 << 21) - 8, 1 << 21, 5_000_000):
+        buf = _aligned_buffer(nbytes)
+        assert buf.nbytes == nbytes and buf.dtype == np.uint8
+        assert buf.ctypes.data % 64 == 0
+        if nbytes >= 1 << 21 and sys.platform.startswith("linux"):
+            assert buf.ctypes.data % (1 << 21) == 0
+        buf[...] = 7  # writable until the stage packs into it and freezes it
+        assert int(buf[-1]) == 7
