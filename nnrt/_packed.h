@@ -26,10 +26,9 @@
  * baseline builds picked at load.
  *
  * Also here, for the live network's eval path (nnrt/dense.pyx), which cannot pack
- * (W may change between calls): nnrt_gemv_cols (one row on a range of columns of the
- * row-major W, so that two threads can split a layer) and nnrt_rows_cols (2-4 rows on
- * a W beyond L2, W streamed in order), both the small-M kernel's chains (the same
- * bits), built for AVX-512 only, where that kernel serves the eval path.
+ * (W may change between calls): nnrt_rows_cols (2-4 rows on a W beyond L2, W streamed
+ * in order), the small-M kernel's chains (the same bits), built for AVX-512 only,
+ * where that kernel serves the eval path.
  */
 #ifndef NNRT_PACKED_H
 #define NNRT_PACKED_H
@@ -233,41 +232,13 @@ NNRT_PACKED_SCALAR(float, f, 16)
 NNRT_PACKED_SCALAR(double, d, 8)
 #endif
 
-/* nnrt_gemv_cols_{f,d}: y[j0:j1] = x (1 x k) @ W[:, j0:j1] on a row-major W (k x n),
- * W streamed row by row (each row's slice contiguous), the slice of y kept in L1: one
- * row of the eval path's small-M kernel (nnrt/_smallm.h) on a range of columns, so
- * that the live network's eval forward can split a layer's columns over two threads.
- * Every element is the chain y = 0; y += x[p] * w[p] over p = 0 .. k-1 in fused
- * multiply-adds, as in that kernel's AVX-512 build: the same bits. Only where that
- * build runs (nnrt_gemv_cols_ok()); the caller runs the whole kernel otherwise. */
 #if defined(NNRT_SMALLM_X86) && defined(NNRT_SMALLM_VECTOR)
-#define NNRT_GEMV_COLS(T, SUF, V, VU, L, H, HU)                                            \
-__attribute__((target("avx512f,avx512vl,fma")))                                          \
-static void nnrt_gemv_cols_##SUF(const T *x, const T *W, T *y, ptrdiff_t k, ptrdiff_t n,  \
-                                 ptrdiff_t j0, ptrdiff_t j1) {                           \
-    for (ptrdiff_t j = j0; j < j1; j++) y[j] = 0;                                         \
-    for (ptrdiff_t p = 0; p < k; p++) {                                                   \
-        const T *w = W + p * n;                                                           \
-        const T xp = x[p];                                                                \
-        const V xv = (V){0} + xp;                                                         \
-        const H xh = (H){0} + xp;                                                         \
-        ptrdiff_t j = j0;                                                                 \
-        for (; j + L <= j1; j += L)                                                       \
-            *(VU *)(y + j) = *(const VU *)(y + j) + xv * *(const VU *)(w + j);            \
-        for (; j + L / 2 <= j1; j += L / 2)                                               \
-            *(HU *)(y + j) = *(const HU *)(y + j) + xh * *(const HU *)(w + j);            \
-        for (; j < j1; j++) y[j] = y[j] + xp * w[j];                                      \
-    }                                                                                     \
-}
-NNRT_GEMV_COLS(float, f, nnrt_v16f, nnrt_v16f_u, 16, nnrt_v8f, nnrt_v8f_u)
-NNRT_GEMV_COLS(double, d, nnrt_v8d, nnrt_v8d_u, 8, nnrt_v4d, nnrt_v4d_u)
-static int nnrt_gemv_cols_ok(void) { return nnrt_smallm_level() == 2; }
-
 /* nnrt_rows_cols_{f,d}: Y[:, j0:j1] = X (m x k, m <= 8) @ W[:, j0:j1] on a row-major W,
  * W streamed PU rows at a time (PU sequential streams), the m rows' slices of Y kept
  * in L1 and each loaded and stored once per PU rows of W (the live eval path's few
  * rows on a W beyond L2, where the blocked small-M kernel reads W in 192-byte pieces
- * 4 KB apart). The same chain per element as the small-M kernel: the same bits. */
+ * 4 KB apart). The same chain per element as the small-M kernel: the same bits. Only
+ * where that kernel's AVX-512 build runs (nnrt_rows_cols_ok()). */
 #define NNRT_ROWS_STEP(T, V, VU, L, MR, PU, J)                                            \
     do {                                                                                  \
         V acc[MR];                                                                        \
@@ -317,14 +288,8 @@ static void nnrt_rows_cols_##SUF(const T *X, const T *W, T *Y, ptrdiff_t m, ptrd
 }
 NNRT_ROWS_COLS(float, f, nnrt_v16f, nnrt_v16f_u, 16)
 NNRT_ROWS_COLS(double, d, nnrt_v8d, nnrt_v8d_u, 8)
+static int nnrt_rows_cols_ok(void) { return nnrt_smallm_level() == 2; }
 #else
-#define NNRT_GEMV_COLS_NONE(T, SUF)                                                       \
-static void nnrt_gemv_cols_##SUF(const T *x, const T *W, T *y, ptrdiff_t k, ptrdiff_t n,  \
-                                 ptrdiff_t j0, ptrdiff_t j1) {                           \
-    (void)x; (void)W; (void)y; (void)k; (void)n; (void)j0; (void)j1;                      \
-}
-NNRT_GEMV_COLS_NONE(float, f)
-NNRT_GEMV_COLS_NONE(double, d)
 #define NNRT_ROWS_COLS_NONE(T, SUF)                                                       \
 static void nnrt_rows_cols_##SUF(const T *X, const T *W, T *Y, ptrdiff_t m, ptrdiff_t k, \
                                  ptrdiff_t n, ptrdiff_t j0, ptrdiff_t j1) {              \
@@ -332,7 +297,7 @@ static void nnrt_rows_cols_##SUF(const T *X, const T *W, T *Y, ptrdiff_t m, ptrd
 }
 NNRT_ROWS_COLS_NONE(float, f)
 NNRT_ROWS_COLS_NONE(double, d)
-static int nnrt_gemv_cols_ok(void) { return 0; }
+static int nnrt_rows_cols_ok(void) { return 0; }
 #endif
 
 #endif /* NNRT_PACKED_H */

@@ -125,8 +125,8 @@ cdef Py_ssize_t _HUGE = 1 << 21
 
 def _aligned_buffer(Py_ssize_t nbytes):
     """A uint8 array of ``nbytes``, 64-byte aligned (the packed kernel's vector loads);
-    from 2 MB on, on an anonymous mapping aligned to 2 MB with MADV_HUGEPAGE where the
-    platform has it (the mapping stays alive as the array's base)."""
+    at 2 MB and more, on an anonymous mapping aligned to 2 MB with MADV_HUGEPAGE where
+    the platform has it (the mapping stays alive as the array's base)."""
     if nbytes >= _HUGE:
         try:
             import mmap

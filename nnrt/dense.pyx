@@ -161,22 +161,22 @@ def _set_eval_kernel(str mode):
 
 
 cdef extern from "nnrt/_packed.h" nogil:
-    void nnrt_gemv_cols_f(const float* x, const float* W, float* y, Py_ssize_t k, Py_ssize_t n,
-                          Py_ssize_t j0, Py_ssize_t j1)
-    void nnrt_gemv_cols_d(const double* x, const double* W, double* y, Py_ssize_t k,
-                          Py_ssize_t n, Py_ssize_t j0, Py_ssize_t j1)
     void nnrt_rows_cols_f(const float* X, const float* W, float* Y, Py_ssize_t m,
                           Py_ssize_t k, Py_ssize_t n, Py_ssize_t j0, Py_ssize_t j1)
     void nnrt_rows_cols_d(const double* X, const double* W, double* Y, Py_ssize_t m,
                           Py_ssize_t k, Py_ssize_t n, Py_ssize_t j0, Py_ssize_t j1)
-    int nnrt_gemv_cols_ok()
+    int nnrt_rows_cols_ok()
 
-# two threads: the small-M kernel's columns split over nnrt's helper thread (par_for,
-# "stream" kind; the work of a block of 64 bytes of columns counted as the elements of
-# W it reads, from 9 rows on the multiply-adds in eighths, as the frozen session's
-# panels, nnrt/_serve.pyx); every column computed by the same chain of fused
-# multiply-adds on either thread: the same bits
-cdef bint _SPLIT_ON = nnrt_gemv_cols_ok() != 0
+# two threads, from _SPLIT_MIN_ROWS rows on: the small-M kernel's columns split in chunks
+# over nnrt's helper thread (par_for, "stream" kind; a chunk's work counted as the
+# multiply-adds in eighths, as the frozen session's panels, nnrt/_serve.pyx); every
+# column computed by the same chain of fused multiply-adds on either thread: the same
+# bits. Not below: a few rows are bound by reading W, and a range of columns reads
+# every row of a row-major W in short pieces, a page apart (measured on AMD Zen 5 with
+# two threads: one row of 784 x 512 31 -> 41 us, of 1024 x 1024 x 3 150 -> 420 us);
+# a frozen session, which packs W in column panels, does split those.
+cdef bint _SPLIT_ON = nnrt_rows_cols_ok() != 0
+cdef Py_ssize_t _SPLIT_MIN_ROWS = 16
 # 2.._ROWS_MAX rows of a W larger than _ROWS_MIN_BYTES (beyond L2) stream W in order
 # (nnrt_rows_cols in nnrt/_packed.h; the same sums as the small-M kernel). Measured on
 # AMD Zen 5, one thread, float32, against the blocked small-M kernel: 784 x 512 at 2
@@ -194,13 +194,15 @@ ctypedef struct _EvalJob:
     const void* center
     const void* scale
     const void* shift
-    Py_ssize_t m, k, n, lanes
+    Py_ssize_t m, k, n
+    Py_ssize_t lanes  # columns per unit of the split (whole vectors)
     int act
 
 
 cdef void _eval_cols(_EvalJob* j, Py_ssize_t c0, Py_ssize_t c1,
                      const floating* tag) noexcept nogil:
-    # columns [c0 * lanes, c1 * lanes) of every row, then their epilogue
+    # columns [c0 * lanes, c1 * lanes) of every row (the last unit ends at n), then
+    # their epilogue
     cdef Py_ssize_t j0 = c0 * j.lanes, j1 = min(c1 * j.lanes, j.n), i
     cdef const floating* X = <const floating*>j.X
     cdef const floating* W = <const floating*>j.W
@@ -211,7 +213,7 @@ cdef void _eval_cols(_EvalJob* j, Py_ssize_t c0, Py_ssize_t c1,
     cdef const floating* sh = <const floating*>j.shift
     if j0 >= j1:
         return
-    # 2-8 rows of a W beyond L2: W streamed in order (nnrt_rows_cols)
+    # 2-4 rows of a W beyond L2: W streamed in order (nnrt_rows_cols)
     cdef bint stream = (2 <= j.m and j.m <= _ROWS_MAX
                         and j.k * j.n * <Py_ssize_t>sizeof(floating) > _ROWS_MIN_BYTES)
     if j0 == 0 and j1 == j.n and not stream:
@@ -227,12 +229,7 @@ cdef void _eval_cols(_EvalJob* j, Py_ssize_t c0, Py_ssize_t c1,
             else:
                 nnrt_epilogue_d(Y, j.m, j.n, b, c, sc, sh, j.act)
         return
-    if j.m == 1:
-        if floating is float:
-            nnrt_gemv_cols_f(X, W, Y, j.k, j.n, j0, j1)
-        else:
-            nnrt_gemv_cols_d(X, W, Y, j.k, j.n, j0, j1)
-    elif stream:
+    if stream:
         if floating is float:
             nnrt_rows_cols_f(X, W, Y, j.m, j.k, j.n, j0, j1)
         else:
@@ -278,9 +275,11 @@ cdef void dense_eval(const floating* X, const floating* W, const floating* b,
     cdef bint small = mode == 2 or (mode == 0 and _SMALL_M_ON and n_out >= _SMALL_M_MIN_COLS
                                     and n_out % 8 == 0)
     cdef _EvalJob job
-    cdef Py_ssize_t blocks
+    cdef Py_ssize_t blocks, units
     cdef par_fn fn
-    if small and _SPLIT_ON:
+    if small and _SPLIT_ON and (batch >= _SPLIT_MIN_ROWS or (
+            2 <= batch and batch <= _ROWS_MAX
+            and n_in * n_out * <Py_ssize_t>sizeof(floating) > _ROWS_MIN_BYTES)):
         job.X = X
         job.W = W
         job.Y = Y
@@ -298,9 +297,19 @@ cdef void dense_eval(const floating* X, const floating* W, const floating* b,
         else:
             job.lanes = 8
             fn = <par_fn>_eval_cols_d
+        if batch < _SPLIT_MIN_ROWS:
+            # 2-4 rows of a W beyond L2: W streamed in order, on this thread
+            job.lanes = n_out
+            fn(&job, 0, 1)
+            return
+        # chunks of at least 1 KB of every row of W (whole vectors, 2 to 8 chunks, claimed
+        # one at a time by either thread)
         blocks = (n_out + job.lanes - 1) // job.lanes
+        units = min(8, max(2, n_out * <Py_ssize_t>sizeof(floating) // 1024))
+        job.lanes *= (blocks + units - 1) // units  # columns per chunk
+        units = (n_out + job.lanes - 1) // job.lanes
         # par_for runs the whole range on this thread when it does not split
-        par_for(PAR_STREAM, fn, &job, blocks, n_in * job.lanes * ((batch + 7) // 8))
+        par_for(PAR_STREAM, fn, &job, units, n_in * job.lanes * ((batch + 7) // 8))
         return
     if small:
         if floating is float:

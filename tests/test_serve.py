@@ -280,8 +280,8 @@ def test_rows_do_not_depend_on_the_batch(dtype, sizes):
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
 def test_two_threads_split_columns_and_give_the_same_bits(dtype):
     # with two threads the small-M layers' columns (and their fused epilogue) are split
-    # over nnrt's helper thread; one row runs a GEMV on a range of columns: every path
-    # gives the same bits as the one-thread forward, and the float64 reference
+    # over nnrt's helper thread from 16 rows on (fewer rows run on one thread): every
+    # path gives the same bits as the one-thread forward, and the float64 reference
     from nnrt import _parallel
 
     net = build([300, 1040, 200, 48], dtype, bias_hidden=True)  # every layer small-M
