@@ -5,10 +5,13 @@
 are private copies made at construction (C-contiguous, read-only, never exposed to
 Python: no attribute of the stage can be changed or replaced from Python), and
 every size the kernel uses is a C field set once. Each call writes a new output
-array, so a stage may run in several Python threads at once. The product runs
-through the small-M kernel of the eval path (nnrt/_smallm.h, read in place) or the
-BLAS GEMM, chosen by the layer's width as the eval forward chooses (nnrt/dense.pyx);
-the bias and the sigmoid are applied in one pass over the output.
+array, so a stage may run in several Python threads at once. On the CPUs where the
+eval path uses its small-M kernel (AVX-512), the product runs on a copy of W packed
+into column panels (nnrt/_packed.h; one row of a W of at most 512 KB on the
+row-major W with the small-M kernel, nnrt/_smallm.h: the same sums), its panels
+split over nnrt's helper thread when two threads are allowed; elsewhere on BLAS
+GEMM. The bias and the sigmoid run panel by panel (or in one pass after the other
+kernels), always through nnrt_pk_epilogue: a row gives the same bits in any batch.
 """
 
 import numpy as np
@@ -21,18 +24,26 @@ from nnrt._parallel cimport blas_threads_done, blas_threads_for, par_now
 
 cnp.import_array()
 
-from nnrt._smallm cimport (nnrt_epilogue_d, nnrt_epilogue_f, nnrt_smallm_d,
-                           nnrt_smallm_enabled, nnrt_smallm_f)
+from nnrt._smallm cimport nnrt_smallm_d, nnrt_smallm_enabled, nnrt_smallm_f
+
+from nnrt._parallel cimport PAR_STREAM, par_fn, par_for
 
 cdef extern from "nnrt/_packed.h" nogil:
-    Py_ssize_t nnrt_panel_cols_f()
-    Py_ssize_t nnrt_panel_cols_d()
+    Py_ssize_t nnrt_panels_f(Py_ssize_t n)
+    Py_ssize_t nnrt_panels_d(Py_ssize_t n)
+    Py_ssize_t nnrt_packed_size_f(Py_ssize_t k, Py_ssize_t n)
+    Py_ssize_t nnrt_packed_size_d(Py_ssize_t k, Py_ssize_t n)
+    void nnrt_pk_epilogue_f(float* Y, Py_ssize_t m, Py_ssize_t w, Py_ssize_t ldy,
+                            const float* bias, int act)
+    void nnrt_pk_epilogue_d(double* Y, Py_ssize_t m, Py_ssize_t w, Py_ssize_t ldy,
+                            const double* bias, int act)
     void nnrt_pack_f(const float* W, float* Wp, Py_ssize_t k, Py_ssize_t n)
     void nnrt_pack_d(const double* W, double* Wp, Py_ssize_t k, Py_ssize_t n)
     void nnrt_packed_f(const float* X, const float* Wp, float* Y, Py_ssize_t m, Py_ssize_t k,
-                       Py_ssize_t n)
+                       Py_ssize_t n, Py_ssize_t q0, Py_ssize_t q1, const float* bias, int act)
     void nnrt_packed_d(const double* X, const double* Wp, double* Y, Py_ssize_t m,
-                       Py_ssize_t k, Py_ssize_t n)
+                       Py_ssize_t k, Py_ssize_t n, Py_ssize_t q0, Py_ssize_t q1,
+                       const double* bias, int act)
 
 # as nnrt/dense.pyx: the small-M kernel serves layers at least 32 wide and a multiple
 # of 8 on CPUs where it beats GEMM; below _NOGIL_MIN multiply-adds the GIL is kept
@@ -40,20 +51,59 @@ cdef bint _SMALL_M_ON = nnrt_smallm_enabled() != 0
 cdef Py_ssize_t _SMALL_M_MIN_COLS = 32
 cdef Py_ssize_t _NOGIL_MIN = 32768
 cdef Py_ssize_t _MAX_ELEMENTS = 2147483647
-# Packed weights serve batches of _PACKED_MIN_ROWS.._PACKED_MAX_ROWS rows of layers whose
-# W is larger than _PACKED_MIN_BYTES (measured on AMD Zen 5, one thread, float32: at 4
-# rows 784 x 512 18 vs 22.5 us and 1024 x 1024 47 vs 80 us against the small-M kernel
-# on the row-major W; at 1 and 16-64 rows, and on W that fits in L2, 0-45 % slower).
+# The packed copy serves every batch of the layers the small-M kernel serves, but one
+# row of a W of at most _PACKED_MIN_BYTES, which runs on the row-major W (the same
+# sums). Measured on AMD Zen 5, one thread, float32, packed / small-M per layer: one
+# row 784 x 512 14.6 / 15.1 us, 1024 x 1024 39.5 / 40.2 (W in L3), 256 x 640 3.2 / 4.7;
+# 4 rows 784 x 512 15.5 / 22.7, 1024 x 1024 38.8 / 69.6; 64 rows 784 x 512 205 / 207,
+# 1024 x 1024 532 / 588, 784 x 128 51.0 / 52.0, 64 x 64 2.56 / 2.83; but one row of a
+# W in L2, 784 x 128 2.82 / 2.37 and 128 x 128 0.81 / 0.75 (the last panel of 32
+# columns is one latency-bound chain of 2 vectors).
 cdef Py_ssize_t _PACKED_MIN_BYTES = 524288
-cdef Py_ssize_t _PACKED_MIN_ROWS = 2
-cdef Py_ssize_t _PACKED_MAX_ROWS = 8
+# Work of one panel for the two-thread split (par_for, "stream" kind: elements of W
+# streamed at one row; from 9 rows on, the multiply-adds count in eighths)
+cdef Py_ssize_t _SPLIT_ROWS = 8
+
+
+ctypedef struct _PackedJob:
+    const void* X
+    const void* Wp
+    void* Y
+    const void* b
+    Py_ssize_t m, k, n
+    int act
+
+
+cdef void _packed_job_f(void* ctx, Py_ssize_t q0, Py_ssize_t q1) noexcept nogil:
+    cdef _PackedJob* j = <_PackedJob*>ctx
+    nnrt_packed_f(<const float*>j.X, <const float*>j.Wp, <float*>j.Y, j.m, j.k, j.n, q0, q1,
+                  <const float*>j.b, j.act)
+
+
+cdef void _packed_job_d(void* ctx, Py_ssize_t q0, Py_ssize_t q1) noexcept nogil:
+    cdef _PackedJob* j = <_PackedJob*>ctx
+    nnrt_packed_d(<const double*>j.X, <const double*>j.Wp, <double*>j.Y, j.m, j.k, j.n, q0,
+                  q1, <const double*>j.b, j.act)
+
+
+cdef void _run_packed(_PackedJob* job, bint dbl) noexcept nogil:
+    # panels split over nnrt's helper thread when the policy allows two threads and the
+    # layer is large enough (every panel computed by the same code: the same bits)
+    cdef Py_ssize_t panels = nnrt_panels_d(job.n) if dbl else nnrt_panels_f(job.n)
+    cdef Py_ssize_t cols = (job.n + panels - 1) // panels
+    cdef Py_ssize_t unit = job.k * cols * ((job.m + _SPLIT_ROWS - 1) // _SPLIT_ROWS)
+    if dbl:
+        par_for(PAR_STREAM, <par_fn>_packed_job_d, job, panels, unit)
+    else:
+        par_for(PAR_STREAM, <par_fn>_packed_job_f, job, panels, unit)
+
 
 ACT_NONE = 0
 ACT_SIGMOID = 1
 
-# kernel of the stages built from now on: 0 by layer (packed where the eval path uses
-# the small-M kernel, GEMM elsewhere), 1 GEMM, 2 the small-M kernel on the row-major W,
-# 3 packed (tests and benchmarks force them)
+# kernel of the stages built from now on: 0 by CPU (packed on the CPUs where the eval
+# path uses the small-M kernel, GEMM elsewhere), 1 GEMM, 2 the small-M kernel on the
+# row-major W, 3 packed (tests and benchmarks force them)
 cdef int _mode = 0
 KERNELS = {"auto": 0, "gemm": 1, "small": 2, "packed": 3}
 
@@ -67,15 +117,53 @@ def _set_kernel(str mode):
     _mode = KERNELS[mode]
 
 
+# Packed copies of at least this many bytes live in whole 2 MB pages advised to be
+# backed by transparent huge pages (Linux): a GEMV streaming 1024 x 1024 float32 from
+# L3 took 40.4 instead of 42.9 us per layer on AMD Zen 5 (fewer TLB misses).
+cdef Py_ssize_t _HUGE = 1 << 21
+
+
+def _aligned_buffer(Py_ssize_t nbytes):
+    """A uint8 array of ``nbytes``, 64-byte aligned (the packed kernel's vector loads);
+    at 2 MB and more, on an anonymous mapping aligned to 2 MB with MADV_HUGEPAGE where
+    the platform has it (the mapping stays alive as the array's base)."""
+    if nbytes >= _HUGE:
+        try:
+            import mmap
+
+            length = (nbytes + _HUGE - 1) // _HUGE * _HUGE
+            mm = mmap.mmap(-1, length + _HUGE)
+            addr = np.frombuffer(mm, dtype=np.uint8, count=1).ctypes.data
+            off = (-addr) % _HUGE  # a multiple of the page size: the mapping is page-aligned
+            if hasattr(mmap, "MADV_HUGEPAGE"):
+                try:
+                    mm.madvise(mmap.MADV_HUGEPAGE, off, length)
+                except OSError:
+                    pass
+            return np.frombuffer(mm, dtype=np.uint8, count=nbytes, offset=off)
+        except (OSError, ValueError, ImportError):
+            pass
+    buf = np.empty(nbytes + 64, dtype=np.uint8)
+    cdef Py_ssize_t start = (-buf.ctypes.data) % 64
+    return buf[start : start + nbytes]
+
+
 cdef void _run_kernel(const floating* X, const floating* W, const floating* b, int act,
                       floating* Y, Py_ssize_t rows, Py_ssize_t n_in, Py_ssize_t n_out,
                       int kernel) noexcept nogil:
     # kernel: 1 GEMM, 2 small-M on the row-major W, 3 packed (W is then the packed copy)
+    cdef _PackedJob job
     if kernel == 3:
-        if floating is float:
-            nnrt_packed_f(X, W, Y, rows, n_in, n_out)
-        else:
-            nnrt_packed_d(X, W, Y, rows, n_in, n_out)
+        job.X = X
+        job.Wp = W
+        job.Y = Y
+        job.b = b
+        job.m = rows
+        job.k = n_in
+        job.n = n_out
+        job.act = act
+        _run_packed(&job, floating is double)
+        return  # the epilogue ran panel by panel
     elif kernel == 2:
         if floating is float:
             nnrt_smallm_f(X, W, Y, rows, n_in, n_out, 0)
@@ -84,11 +172,11 @@ cdef void _run_kernel(const floating* X, const floating* W, const floating* b, i
     else:
         gemm_rm(False, False, <int>rows, <int>n_out, <int>n_in, 1, X, <int>n_in, W,
                 <int>n_out, 0, Y, <int>n_out)
-    if b != NULL or act != 0:
+    if b != NULL or act != 0:  # the packed kernel's epilogue: the same bits on every path
         if floating is float:
-            nnrt_epilogue_f(Y, rows, n_out, b, NULL, NULL, NULL, act)
+            nnrt_pk_epilogue_f(Y, rows, n_out, n_out, b, act)
         else:
-            nnrt_epilogue_d(Y, rows, n_out, b, NULL, NULL, NULL, act)
+            nnrt_pk_epilogue_d(Y, rows, n_out, n_out, b, act)
 
 
 cdef class FrozenDense:
@@ -102,6 +190,7 @@ cdef class FrozenDense:
     cdef Py_ssize_t _n_in, _n_out
     cdef int _typenum, _act
     cdef int _kernel
+    cdef bint _row_small  # kernel 3: one row runs on the row-major W (small-M kernel)
     cdef object _dtype
 
     def __init__(self, W, b, int act):
@@ -127,15 +216,19 @@ cdef class FrozenDense:
         self._act = act
         cdef bint small = (_SMALL_M_ON and self._n_out >= _SMALL_M_MIN_COLS
                            and self._n_out % 8 == 0)
-        self._kernel = _mode if _mode != 0 else (2 if small else 1)
-        cdef Py_ssize_t cols, panels
-        # the packed copy: forced, or (auto) for the batches of 2-8 rows on a W larger
-        # than L2 can serve the small-M kernel from (same sums: the same bits)
-        if self._kernel == 3 or (self._kernel == 2 and _mode == 0
-                                 and W.nbytes > _PACKED_MIN_BYTES):
-            cols = nnrt_panel_cols_f() if self._typenum == cnp.NPY_FLOAT32 else nnrt_panel_cols_d()
-            panels = (self._n_out + cols - 1) // cols
-            Wp = np.empty(panels * self._n_in * cols, dtype=W.dtype)
+        # auto: packed on the CPUs where the eval path runs the small-M kernel, every
+        # layer (narrow heads too: 512 x 10 at 1-64 rows 0.6-7.0 us against GEMM's
+        # 1.4-9.6), with one row of a W in L2 on the row-major W where the small-M
+        # kernel serves it (both compute the same sums: the same bits)
+        self._kernel = _mode if _mode != 0 else (3 if _SMALL_M_ON else 1)
+        self._row_small = _mode == 0 and small and W.nbytes <= _PACKED_MIN_BYTES
+        cdef Py_ssize_t size
+        cdef cnp.ndarray Wp
+        if self._kernel == 3:
+            size = (nnrt_packed_size_f(self._n_in, self._n_out)
+                    if self._typenum == cnp.NPY_FLOAT32
+                    else nnrt_packed_size_d(self._n_in, self._n_out))
+            Wp = _aligned_buffer(size * W.itemsize).view(W.dtype)
             if self._typenum == cnp.NPY_FLOAT32:
                 nnrt_pack_f(<float*>cnp.PyArray_DATA(W), <float*>cnp.PyArray_DATA(Wp),
                             self._n_in, self._n_out)
@@ -147,10 +240,11 @@ cdef class FrozenDense:
 
     @property
     def kernel(self):
-        """The kernel this stage runs: "gemm", "small", "packed" or "small+packed" (the
-        packed copy at 2-8 rows, the small-M kernel otherwise: the same sums)."""
-        if self._kernel == 2 and self._Wp is not None:
-            return "small+packed"
+        """The kernel this stage runs: "gemm", "small", "packed" or "packed+small" (the
+        packed copy, but one row on the row-major W with the small-M kernel: the same
+        sums)."""
+        if self._kernel == 3 and self._row_small:
+            return "packed+small"
         return {1: "gemm", 2: "small", 3: "packed"}[self._kernel]
 
     @property
@@ -202,16 +296,17 @@ cdef class FrozenDense:
         cdef cnp.ndarray Y = cnp.PyArray_EMPTY(2, dims, self._typenum, 0)
         cdef void* px = cnp.PyArray_DATA(Xa)
         cdef int kernel = self._kernel
-        if (kernel == 2 and self._Wp is not None and _PACKED_MIN_ROWS <= rows
-                and rows <= _PACKED_MAX_ROWS):
-            kernel = 3
+        if kernel == 3 and rows == 1 and self._row_small:
+            kernel = 2
         cdef void* pw = cnp.PyArray_DATA(self._Wp if kernel == 3 else self._W)
         cdef void* pb = NULL if self._b is None else cnp.PyArray_DATA(self._b)
         cdef void* py = cnp.PyArray_DATA(Y)
         cdef int act = self._act
         cdef bint big = rows * n_in * n_out >= _NOGIL_MIN
-        cdef int policy = blas_threads_for(rows, n_out, n_in, 0)
-        cdef double t0 = par_now()
+        # the GEMM's BLAS threads follow the thread policy (which learns from the time);
+        # the packed kernel splits its panels itself (par_for)
+        cdef int policy = blas_threads_for(rows, n_out, n_in, 0) if kernel == 1 else -1
+        cdef double t0 = par_now() if kernel == 1 else 0.0
         if self._typenum == cnp.NPY_FLOAT32:
             if big:
                 with nogil:
@@ -228,7 +323,8 @@ cdef class FrozenDense:
             else:
                 _run_kernel(<double*>px, <double*>pw, <double*>pb, act, <double*>py, rows,
                             n_in, n_out, kernel)
-        blas_threads_done(policy, par_now() - t0)
+        if kernel == 1:
+            blas_threads_done(policy, par_now() - t0)
         return Y
 
 

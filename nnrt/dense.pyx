@@ -116,8 +116,9 @@ cdef void dense_backward(const floating* X, const floating* W, const floating* d
 # result is the same whatever batch it comes in. The bias, and the per-feature affine
 # and sigmoid of the layers that follow (when the eval chain fuses them,
 # nnrt/_kernels.pyx), are then applied in one pass over the output.
-from nnrt._smallm cimport (nnrt_epilogue_d, nnrt_epilogue_f, nnrt_smallm_d,
-                           nnrt_smallm_enabled, nnrt_smallm_f, nnrt_smallm_isa_name)
+from nnrt._smallm cimport (nnrt_epilogue_d, nnrt_epilogue_f, nnrt_gemm_s_d, nnrt_gemm_s_f,
+                           nnrt_smallm_d, nnrt_smallm_enabled, nnrt_smallm_f,
+                           nnrt_smallm_isa_name)
 
 # Kernel choice of the eval forward: 0 by layer shape (below), 1 always GEMM, 2 always
 # the small-M kernel (tests and benchmarks force them).
@@ -159,6 +160,112 @@ def _set_eval_kernel(str mode):
     _eval_mode = modes[mode]
 
 
+cdef extern from "nnrt/_packed.h" nogil:
+    void nnrt_rows_cols_f(const float* X, const float* W, float* Y, Py_ssize_t m,
+                          Py_ssize_t k, Py_ssize_t n, Py_ssize_t j0, Py_ssize_t j1)
+    void nnrt_rows_cols_d(const double* X, const double* W, double* Y, Py_ssize_t m,
+                          Py_ssize_t k, Py_ssize_t n, Py_ssize_t j0, Py_ssize_t j1)
+    int nnrt_rows_cols_ok()
+
+# two threads, from _SPLIT_MIN_ROWS rows on: the small-M kernel's columns split in chunks
+# over nnrt's helper thread (par_for, "stream" kind; a chunk's work counted as the
+# multiply-adds in eighths, as the frozen session's panels, nnrt/_serve.pyx); every
+# column computed by the same chain of fused multiply-adds on either thread: the same
+# bits. Not below: a few rows are bound by reading W, and a range of columns reads
+# every row of a row-major W in short pieces, a page apart (measured on AMD Zen 5 with
+# two threads: one row of 784 x 512 31 -> 41 us, of 1024 x 1024 x 3 150 -> 420 us);
+# a frozen session, which packs W in column panels, does split those.
+cdef bint _SPLIT_ON = nnrt_rows_cols_ok() != 0
+cdef Py_ssize_t _SPLIT_MIN_ROWS = 16
+# 2.._ROWS_MAX rows of a W larger than _ROWS_MIN_BYTES (beyond L2) stream W in order
+# (nnrt_rows_cols in nnrt/_packed.h; the same sums as the small-M kernel). Measured on
+# AMD Zen 5, one thread, float32, against the blocked small-M kernel: 784 x 512 at 2
+# and 4 rows 17.1 / 19.8 and 16.9 / 22.6 us, 1024 x 1024 (in L3) at 4 rows 58 / 93 us;
+# at 6 and 8 rows (W read 2 rows at a time) as slow or slower: 32.5 / 32.3, 38.8 / 32.0.
+cdef Py_ssize_t _ROWS_MAX = 4
+cdef Py_ssize_t _ROWS_MIN_BYTES = 524288
+
+
+ctypedef struct _EvalJob:
+    const void* X
+    const void* W
+    void* Y
+    const void* b
+    const void* center
+    const void* scale
+    const void* shift
+    Py_ssize_t m, k, n
+    Py_ssize_t lanes  # columns per unit of the split (whole vectors)
+    int act
+
+
+cdef void _eval_cols(_EvalJob* j, Py_ssize_t c0, Py_ssize_t c1,
+                     const floating* tag) noexcept nogil:
+    # columns [c0 * lanes, c1 * lanes) of every row (the last unit ends at n), then
+    # their epilogue
+    cdef Py_ssize_t j0 = c0 * j.lanes, j1 = min(c1 * j.lanes, j.n), i
+    cdef const floating* X = <const floating*>j.X
+    cdef const floating* W = <const floating*>j.W
+    cdef floating* Y = <floating*>j.Y
+    cdef const floating* b = <const floating*>j.b
+    cdef const floating* c = <const floating*>j.center
+    cdef const floating* sc = <const floating*>j.scale
+    cdef const floating* sh = <const floating*>j.shift
+    if j0 >= j1:
+        return
+    # 2-4 rows of a W beyond L2: W streamed in order (nnrt_rows_cols)
+    cdef bint stream = (2 <= j.m and j.m <= _ROWS_MAX
+                        and j.k * j.n * <Py_ssize_t>sizeof(floating) > _ROWS_MIN_BYTES)
+    if j0 == 0 and j1 == j.n and not stream:
+        # the whole layer on one thread (par_for did not split): the whole kernel, then
+        # one pass of the epilogue
+        if floating is float:
+            nnrt_smallm_f(X, W, Y, j.m, j.k, j.n, _small_m_kc)
+        else:
+            nnrt_smallm_d(X, W, Y, j.m, j.k, j.n, _small_m_kc)
+        if b != NULL or c != NULL or j.act != 0:
+            if floating is float:
+                nnrt_epilogue_f(Y, j.m, j.n, b, c, sc, sh, j.act)
+            else:
+                nnrt_epilogue_d(Y, j.m, j.n, b, c, sc, sh, j.act)
+        return
+    if stream:
+        if floating is float:
+            nnrt_rows_cols_f(X, W, Y, j.m, j.k, j.n, j0, j1)
+        else:
+            nnrt_rows_cols_d(X, W, Y, j.m, j.k, j.n, j0, j1)
+    else:
+        if floating is float:
+            nnrt_gemm_s_f(X, j.k, 1, W + j0, j.n, Y + j0, j.n, 0, j.m, j.k, j1 - j0)
+        else:
+            nnrt_gemm_s_d(X, j.k, 1, W + j0, j.n, Y + j0, j.n, 0, j.m, j.k, j1 - j0)
+    if b == NULL and c == NULL and j.act == 0:
+        return
+    cdef const floating* pb = NULL
+    cdef const floating* pc = NULL
+    cdef const floating* psc = NULL
+    cdef const floating* psh = NULL
+    if b != NULL:
+        pb = b + j0
+    if c != NULL:
+        pc = c + j0
+        psc = sc + j0
+        psh = sh + j0
+    for i in range(j.m):
+        if floating is float:
+            nnrt_epilogue_f(Y + i * j.n + j0, 1, j1 - j0, pb, pc, psc, psh, j.act)
+        else:
+            nnrt_epilogue_d(Y + i * j.n + j0, 1, j1 - j0, pb, pc, psc, psh, j.act)
+
+
+cdef void _eval_cols_f(void* ctx, Py_ssize_t c0, Py_ssize_t c1) noexcept nogil:
+    _eval_cols(<_EvalJob*>ctx, c0, c1, <const float*>NULL)
+
+
+cdef void _eval_cols_d(void* ctx, Py_ssize_t c0, Py_ssize_t c1) noexcept nogil:
+    _eval_cols(<_EvalJob*>ctx, c0, c1, <const double*>NULL)
+
+
 cdef void dense_eval(const floating* X, const floating* W, const floating* b,
                      const floating* center, const floating* scale, const floating* shift,
                      int act, floating* Y, Py_ssize_t batch, Py_ssize_t n_in,
@@ -167,6 +274,43 @@ cdef void dense_eval(const floating* X, const floating* W, const floating* b,
     # non-NULL), then sigmoid (act 1)
     cdef bint small = mode == 2 or (mode == 0 and _SMALL_M_ON and n_out >= _SMALL_M_MIN_COLS
                                     and n_out % 8 == 0)
+    cdef _EvalJob job
+    cdef Py_ssize_t blocks, units
+    cdef par_fn fn
+    if small and _SPLIT_ON and (batch >= _SPLIT_MIN_ROWS or (
+            2 <= batch and batch <= _ROWS_MAX
+            and n_in * n_out * <Py_ssize_t>sizeof(floating) > _ROWS_MIN_BYTES)):
+        job.X = X
+        job.W = W
+        job.Y = Y
+        job.b = b
+        job.center = center
+        job.scale = scale
+        job.shift = shift
+        job.m = batch
+        job.k = n_in
+        job.n = n_out
+        job.act = act
+        if floating is float:
+            job.lanes = 16
+            fn = <par_fn>_eval_cols_f
+        else:
+            job.lanes = 8
+            fn = <par_fn>_eval_cols_d
+        if batch < _SPLIT_MIN_ROWS:
+            # 2-4 rows of a W beyond L2: W streamed in order, on this thread
+            job.lanes = n_out
+            fn(&job, 0, 1)
+            return
+        # chunks of at least 1 KB of every row of W (whole vectors, 2 to 8 chunks, claimed
+        # one at a time by either thread)
+        blocks = (n_out + job.lanes - 1) // job.lanes
+        units = min(8, max(2, n_out * <Py_ssize_t>sizeof(floating) // 1024))
+        job.lanes *= (blocks + units - 1) // units  # columns per chunk
+        units = (n_out + job.lanes - 1) // job.lanes
+        # par_for runs the whole range on this thread when it does not split
+        par_for(PAR_STREAM, fn, &job, units, n_in * job.lanes * ((batch + 7) // 8))
+        return
     if small:
         if floating is float:
             nnrt_smallm_f(X, W, Y, batch, n_in, n_out, _small_m_kc)

@@ -19,10 +19,14 @@ nnrt/_kernels.pyx):
 * a following activation declared by ``_nnrt_epilogue = "sigmoid"`` runs in the
   same output pass as the bias.
 
-Merged layers whose weights exceed 512 KB also keep a copy packed into column
-panels (nnrt/_packed.h) for batches of 2-8 rows (only where the small-M kernel
-serves the layer); every output element is then the same fused multiply-add chain
-whichever of the two kernels computes it, so a row gives the same bits in any batch.
+On CPUs where the eval path runs its small-M kernel (AVX-512), every merged layer
+keeps a copy of its weights packed into column panels (nnrt/_packed.h) that serves
+every batch (one row of a W of at most 512 KB runs the small-M kernel on the
+row-major copy instead: the same sums); the bias and the sigmoid run panel by panel,
+and when two threads are allowed (``nnrt.set_num_threads``, the thread policy) the
+panels of a large enough layer are split over nnrt's helper thread. Every output
+element is the same chain of fused multiply-adds whichever kernel or thread computes
+it, so a row gives the same bits in any batch.
 
 Every other layer (Python layers, plugins without the protocol) runs through its
 own eval forward, on a private copy of the layer, in sequence; those layers keep

@@ -274,3 +274,54 @@ def test_rows_do_not_depend_on_the_batch(dtype, sizes):
     for lo, hi in [(0, 1), (5, 6), (7, 9), (10, 13), (20, 37), (40, 104), (100, 300)]:
         np.testing.assert_array_equal(net(X[lo:hi]), whole[lo:hi])
     np.testing.assert_array_equal(net.predict(X, batch_size=7), whole)
+
+
+@pytest.mark.skipif(not dense.SMALL_M_ENABLED, reason="GEMM serves every layer on this CPU")
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_two_threads_split_columns_and_give_the_same_bits(dtype):
+    # with two threads the small-M layers' columns (and their fused epilogue) are split
+    # over nnrt's helper thread from 16 rows on (fewer rows run on one thread): every
+    # path gives the same bits as the one-thread forward, and the float64 reference
+    from nnrt import _parallel
+
+    net = build([300, 1040, 200, 48], dtype, bias_hidden=True)  # every layer small-M
+    X = np.random.default_rng(15).normal(size=(40, 300)).astype(dtype)
+    tol = 1e-10 if dtype == "float64" else 1e-4
+    try:
+        nnrt.set_num_threads(1)
+        one = net(X).copy()
+        ones = [net(X[i : i + 1]).copy() for i in (0, 7, 39)]
+        nnrt.set_num_threads(2)
+        jobs = _parallel.stats()["jobs"]
+        two = net(X).copy()
+        twos = [net(X[i : i + 1]).copy() for i in (0, 7, 39)]
+        assert _parallel.stats()["jobs"] > jobs  # the split did run
+        for lo, hi in [(0, 3), (3, 11), (11, 40)]:
+            np.testing.assert_array_equal(net(X[lo:hi]), one[lo:hi])
+    finally:
+        nnrt.set_num_threads(None)
+    np.testing.assert_array_equal(two, one)
+    for i, a, b in zip((0, 7, 39), ones, twos, strict=True):
+        np.testing.assert_array_equal(a, one[i : i + 1])
+        np.testing.assert_array_equal(b, one[i : i + 1])
+    np.testing.assert_allclose(one, reference(net, X), rtol=tol, atol=tol)
+
+
+@pytest.mark.skipif(not dense.SMALL_M_ENABLED, reason="GEMM serves every layer on this CPU")
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_few_rows_on_a_large_weight_stream_it_and_give_the_same_bits(dtype):
+    # 2-4 rows of a W beyond L2 (530 x 1000: 2-4 MB; 1000 columns = 62.5 vectors of 16,
+    # so the float32 build also runs its scalar tail) stream W in order instead of the
+    # blocked small-M kernel: the same bits as one row, as a larger batch, and the reference
+    net = build([530, 1000, 48], dtype, bias_hidden=True)
+    X = np.random.default_rng(16).normal(size=(30, 530)).astype(dtype)
+    tol = 1e-10 if dtype == "float64" else 1e-4
+    try:
+        nnrt.set_num_threads(1)
+        whole = net(X).copy()
+        for lo in range(0, 20, 3):
+            for m in (1, 2, 3, 4, 5, 6, 7, 8):
+                np.testing.assert_array_equal(net(X[lo : lo + m]), whole[lo : lo + m])
+    finally:
+        nnrt.set_num_threads(None)
+    np.testing.assert_allclose(whole, reference(net, X), rtol=tol, atol=tol)

@@ -9,6 +9,7 @@ session cannot merge (a Python layer runs through its own eval forward).
 from __future__ import annotations
 
 import pickle
+import sys
 import threading
 import warnings
 from typing import Any
@@ -292,8 +293,11 @@ def test_stage_kernels_against_reference(kernel: str, dtype: Any, stage_kernel: 
 
     rng = np.random.default_rng(11)
     stage_kernel(kernel)
-    # widths: one panel partly filled, several panels plus a remainder, vectors + scalars
-    for k, n in ((7, 40), (33, 200), (20, 96)):
+    # widths: one panel partly filled, several panels plus a remainder, vectors + scalars;
+    # a last panel of every width of 1-6 vectors (float32: 16 columns, float64: 8), whole
+    # or with a partly filled last vector
+    widths = ((7, 40), (33, 200), (20, 96), (9, 8), (11, 64), (5, 80), (13, 128), (6, 176))
+    for k, n in widths + ((3, 160), (4, 72), (30, 56), (2, 1), (8, 10)):
         W = rng.normal(size=(k, n))
         b = rng.normal(size=n)
         st = FrozenDense(W.astype(dtype), b.astype(dtype), 1)
@@ -324,20 +328,55 @@ def test_packed_and_small_give_the_same_bits(dtype: Any, stage_kernel: Any) -> N
 
 @pytest.mark.skipif(not nnrt.dense.SMALL_M_ENABLED, reason="the small-M kernel is off here")
 def test_a_row_gives_the_same_bits_in_any_batch() -> None:
-    # a W above L2 size: the packed copy serves 2-8 rows, the small-M kernel the rest
+    # the packed copy serves every batch; one row of a W of at most 512 KB (the second
+    # layer) runs on the row-major W with the small-M kernel
     net = nnrt.Sequential(
         [nnrt.layer("dense", 256, 640), nnrt.layer("sigmoid"), nnrt.layer("dense", 640, 64)],
         seed=1,
         dtype=np.float32,
     )
     sess = nnrt.freeze(net)
-    assert "small+packed" in [st.kernel for st in sess._stages]
+    assert [st.kernel for st in sess._stages] == ["packed", "packed+small"]
     X = np.random.default_rng(2).normal(size=(21, 256)).astype(np.float32)
     whole = sess(X)
     for bs in (1, 2, 4, 5, 8, 16):
         np.testing.assert_array_equal(sess.predict(X, batch_size=bs), whole)
     ref = net.predict(X).astype(np.float64)
     np.testing.assert_allclose(whole, ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_two_threads_give_the_same_bits(dtype: Any) -> None:
+    # layers large enough that the packed kernel splits its panels over nnrt's helper
+    # thread: every column is computed by the same code on either thread
+    from nnrt import _parallel
+
+    rng = np.random.default_rng(14)
+    net = nnrt.Sequential(
+        [nnrt.layer("dense", 300, 1040), nnrt.layer("sigmoid"), nnrt.layer("dense", 1040, 200)],
+        seed=3,
+        dtype=dtype,
+    )
+    sess = nnrt.freeze(net)
+    state = {k: v.astype(np.float64) for k, v in net.state_dict().items()}
+    inputs = [rng.normal(size=(m, 300)).astype(dtype) for m in (1, 2, 5, 8, 13, 40)]
+    try:
+        nnrt.set_num_threads(1)
+        one = [sess(X) for X in inputs]
+        nnrt.set_num_threads(2)
+        jobs = _parallel.stats()["jobs"]
+        two = [sess(X) for X in inputs]
+        assert _parallel.stats()["jobs"] > jobs  # the split did run
+    finally:
+        nnrt.set_num_threads(None)
+    tol = 1e-12 if dtype == np.float64 else 2e-5
+    for X, a, b in zip(inputs, one, two, strict=True):
+        np.testing.assert_array_equal(a, b)
+        h = 1.0 / (1.0 + np.exp(-(X.astype(np.float64) @ state["0.weight"] + state["0.bias"])))
+        ref = h @ state["2.weight"] + state["2.bias"]
+        np.testing.assert_allclose(b, ref, rtol=tol, atol=tol)
+        # a row alone gives the same bits as in the batch
+        np.testing.assert_array_equal(sess(X[-1:]), b[-1:])
 
 
 def test_tampered_session_raises_instead_of_crashing() -> None:
@@ -356,3 +395,18 @@ def test_tampered_session_raises_instead_of_crashing() -> None:
         sess(X)
     sess._stages = stages
     assert np.isfinite(sess(X)).all()
+
+
+def test_packed_buffers_are_aligned() -> None:
+    # the packed kernel's vector loads want 64-byte alignment; copies from 2 MB on sit on
+    # 2 MB boundaries (whole huge pages), small ones on 64 bytes
+    from nnrt._serve import _aligned_buffer
+
+    for nbytes in (1, 1000, (1 << 21) - 8, 1 << 21, 5_000_000):
+        buf = _aligned_buffer(nbytes)
+        assert buf.nbytes == nbytes and buf.dtype == np.uint8
+        assert buf.ctypes.data % 64 == 0
+        if nbytes >= 1 << 21 and sys.platform.startswith("linux"):
+            assert buf.ctypes.data % (1 << 21) == 0
+        buf[...] = 7  # writable until the stage packs into it and freezes it
+        assert int(buf[-1]) == 7
