@@ -24,6 +24,8 @@ cdef enum:
     PAR_NKINDS = 4
 
 cdef int par_for(int kind, par_fn fn, void* ctx, Py_ssize_t n, Py_ssize_t unit) noexcept nogil
+cdef int par_gemm(par_fn fn, void* ctx, Py_ssize_t n, long nchunks,
+                  Py_ssize_t align) noexcept nogil
 cdef int blas_threads_for(Py_ssize_t m, Py_ssize_t n, Py_ssize_t k, int op) noexcept nogil
 cdef void blas_threads_done(int token, double seconds) noexcept nogil
 cdef double par_now() noexcept nogil

@@ -32,6 +32,8 @@ cdef extern from "nnrt/_parallel.h" nogil:
     long nnrt_par_stat(int which)
     double nnrt_par_now()
     void nnrt_par_set_spin(long spin)
+    void nnrt_par_set_gemm_threads(int t)
+    int nnrt_par_get_gemm_threads()
 
 ctypedef void (*blas_set_t)(int) noexcept nogil
 ctypedef int (*blas_get_t)() noexcept nogil
@@ -41,7 +43,12 @@ ctypedef int (*blas_get_t)() noexcept nogil
 cdef Py_ssize_t _thr[PAR_NKINDS]
 _KINDS = {"stream": PAR_STREAM, "expf": PAR_EXPF, "exp": PAR_EXP, "adam": PAR_ADAM}
 _DEFAULT_THRESHOLDS = {"stream": 1 << 17, "expf": 1 << 16, "exp": 1 << 13, "adam": 1 << 17}
-_DEFAULT_GEMM_MIN_MACS = 16_000_000
+_DEFAULT_GEMM_MIN_MACS = 4_000_000
+# the BLAS's own threads only from this size (nnrt's kernel splits from _gemm_min, bit-
+# identical to one thread): a threaded OpenBLAS GEMM's results differ from its 1-thread
+# ones (measured: sgemm NT 517 x 300 x 264), and below this size its worker's wake-up
+# and spinning cost more than they gain
+_BLAS_MIN_MACS = 16_000_000
 for _name, _v in _DEFAULT_THRESHOLDS.items():
     _thr[<int>_KINDS[_name]] = _v
 
@@ -49,6 +56,7 @@ cdef int _user = 0           # nnrt.set_num_threads(n): n; 0 = the default polic
 cdef int _avail = 1          # threads the default policy may use
 cdef int _initial = 1        # the BLAS's thread count when nnrt was imported
 cdef double _gemm_min = _DEFAULT_GEMM_MIN_MACS
+cdef double _blas_min = _BLAS_MIN_MACS
 cdef blas_set_t _blas_set = NULL
 cdef blas_get_t _blas_get = NULL
 cdef int _blas_last = -1     # the count this policy set last (-1: none)
@@ -156,29 +164,56 @@ cdef inline int _choose(_Slot* s) noexcept nogil:
 
 
 cdef int blas_threads_for(Py_ssize_t m, Py_ssize_t n, Py_ssize_t k, int op) noexcept nogil:
+    # The choice for this GEMM: one thread under _gemm_min multiply-adds, else 1 or the
+    # ceiling (nnrt.set_num_threads' n, or the BLAS's own count), whichever the shape's
+    # timings favour. It sets the BLAS's thread count and the kernel route's split
+    # (par_gemm) alike.
     global _blas_last, _blas_ceiling, _avail
-    if _user != 0 or _blas_set == NULL or _blas_get == NULL:
-        return -1
-    if _initial < 0 and not _settle():
-        return -1
-    cdef int cur = _blas_get()
-    if cur != _blas_last:
-        # someone else (threadpoolctl, the BLAS's own API) set it: that is the ceiling
-        _blas_ceiling = cur
-        _avail = cur
+    cdef bint control = _blas_set != NULL and _blas_get != NULL
+    if control and _initial < 0 and not _settle():
+        control = False
+    cdef int cur = _blas_get() if control else -1
+    cdef int ceiling
+    if _user > 0:
+        ceiling = _user
+    elif control:
+        if cur != _blas_last:
+            # someone else (threadpoolctl, the BLAS's own API) set it: that is the ceiling
+            _blas_ceiling = cur
+            _avail = cur
+        ceiling = _blas_ceiling
+    else:
+        ceiling = _avail
     cdef int want = 1, token = -1, i, c
-    if _blas_ceiling > 1 and <double>m * <double>n * <double>k >= _gemm_min:
+    if ceiling > 1 and <double>m * <double>n * <double>k >= _gemm_min:
         i = _slot_of(m, n, k, op)
         c = _choose(&_slots[i])
-        want = _blas_ceiling if c else 1
+        want = ceiling if c else 1
         token = 2 * i + c
-    if want != cur:
-        _blas_set(want)
-    _blas_last = want
+    cdef int blas = want if <double>m * <double>n * <double>k >= _blas_min else 1
+    if control:
+        if blas != cur:
+            _blas_set(blas)
+        _blas_last = blas
+    nnrt_par_set_gemm_threads(want)
     return token
 
 
+cdef int par_gemm(par_fn fn, void* ctx, Py_ssize_t n, long nchunks,
+                  Py_ssize_t align) noexcept nogil:
+    # a GEMM kernel's split (nnrt/_blas.pyx): on two threads when blas_threads_for
+    # picked more than one for the calling thread's current GEMM
+    if nchunks >= 2 and n >= 2 and nnrt_par_get_gemm_threads() >= 2:
+        if nnrt_par_run(<nnrt_par_fn>fn, ctx, n, nchunks, align):
+            return 2
+    fn(ctx, 0, n)
+    return 1
+
+
 cdef void blas_threads_done(int token, double seconds) noexcept nogil:
+    # a GEMM outside a blas_threads_for/done bracket (a plugin's own gemm_rm) runs on
+    # one thread
+    nnrt_par_set_gemm_threads(1)
     if token < 0 or token >= 2 * _NSLOTS:
         return
     cdef _Slot* s = &_slots[token // 2]
@@ -207,6 +242,11 @@ def _par_for_address():
     """C address of ``par_for`` (nnrt/_blas.pyx binds it at run time to split its GEMM
     kernel's rows: a cimport of this module from there would be circular)."""
     return <uintptr_t>&par_for
+
+
+def _par_gemm_address():
+    """C address of ``par_gemm`` (bound by nnrt/_blas.pyx at run time, as par_for)."""
+    return <uintptr_t>&par_gemm
 
 
 def _bind_blas():
@@ -269,23 +309,28 @@ def set_user_threads(n):
     _user = n
 
 
+cdef int _ceiling() noexcept nogil:
+    # the most threads a GEMM may use now: nnrt.set_num_threads' n, else the BLAS's own
+    # count (or the CPUs, when nnrt does not control the BLAS)
+    if _user > 0:
+        return _user
+    return _blas_ceiling if _blas_set != NULL else _avail
+
+
 def gemm_threads(m, n, k, op=0):
-    """BLAS threads the policy would pick for the next (m x k) @ (k x n) GEMM (the
-    fixed count when ``nnrt.set_num_threads`` set one; None when nnrt does not
-    control the BLAS in use). Does not count as a call."""
+    """Threads the policy would pick for the next (m x k) @ (k x n) GEMM: one under
+    ``gemm_min_macs`` multiply-adds, else one or the ceiling (``nnrt.set_num_threads``'s
+    n, or the BLAS's own count), as learnt for the shape. Does not count as a call."""
     if _initial < 0:
         _settle()
-    if _user:
-        return _user
-    if _blas_set == NULL:
-        return None
-    if _blas_ceiling <= 1 or float(m) * float(n) * float(k) < _gemm_min:
+    cdef int ceiling = _ceiling()
+    if ceiling <= 1 or float(m) * float(n) * float(k) < _gemm_min:
         return 1
     cdef _Slot* s = &_slots[_slot_of(m, n, k, op)]
     cdef _Slot saved = s[0]
     cdef int c = _choose(s)  # this is only a question: leave the slot as it was
     s[0] = saved
-    return _blas_ceiling if c else 1
+    return ceiling if c else 1
 
 
 def _gemm_next(m, n, k, op=0, seconds=None):
@@ -294,13 +339,14 @@ def _gemm_next(m, n, k, op=0, seconds=None):
     touched."""
     if _initial < 0:
         _settle()
-    if _blas_ceiling <= 1 or float(m) * float(n) * float(k) < _gemm_min:
+    cdef int ceiling = _ceiling()
+    if ceiling <= 1 or float(m) * float(n) * float(k) < _gemm_min:
         return 1
     cdef int i = _slot_of(m, n, k, op)
     cdef int c = _choose(&_slots[i])
     if seconds is not None:
         blas_threads_done(2 * i + c, seconds)
-    return _blas_ceiling if c else 1
+    return ceiling if c else 1
 
 
 def _gemm_learn(m, n, k, double one, double many, op=0):
@@ -358,6 +404,7 @@ def policy():
         "blas": _blas_name,
         "blas_ceiling": _blas_ceiling if _blas_set != NULL else None,
         "gemm_min_macs": _gemm_min,
+        "blas_min_macs": max(_gemm_min, _blas_min),
         "gemm_verdict": {-1: None, 0: "one thread", 1: "more threads"}[_verdict],
         "split_min_elements": {name: int(_thr[k]) for name, k in _KINDS.items()},
     }
@@ -384,9 +431,10 @@ def _set_thresholds(gemm_min_macs=None, **split_min_elements):
     return old
 
 
-def _set_spin(long spin):
-    """Yields the helper makes after a job before it sleeps (measurements)."""
-    nnrt_par_set_spin(spin)
+def _set_spin(long spin_us):
+    """How long (microseconds) the helper polls for the next job, yielding, before it
+    sleeps (measurements)."""
+    nnrt_par_set_spin(spin_us)
 
 
 _bind_blas()
