@@ -1,23 +1,30 @@
 # cython: language_level=3
 """Threads in nnrt: the helper thread of the element-wise kernels and the thread policy.
 
-Default policy (nothing set by the user; docs/performance.md "Threads"):
+The policy (docs/performance.md "Threads"), with a ceiling of ``nnrt.set_num_threads``'s
+n, or, when nothing was set, the BLAS's own thread count (one per core, or
+``OPENBLAS_NUM_THREADS``, or what threadpoolctl set last):
 
-* GEMMs: before each Dense GEMM, the BLAS nnrt's GEMMs run on (numpy's or scipy's
-  OpenBLAS) is set to one thread when the GEMM has fewer than ``gemm_min_macs``
-  multiply-adds (m*n*k), and to the BLAS's own thread count (one per core, or
-  ``OPENBLAS_NUM_THREADS``, or what threadpoolctl set last) otherwise: on 2 cores
-  a second BLAS thread loses on the small GEMMs of small networks.
+* GEMMs: a Dense GEMM (each call brackets its GEMMs with ``blas_threads_for``/``done``)
+  costing less than ``gemm_min_macs`` (m*n*k multiply-adds plus ``gemm_weight_macs``
+  per element of the k x n weights: their streaming is a few-row GEMM's cost) runs
+  on one thread; a larger one on one thread or on the ceiling's, whichever has been
+  faster for its shape lately (timed per call; learnt per shape and kind of call).
+  The choice sets the BLAS's thread count (more than one only from ``blas_min_macs``
+  multiply-adds) and whether nnrt's GEMM kernel (nnrt/_blas.pyx) splits the GEMM over
+  nnrt's helper thread (``par_gemm``: bit-identical to one thread).
 * element-wise kernels (sigmoid, a normalisation's element-wise passes, softmax
-  cross-entropy, SGD/Adam updates, the bias gradient) run in two contiguous halves,
-  the second on a helper thread, when that thread count is >= 2 and the job has at
-  least the measured threshold of elements for its kind. Each output element is
-  computed by the same code as in one thread: the results are bit-identical.
+  cross-entropy, SGD/Adam updates, the bias gradient) run in contiguous chunks on
+  the caller and the helper thread when the ceiling is >= 2 and the job has at least
+  the measured threshold of elements for its kind (and, when nothing was set, the
+  GEMMs' latest verdict is not "one thread"). Each output element is computed by the
+  same code as in one thread: the results are bit-identical.
 
-``nnrt.set_num_threads(n)`` overrides both: n BLAS threads for every GEMM, and the
-element-wise split on (n >= 2, still above the thresholds) or off (n = 1);
-``nnrt.set_num_threads(None)`` returns to the default policy. ``policy()`` reports
-the current choice; ``gemm_threads``/``split_threads`` what it picks for a size.
+``nnrt.set_num_threads(1)`` runs everything on one thread; ``set_num_threads(n)``
+makes n the ceiling (the policy still keeps small GEMMs and small element-wise jobs
+on one thread, where a second thread loses); ``set_num_threads(None)`` returns to
+the BLAS's own count. ``policy()`` reports the current choice;
+``gemm_threads``/``split_threads`` what it picks for a size.
 """
 
 import os
@@ -57,6 +64,7 @@ cdef int _avail = 1          # threads the default policy may use
 cdef int _initial = 1        # the BLAS's thread count when nnrt was imported
 cdef double _gemm_min = _DEFAULT_GEMM_MIN_MACS
 cdef double _blas_min = _BLAS_MIN_MACS
+cdef double _W_MACS = 16.0
 cdef blas_set_t _blas_set = NULL
 cdef blas_get_t _blas_get = NULL
 cdef int _blas_last = -1     # the count this policy set last (-1: none)
@@ -163,6 +171,13 @@ cdef inline int _choose(_Slot* s) noexcept nogil:
     return best
 
 
+cdef inline double _gemm_work(Py_ssize_t m, Py_ssize_t n, Py_ssize_t k) noexcept nogil:
+    # a GEMM's cost in multiply-adds, plus _W_MACS per element of its right operand (k x n,
+    # the weights of a forward): at a few rows the weights' streaming from memory is
+    # the cost (a batch-1 GEMV), which a split over two cores' caches and loads halves
+    return <double>m * <double>n * <double>k + _W_MACS * <double>n * <double>k
+
+
 cdef int blas_threads_for(Py_ssize_t m, Py_ssize_t n, Py_ssize_t k, int op) noexcept nogil:
     # The choice for this GEMM: one thread under _gemm_min multiply-adds, else 1 or the
     # ceiling (nnrt.set_num_threads' n, or the BLAS's own count), whichever the shape's
@@ -185,7 +200,7 @@ cdef int blas_threads_for(Py_ssize_t m, Py_ssize_t n, Py_ssize_t k, int op) noex
     else:
         ceiling = _avail
     cdef int want = 1, token = -1, i, c
-    if ceiling > 1 and <double>m * <double>n * <double>k >= _gemm_min:
+    if ceiling > 1 and _gemm_work(m, n, k) >= _gemm_min:
         i = _slot_of(m, n, k, op)
         c = _choose(&_slots[i])
         want = ceiling if c else 1
@@ -324,7 +339,7 @@ def gemm_threads(m, n, k, op=0):
     if _initial < 0:
         _settle()
     cdef int ceiling = _ceiling()
-    if ceiling <= 1 or float(m) * float(n) * float(k) < _gemm_min:
+    if ceiling <= 1 or _gemm_work(m, n, k) < _gemm_min:
         return 1
     cdef _Slot* s = &_slots[_slot_of(m, n, k, op)]
     cdef _Slot saved = s[0]
@@ -340,7 +355,7 @@ def _gemm_next(m, n, k, op=0, seconds=None):
     if _initial < 0:
         _settle()
     cdef int ceiling = _ceiling()
-    if ceiling <= 1 or float(m) * float(n) * float(k) < _gemm_min:
+    if ceiling <= 1 or _gemm_work(m, n, k) < _gemm_min:
         return 1
     cdef int i = _slot_of(m, n, k, op)
     cdef int c = _choose(&_slots[i])
@@ -404,6 +419,7 @@ def policy():
         "blas": _blas_name,
         "blas_ceiling": _blas_ceiling if _blas_set != NULL else None,
         "gemm_min_macs": _gemm_min,
+        "gemm_weight_macs": _W_MACS,
         "blas_min_macs": max(_gemm_min, _blas_min),
         "gemm_verdict": {-1: None, 0: "one thread", 1: "more threads"}[_verdict],
         "split_min_elements": {name: int(_thr[k]) for name, k in _KINDS.items()},

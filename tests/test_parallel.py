@@ -295,7 +295,10 @@ def test_auto_policy_small_gemms_one_thread_large_ones_learnt() -> None:
     ceiling = pol["blas_ceiling"]
     _parallel._gemm_forget()
     gmin = pol["gemm_min_macs"]
+    # the size in multiply-adds plus gemm_weight_macs per weight: the smallest cube over
     side = int(np.ceil(gmin ** (1 / 3)))
+    while (side - 1) ** 3 + pol["gemm_weight_macs"] * (side - 1) ** 2 >= gmin:
+        side -= 1
     # below the size threshold: one thread, never tried with more
     assert _parallel.gemm_threads(1, 1, 1) == 1
     assert _parallel.gemm_threads(32, 64, 64) == 1  # the tiny benchmark net
@@ -574,7 +577,7 @@ def test_kernel_gemm_split_follows_the_learnt_choice(kernel_two_threads: None) -
     _prefer(rows, n_out, n_in, 0, False)
     _prefer(rows, n_out, n_in, 0, False)
     assert split_jobs() == 0
-    _parallel._set_thresholds(gemm_min_macs=rows * n_in * n_out + 1)
+    _parallel._set_thresholds(gemm_min_macs=10 * rows * n_in * n_out)
     _parallel._gemm_forget()
     _prefer(rows, n_out, n_in, 0, True)
     assert split_jobs() == 0  # below the size threshold: never tried on two
