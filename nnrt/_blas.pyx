@@ -316,9 +316,10 @@ cdef void _kernel_split(const floating* a, Py_ssize_t xi, Py_ssize_t xk, const f
         _kjob_d(&job, 0, m)
 
 
-# The NT route's transposed B, kept between calls (grown to the largest seen; one
-# caller at a time, others malloc their own): a fresh malloc of megabytes per call is
-# a fresh mmap whose page faults cost more than the transpose itself.
+# The NT route's transposed B, kept between calls (grown to the largest seen up to
+# _SCRATCH_KEEP bytes; one caller at a time, others malloc their own): a fresh malloc
+# of megabytes per call is a fresh mmap whose page faults cost more than the transpose
+# itself. Larger copies are malloc'd per call (there the GEMM dwarfs the faults).
 cdef extern from *:
     """
     #if defined(_MSC_VER)
@@ -335,6 +336,7 @@ cdef extern from *:
     bint nnrt_blas_flag_take(long* f) nogil
     void nnrt_blas_flag_give(long* f) nogil
 
+cdef size_t _SCRATCH_KEEP = 16 << 20
 cdef void* _scratch = NULL
 cdef size_t _scratch_size = 0
 cdef long _scratch_busy = 0
@@ -343,7 +345,7 @@ cdef long _scratch_busy = 0
 cdef bint _scratch_take(size_t size) noexcept nogil:
     # the kept buffer, at least size bytes, for this caller alone; False: use malloc
     global _scratch, _scratch_size
-    if not nnrt_blas_flag_take(&_scratch_busy):
+    if size > _SCRATCH_KEEP or not nnrt_blas_flag_take(&_scratch_busy):
         return False
     if _scratch_size < size:
         free(_scratch)
