@@ -615,3 +615,42 @@ def test_split_settings_reject_bad_values() -> None:
         _blas._set_split(3)
     with pytest.raises(ValueError, match="chunks"):
         _blas._set_split(None, 1)
+
+
+def test_split_gemms_from_several_python_threads(kernel_two_threads: None) -> None:
+    # Dense passes whose GEMMs the policy splits, from four Python threads at once: one
+    # at a time gets the helper (the others run their GEMM, and the NT route's
+    # transpose, alone and in their own scratch), every result as in one thread
+    rng = np.random.default_rng(43)
+    rows, n_in, n_out = 96, 136, 264
+    layers = []
+    for _ in range(4):
+        layer = nnrt.layer("dense", n_in, n_out)
+        layer.to_dtype("float32")
+        layers.append(layer)
+    X = rng.standard_normal((rows, n_in)).astype(np.float32)
+    dY = rng.standard_normal((rows, n_out)).astype(np.float32)
+    _prefer(rows, n_out, n_in, 0, True)
+    _prefer(n_in, n_out, rows, 1, True)
+    nnrt.set_num_threads(1)
+    want = [_dense_pass(layer, X, dY) for layer in layers]
+    nnrt.set_num_threads(2)
+    got: list[Any] = [None] * 4
+    errors: list[BaseException] = []
+
+    def work(i: int) -> None:
+        try:
+            for _ in range(20):
+                got[i] = _dense_pass(layers[i], X, dY)
+        except BaseException as exc:  # noqa: BLE001  (reported below)
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert not any(t.is_alive() for t in threads)
+    assert not errors, errors
+    for g, w in zip(got, want, strict=True):
+        _same(w, g)
