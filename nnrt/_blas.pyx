@@ -229,7 +229,8 @@ def _set_split(mode=None, chunks=None):
     old = (_split_mode, _split_chunks)
     if mode is not None:
         if mode not in (0, 1, 2):
-            raise ValueError("mode must be 0 (rows), 1 (by operand size) or 2 (columns)")
+            raise ValueError("mode must be 0 (rows), 1 (rows; columns for few rows) "
+                             "or 2 (columns)")
         _split_mode = mode
     if chunks is not None:
         if not 2 <= chunks <= 64:
