@@ -102,9 +102,10 @@ cdef int par_for(int kind, par_fn fn, void* ctx, Py_ssize_t n, Py_ssize_t unit) 
 # instead of twice when it was more than twice as slow; back to 16 when the winner
 # changes): load from other processes changes which wins (on a busy 2-core
 # machine one thread is faster at every size), and a re-try of the slow option is
-# costly there. Times are
-# exponential moving averages (weight 0.3) of the Dense call's GEMM work. Races between
-# Python threads on a slot only blur the averages (the slot index is always in range).
+# costly there. Times are of the Dense call's GEMM work: the faster of the two
+# exploration samples, then for the option in use an exponential moving average
+# (weight 0.3), for the other its latest re-try. Races between Python threads on a
+# slot only blur the times (the slot index is always in range).
 cdef enum:
     _NSLOTS = 64
     _RETRY_MIN = 16
@@ -234,6 +235,14 @@ cdef void blas_threads_done(int token, double seconds) noexcept nogil:
     cdef _Slot* s = &_slots[token // 2]
     cdef int c = token % 2
     if s.cnt[c] == 0:
+        s.t[c] = seconds
+    elif s.cnt[c] < 2:
+        # exploring: the faster sample (a first call may find the helper asleep, the
+        # caches cold, another library's threads still spinning)
+        s.t[c] = min(s.t[c], seconds)
+    elif c != s.best:
+        # a re-try of the slower option: a fresh measurement replaces the old one (an
+        # average would keep an unlucky early sample for thousands of calls)
         s.t[c] = seconds
     else:
         s.t[c] = 0.7 * s.t[c] + 0.3 * seconds

@@ -654,3 +654,19 @@ def test_split_gemms_from_several_python_threads(kernel_two_threads: None) -> No
     assert not errors, errors
     for g, w in zip(got, want, strict=True):
         _same(w, g)
+
+
+def test_policy_a_faster_retry_of_the_slower_option_wins_at_once() -> None:
+    # an unlucky first sample (helper asleep, another library's threads spinning) must
+    # not keep two threads out for thousands of calls: a re-try replaces it
+    _parallel._gemm_forget()
+    _parallel._set_thresholds(gemm_min_macs=1)
+    nnrt.set_num_threads(2)
+    _parallel._gemm_learn(80, 80, 80, one=1.0, many=5.0)  # lopsided: exploration over
+    assert _parallel.gemm_threads(80, 80, 80) == 1
+    _parallel._gemm_learn(80, 80, 80, one=1.0, many=0.1)  # the re-try: two threads faster
+    assert _parallel.gemm_threads(80, 80, 80) == 2
+    # exploration keeps the faster of its two samples
+    _parallel._gemm_learn(96, 96, 96, one=1.0, many=0.9)
+    _parallel._gemm_learn(96, 96, 96, one=1.0, many=1.5)
+    assert _parallel.gemm_threads(96, 96, 96) == 2
