@@ -36,3 +36,7 @@ def thread_control_addresses() -> tuple[int, int] | None:
 
 def info() -> dict[str, Any]:
     """The backend in use: name, library, kernel, threads, reason, ..."""
+
+def _set_split(mode: int | None = None, chunks: int | None = None) -> tuple[int, int]:
+    """Change how nnrt's GEMM kernel is split over two threads (measurements): mode 0
+    rows, 1 rows (columns for few rows), 2 columns; returns the previous (mode, chunks)."""

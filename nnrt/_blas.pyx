@@ -194,25 +194,54 @@ cdef inline int _route_bit(bint ta, bint tb) noexcept nogil:
     return 2 if ta else 4 if tb else 1
 
 
-# nnrt._parallel's par_for (rows of the kernel over nnrt's helper thread when the thread
-# policy allows two threads), bound at run time by _bind_par_for: nnrt._parallel
-# cimports this module, so this one cannot cimport it back. NULL: one thread.
+# nnrt._parallel's par_gemm (the kernel's rows or columns over nnrt's helper thread when
+# the thread policy picked two threads for the calling thread's GEMM), bound at run time
+# by _bind_par_for: nnrt._parallel cimports this module, so this one cannot cimport it
+# back. NULL: one thread.
 ctypedef void (*par_fn_t)(void* ctx, Py_ssize_t begin, Py_ssize_t end) noexcept nogil
-ctypedef int (*par_for_t)(int kind, par_fn_t fn, void* ctx, Py_ssize_t n,
-                          Py_ssize_t unit) noexcept nogil
-cdef par_for_t _par_for = NULL
-cdef int _PAR_STREAM = 0  # nnrt/_parallel.pxd's kind (its threshold: 2^17 multiply-adds)
+ctypedef int (*par_gemm_t)(par_fn_t fn, void* ctx, Py_ssize_t n, long nchunks,
+                           Py_ssize_t align) noexcept nogil
+cdef par_gemm_t _par_for = NULL
 
 
 def _bind_par_for():
     global _par_for
     from nnrt import _parallel
 
-    _par_for = <par_for_t><uintptr_t>_parallel._par_for_address()
+    _par_for = <par_gemm_t><uintptr_t>_parallel._par_gemm_address()
+
+
+# How a kernel GEMM is split over two threads (docs/performance.md "Threads"): into
+# _split_chunks contiguous pieces (claimed one at a time by the two threads: a late
+# helper leaves more to the caller) of C's rows, or of its columns when there are too
+# few rows for that many pieces of 8. A piece of rows streams all of W once (the kernel
+# keeps a block of W in L2 while every row block of the piece reads it): few pieces
+# keep those re-reads few. Rows measured faster than columns on the benchmark shapes
+# (a piece of columns re-reads all of X and runs narrower column blocks). Mode 0
+# (measurements): always rows; 1: rows, columns for few rows; 2: always columns.
+cdef int _split_mode = 1
+cdef int _split_chunks = 4
+
+
+def _set_split(mode=None, chunks=None):
+    """Change the kernel's split (measurements); returns the previous (mode, chunks)."""
+    global _split_mode, _split_chunks
+    old = (_split_mode, _split_chunks)
+    if mode is not None:
+        if mode not in (0, 1, 2):
+            raise ValueError("mode must be 0 (rows), 1 (rows; columns for few rows) "
+                             "or 2 (columns)")
+        _split_mode = mode
+    if chunks is not None:
+        if not 2 <= chunks <= 64:
+            raise ValueError("chunks must be in [2, 64]")
+        _split_chunks = chunks
+    return old
 
 
 ctypedef struct _KJob:
-    # one kernel call, split by rows of C: rows [lo, hi) read rows lo.. of op(A)
+    # one kernel call, split by rows of C (rows [lo, hi) read rows lo.. of op(A)) or by
+    # columns (columns [lo, hi) read columns lo.. of W)
     const void* a
     Py_ssize_t xi, xk
     const void* w
@@ -220,7 +249,7 @@ ctypedef struct _KJob:
     void* c
     Py_ssize_t ldc
     int acc
-    Py_ssize_t k, n
+    Py_ssize_t m, k, n
 
 
 cdef void _kjob_f(void* ctx, Py_ssize_t lo, Py_ssize_t hi) noexcept nogil:
@@ -235,11 +264,25 @@ cdef void _kjob_d(void* ctx, Py_ssize_t lo, Py_ssize_t hi) noexcept nogil:
                   <double*>j.c + lo * j.ldc, j.ldc, j.acc, hi - lo, j.k, j.n)
 
 
-cdef void _kernel_rows(const floating* a, Py_ssize_t xi, Py_ssize_t xk, const floating* w,
-                       Py_ssize_t ldw, floating* c, Py_ssize_t ldc, int acc, Py_ssize_t m,
-                       Py_ssize_t k, Py_ssize_t n, bint split) noexcept nogil:
-    # rows of C on one thread, or over two through par_for: each row's sums are the
-    # same whatever rows share its call (nnrt/_smallm.h), so the split is bit-identical
+cdef void _kjob_cols_f(void* ctx, Py_ssize_t lo, Py_ssize_t hi) noexcept nogil:
+    cdef _KJob* j = <_KJob*>ctx
+    nnrt_gemm_s_f(<const float*>j.a, j.xi, j.xk, <const float*>j.w + lo, j.ldw,
+                  <float*>j.c + lo, j.ldc, j.acc, j.m, j.k, hi - lo)
+
+
+cdef void _kjob_cols_d(void* ctx, Py_ssize_t lo, Py_ssize_t hi) noexcept nogil:
+    cdef _KJob* j = <_KJob*>ctx
+    nnrt_gemm_s_d(<const double*>j.a, j.xi, j.xk, <const double*>j.w + lo, j.ldw,
+                  <double*>j.c + lo, j.ldc, j.acc, j.m, j.k, hi - lo)
+
+
+cdef void _kernel_split(const floating* a, Py_ssize_t xi, Py_ssize_t xk, const floating* w,
+                        Py_ssize_t ldw, floating* c, Py_ssize_t ldc, int acc, Py_ssize_t m,
+                        Py_ssize_t k, Py_ssize_t n, bint split) noexcept nogil:
+    # C on one thread, or its rows or columns over two through par_gemm. Each output
+    # element is the same chain of fused multiply-adds over p = 0 .. k-1 whatever rows
+    # and columns share its call (nnrt/_smallm.h: a block of k stored to C and read
+    # back is exact), so the split is bit-identical to one thread.
     cdef _KJob job
     job.a = a
     job.xi = xi
@@ -249,13 +292,105 @@ cdef void _kernel_rows(const floating* a, Py_ssize_t xi, Py_ssize_t xk, const fl
     job.c = c
     job.ldc = ldc
     job.acc = acc
+    job.m = m
     job.k = k
     job.n = n
-    cdef par_fn_t fn = _kjob_f if floating is float else _kjob_d
-    if split and _par_for != NULL and m >= 2:
-        _par_for(_PAR_STREAM, fn, &job, m, n * k)
+    cdef long chunks
+    cdef bint cols = _split_mode == 2 or (_split_mode == 1 and m < 8 * _split_chunks)
+    if split and _par_for != NULL:
+        if cols and n >= 64:
+            # pieces at least 32 columns wide, on 16-column (64-byte) boundaries: every
+            # piece's width stays a multiple of 8 (the kernel's vector paths)
+            chunks = min(<long>_split_chunks, <long>(n // 32))
+            _par_for(<par_fn_t>(_kjob_cols_f if floating is float else _kjob_cols_d), &job,
+                     n, chunks, 16)
+            return
+        if m >= 16:
+            # pieces of whole 8-row blocks
+            chunks = min(<long>_split_chunks, <long>(m // 8))
+            _par_for(<par_fn_t>(_kjob_f if floating is float else _kjob_d), &job, m,
+                     chunks, 8)
+            return
+    if floating is float:
+        _kjob_f(&job, 0, m)
     else:
-        fn(&job, 0, m)
+        _kjob_d(&job, 0, m)
+
+
+# The NT route's transposed B, kept between calls (grown to the largest seen up to
+# _SCRATCH_KEEP bytes; one caller at a time, others malloc their own): a fresh malloc
+# of megabytes per call is a fresh mmap whose page faults cost more than the transpose
+# itself. Larger copies are malloc'd per call (there the GEMM dwarfs the faults).
+cdef extern from *:
+    """
+    #if defined(_MSC_VER)
+    #include <intrin.h>
+    static int nnrt_blas_flag_take(volatile long *f) { return _InterlockedExchange(f, 1) == 0; }
+    static void nnrt_blas_flag_give(volatile long *f) { _InterlockedExchange(f, 0); }
+    #else
+    static int nnrt_blas_flag_take(volatile long *f) {
+        return __atomic_exchange_n(f, 1, __ATOMIC_ACQUIRE) == 0;
+    }
+    static void nnrt_blas_flag_give(volatile long *f) { __atomic_store_n(f, 0, __ATOMIC_RELEASE); }
+    #endif
+    """
+    bint nnrt_blas_flag_take(long* f) nogil
+    void nnrt_blas_flag_give(long* f) nogil
+
+cdef size_t _SCRATCH_KEEP = 16 << 20
+cdef void* _scratch = NULL
+cdef size_t _scratch_size = 0
+cdef long _scratch_busy = 0
+
+
+cdef bint _scratch_take(size_t size) noexcept nogil:
+    # the kept buffer, at least size bytes, for this caller alone; False: use malloc
+    global _scratch, _scratch_size
+    if size > _SCRATCH_KEEP or not nnrt_blas_flag_take(&_scratch_busy):
+        return False
+    if _scratch_size < size:
+        free(_scratch)
+        _scratch = malloc(size)
+        _scratch_size = size if _scratch != NULL else 0
+        if _scratch == NULL:
+            nnrt_blas_flag_give(&_scratch_busy)
+            return False
+    return True
+
+
+cdef void _scratch_give() noexcept nogil:
+    nnrt_blas_flag_give(&_scratch_busy)
+
+
+ctypedef struct _TJob:
+    # bt (k x n, row stride n) = the transpose of b (n x k, row stride ldb), rows of bt
+    # [lo, hi) per call
+    const void* b
+    Py_ssize_t ldb
+    void* bt
+    Py_ssize_t n, k
+
+
+cdef inline void _transpose_rows(const floating* b, Py_ssize_t ldb, floating* bt, Py_ssize_t n,
+                                 Py_ssize_t lo, Py_ssize_t hi) noexcept nogil:
+    cdef Py_ssize_t j0, j1, p0, p1, j, p
+    for p0 in range(lo, hi, 32):  # 32 x 32 tiles
+        p1 = p0 + 32 if p0 + 32 < hi else hi
+        for j0 in range(0, n, 32):
+            j1 = j0 + 32 if j0 + 32 < n else n
+            for j in range(j0, j1):
+                for p in range(p0, p1):
+                    bt[p * n + j] = b[j * ldb + p]
+
+
+cdef void _tjob_f(void* ctx, Py_ssize_t lo, Py_ssize_t hi) noexcept nogil:
+    cdef _TJob* t = <_TJob*>ctx
+    _transpose_rows(<const float*>t.b, t.ldb, <float*>t.bt, t.n, lo, hi)
+
+
+cdef void _tjob_d(void* ctx, Py_ssize_t lo, Py_ssize_t hi) noexcept nogil:
+    cdef _TJob* t = <_TJob*>ctx
+    _transpose_rows(<const double*>t.b, t.ldb, <double*>t.bt, t.n, lo, hi)
 
 
 cdef bint _kernel_gemm(bint ta, bint tb, int m, int n, int k, floating alpha,
@@ -266,7 +401,7 @@ cdef bint _kernel_gemm(bint ta, bint tb, int m, int n, int k, floating alpha,
     neither 0 nor 1, TT, n not a multiple of 8 or < the minimum, a leading dimension
     below its row length, or no memory for the scratch copy. ``split``: rows over two
     threads when the thread policy allows (the calibration times one thread)."""
-    cdef Py_ssize_t xi, xk, j, p, j0, p0, j1, p1
+    cdef Py_ssize_t xi, xk
     cdef Py_ssize_t M = m, N = n, K = k, LDB = ldb
     cdef floating* bt = NULL
     cdef int acc = beta == 1
@@ -287,23 +422,32 @@ cdef bint _kernel_gemm(bint ta, bint tb, int m, int n, int k, floating alpha,
     if not tb:
         if ldb < n:
             return False
-        _kernel_rows(a, xi, xk, b, ldb, c, ldc, acc, M, K, N, split)
+        _kernel_split(a, xi, xk, b, ldb, c, ldc, acc, M, K, N, split)
         return True
     # B stored n x k (row stride ldb >= k): its transpose, k x n, into scratch
     if ldb < k:
         return False
-    bt = <floating*>malloc(<size_t>K * <size_t>N * sizeof(floating))
+    cdef size_t size = <size_t>K * <size_t>N * sizeof(floating)
+    cdef bint kept = _scratch_take(size)
+    bt = <floating*>_scratch if kept else <floating*>malloc(size)
     if bt == NULL:
         return False
-    for j0 in range(0, N, 32):  # 32 x 32 tiles
-        j1 = j0 + 32 if j0 + 32 < N else N
-        for p0 in range(0, K, 32):
-            p1 = p0 + 32 if p0 + 32 < K else K
-            for j in range(j0, j1):
-                for p in range(p0, p1):
-                    bt[p * N + j] = b[j * LDB + p]
-    _kernel_rows(a, xi, xk, bt, N, c, ldc, acc, M, K, N, split)
-    free(bt)
+    cdef _TJob tj
+    tj.b = b
+    tj.ldb = LDB
+    tj.bt = bt
+    tj.n = N
+    tj.k = K
+    cdef par_fn_t tfn = <par_fn_t>(_tjob_f if floating is float else _tjob_d)
+    if split and _par_for != NULL and K >= 64:
+        _par_for(tfn, &tj, K, 4, 32)  # blocks of 32 rows of the transpose
+    else:
+        tfn(&tj, 0, K)
+    _kernel_split(a, xi, xk, bt, N, c, ldc, acc, M, K, N, split)
+    if kept:
+        _scratch_give()
+    else:
+        free(bt)
     return True
 
 

@@ -28,6 +28,17 @@
 
 typedef void (*nnrt_par_fn)(void *ctx, ptrdiff_t begin, ptrdiff_t end);
 
+/* The thread count the policy picked for the calling thread's current GEMM (set by
+ * blas_threads_for, read by the GEMM kernel's split): per thread, so two Python
+ * threads in two networks' GEMMs do not read each other's choice. */
+#if defined(_MSC_VER)
+static __declspec(thread) int nnrt_par_gemm_threads = 1;
+#else
+static __thread int nnrt_par_gemm_threads = 1;
+#endif
+static void nnrt_par_set_gemm_threads(int t) { nnrt_par_gemm_threads = t; }
+static int nnrt_par_get_gemm_threads(void) { return nnrt_par_gemm_threads; }
+
 /* monotonic seconds (the GEMM thread policy times the Dense calls with it) */
 #if defined(_WIN32)
 #include <windows.h>
@@ -54,7 +65,7 @@ static int nnrt_par_run(nnrt_par_fn fn, void *ctx, ptrdiff_t n, long nchunks,
     return 0;
 }
 static long nnrt_par_stat(int which) { (void)which; return 0; }
-static void nnrt_par_set_spin(long spin) { (void)spin; }
+static void nnrt_par_set_spin(long spin_us) { (void)spin_us; }
 #else
 #include <pthread.h>
 #include <sched.h>
@@ -75,13 +86,13 @@ typedef struct {
     void *ctx;
     ptrdiff_t n, align;
     long nchunks;
-    long spin;               /* yields the helper makes before it sleeps */
+    long spin_us;            /* how long (us) the helper polls, yielding, before it sleeps */
     long jobs, wakeups, helped;  /* statistics: jobs, of which woke the helper; chunks it ran */
 } nnrt_par_pool;
 
 static nnrt_par_pool nnrt_par = {PTHREAD_MUTEX_INITIALIZER, PTHREAD_COND_INITIALIZER,
                                  PTHREAD_MUTEX_INITIALIZER, 0, 0, 0, 0, 0, 0, NULL, NULL,
-                                 0, 1, 0, 200, 0, 0, 0};
+                                 0, 1, 0, 300, 0, 0, 0};
 
 /* start of chunk c of nnrt_par's current job */
 static ptrdiff_t nnrt_par_bound(long c) {
@@ -116,12 +127,14 @@ static void *nnrt_par_main(void *unused) {
     (void)unused;
     for (;;) {
         long g;
-        long i;
-        /* brief yielding spin: the next kernel of a step usually follows within us */
-        for (i = 0; i < __atomic_load_n(&nnrt_par.spin, __ATOMIC_RELAXED); i++) {
-            if (__atomic_load_n(&nnrt_par.gen, __ATOMIC_ACQUIRE) != seen) break;
+        /* a brief yielding poll: the next split kernel of a training step usually
+         * follows within tens of us, and a sleeping helper costs a wake-up (a futex
+         * and, on an idle core of a VM, a halted vCPU: 10-100 us) */
+        double until = nnrt_par_now() +
+                       1e-6 * (double)__atomic_load_n(&nnrt_par.spin_us, __ATOMIC_RELAXED);
+        while (__atomic_load_n(&nnrt_par.gen, __ATOMIC_ACQUIRE) == seen &&
+               nnrt_par_now() < until)
             sched_yield();
-        }
         g = __atomic_load_n(&nnrt_par.gen, __ATOMIC_ACQUIRE);
         if (g == seen) {
             pthread_mutex_lock(&nnrt_par.mu);
@@ -229,8 +242,8 @@ static long nnrt_par_stat(int which) {
     return __atomic_load_n(&nnrt_par.helped, __ATOMIC_RELAXED);
 }
 
-static void nnrt_par_set_spin(long spin) {
-    __atomic_store_n(&nnrt_par.spin, spin < 0 ? 0 : spin, __ATOMIC_RELAXED);
+static void nnrt_par_set_spin(long spin_us) {
+    __atomic_store_n(&nnrt_par.spin_us, spin_us < 0 ? 0 : spin_us, __ATOMIC_RELAXED);
 }
 #endif /* _WIN32 */
 

@@ -10,7 +10,12 @@ threads used. ``blas_threads_for(m, n, k)`` applies the BLAS thread count the po
 picks for an (m x k) @ (k x n) GEMM in a call of kind ``op`` (the caller's choice, e.g.
 0 forward, 1 backward; call it before the GEMM, with or without the GIL) and returns a
 token; ``blas_threads_done(token, seconds)`` reports how long the GEMM
-work took (``par_now()`` differences), which the policy learns from.
+work took (``par_now()`` differences), which the policy learns from. Between the two,
+``par_gemm(fn, ctx, n, nchunks, align)`` runs ``fn`` over ``nchunks`` pieces of
+``[0, n)`` (bounds multiples of ``align``) on the caller and the helper thread when
+the policy picked more than one thread for the calling thread's GEMM, else
+``fn(ctx, 0, n)`` (nnrt/_blas.pyx splits its GEMM kernel with it; a GEMV or any
+kernel timed by the bracket may use it the same way).
 """
 
 ctypedef void (*par_fn)(void* ctx, Py_ssize_t begin, Py_ssize_t end) noexcept nogil
@@ -24,6 +29,8 @@ cdef enum:
     PAR_NKINDS = 4
 
 cdef int par_for(int kind, par_fn fn, void* ctx, Py_ssize_t n, Py_ssize_t unit) noexcept nogil
+cdef int par_gemm(par_fn fn, void* ctx, Py_ssize_t n, long nchunks,
+                  Py_ssize_t align) noexcept nogil
 cdef int blas_threads_for(Py_ssize_t m, Py_ssize_t n, Py_ssize_t k, int op) noexcept nogil
 cdef void blas_threads_done(int token, double seconds) noexcept nogil
 cdef double par_now() noexcept nogil

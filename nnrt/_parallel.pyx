@@ -1,23 +1,30 @@
 # cython: language_level=3
 """Threads in nnrt: the helper thread of the element-wise kernels and the thread policy.
 
-Default policy (nothing set by the user; docs/performance.md "Threads"):
+The policy (docs/performance.md "Threads"), with a ceiling of ``nnrt.set_num_threads``'s
+n, or, when nothing was set, the BLAS's own thread count (one per core, or
+``OPENBLAS_NUM_THREADS``, or what threadpoolctl set last):
 
-* GEMMs: before each Dense GEMM, the BLAS nnrt's GEMMs run on (numpy's or scipy's
-  OpenBLAS) is set to one thread when the GEMM has fewer than ``gemm_min_macs``
-  multiply-adds (m*n*k), and to the BLAS's own thread count (one per core, or
-  ``OPENBLAS_NUM_THREADS``, or what threadpoolctl set last) otherwise: on 2 cores
-  a second BLAS thread loses on the small GEMMs of small networks.
+* GEMMs: a Dense GEMM (each call brackets its GEMMs with ``blas_threads_for``/``done``)
+  costing less than ``gemm_min_macs`` (m*n*k multiply-adds plus ``gemm_weight_macs``
+  per element of the k x n weights: their streaming is a few-row GEMM's cost) runs
+  on one thread; a larger one on one thread or on the ceiling's, whichever has been
+  faster for its shape lately (timed per call; learnt per shape and kind of call).
+  The choice sets the BLAS's thread count (more than one only from ``blas_min_macs``
+  multiply-adds) and whether nnrt's GEMM kernel (nnrt/_blas.pyx) splits the GEMM over
+  nnrt's helper thread (``par_gemm``: bit-identical to one thread).
 * element-wise kernels (sigmoid, a normalisation's element-wise passes, softmax
-  cross-entropy, SGD/Adam updates, the bias gradient) run in two contiguous halves,
-  the second on a helper thread, when that thread count is >= 2 and the job has at
-  least the measured threshold of elements for its kind. Each output element is
-  computed by the same code as in one thread: the results are bit-identical.
+  cross-entropy, SGD/Adam updates, the bias gradient) run in contiguous chunks on
+  the caller and the helper thread when the ceiling is >= 2 and the job has at least
+  the measured threshold of elements for its kind (and, when nothing was set, the
+  GEMMs' latest verdict is not "one thread"). Each output element is computed by the
+  same code as in one thread: the results are bit-identical.
 
-``nnrt.set_num_threads(n)`` overrides both: n BLAS threads for every GEMM, and the
-element-wise split on (n >= 2, still above the thresholds) or off (n = 1);
-``nnrt.set_num_threads(None)`` returns to the default policy. ``policy()`` reports
-the current choice; ``gemm_threads``/``split_threads`` what it picks for a size.
+``nnrt.set_num_threads(1)`` runs everything on one thread; ``set_num_threads(n)``
+makes n the ceiling (the policy still keeps small GEMMs and small element-wise jobs
+on one thread, where a second thread loses); ``set_num_threads(None)`` returns to
+the BLAS's own count. ``policy()`` reports the current choice;
+``gemm_threads``/``split_threads`` what it picks for a size.
 """
 
 import os
@@ -32,6 +39,8 @@ cdef extern from "nnrt/_parallel.h" nogil:
     long nnrt_par_stat(int which)
     double nnrt_par_now()
     void nnrt_par_set_spin(long spin)
+    void nnrt_par_set_gemm_threads(int t)
+    int nnrt_par_get_gemm_threads()
 
 ctypedef void (*blas_set_t)(int) noexcept nogil
 ctypedef int (*blas_get_t)() noexcept nogil
@@ -41,7 +50,12 @@ ctypedef int (*blas_get_t)() noexcept nogil
 cdef Py_ssize_t _thr[PAR_NKINDS]
 _KINDS = {"stream": PAR_STREAM, "expf": PAR_EXPF, "exp": PAR_EXP, "adam": PAR_ADAM}
 _DEFAULT_THRESHOLDS = {"stream": 1 << 17, "expf": 1 << 16, "exp": 1 << 13, "adam": 1 << 17}
-_DEFAULT_GEMM_MIN_MACS = 16_000_000
+_DEFAULT_GEMM_MIN_MACS = 4_000_000
+# the BLAS's own threads only from this size (nnrt's kernel splits from _gemm_min, bit-
+# identical to one thread): a threaded OpenBLAS GEMM's results differ from its 1-thread
+# ones (measured: sgemm NT 517 x 300 x 264), and below this size its worker's wake-up
+# and spinning cost more than they gain
+_BLAS_MIN_MACS = 16_000_000
 for _name, _v in _DEFAULT_THRESHOLDS.items():
     _thr[<int>_KINDS[_name]] = _v
 
@@ -49,6 +63,8 @@ cdef int _user = 0           # nnrt.set_num_threads(n): n; 0 = the default polic
 cdef int _avail = 1          # threads the default policy may use
 cdef int _initial = 1        # the BLAS's thread count when nnrt was imported
 cdef double _gemm_min = _DEFAULT_GEMM_MIN_MACS
+cdef double _blas_min = _BLAS_MIN_MACS
+cdef double _W_MACS = 16.0
 cdef blas_set_t _blas_set = NULL
 cdef blas_get_t _blas_get = NULL
 cdef int _blas_last = -1     # the count this policy set last (-1: none)
@@ -86,9 +102,10 @@ cdef int par_for(int kind, par_fn fn, void* ctx, Py_ssize_t n, Py_ssize_t unit) 
 # instead of twice when it was more than twice as slow; back to 16 when the winner
 # changes): load from other processes changes which wins (on a busy 2-core
 # machine one thread is faster at every size), and a re-try of the slow option is
-# costly there. Times are
-# exponential moving averages (weight 0.3) of the Dense call's GEMM work. Races between
-# Python threads on a slot only blur the averages (the slot index is always in range).
+# costly there. Times are of the Dense call's GEMM work: the faster of the two
+# exploration samples, then for the option in use an exponential moving average
+# (weight 0.3), for the other its latest re-try. Races between Python threads on a
+# slot only blur the times (the slot index is always in range).
 cdef enum:
     _NSLOTS = 64
     _RETRY_MIN = 16
@@ -155,35 +172,77 @@ cdef inline int _choose(_Slot* s) noexcept nogil:
     return best
 
 
+cdef inline double _gemm_work(Py_ssize_t m, Py_ssize_t n, Py_ssize_t k) noexcept nogil:
+    # a GEMM's cost in multiply-adds, plus _W_MACS per element of its right operand (k x n,
+    # the weights of a forward): at a few rows the weights' streaming from memory is
+    # the cost (a batch-1 GEMV), which a split over two cores' caches and loads halves
+    return <double>m * <double>n * <double>k + _W_MACS * <double>n * <double>k
+
+
 cdef int blas_threads_for(Py_ssize_t m, Py_ssize_t n, Py_ssize_t k, int op) noexcept nogil:
+    # The choice for this GEMM: one thread under _gemm_min multiply-adds, else 1 or the
+    # ceiling (nnrt.set_num_threads' n, or the BLAS's own count), whichever the shape's
+    # timings favour. It sets the BLAS's thread count and the kernel route's split
+    # (par_gemm) alike.
     global _blas_last, _blas_ceiling, _avail
-    if _user != 0 or _blas_set == NULL or _blas_get == NULL:
-        return -1
-    if _initial < 0 and not _settle():
-        return -1
-    cdef int cur = _blas_get()
-    if cur != _blas_last:
-        # someone else (threadpoolctl, the BLAS's own API) set it: that is the ceiling
-        _blas_ceiling = cur
-        _avail = cur
+    cdef bint control = _blas_set != NULL and _blas_get != NULL
+    if control and _initial < 0 and not _settle():
+        control = False
+    cdef int cur = _blas_get() if control else -1
+    cdef int ceiling
+    if _user > 0:
+        ceiling = _user
+    elif control:
+        if cur != _blas_last:
+            # someone else (threadpoolctl, the BLAS's own API) set it: that is the ceiling
+            _blas_ceiling = cur
+            _avail = cur
+        ceiling = _blas_ceiling
+    else:
+        ceiling = _avail
     cdef int want = 1, token = -1, i, c
-    if _blas_ceiling > 1 and <double>m * <double>n * <double>k >= _gemm_min:
+    if ceiling > 1 and _gemm_work(m, n, k) >= _gemm_min:
         i = _slot_of(m, n, k, op)
         c = _choose(&_slots[i])
-        want = _blas_ceiling if c else 1
+        want = ceiling if c else 1
         token = 2 * i + c
-    if want != cur:
-        _blas_set(want)
-    _blas_last = want
+    cdef int blas = want if <double>m * <double>n * <double>k >= _blas_min else 1
+    if control:
+        if blas != cur:
+            _blas_set(blas)
+        _blas_last = blas
+    nnrt_par_set_gemm_threads(want)
     return token
 
 
+cdef int par_gemm(par_fn fn, void* ctx, Py_ssize_t n, long nchunks,
+                  Py_ssize_t align) noexcept nogil:
+    # a GEMM kernel's split (nnrt/_blas.pyx): on two threads when blas_threads_for
+    # picked more than one for the calling thread's current GEMM
+    if nchunks >= 2 and n >= 2 and nnrt_par_get_gemm_threads() >= 2:
+        if nnrt_par_run(<nnrt_par_fn>fn, ctx, n, nchunks, align):
+            return 2
+    fn(ctx, 0, n)
+    return 1
+
+
 cdef void blas_threads_done(int token, double seconds) noexcept nogil:
+    # a GEMM outside a blas_threads_for/done bracket (a plugin's own gemm_rm) runs on
+    # one thread
+    nnrt_par_set_gemm_threads(1)
     if token < 0 or token >= 2 * _NSLOTS:
         return
     cdef _Slot* s = &_slots[token // 2]
     cdef int c = token % 2
     if s.cnt[c] == 0:
+        s.t[c] = seconds
+    elif s.cnt[c] < 2:
+        # exploring: the faster sample (a first call may find the helper asleep, the
+        # caches cold, another library's threads still spinning)
+        s.t[c] = min(s.t[c], seconds)
+    elif c != s.best:
+        # a re-try of the slower option: a fresh measurement replaces the old one (an
+        # average would keep an unlucky early sample for thousands of calls)
         s.t[c] = seconds
     else:
         s.t[c] = 0.7 * s.t[c] + 0.3 * seconds
@@ -207,6 +266,11 @@ def _par_for_address():
     """C address of ``par_for`` (nnrt/_blas.pyx binds it at run time to split its GEMM
     kernel's rows: a cimport of this module from there would be circular)."""
     return <uintptr_t>&par_for
+
+
+def _par_gemm_address():
+    """C address of ``par_gemm`` (bound by nnrt/_blas.pyx at run time, as par_for)."""
+    return <uintptr_t>&par_gemm
 
 
 def _bind_blas():
@@ -269,23 +333,28 @@ def set_user_threads(n):
     _user = n
 
 
+cdef int _ceiling() noexcept nogil:
+    # the most threads a GEMM may use now: nnrt.set_num_threads' n, else the BLAS's own
+    # count (or the CPUs, when nnrt does not control the BLAS)
+    if _user > 0:
+        return _user
+    return _blas_ceiling if _blas_set != NULL else _avail
+
+
 def gemm_threads(m, n, k, op=0):
-    """BLAS threads the policy would pick for the next (m x k) @ (k x n) GEMM (the
-    fixed count when ``nnrt.set_num_threads`` set one; None when nnrt does not
-    control the BLAS in use). Does not count as a call."""
+    """Threads the policy would pick for the next (m x k) @ (k x n) GEMM: one under
+    ``gemm_min_macs`` multiply-adds, else one or the ceiling (``nnrt.set_num_threads``'s
+    n, or the BLAS's own count), as learnt for the shape. Does not count as a call."""
     if _initial < 0:
         _settle()
-    if _user:
-        return _user
-    if _blas_set == NULL:
-        return None
-    if _blas_ceiling <= 1 or float(m) * float(n) * float(k) < _gemm_min:
+    cdef int ceiling = _ceiling()
+    if ceiling <= 1 or _gemm_work(m, n, k) < _gemm_min:
         return 1
     cdef _Slot* s = &_slots[_slot_of(m, n, k, op)]
     cdef _Slot saved = s[0]
     cdef int c = _choose(s)  # this is only a question: leave the slot as it was
     s[0] = saved
-    return _blas_ceiling if c else 1
+    return ceiling if c else 1
 
 
 def _gemm_next(m, n, k, op=0, seconds=None):
@@ -294,13 +363,14 @@ def _gemm_next(m, n, k, op=0, seconds=None):
     touched."""
     if _initial < 0:
         _settle()
-    if _blas_ceiling <= 1 or float(m) * float(n) * float(k) < _gemm_min:
+    cdef int ceiling = _ceiling()
+    if ceiling <= 1 or _gemm_work(m, n, k) < _gemm_min:
         return 1
     cdef int i = _slot_of(m, n, k, op)
     cdef int c = _choose(&_slots[i])
     if seconds is not None:
         blas_threads_done(2 * i + c, seconds)
-    return _blas_ceiling if c else 1
+    return ceiling if c else 1
 
 
 def _gemm_learn(m, n, k, double one, double many, op=0):
@@ -358,6 +428,8 @@ def policy():
         "blas": _blas_name,
         "blas_ceiling": _blas_ceiling if _blas_set != NULL else None,
         "gemm_min_macs": _gemm_min,
+        "gemm_weight_macs": _W_MACS,
+        "blas_min_macs": max(_gemm_min, _blas_min),
         "gemm_verdict": {-1: None, 0: "one thread", 1: "more threads"}[_verdict],
         "split_min_elements": {name: int(_thr[k]) for name, k in _KINDS.items()},
     }
@@ -384,9 +456,10 @@ def _set_thresholds(gemm_min_macs=None, **split_min_elements):
     return old
 
 
-def _set_spin(long spin):
-    """Yields the helper makes after a job before it sleeps (measurements)."""
-    nnrt_par_set_spin(spin)
+def _set_spin(long spin_us):
+    """How long (microseconds) the helper polls for the next job, yielding, before it
+    sleeps (measurements)."""
+    nnrt_par_set_spin(spin_us)
 
 
 _bind_blas()

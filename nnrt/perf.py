@@ -45,16 +45,19 @@ def _blas_controller() -> Any:
 
 
 def set_num_threads(n: int | None) -> None:
-    """Use ``n`` threads in nnrt's BLAS backend, in every other loaded BLAS library
-    and in nnrt's element-wise kernels (split over 2 threads when ``n >= 2``).
+    """Use up to ``n`` threads in nnrt's BLAS backend, in every other loaded BLAS library
+    and in nnrt's GEMM kernel and element-wise kernels (split over 2 threads when
+    ``n >= 2``).
 
     The backend in use (``nnrt._blas.info()["backend"]``: numpy's OpenBLAS, MKL or
     scipy's OpenBLAS) is set through its own call; every BLAS threadpoolctl finds
     loaded is limited too. Applies process-wide until changed again; ``n`` must be a
-    positive int, or None to return to the default per-size thread policy
-    (docs/performance.md "Threads"). A number overrides that policy: every GEMM then
-    runs on ``n`` BLAS threads. Libraries loaded after the call (e.g. torch's) are
-    not affected.
+    positive int, or None to return to the default (the BLAS's own thread count as
+    the ceiling). ``n`` is a ceiling, as torch's ``set_num_threads``: nnrt's per-size
+    thread policy (docs/performance.md "Threads") still runs small GEMMs and small
+    element-wise jobs on one thread, and larger GEMMs on one or ``n`` threads,
+    whichever was measured faster for the shape; ``n = 1`` runs everything on one.
+    Libraries loaded after the call (e.g. torch's) are not affected.
     """
     from nnrt import _parallel
 

@@ -101,6 +101,16 @@ cdef extern from "plugins/_bn_kernels.h" nogil:
                                  const double* invstd, const double* s1, const double* s2,
                                  const double* mean_t, const double* gamma, double* dgamma,
                                  double* dbeta, double* a_t, double* b_t, double* c_t)
+    void nnrt_bn_stats_cols_f(const float* X, Py_ssize_t n, Py_ssize_t f, Py_ssize_t j0,
+                              Py_ssize_t j1, double* mean, double* var)
+    void nnrt_bn_stats_cols_d(const double* X, Py_ssize_t n, Py_ssize_t f, Py_ssize_t j0,
+                              Py_ssize_t j1, double* mean, double* var)
+    void nnrt_bn_bwd_sums_cols_f(const float* X, const float* dY, const float* S,
+                                 const float* mean, double* s1, double* s2, Py_ssize_t n,
+                                 Py_ssize_t f, Py_ssize_t j0, Py_ssize_t j1)
+    void nnrt_bn_bwd_sums_cols_d(const double* X, const double* dY, const double* S,
+                                 const double* mean, double* s1, double* s2, Py_ssize_t n,
+                                 Py_ssize_t f, Py_ssize_t j0, Py_ssize_t j1)
     void nnrt_bn_moments_f(const float* X, Py_ssize_t n, Py_ssize_t f, const double* c,
                            double* s1, double* s2)
     void nnrt_bn_moments_d(const double* X, Py_ssize_t n, Py_ssize_t f, const double* c,
@@ -112,9 +122,9 @@ cdef extern from "plugins/_bn_kernels.h" nogil:
 
 # Row ranges of the element-wise passes for nnrt._parallel.par_for (contiguous row
 # blocks on two threads above a size threshold; every element is computed as in one
-# call: bit-identical). The reductions (statistics, backward sums) stay on one thread:
-# the kernels have no row stride, so they cannot be split by features, and a split by
-# rows would change the summation order.
+# call: bit-identical). The reductions (the batch statistics and the backward sums) are
+# split by features instead (_ColJob): a split by rows would change the summation
+# order, one by features keeps each feature's sums as in one call.
 ctypedef struct _RowJob:
     const void* x
     const void* dy
@@ -126,6 +136,40 @@ ctypedef struct _RowJob:
     const void* p3
     Py_ssize_t f
     int sig
+
+
+ctypedef struct _ColJob:
+    # features [lo, hi) of the statistics (x, n, f -> m, v) or of the backward sums
+    # (x, dy, s, center, n, f -> m as s1, v as s2)
+    const void* x
+    const void* dy
+    const void* s
+    const void* center
+    double* m
+    double* v
+    Py_ssize_t n, f
+
+
+cdef void _stats_f(void* ctx, Py_ssize_t lo, Py_ssize_t hi) noexcept nogil:
+    cdef _ColJob* j = <_ColJob*>ctx
+    nnrt_bn_stats_cols_f(<const float*>j.x, j.n, j.f, lo, hi, j.m, j.v)
+
+
+cdef void _stats_d(void* ctx, Py_ssize_t lo, Py_ssize_t hi) noexcept nogil:
+    cdef _ColJob* j = <_ColJob*>ctx
+    nnrt_bn_stats_cols_d(<const double*>j.x, j.n, j.f, lo, hi, j.m, j.v)
+
+
+cdef void _sums_f(void* ctx, Py_ssize_t lo, Py_ssize_t hi) noexcept nogil:
+    cdef _ColJob* j = <_ColJob*>ctx
+    nnrt_bn_bwd_sums_cols_f(<const float*>j.x, <const float*>j.dy, <const float*>j.s,
+                            <const float*>j.center, j.m, j.v, j.n, j.f, lo, hi)
+
+
+cdef void _sums_d(void* ctx, Py_ssize_t lo, Py_ssize_t hi) noexcept nogil:
+    cdef _ColJob* j = <_ColJob*>ctx
+    nnrt_bn_bwd_sums_cols_d(<const double*>j.x, <const double*>j.dy, <const double*>j.s,
+                            <const double*>j.center, j.m, j.v, j.n, j.f, lo, hi)
 
 
 cdef void _affine_f(void* ctx, Py_ssize_t lo, Py_ssize_t hi) noexcept nogil:
@@ -376,11 +420,17 @@ cdef class BatchNorm(Layer):
         job.p1 = psc
         job.f = f
         job.sig = sig
+        cdef _ColJob cjob
+        cjob.x = x
+        cjob.m = m
+        cjob.v = v
+        cjob.n = n
+        cjob.f = f
         if t == cnp.NPY_FLOAT32:
             with nogil:
                 if training:
                     if local:
-                        nnrt_bn_stats_f(<float*>x, n, f, m, v)
+                        par_for(PAR_STREAM, <par_fn>_stats_f, &cjob, f, n)
                     nnrt_bn_fold_train_f(f, count, momentum, eps, m, v, istd,
                                          <float*>pg, <float*>pb,
                                          <float*>psc, <float*>pmt,
@@ -400,7 +450,7 @@ cdef class BatchNorm(Layer):
             with nogil:
                 if training:
                     if local:
-                        nnrt_bn_stats_d(<double*>x, n, f, m, v)
+                        par_for(PAR_STREAM, <par_fn>_stats_d, &cjob, f, n)
                     nnrt_bn_fold_train_d(f, count, momentum, eps, m, v, istd,
                                          <double*>pg, <double*>pb,
                                          <double*>psc, <double*>pmt,
@@ -616,11 +666,19 @@ cdef class BatchNorm(Layer):
         job.p3 = pc
         job.f = f
         job.sig = 0
+        cdef _ColJob cjob
+        cjob.x = x
+        cjob.dy = dy
+        cjob.s = sp
+        cjob.center = pmt
+        cjob.m = s1
+        cjob.v = s2
+        cjob.n = n
+        cjob.f = f
         if t == cnp.NPY_FLOAT32:
             with nogil:
                 if phase != 2:
-                    nnrt_bn_bwd_sums_f(<float*>x, <float*>dy, <float*>sp, <float*>pmt,
-                                       s1, s2, n, f)
+                    par_for(PAR_STREAM, <par_fn>_sums_f, &cjob, f, n)
                 nnrt_bn_fold_backward_f(f, count, m, istd, s1, s2, <float*>pmt,
                                         <float*>pg, <float*>pdg,
                                         <float*>pdb, <float*>pa,
@@ -630,8 +688,7 @@ cdef class BatchNorm(Layer):
         else:
             with nogil:
                 if phase != 2:
-                    nnrt_bn_bwd_sums_d(<double*>x, <double*>dy, <double*>sp,
-                                       <double*>pmt, s1, s2, n, f)
+                    par_for(PAR_STREAM, <par_fn>_sums_d, &cjob, f, n)
                 nnrt_bn_fold_backward_d(f, count, m, istd, s1, s2, <double*>pmt,
                                         <double*>pg, <double*>pdg,
                                         <double*>pdb, <double*>pa,

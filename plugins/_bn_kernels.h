@@ -91,6 +91,52 @@ static void nnrt_bn_bwd_sums_##SUF(const T *X, const T *dY, const T *S, const T 
         }                                                                                 \
     }                                                                                     \
 }                                                                                         \
+/* nnrt_bn_stats and nnrt_bn_bwd_sums over the features [j0, j1) only (rows still f        \
+ * long): each feature's sums are the same chain of operations as in the whole-row         \
+ * kernels, so a split of the features over threads gives the same bits. */                \
+NNRT_CLONES                                                                                \
+static void nnrt_bn_stats_cols_##SUF(const T *X, ptrdiff_t n, ptrdiff_t f, ptrdiff_t j0,   \
+                                     ptrdiff_t j1, double *mean, double *var) {            \
+    for (ptrdiff_t j = j0; j < j1; j++) { mean[j] = 0; var[j] = 0; }                       \
+    for (ptrdiff_t i = 1; i < n; i++) {                                                    \
+        const T *row = X + i * f;                                                          \
+        for (ptrdiff_t j = j0; j < j1; j++) {                                              \
+            double d = (double)row[j] - (double)X[j];                                      \
+            mean[j] += d;                                                                  \
+            var[j] += d * d;                                                               \
+        }                                                                                  \
+    }                                                                                      \
+    for (ptrdiff_t j = j0; j < j1; j++) {                                                  \
+        double d = mean[j] / n;                                                            \
+        var[j] = var[j] / n - d * d;                                                       \
+        if (var[j] < 0) var[j] = 0;                                                        \
+        mean[j] = X[j] + d;                                                                \
+    }                                                                                      \
+}                                                                                          \
+NNRT_CLONES                                                                                \
+static void nnrt_bn_bwd_sums_cols_##SUF(const T *X, const T *dY, const T *S,               \
+                                        const T *mean, double *s1, double *s2,             \
+                                        ptrdiff_t n, ptrdiff_t f, ptrdiff_t j0,            \
+                                        ptrdiff_t j1) {                                    \
+    for (ptrdiff_t j = j0; j < j1; j++) { s1[j] = 0; s2[j] = 0; }                          \
+    for (ptrdiff_t i = 0; i < n; i++) {                                                    \
+        const T *xr = X + i * f;                                                           \
+        const T *gr = dY + i * f;                                                          \
+        if (S) {                                                                           \
+            const T *sr = S + i * f;                                                       \
+            for (ptrdiff_t j = j0; j < j1; j++) {                                          \
+                T dz = gr[j] * sr[j] * ((T)1 - sr[j]);                                     \
+                s1[j] += dz;                                                               \
+                s2[j] += (double)dz * (double)(xr[j] - mean[j]);                           \
+            }                                                                              \
+        } else {                                                                           \
+            for (ptrdiff_t j = j0; j < j1; j++) {                                          \
+                s1[j] += gr[j];                                                            \
+                s2[j] += (double)gr[j] * (double)(xr[j] - mean[j]);                        \
+            }                                                                              \
+        }                                                                                  \
+    }                                                                                      \
+}                                                                                          \
 /* dx = a dz + c (x - mean) + b, per-feature a, b, c folded by the caller. */             \
 NNRT_CLONES                                                                               \
 static void nnrt_bn_bwd_dx_##SUF(const T *X, const T *dY, const T *S, T *dX,              \

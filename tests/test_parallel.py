@@ -269,7 +269,12 @@ def test_policy_reports_auto_and_fixed() -> None:
     assert _parallel.split_threads("stream", 10**9) == 1
     assert _parallel.gemm_threads(4096, 4096, 4096) == 1
     nnrt.set_num_threads(2)
-    assert _parallel.gemm_threads(2, 2, 2) == 2  # fixed: every GEMM
+    # a ceiling, not a command: small GEMMs stay on one thread, a large one is learnt
+    _parallel._gemm_forget()
+    assert _parallel.gemm_threads(2, 2, 2) == 1
+    for _ in range(2):
+        _parallel._gemm_learn(4096, 4096, 4096, one=2.0, many=1.0)
+    assert _parallel.gemm_threads(4096, 4096, 4096) == 2
     assert _parallel.split_threads("stream", 10**9) == 2
     assert _parallel.split_threads("stream", 3) == 1  # still below the threshold
     nnrt.set_num_threads(None)
@@ -290,7 +295,10 @@ def test_auto_policy_small_gemms_one_thread_large_ones_learnt() -> None:
     ceiling = pol["blas_ceiling"]
     _parallel._gemm_forget()
     gmin = pol["gemm_min_macs"]
+    # the size in multiply-adds plus gemm_weight_macs per weight: the smallest cube over
     side = int(np.ceil(gmin ** (1 / 3)))
+    while (side - 1) ** 3 + pol["gemm_weight_macs"] * (side - 1) ** 2 >= gmin:
+        side -= 1
     # below the size threshold: one thread, never tried with more
     assert _parallel.gemm_threads(1, 1, 1) == 1
     assert _parallel.gemm_threads(32, 64, 64) == 1  # the tiny benchmark net
@@ -473,3 +481,192 @@ def test_helper_thread_works_in_a_forked_child() -> None:
     assert p.exitcode == 0
     assert started
     assert got == want.tobytes()
+
+
+# ------------------------------------------------------- the GEMM kernel's split
+@pytest.fixture
+def kernel_two_threads() -> Iterator[None]:
+    """nnrt's GEMM kernel on for every route and dtype; GEMMs of any size may be split."""
+    from nnrt import _blas
+
+    previous = _blas.use_kernel("on")
+    split = _blas._set_split()
+    _parallel._gemm_forget()
+    _parallel._set_thresholds(gemm_min_macs=1)
+    try:
+        yield
+    finally:
+        _blas.use_kernel(previous)
+        _blas._set_split(*split)
+        _parallel._gemm_forget()
+
+
+def _dense_pass(layer: Any, X: np.ndarray, dY: np.ndarray) -> list[np.ndarray]:
+    Y = layer.forward(X, True).copy()
+    dX = layer.backward(dY).copy()
+    grads = layer.grads()
+    return [Y, dX] + [grads[k].copy() for k in sorted(grads)]
+
+
+def _prefer(m: int, n: int, k: int, op: int, many: bool) -> None:
+    # "measured": the ceiling's threads (or one thread) faster for this shape
+    for _ in range(2):
+        _parallel._gemm_learn(m, n, k, one=1.0 if many else 1e-9, many=1e-9 if many else 1.0, op=op)
+
+
+# (rows, n_in, n_out): split by rows (many rows), by columns (too few rows for pieces
+# of 8), odd row counts; widths multiples of 8 (every GEMM qualifies for the kernel)
+SPLIT_SHAPES = [(517, 296, 264), (9, 200, 128), (67, 136, 72)]
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("shape", SPLIT_SHAPES)
+@pytest.mark.parametrize("mode", [0, 1, 2])
+def test_kernel_gemm_split_bit_identical_and_correct(
+    kernel_two_threads: None, dtype: str, shape: tuple[int, int, int], mode: int
+) -> None:
+    # forward X W (NN), weight gradient X^T dY (TN) and input gradient dY W^T (NT, W
+    # transposed into scratch on both threads) through the kernel, on one thread and
+    # split over two: bit for bit the same, and right against float64 numpy
+    from nnrt import _blas
+
+    rows, n_in, n_out = shape
+    _blas._set_split(mode, 4)
+    rng = np.random.default_rng(41)
+    layer = nnrt.layer("dense", n_in, n_out)
+    layer.to_dtype(dtype)
+    X = rng.standard_normal((rows, n_in)).astype(dtype)
+    dY = rng.standard_normal((rows, n_out)).astype(dtype)
+    _prefer(rows, n_out, n_in, 0, True)
+    _prefer(n_in, n_out, rows, 1, True)
+    nnrt.set_num_threads(1)
+    one = _dense_pass(layer, X, dY)
+    nnrt.set_num_threads(2)
+    jobs = _parallel.stats()["jobs"]
+    two = [_dense_pass(layer, X, dY) for _ in range(3)]  # the helper may be asleep at first
+    assert _parallel.stats()["jobs"] > jobs, "no GEMM was split over two threads"
+    for got in two:
+        _same(one, got)
+    W = layer.params()["weight"].astype(np.float64)
+    b = layer.params()["bias"].astype(np.float64)
+    X64, dY64 = X.astype(np.float64), dY.astype(np.float64)
+    tol = 2e-4 if dtype == "float32" else 1e-9
+    Y, dX, db, dW = two[-1]
+    np.testing.assert_allclose(Y, X64 @ W + b, rtol=tol, atol=tol * np.abs(X64 @ W).max())
+    np.testing.assert_allclose(dX, dY64 @ W.T, rtol=tol, atol=tol * np.abs(dY64 @ W.T).max())
+    np.testing.assert_allclose(dW, X64.T @ dY64, rtol=tol, atol=tol * np.abs(X64.T @ dY64).max())
+    np.testing.assert_allclose(db, dY64.sum(axis=0), rtol=tol, atol=tol * rows)
+
+
+def test_kernel_gemm_split_follows_the_learnt_choice(kernel_two_threads: None) -> None:
+    # with nnrt.set_num_threads(2) a GEMM is split only where two threads were measured
+    # faster; under the size threshold, or where one thread won, it runs on one
+    rows, n_in, n_out = 256, 128, 128
+    layer = nnrt.layer("dense", n_in, n_out)
+    X = np.ones((rows, n_in))
+    nnrt.set_num_threads(2)
+
+    def split_jobs() -> int:
+        before = _parallel.stats()["jobs"]
+        for _ in range(3):
+            layer.forward(X, True)
+        return int(_parallel.stats()["jobs"] - before)
+
+    _prefer(rows, n_out, n_in, 0, True)
+    assert split_jobs() > 0
+    _prefer(rows, n_out, n_in, 0, False)
+    _prefer(rows, n_out, n_in, 0, False)
+    assert split_jobs() == 0
+    _parallel._set_thresholds(gemm_min_macs=10 * rows * n_in * n_out)
+    _parallel._gemm_forget()
+    _prefer(rows, n_out, n_in, 0, True)
+    assert split_jobs() == 0  # below the size threshold: never tried on two
+    nnrt.set_num_threads(1)
+    _parallel._set_thresholds(gemm_min_macs=1)
+    assert split_jobs() == 0  # one thread: never split
+
+
+def test_kernel_gemm_outside_a_dense_call_runs_on_one_thread(kernel_two_threads: None) -> None:
+    # a GEMM a plugin calls itself (nnrt/blas.pxd) has no policy bracket: one thread,
+    # whatever the Dense call before it picked
+    from _cytests import load
+
+    cy = load("_cy_layer_tests")
+    rows, n_in, n_out = 256, 128, 128
+    layer = nnrt.layer("dense", n_in, n_out)
+    nnrt.set_num_threads(2)
+    _prefer(rows, n_out, n_in, 0, True)
+    before = _parallel.stats()["jobs"]
+    layer.forward(np.ones((rows, n_in)), True)
+    assert _parallel.stats()["jobs"] > before
+    A = np.ones((rows, n_in))
+    B = np.ones((n_in, n_out))
+    C = np.zeros((rows, n_out))
+    before = _parallel.stats()["jobs"]
+    cy.gemm_rm_call(False, False, rows, n_out, n_in, 1.0, A, B, 0.0, C)
+    assert _parallel.stats()["jobs"] == before
+    np.testing.assert_array_equal(C, np.full((rows, n_out), float(n_in)))
+
+
+def test_split_settings_reject_bad_values() -> None:
+    from nnrt import _blas
+
+    with pytest.raises(ValueError, match="mode"):
+        _blas._set_split(3)
+    with pytest.raises(ValueError, match="chunks"):
+        _blas._set_split(None, 1)
+
+
+def test_split_gemms_from_several_python_threads(kernel_two_threads: None) -> None:
+    # Dense passes whose GEMMs the policy splits, from four Python threads at once: one
+    # at a time gets the helper (the others run their GEMM, and the NT route's
+    # transpose, alone and in their own scratch), every result as in one thread
+    rng = np.random.default_rng(43)
+    rows, n_in, n_out = 96, 136, 264
+    layers = []
+    for _ in range(4):
+        layer = nnrt.layer("dense", n_in, n_out)
+        layer.to_dtype("float32")
+        layers.append(layer)
+    X = rng.standard_normal((rows, n_in)).astype(np.float32)
+    dY = rng.standard_normal((rows, n_out)).astype(np.float32)
+    _prefer(rows, n_out, n_in, 0, True)
+    _prefer(n_in, n_out, rows, 1, True)
+    nnrt.set_num_threads(1)
+    want = [_dense_pass(layer, X, dY) for layer in layers]
+    nnrt.set_num_threads(2)
+    got: list[Any] = [None] * 4
+    errors: list[BaseException] = []
+
+    def work(i: int) -> None:
+        try:
+            for _ in range(20):
+                got[i] = _dense_pass(layers[i], X, dY)
+        except BaseException as exc:  # noqa: BLE001  (reported below)
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert not any(t.is_alive() for t in threads)
+    assert not errors, errors
+    for g, w in zip(got, want, strict=True):
+        _same(w, g)
+
+
+def test_policy_a_faster_retry_of_the_slower_option_wins_at_once() -> None:
+    # an unlucky first sample (helper asleep, another library's threads spinning) must
+    # not keep two threads out for thousands of calls: a re-try replaces it
+    _parallel._gemm_forget()
+    _parallel._set_thresholds(gemm_min_macs=1)
+    nnrt.set_num_threads(2)
+    _parallel._gemm_learn(80, 80, 80, one=1.0, many=5.0)  # lopsided: exploration over
+    assert _parallel.gemm_threads(80, 80, 80) == 1
+    _parallel._gemm_learn(80, 80, 80, one=1.0, many=0.1)  # the re-try: two threads faster
+    assert _parallel.gemm_threads(80, 80, 80) == 2
+    # exploration keeps the faster of its two samples
+    _parallel._gemm_learn(96, 96, 96, one=1.0, many=0.9)
+    _parallel._gemm_learn(96, 96, 96, one=1.0, many=1.5)
+    assert _parallel.gemm_threads(96, 96, 96) == 2
