@@ -44,11 +44,13 @@ import threading
 
 from cython cimport floating
 from libc.stdint cimport int64_t, uintptr_t
-from libc.stdlib cimport free, malloc
 from scipy.linalg.cython_blas cimport dgemm, dgemv, sgemm, sgemv
 
 
-from nnrt._smallm cimport nnrt_gemm_s_d, nnrt_gemm_s_f, nnrt_smallm_isa_name
+from nnrt._smallm cimport (nnrt_gemm_s_d, nnrt_gemm_s_f, nnrt_smallm_d, nnrt_smallm_f,
+                           nnrt_aligned_alloc, nnrt_aligned_free, nnrt_aligned_ld,
+                           nnrt_smallm_isa_name,
+                           nnrt_transpose_d, nnrt_transpose_f)
 
 __all__ = ["BACKENDS", "KERNEL_MODES", "available", "find_mkl", "find_numpy_openblas", "info",
            "resolve", "set_threads", "thread_control_addresses", "threads", "use",
@@ -266,7 +268,7 @@ cdef bint _kernel_gemm(bint ta, bint tb, int m, int n, int k, floating alpha,
     neither 0 nor 1, TT, n not a multiple of 8 or < the minimum, a leading dimension
     below its row length, or no memory for the scratch copy. ``split``: rows over two
     threads when the thread policy allows (the calibration times one thread)."""
-    cdef Py_ssize_t xi, xk, j, p, j0, p0, j1, p1
+    cdef Py_ssize_t xi, xk, ldt
     cdef Py_ssize_t M = m, N = n, K = k, LDB = ldb
     cdef floating* bt = NULL
     cdef int acc = beta == 1
@@ -289,21 +291,21 @@ cdef bint _kernel_gemm(bint ta, bint tb, int m, int n, int k, floating alpha,
             return False
         _kernel_rows(a, xi, xk, b, ldb, c, ldc, acc, M, K, N, split)
         return True
-    # B stored n x k (row stride ldb >= k): its transpose, k x n, into scratch
+    # B stored n x k (row stride ldb >= k): its transpose, k x n, into a 64-byte
+    # aligned scratch whose rows are never a multiple of 4 KB apart (they would share
+    # L1 sets, in the transpose's stores and in the kernel's reads)
     if ldb < k:
         return False
-    bt = <floating*>malloc(<size_t>K * <size_t>N * sizeof(floating))
+    ldt = nnrt_aligned_ld(N, sizeof(floating))
+    bt = <floating*>nnrt_aligned_alloc(<size_t>K * <size_t>ldt * sizeof(floating))
     if bt == NULL:
         return False
-    for j0 in range(0, N, 32):  # 32 x 32 tiles
-        j1 = j0 + 32 if j0 + 32 < N else N
-        for p0 in range(0, K, 32):
-            p1 = p0 + 32 if p0 + 32 < K else K
-            for j in range(j0, j1):
-                for p in range(p0, p1):
-                    bt[p * N + j] = b[j * LDB + p]
-    _kernel_rows(a, xi, xk, bt, N, c, ldc, acc, M, K, N, split)
-    free(bt)
+    if floating is float:
+        nnrt_transpose_f(b, LDB, N, K, bt, ldt)
+    else:
+        nnrt_transpose_d(b, LDB, N, K, bt, ldt)
+    _kernel_rows(a, xi, xk, bt, ldt, c, ldc, acc, M, K, N, split)
+    nnrt_aligned_free(bt)
     return True
 
 
@@ -751,11 +753,14 @@ class _Operands:
         self.y = np.zeros(m, dtype=dt)
 
 
-def _time_calls(name, ops, int calls, bint gemv=False, bint cpu=False, bint kernel=False):
+def _time_calls(name, ops, int calls, bint gemv=False, bint cpu=False, bint kernel=False,
+                bint smallm=False):
     """Seconds for ``calls`` GEMMs C = op(A) op(B) (or GEMVs y = A x, A m x k) of the
     operands ``ops`` through backend ``name``: a C loop with the GIL released. ``cpu``:
     the calling thread's CPU time (a 1-thread BLAS runs in it), which time slices
-    given to other processes on a busy machine do not inflate; else wall time."""
+    given to other processes on a busy machine do not inflate; else wall time.
+    ``kernel``: through nnrt's kernel route (one thread); ``smallm``: through the eval
+    path's kernel (nnrt_smallm, NN only; benchmarks/gemm_shapes.py)."""
     import time
 
     clock = time.thread_time if cpu else time.perf_counter
@@ -769,10 +774,16 @@ def _time_calls(name, ops, int calls, bint gemv=False, bint cpu=False, bint kern
     cdef bint ok = True
     if calls < 1:
         raise ValueError("calls must be positive")
+    if smallm and (ta or tb):
+        raise ValueError("the eval path's kernel runs NN products only")
     t0 = clock()
     with nogil:
         for _i in range(calls):
-            if kernel and single:
+            if smallm and single:
+                nnrt_smallm_f(<float*>pa, <float*>pb, <float*>pc, m, k, n, 0)
+            elif smallm:
+                nnrt_smallm_d(<double*>pa, <double*>pb, <double*>pc, m, k, n, 0)
+            elif kernel and single:
                 ok = _kernel_gemm(ta, tb, m, n, k, <float>1, <float*>pa, lda, <float*>pb, ldb,
                                   <float>0, <float*>pc, n, False)
             elif kernel:
