@@ -26,7 +26,8 @@ GFLOP/s and nnrt/peer ratios. The process pins itself to one core (as
 ``taskset -c 0``) and sets XLA's flags before jax is imported.
 
   python benchmarks/gemm_shapes.py [--configs medium,large] [--rounds 5]
-      [--contenders nnrt,eval,blas,jax,torch,numpy] [--json out.json]
+      [--contenders nnrt,eval,blas,jax,torch,numpy] [--clock wall|cpu] [--aligned]
+      [--json out.json]
 """
 
 from __future__ import annotations
@@ -83,6 +84,18 @@ def qualifies(n: int) -> bool:
     return n >= 32 and n % 8 == 0
 
 
+def aligned_copy(a: np.ndarray) -> np.ndarray:
+    """``a`` copied to memory that starts on a 64-byte boundary (numpy aligns to 16)."""
+    buf = np.empty(a.nbytes + 64, dtype=np.uint8)
+    start = -buf.ctypes.data % 64
+    out = buf[start : start + a.nbytes].view(a.dtype).reshape(a.shape)
+    out[...] = a
+    return out
+
+
+ALIGNED = False  # --aligned: every operand 64-byte aligned (as nnrt's weights are)
+
+
 class Shape:
     def __init__(self, label: str, m: int, n: int, k: int, ta: bool, tb: bool) -> None:
         self.label, self.m, self.n, self.k, self.ta, self.tb = label, m, n, k, ta, tb
@@ -94,6 +107,14 @@ class Shape:
         self.ops.A[...] = self.A
         self.ops.B[...] = self.B
         self.C = np.empty((m, n), np.float32)
+        if ALIGNED:
+            self.ops.A, self.ops.B = aligned_copy(self.ops.A), aligned_copy(self.ops.B)
+            self.ops.C = aligned_copy(self.ops.C)
+            self.A, self.B, self.C = (
+                aligned_copy(self.A),
+                aligned_copy(self.B),
+                aligned_copy(self.C),
+            )
         self.calls = max(1, int(SAMPLE * 100e9 / self.flops))  # ~20 ms at 100 GFLOP/s
 
     def route(self) -> str:
@@ -186,9 +207,15 @@ def main(argv: list[str] | None = None) -> int:
         "one core it is pinned to), which other processes on a busy machine "
         "do not inflate",
     )
+    ap.add_argument(
+        "--aligned",
+        action="store_true",
+        help="operands on 64-byte boundaries (default: as numpy allocates)",
+    )
     args = ap.parse_args(argv)
-    global clock
+    global clock, ALIGNED
     clock = CLOCKS[args.clock]
+    ALIGNED = args.aligned
     configs = [c for c in args.configs.split(",") if c]
     names = [c for c in args.contenders.split(",") if c]
     for c in configs:
@@ -246,7 +273,7 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"# float32, 1 thread (pinned), backend {backend} ({info.get('kernel')}), "
         f"kernel isa {info['gemm_kernel']['isa']}, rounds {args.rounds}, {args.clock} "
-        f"clock, load {load:.2f}"
+        f"clock, {'64-byte aligned' if ALIGNED else 'numpy-aligned'} operands, load {load:.2f}"
     )
     present = [n for n in names if any(k[1] == n for k in times)]
     peers = [p for p in PEERS if p in present]

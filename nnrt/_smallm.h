@@ -1,15 +1,29 @@
-/* Small-batch inference kernels for nnrt's eval path (nnrt/dense.pyx).
+/* nnrt's GEMM kernel: the eval path's (nnrt/dense.pyx, nnrt/_serve.pyx) and the
+ * training GEMM route's (nnrt/_blas.pyx).
  *
- * nnrt_smallm_{f,d}: row-major Y (m x n) = X (m x k) @ W (k x n) for a few rows m.
+ * nnrt_smallm_{f,d}: row-major Y (m x n) = X (m x k) @ W (k x n).
  *   A BLAS GEMM packs W (k x n: the whole weight matrix) into its own panel layout
  *   on every call; at a batch of a few rows that copy costs as much as the product.
  *   This kernel reads W in place, once per block of MR rows, register-blocked as MR
  *   rows x NV vectors of columns (AVX-512: 8 x 3 vectors, 24 accumulators, 3 loads of
- *   W and 8 broadcasts of X per step of k), over blocks of kc rows of W that every
- *   row block reads from L1/L2 before the next block is streamed in.
+ *   W and 8 broadcasts of X per step of k, the broadcasts folded into the FMAs), over
+ *   blocks of kc rows of W that every row block reads from L1/L2 before the next
+ *   block is streamed in; outputs wider than 512 columns in panels of 288, so that the
+ *   blocks of k stay deep (227 rows of float32) and Y is reloaded rarely. From 512
+ *   rows, a W that is not 64-byte aligned or whose rows are an even number of cache
+ *   lines apart is first copied into an aligned buffer with an odd number of lines per
+ *   row. Packing W into panels (as a BLAS does) was measured and lost: 3-10 % slower
+ *   than this at every benchmark shape on Zen 5, the packing included.
  *   GCC vector extensions (portable C; AVX-512 and AVX2+FMA builds of it are picked
  *   at run time from the CPU). The caller chooses this kernel or GEMM by the shape
  *   (nnrt/dense.pyx, measured crossover).
+ * nnrt_gemm_s_{f,d}: the same loops with strided X (as stored or transposed) and any
+ *   row strides: the training route's NN and TN products.
+ * nnrt_transpose_{f,d}: W^T into a scratch buffer for the NT route (8 x 8 / 4 x 4
+ *   register blocks).
+ * Every output element is one chain of fused multiply-adds over p = 0 .. k-1 in order,
+ *   whatever block, panel, copy or call computes it: a row's result does not depend on
+ *   the rows that share its call (batch size, the row split over threads).
  * nnrt_epilogue_{f,d}: in one pass over Y (m x n): y = y + b; then
  *   y = (y - center) * scale + shift (a following layer's eval-mode per-feature
  *   affine, e.g. a normalisation with running statistics); then y = sigmoid(y). Any part
