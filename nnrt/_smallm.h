@@ -94,7 +94,9 @@ static ptrdiff_t nnrt_smallm_kc(ptrdiff_t n, size_t elsize) {
 #define NNRT_ALIGN_MIN_M 512
 #ifdef _WIN32
 #include <malloc.h>
-static void *nnrt_aligned_alloc(size_t bytes) { return _aligned_malloc(bytes ? bytes : 64, 64); }
+static void *nnrt_aligned_alloc(size_t bytes) {
+    return _aligned_malloc(bytes ? bytes : 64, 64);
+}
 static void nnrt_aligned_free(void *p) { _aligned_free(p); }
 #else
 static void *nnrt_aligned_alloc(size_t bytes) {
@@ -271,47 +273,45 @@ NNRT_SMALLM_ROW1(nnrt_smallm_row_f_base, NNRT_NOATTR, float, nnrt_v4f, nnrt_v4f_
 NNRT_SMALLM_ROW1(nnrt_smallm_row_d_base, NNRT_NOATTR, double, nnrt_v2d, nnrt_v2d_u, 2,
                  nnrt_v1d, nnrt_v1d_u)
 
-
-/* nnrt_transpose_{f,d}: BT (k x n, row stride n) = B^T, B n x k with row stride ldb:
+/* nnrt_transpose_{f,d}: BT (k x n, row stride ldt >= n) = B^T, B n x k with row stride
+ * ldb:
  * the NT route's copy of W^T (nnrt/_blas.pyx). Blocks of 8 x 8 floats (4 x 4 doubles)
  * moved through registers by shuffles (AVX2 builds), 16 (8) rows of B at a time so
  * that every line of BT is written whole; the ragged edges one element at a time. */
-#define NNRT_TRANSPOSE_EDGES(T)                                                           \
+#define NNRT_TRANSPOSE_EDGES                                                              \
     for (ptrdiff_t j = 0; j < jv; j++)                                                    \
-        for (ptrdiff_t p = pv; p < k; p++) BT[p * ldt + j] = B[j * ldb + p];                \
+        for (ptrdiff_t p = pv; p < k; p++) BT[p * ldt + j] = B[j * ldb + p];              \
     for (ptrdiff_t j = jv; j < n; j++)                                                    \
         for (ptrdiff_t p = 0; p < k; p++) BT[p * ldt + j] = B[j * ldb + p];
 
 static void nnrt_transpose_f_base(const float *B, ptrdiff_t ldb, ptrdiff_t n, ptrdiff_t k,
                                   float *BT, ptrdiff_t ldt) {
     const ptrdiff_t jv = 0, pv = 0;
-    NNRT_TRANSPOSE_EDGES(float)
+    NNRT_TRANSPOSE_EDGES
 }
 static void nnrt_transpose_d_base(const double *B, ptrdiff_t ldb, ptrdiff_t n,
                                   ptrdiff_t k, double *BT, ptrdiff_t ldt) {
     const ptrdiff_t jv = 0, pv = 0;
-    NNRT_TRANSPOSE_EDGES(double)
+    NNRT_TRANSPOSE_EDGES
 }
 
 #ifdef NNRT_SMALLM_X86
-#ifndef NNRT_TJ
-#define NNRT_TJ 16
-#endif
 typedef int nnrt_v8i __attribute__((vector_size(32)));
 typedef long long nnrt_v4l __attribute__((vector_size(32)));
 __attribute__((target("avx2,fma"))) static void
 nnrt_transpose_f_avx2(const float *B, ptrdiff_t ldb, ptrdiff_t n, ptrdiff_t k, float *BT,
-                                  ptrdiff_t ldt) {
+                      ptrdiff_t ldt) {
     const ptrdiff_t jv = n / 8 * 8, pv = k / 8 * 8;
     const nnrt_v8i lo1 = {0, 8, 1, 9, 4, 12, 5, 13}, hi1 = {2, 10, 3, 11, 6, 14, 7, 15};
     const nnrt_v8i lo2 = {0, 1, 8, 9, 4, 5, 12, 13}, hi2 = {2, 3, 10, 11, 6, 7, 14, 15};
     const nnrt_v8i lo4 = {0, 1, 2, 3, 8, 9, 10, 11}, hi4 = {4, 5, 6, 7, 12, 13, 14, 15};
-    for (ptrdiff_t j0 = 0; j0 < jv; j0 += NNRT_TJ) {
-        const ptrdiff_t j1 = j0 + NNRT_TJ <= jv ? j0 + NNRT_TJ : jv;
+    for (ptrdiff_t j0 = 0; j0 < jv; j0 += 16) { /* 16 rows of B: whole lines of BT */
+        const ptrdiff_t j1 = j0 + 16 <= jv ? j0 + 16 : jv;
         for (ptrdiff_t p0 = 0; p0 < pv; p0 += 8) {
             for (ptrdiff_t j = j0; j < j1; j += 8) {
                 nnrt_v8f r[8], t[8], u[8];
-                for (int i = 0; i < 8; i++) r[i] = *(const nnrt_v8f_u *)(B + (j + i) * ldb + p0);
+                for (int i = 0; i < 8; i++)
+                    r[i] = *(const nnrt_v8f_u *)(B + (j + i) * ldb + p0);
                 for (int i = 0; i < 8; i += 2) {
                     t[i] = __builtin_shuffle(r[i], r[i + 1], lo1);
                     t[i + 1] = __builtin_shuffle(r[i], r[i + 1], hi1);
@@ -323,17 +323,19 @@ nnrt_transpose_f_avx2(const float *B, ptrdiff_t ldb, ptrdiff_t n, ptrdiff_t k, f
                     u[h + 3] = __builtin_shuffle(t[h + 1], t[h + 3], hi2);
                 }
                 for (int c = 0; c < 4; c++) {
-                    *(nnrt_v8f_u *)(BT + (p0 + c) * ldt + j) = __builtin_shuffle(u[c], u[c + 4], lo4);
+                    *(nnrt_v8f_u *)(BT + (p0 + c) * ldt + j) =
+                        __builtin_shuffle(u[c], u[c + 4], lo4);
                     *(nnrt_v8f_u *)(BT + (p0 + c + 4) * ldt + j) =
                         __builtin_shuffle(u[c], u[c + 4], hi4);
                 }
             }
         }
     }
-    NNRT_TRANSPOSE_EDGES(float)
+    NNRT_TRANSPOSE_EDGES
 }
 __attribute__((target("avx2,fma"))) static void
-nnrt_transpose_d_avx2(const double *B, ptrdiff_t ldb, ptrdiff_t n, ptrdiff_t k, double *BT, ptrdiff_t ldt) {
+nnrt_transpose_d_avx2(const double *B, ptrdiff_t ldb, ptrdiff_t n, ptrdiff_t k, double *BT,
+                      ptrdiff_t ldt) {
     const ptrdiff_t jv = n / 4 * 4, pv = k / 4 * 4;
     const nnrt_v4l lo1 = {0, 4, 2, 6}, hi1 = {1, 5, 3, 7};
     const nnrt_v4l lo2 = {0, 1, 4, 5}, hi2 = {2, 3, 6, 7};
@@ -342,19 +344,21 @@ nnrt_transpose_d_avx2(const double *B, ptrdiff_t ldb, ptrdiff_t n, ptrdiff_t k, 
         for (ptrdiff_t p0 = 0; p0 < pv; p0 += 4) {
             for (ptrdiff_t j = j0; j < j1; j += 4) {
                 nnrt_v4d r[4], t[4];
-                for (int i = 0; i < 4; i++) r[i] = *(const nnrt_v4d_u *)(B + (j + i) * ldb + p0);
+                for (int i = 0; i < 4; i++)
+                    r[i] = *(const nnrt_v4d_u *)(B + (j + i) * ldb + p0);
                 t[0] = __builtin_shuffle(r[0], r[1], lo1);
                 t[1] = __builtin_shuffle(r[0], r[1], hi1);
                 t[2] = __builtin_shuffle(r[2], r[3], lo1);
                 t[3] = __builtin_shuffle(r[2], r[3], hi1);
-                *(nnrt_v4d_u *)(BT + p0 * ldt + j) = __builtin_shuffle(t[0], t[2], lo2);
-                *(nnrt_v4d_u *)(BT + (p0 + 1) * ldt + j) = __builtin_shuffle(t[1], t[3], lo2);
-                *(nnrt_v4d_u *)(BT + (p0 + 2) * ldt + j) = __builtin_shuffle(t[0], t[2], hi2);
-                *(nnrt_v4d_u *)(BT + (p0 + 3) * ldt + j) = __builtin_shuffle(t[1], t[3], hi2);
+                double *o = BT + p0 * ldt + j;
+                *(nnrt_v4d_u *)o = __builtin_shuffle(t[0], t[2], lo2);
+                *(nnrt_v4d_u *)(o + ldt) = __builtin_shuffle(t[1], t[3], lo2);
+                *(nnrt_v4d_u *)(o + 2 * ldt) = __builtin_shuffle(t[0], t[2], hi2);
+                *(nnrt_v4d_u *)(o + 3 * ldt) = __builtin_shuffle(t[1], t[3], hi2);
             }
         }
     }
-    NNRT_TRANSPOSE_EDGES(double)
+    NNRT_TRANSPOSE_EDGES
 }
 #endif
 
