@@ -401,8 +401,13 @@ static const char *nnrt_smallm_isa_name(void) {
 #endif
 }
 
-static int nnrt_copy_pays(const void *W, ptrdiff_t ldw, size_t elsize, ptrdiff_t m) {
+/* the copy is skipped above this size (a large layer's weight is not duplicated) */
+#define NNRT_ALIGN_MAX_BYTES ((size_t)32 << 20)
+static int nnrt_copy_pays(const void *W, ptrdiff_t ldw, size_t elsize, ptrdiff_t m,
+                          ptrdiff_t k, ptrdiff_t n) {
     return m >= NNRT_ALIGN_MIN_M
+           && (size_t)k * (size_t)nnrt_aligned_ld(n, elsize) * elsize
+                  <= NNRT_ALIGN_MAX_BYTES
            && ((uintptr_t)W % 64 != 0 || (size_t)ldw * elsize % 64 != 0
                || (size_t)ldw * elsize / 64 % 2 == 0);
 }
@@ -417,7 +422,7 @@ static void nnrt_gemm_s_d(const double *X, ptrdiff_t xi, ptrdiff_t xk, const dou
 static void nnrt_smallm_f(const float *X, const float *W, float *Y, ptrdiff_t m,
                           ptrdiff_t k, ptrdiff_t n, ptrdiff_t kc) {
     if (kc <= 0) kc = nnrt_smallm_kc(n, sizeof(float));
-    if (nnrt_copy_pays(W, n, sizeof(float), m)) { /* through an aligned copy of W */
+    if (nnrt_copy_pays(W, n, sizeof(float), m, k, n)) { /* through an aligned copy of W */
         nnrt_gemm_s_f(X, k, 1, W, n, Y, n, 0, m, k, n);
         return;
     }
@@ -444,7 +449,7 @@ static void nnrt_smallm_f(const float *X, const float *W, float *Y, ptrdiff_t m,
 static void nnrt_smallm_d(const double *X, const double *W, double *Y, ptrdiff_t m,
                           ptrdiff_t k, ptrdiff_t n, ptrdiff_t kc) {
     if (kc <= 0) kc = nnrt_smallm_kc(n, sizeof(double));
-    if (nnrt_copy_pays(W, n, sizeof(double), m)) { /* through an aligned copy of W */
+    if (nnrt_copy_pays(W, n, sizeof(double), m, k, n)) { /* through an aligned copy of W */
         nnrt_gemm_s_d(X, k, 1, W, n, Y, n, 0, m, k, n);
         return;
     }
@@ -483,7 +488,7 @@ static void nnrt_gemm_s_##SUF(const T *X, ptrdiff_t xi, ptrdiff_t xk, const T *W
                               ptrdiff_t ldw, T *Y, ptrdiff_t ldy, int acc_y,              \
                               ptrdiff_t m, ptrdiff_t k, ptrdiff_t n) {                    \
     ptrdiff_t kc = nnrt_smallm_kc(n, sizeof(T));                                          \
-    if (nnrt_copy_pays(W, ldw, sizeof(T), m)) {                                           \
+    if (nnrt_copy_pays(W, ldw, sizeof(T), m, k, n)) {                                     \
         const ptrdiff_t ld = nnrt_aligned_ld(n, sizeof(T));                               \
         T *Wc = (T *)nnrt_aligned_alloc((size_t)k * (size_t)ld * sizeof(T));              \
         if (Wc != NULL) {                                                                 \
