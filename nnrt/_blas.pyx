@@ -44,11 +44,11 @@ import threading
 
 from cython cimport floating
 from libc.stdint cimport int64_t, uintptr_t
-from libc.stdlib cimport free, malloc
 from scipy.linalg.cython_blas cimport dgemm, dgemv, sgemm, sgemv
 
-
-from nnrt._smallm cimport nnrt_gemm_s_d, nnrt_gemm_s_f, nnrt_smallm_isa_name
+from nnrt._smallm cimport (nnrt_aligned_alloc, nnrt_aligned_free, nnrt_aligned_ld,
+                           nnrt_gemm_s_d, nnrt_gemm_s_f, nnrt_smallm_d, nnrt_smallm_f,
+                           nnrt_smallm_isa_name, nnrt_transpose_d, nnrt_transpose_f)
 
 __all__ = ["BACKENDS", "KERNEL_MODES", "available", "find_mkl", "find_numpy_openblas", "info",
            "resolve", "set_threads", "thread_control_addresses", "threads", "use",
@@ -318,9 +318,10 @@ cdef void _kernel_split(const floating* a, Py_ssize_t xi, Py_ssize_t xk, const f
 
 
 # The NT route's transposed B, kept between calls (grown to the largest seen up to
-# _SCRATCH_KEEP bytes; one caller at a time, others malloc their own): a fresh malloc
-# of megabytes per call is a fresh mmap whose page faults cost more than the transpose
-# itself. Larger copies are malloc'd per call (there the GEMM dwarfs the faults).
+# _SCRATCH_KEEP bytes; one caller at a time, others allocate their own): a fresh
+# allocation of megabytes per call is a fresh mmap whose page faults cost more than the
+# transpose itself. Larger copies are allocated per call (there the GEMM dwarfs the
+# faults). Both are 64-byte aligned, rows nnrt_aligned_ld apart (nnrt/_smallm.h).
 cdef extern from *:
     """
     #if defined(_MSC_VER)
@@ -344,13 +345,14 @@ cdef long _scratch_busy = 0
 
 
 cdef bint _scratch_take(size_t size) noexcept nogil:
-    # the kept buffer, at least size bytes, for this caller alone; False: use malloc
+    # the kept buffer (64-byte aligned), at least size bytes, for this caller alone;
+    # False: allocate one
     global _scratch, _scratch_size
     if size > _SCRATCH_KEEP or not nnrt_blas_flag_take(&_scratch_busy):
         return False
     if _scratch_size < size:
-        free(_scratch)
-        _scratch = malloc(size)
+        nnrt_aligned_free(_scratch)
+        _scratch = nnrt_aligned_alloc(size)
         _scratch_size = size if _scratch != NULL else 0
         if _scratch == NULL:
             nnrt_blas_flag_give(&_scratch_busy)
@@ -363,34 +365,24 @@ cdef void _scratch_give() noexcept nogil:
 
 
 ctypedef struct _TJob:
-    # bt (k x n, row stride n) = the transpose of b (n x k, row stride ldb), rows of bt
+    # bt (k x n, row stride ldt) = the transpose of b (n x k, row stride ldb), rows of bt
     # [lo, hi) per call
     const void* b
     Py_ssize_t ldb
     void* bt
-    Py_ssize_t n, k
-
-
-cdef inline void _transpose_rows(const floating* b, Py_ssize_t ldb, floating* bt, Py_ssize_t n,
-                                 Py_ssize_t lo, Py_ssize_t hi) noexcept nogil:
-    cdef Py_ssize_t j0, j1, p0, p1, j, p
-    for p0 in range(lo, hi, 32):  # 32 x 32 tiles
-        p1 = p0 + 32 if p0 + 32 < hi else hi
-        for j0 in range(0, n, 32):
-            j1 = j0 + 32 if j0 + 32 < n else n
-            for j in range(j0, j1):
-                for p in range(p0, p1):
-                    bt[p * n + j] = b[j * ldb + p]
+    Py_ssize_t ldt, n
 
 
 cdef void _tjob_f(void* ctx, Py_ssize_t lo, Py_ssize_t hi) noexcept nogil:
     cdef _TJob* t = <_TJob*>ctx
-    _transpose_rows(<const float*>t.b, t.ldb, <float*>t.bt, t.n, lo, hi)
+    nnrt_transpose_f(<const float*>t.b + lo, t.ldb, t.n, hi - lo, <float*>t.bt + lo * t.ldt,
+                     t.ldt)
 
 
 cdef void _tjob_d(void* ctx, Py_ssize_t lo, Py_ssize_t hi) noexcept nogil:
     cdef _TJob* t = <_TJob*>ctx
-    _transpose_rows(<const double*>t.b, t.ldb, <double*>t.bt, t.n, lo, hi)
+    nnrt_transpose_d(<const double*>t.b + lo, t.ldb, t.n, hi - lo,
+                     <double*>t.bt + lo * t.ldt, t.ldt)
 
 
 cdef bint _kernel_gemm(bint ta, bint tb, int m, int n, int k, floating alpha,
@@ -401,7 +393,7 @@ cdef bint _kernel_gemm(bint ta, bint tb, int m, int n, int k, floating alpha,
     neither 0 nor 1, TT, n not a multiple of 8 or < the minimum, a leading dimension
     below its row length, or no memory for the scratch copy. ``split``: rows over two
     threads when the thread policy allows (the calibration times one thread)."""
-    cdef Py_ssize_t xi, xk
+    cdef Py_ssize_t xi, xk, ldt
     cdef Py_ssize_t M = m, N = n, K = k, LDB = ldb
     cdef floating* bt = NULL
     cdef int acc = beta == 1
@@ -424,30 +416,33 @@ cdef bint _kernel_gemm(bint ta, bint tb, int m, int n, int k, floating alpha,
             return False
         _kernel_split(a, xi, xk, b, ldb, c, ldc, acc, M, K, N, split)
         return True
-    # B stored n x k (row stride ldb >= k): its transpose, k x n, into scratch
+    # B stored n x k (row stride ldb >= k): its transpose, k x n, into a 64-byte
+    # aligned scratch whose rows are never a multiple of 4 KB apart (they would share
+    # L1 sets, in the transpose's stores and in the kernel's reads)
     if ldb < k:
         return False
-    cdef size_t size = <size_t>K * <size_t>N * sizeof(floating)
+    ldt = nnrt_aligned_ld(N, sizeof(floating))
+    cdef size_t size = <size_t>K * <size_t>ldt * sizeof(floating)
     cdef bint kept = _scratch_take(size)
-    bt = <floating*>_scratch if kept else <floating*>malloc(size)
+    bt = <floating*>_scratch if kept else <floating*>nnrt_aligned_alloc(size)
     if bt == NULL:
         return False
     cdef _TJob tj
     tj.b = b
     tj.ldb = LDB
     tj.bt = bt
+    tj.ldt = ldt
     tj.n = N
-    tj.k = K
     cdef par_fn_t tfn = <par_fn_t>(_tjob_f if floating is float else _tjob_d)
     if split and _par_for != NULL and K >= 64:
         _par_for(tfn, &tj, K, 4, 32)  # blocks of 32 rows of the transpose
     else:
         tfn(&tj, 0, K)
-    _kernel_split(a, xi, xk, bt, N, c, ldc, acc, M, K, N, split)
+    _kernel_split(a, xi, xk, bt, ldt, c, ldc, acc, M, K, N, split)
     if kept:
         _scratch_give()
     else:
-        free(bt)
+        nnrt_aligned_free(bt)
     return True
 
 
@@ -895,11 +890,14 @@ class _Operands:
         self.y = np.zeros(m, dtype=dt)
 
 
-def _time_calls(name, ops, int calls, bint gemv=False, bint cpu=False, bint kernel=False):
+def _time_calls(name, ops, int calls, bint gemv=False, bint cpu=False, bint kernel=False,
+                bint smallm=False):
     """Seconds for ``calls`` GEMMs C = op(A) op(B) (or GEMVs y = A x, A m x k) of the
     operands ``ops`` through backend ``name``: a C loop with the GIL released. ``cpu``:
     the calling thread's CPU time (a 1-thread BLAS runs in it), which time slices
-    given to other processes on a busy machine do not inflate; else wall time."""
+    given to other processes on a busy machine do not inflate; else wall time.
+    ``kernel``: through nnrt's kernel route (one thread); ``smallm``: through the eval
+    path's kernel (nnrt_smallm, NN only; benchmarks/gemm_shapes.py)."""
     import time
 
     clock = time.thread_time if cpu else time.perf_counter
@@ -913,10 +911,16 @@ def _time_calls(name, ops, int calls, bint gemv=False, bint cpu=False, bint kern
     cdef bint ok = True
     if calls < 1:
         raise ValueError("calls must be positive")
+    if smallm and (ta or tb):
+        raise ValueError("the eval path's kernel runs NN products only")
     t0 = clock()
     with nogil:
         for _i in range(calls):
-            if kernel and single:
+            if smallm and single:
+                nnrt_smallm_f(<float*>pa, <float*>pb, <float*>pc, m, k, n, 0)
+            elif smallm:
+                nnrt_smallm_d(<double*>pa, <double*>pb, <double*>pc, m, k, n, 0)
+            elif kernel and single:
                 ok = _kernel_gemm(ta, tb, m, n, k, <float>1, <float*>pa, lda, <float*>pb, ldb,
                                   <float>0, <float*>pc, n, False)
             elif kernel:

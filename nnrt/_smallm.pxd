@@ -13,6 +13,13 @@ cdef extern from "nnrt/_smallm.h" nogil:
     void nnrt_gemm_s_d(const double* X, Py_ssize_t xi, Py_ssize_t xk, const double* W,
                        Py_ssize_t ldw, double* Y, Py_ssize_t ldy, int acc_y, Py_ssize_t m,
                        Py_ssize_t k, Py_ssize_t n)
+    void* nnrt_aligned_alloc(size_t bytes)
+    void nnrt_aligned_free(void* p)
+    Py_ssize_t nnrt_aligned_ld(Py_ssize_t n, size_t elsize)
+    void nnrt_transpose_f(const float* B, Py_ssize_t ldb, Py_ssize_t n, Py_ssize_t k,
+                          float* BT, Py_ssize_t ldt)
+    void nnrt_transpose_d(const double* B, Py_ssize_t ldb, Py_ssize_t n, Py_ssize_t k,
+                          double* BT, Py_ssize_t ldt)
     void nnrt_epilogue_f(float* Y, Py_ssize_t m, Py_ssize_t n, const float* bias,
                          const float* center, const float* scale, const float* shift, int act)
     void nnrt_epilogue_d(double* Y, Py_ssize_t m, Py_ssize_t n, const double* bias,

@@ -423,6 +423,23 @@ def eval_run(Dense layer, object X, object affine=None, int act=0):
     return _eval_run(layer, X, <Layer>affine if affine is not None else None, act)
 
 
+def _aligned(a, dtype):
+    """``a`` as a C-contiguous array of ``dtype`` that starts on a 64-byte boundary (a
+    copy unless it already is one). The weight lives in one: the GEMM kernel's vector
+    loads of W then never straddle two cache lines (nnrt/_smallm.h: 5-12 % on Zen 5;
+    numpy aligns to 16 bytes). Alignment is a speed matter only: every kernel takes any
+    aligned-to-its-element array, so a weight replaced by the user still works."""
+    dt = np.dtype(dtype)
+    a = np.asarray(a)
+    if a.dtype == dt and a.flags.c_contiguous and a.ctypes.data % 64 == 0:
+        return a
+    buf = np.empty(a.size * dt.itemsize + 64, dtype=np.uint8)
+    start = -buf.ctypes.data % 64
+    out = buf[start:start + a.size * dt.itemsize].view(dt).reshape(a.shape)
+    out[...] = a
+    return out
+
+
 cdef class Dense(Layer):
     """Fully connected layer ``Y = X @ W + b`` (registry name ``dense``).
 
@@ -461,7 +478,7 @@ cdef class Dense(Layer):
         self._n_out = n_out
         self.use_bias = use_bias
         self._set_dtype(np.float64)
-        self.W = np.zeros((n_in, n_out), dtype=np.float64)
+        self.W = _aligned(np.zeros((n_in, n_out), dtype=np.float64), np.float64)
         self.dW = np.zeros((n_in, n_out), dtype=np.float64)
         # without a bias, b/db stay 1-element placeholders the kernels never read
         self.b = np.zeros((n_out if use_bias else 1,), dtype=np.float64)
@@ -507,7 +524,7 @@ cdef class Dense(Layer):
         if dt != np.float32 and dt != np.float64:
             raise TypeError(f"{type(self).__name__}: dtype must be float32 or float64, got {dt}")
         # new arrays first: a failure leaves the layer as it was
-        W = np.ascontiguousarray(self.W, dtype=dt)
+        W = _aligned(self.W, dt)
         dW = np.ascontiguousarray(self.dW, dtype=dt)
         b = np.ascontiguousarray(self.b, dtype=dt)
         db = np.ascontiguousarray(self.db, dtype=dt)

@@ -519,3 +519,140 @@ def test_bad_nnrt_gemm_kernel_warns_and_uses_auto() -> None:
     assert proc.returncode == 0, proc.stderr
     assert "RuntimeWarning" in proc.stderr and "NNRT_GEMM_KERNEL='fast'" in proc.stderr
     assert proc.stdout.split()[-1] == "auto"
+
+
+# ------------------------------------- the kernel's blocking, copies and transposes
+# nnrt/_smallm.h: outputs wider than 512 columns run in panels of 288 (and a ragged
+# last panel); from 512 rows a W that is not 64-byte aligned, or whose rows are an
+# even number of cache lines apart, is copied into an aligned buffer first; the NT
+# route transposes W with 8 x 8 (float) / 4 x 4 (double) register blocks and the
+# ragged edges element by element. None of it may change a sum.
+
+
+def _misaligned(values: np.ndarray, offset: int) -> np.ndarray:
+    """A C-contiguous copy of ``values`` starting ``offset`` elements past a 64-byte
+    boundary (numpy aligns to 16 bytes only, so the kernel sees every alignment)."""
+    item = values.dtype.itemsize
+    buf = np.empty(values.size + 64 // item + offset, dtype=values.dtype)
+    start = (-buf.ctypes.data % 64) // item + offset
+    out = buf[start : start + values.size].reshape(values.shape)
+    out[...] = values
+    assert out.ctypes.data % 64 == offset * item and out.flags.c_contiguous
+    return out
+
+
+# (m, n, k): panels of 288 columns with a ragged last one (n = 600, 1032), transposes
+# with ragged edges (n, k not multiples of 8 or 4), one step of k, 512 rows and more
+# (the aligned copy of W), a single row
+BLOCK_SHAPES = (
+    (3, 600, 5),
+    (2, 1032, 9),
+    (37, 40, 13),
+    (11, 72, 1),
+    (520, 48, 7),
+    (513, 600, 3),
+    (1, 1032, 17),
+)
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("route", ["NN", "TN", "NT"])
+def test_kernel_blocks_and_copies_match_numpy(kernel_on: str, dtype: type, route: str) -> None:
+    """Every route over shapes that reach the panels, the copies and the transpose
+    edges, with W at each alignment within a vector, beta 0 (C not read: NaN stays
+    out) and beta 1; float64 to rtol 1e-9 against numpy in float64."""
+    rng = np.random.default_rng(41)
+    ta, tb = route == "TN", route == "NT"
+    rtol = 1e-9 if dtype == np.float64 else 2e-4
+    for (m, n, k), offset in zip(BLOCK_SHAPES, (0, 1, 2, 3, 1, 2, 3), strict=True):
+        a64 = rng.standard_normal((m, k))
+        b64 = rng.standard_normal((k, n))
+        A = np.ascontiguousarray((a64.T if ta else a64).astype(dtype))
+        B = _misaligned(np.ascontiguousarray((b64.T if tb else b64).astype(dtype)), offset)
+        for beta in (0.0, 1.0):
+            C0 = rng.standard_normal((m, n)).astype(dtype)
+            C = C0.copy() if beta else np.full((m, n), np.nan, dtype=dtype)
+            before = _blas._kernel_calls()
+            cy.gemm_rm_call(ta, tb, m, n, k, 1.0, A, B, beta, C)
+            assert _blas._kernel_calls() == before + 1, (route, m, n, k)
+            # the reference from the stored values, in float64
+            a_st, b_st = A.astype(np.float64), B.astype(np.float64)
+            want = (a_st.T if ta else a_st) @ (b_st.T if tb else b_st)
+            _close(C.astype(np.float64), want + (C0.astype(np.float64) if beta else 0.0), rtol)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("route", ["NN", "TN", "NT"])
+def test_kernel_rows_do_not_depend_on_blocking(kernel_on: str, dtype: type, route: str) -> None:
+    """A row of C is the same, bit for bit, whether it comes from a call of 600 rows
+    (W copied to an aligned buffer, 288-column panels), of 7 rows or of one, and
+    whatever the alignment of W: the blocking and the copies move operands, never the
+    order of a sum."""
+    rng = np.random.default_rng(43)
+    ta, tb = route == "TN", route == "NT"
+    m, n, k = 600, 616, 19
+    a = rng.standard_normal((m, k)).astype(dtype)
+    b = rng.standard_normal((n, k) if tb else (k, n)).astype(dtype)
+
+    def run(rows: slice, offset: int) -> np.ndarray:
+        part = a[rows]
+        A = np.ascontiguousarray(part.T) if ta else np.ascontiguousarray(part)
+        C = np.full((part.shape[0], n), np.nan, dtype=dtype)
+        cy.gemm_rm_call(ta, tb, part.shape[0], n, k, 1.0, A, _misaligned(b, offset), 0.0, C)
+        return C
+
+    whole = run(slice(0, m), 0)
+    for offset in (1, 3):
+        np.testing.assert_array_equal(run(slice(0, m), offset), whole)
+    for lo, hi in ((0, 1), (5, 12), (599, 600), (100, 611)):
+        np.testing.assert_array_equal(run(slice(lo, hi), 2), whole[lo:hi])
+    want = a.astype(np.float64) @ (b.T if tb else b).astype(np.float64)
+    _close(whole.astype(np.float64), want, 1e-9 if dtype == np.float64 else 2e-4)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_eval_kernel_rows_identical_through_the_aligned_copy(dtype: type) -> None:
+    """The eval path's kernel (nnrt_smallm) copies W to an aligned buffer from 512
+    rows and blocks 1024 columns in panels: a row gives the same output alone, in a
+    few rows and in a batch of 600 (bit for bit), equal to float64 numpy."""
+    from nnrt import dense
+
+    dense._set_eval_kernel("small")
+    try:
+        layer = nnrt.layer("dense", 21, 1024).to_dtype(dtype)
+        rng = np.random.default_rng(47)
+        X = rng.standard_normal((600, 21)).astype(dtype)
+        whole = np.array(layer.forward(X, False))
+        for lo, hi in ((0, 1), (3, 10), (599, 600)):
+            np.testing.assert_array_equal(np.array(layer.forward(X[lo:hi], False)), whole[lo:hi])
+    finally:
+        dense._set_eval_kernel("auto")
+    p = layer.params()
+    want = X.astype(np.float64) @ p["weight"].astype(np.float64) + p["bias"]
+    _close(whole.astype(np.float64), want, 1e-9 if dtype == np.float64 else 2e-4)
+
+
+def test_gemm_shapes_benchmark_runs() -> None:
+    """benchmarks/gemm_shapes.py (nnrt's routes against the other libraries per GEMM
+    shape) runs and reports every shape of a configuration."""
+    script = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "gemm_shapes.py")
+    proc = subprocess.run(
+        [
+            sys.executable,
+            script,
+            "--configs",
+            "tiny",
+            "--rounds",
+            "1",
+            "--contenders",
+            "nnrt,eval,blas,numpy",
+            "--clock",
+            "cpu",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    rows = [line for line in proc.stdout.splitlines() if line.startswith("tiny L")]
+    assert len(rows) == 8, proc.stdout  # 3 layers: NN, TN each, NT for the last two
