@@ -64,18 +64,11 @@ cdef extern from "plugins/_bn_kernels.h" nogil:
     #   dx       dx = a dz + c (x - mean) + b
     #   moments  s1 = sum (x - c), s2 = sum (x - c)^2 in float64 (c NULL: 0): this
     #            process's share of statistics reduced over several (SyncBatchNorm)
-    void nnrt_bn_stats_f(const float* X, Py_ssize_t n, Py_ssize_t f, double* mean, double* var)
-    void nnrt_bn_stats_d(const double* X, Py_ssize_t n, Py_ssize_t f, double* mean, double* var)
     void nnrt_bn_affine_f(const float* X, float* Y, Py_ssize_t n, Py_ssize_t f,
                           const float* center, const float* scale, const float* shift, int sig)
     void nnrt_bn_affine_d(const double* X, double* Y, Py_ssize_t n, Py_ssize_t f,
                           const double* center, const double* scale, const double* shift,
                           int sig)
-    void nnrt_bn_bwd_sums_f(const float* X, const float* dY, const float* S, const float* mean,
-                            double* s1, double* s2, Py_ssize_t n, Py_ssize_t f)
-    void nnrt_bn_bwd_sums_d(const double* X, const double* dY, const double* S,
-                            const double* mean, double* s1, double* s2, Py_ssize_t n,
-                            Py_ssize_t f)
     void nnrt_bn_bwd_dx_f(const float* X, const float* dY, const float* S, float* dX,
                           const float* mean, const float* a, const float* b, const float* c,
                           Py_ssize_t n, Py_ssize_t f)

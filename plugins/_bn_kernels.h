@@ -30,27 +30,6 @@
  * do not enable FMA).
  * ---------------------------------------------------------------------- */
 #define NNRT_BN_KERNELS(T, SUF, SIGMOID)                                                     \
-/* One pass, float64 deviations from the first row (no cancellation):                    \
- * mean = K + S1/n, var = S2/n - (S1/n)^2. */                                             \
-NNRT_CLONES                                                                               \
-static void nnrt_bn_stats_##SUF(const T *X, ptrdiff_t n, ptrdiff_t f, double *mean,       \
-                                double *var) {                                            \
-    for (ptrdiff_t j = 0; j < f; j++) { mean[j] = 0; var[j] = 0; }                        \
-    for (ptrdiff_t i = 1; i < n; i++) {                                                   \
-        const T *row = X + i * f;                                                         \
-        for (ptrdiff_t j = 0; j < f; j++) {                                               \
-            double d = (double)row[j] - (double)X[j];                                     \
-            mean[j] += d;                                                                 \
-            var[j] += d * d;                                                              \
-        }                                                                                 \
-    }                                                                                     \
-    for (ptrdiff_t j = 0; j < f; j++) {                                                   \
-        double d = mean[j] / n;                                                           \
-        var[j] = var[j] / n - d * d;                                                      \
-        if (var[j] < 0) var[j] = 0;                                                       \
-        mean[j] = X[j] + d;                                                               \
-    }                                                                                     \
-}                                                                                         \
 /* y = (x - center) * scale + shift; then s = sigmoid(y) when sig is set. */              \
 NNRT_CLONES                                                                               \
 static void nnrt_bn_affine_##SUF(const T *X, T *Y, ptrdiff_t n, ptrdiff_t f,              \
@@ -68,32 +47,10 @@ static void nnrt_bn_affine_##SUF(const T *X, T *Y, ptrdiff_t n, ptrdiff_t f,    
         }                                                                                 \
     }                                                                                     \
 }                                                                                         \
-/* s1 = sum_i dz, s2 = sum_i dz (x - mean), with dz = dy, or dy s (1 - s) when S. */     \
-NNRT_CLONES                                                                               \
-static void nnrt_bn_bwd_sums_##SUF(const T *X, const T *dY, const T *S, const T *mean,    \
-                                   double *s1, double *s2, ptrdiff_t n, ptrdiff_t f) {    \
-    for (ptrdiff_t j = 0; j < f; j++) { s1[j] = 0; s2[j] = 0; }                           \
-    for (ptrdiff_t i = 0; i < n; i++) {                                                   \
-        const T *xr = X + i * f;                                                          \
-        const T *gr = dY + i * f;                                                         \
-        if (S) {                                                                          \
-            const T *sr = S + i * f;                                                      \
-            for (ptrdiff_t j = 0; j < f; j++) {                                           \
-                T dz = gr[j] * sr[j] * ((T)1 - sr[j]);                                    \
-                s1[j] += dz;                                                              \
-                s2[j] += (double)dz * (double)(xr[j] - mean[j]);                          \
-            }                                                                             \
-        } else {                                                                          \
-            for (ptrdiff_t j = 0; j < f; j++) {                                           \
-                s1[j] += gr[j];                                                           \
-                s2[j] += (double)gr[j] * (double)(xr[j] - mean[j]);                       \
-            }                                                                             \
-        }                                                                                 \
-    }                                                                                     \
-}                                                                                         \
-/* nnrt_bn_stats and nnrt_bn_bwd_sums over the features [j0, j1) only (rows still f        \
- * long): each feature's sums are the same chain of operations as in the whole-row         \
- * kernels, so a split of the features over threads gives the same bits. */                \
+/* The batch statistics of the features [j0, j1) (rows f long; a split of the features     \
+ * over threads gives the same bits, each feature's sums being one chain of operations).   \
+ * One pass, float64 deviations from the first row (no cancellation):                      \
+ * mean = K + S1/n, var = S2/n - (S1/n)^2. */                                              \
 NNRT_CLONES                                                                                \
 static void nnrt_bn_stats_cols_##SUF(const T *X, ptrdiff_t n, ptrdiff_t f, ptrdiff_t j0,   \
                                      ptrdiff_t j1, double *mean, double *var) {            \
@@ -113,6 +70,8 @@ static void nnrt_bn_stats_cols_##SUF(const T *X, ptrdiff_t n, ptrdiff_t f, ptrdi
         mean[j] = X[j] + d;                                                                \
     }                                                                                      \
 }                                                                                          \
+/* s1 = sum_i dz, s2 = sum_i dz (x - mean) over the features [j0, j1), with dz = dy,       \
+ * or dy s (1 - s) when S. */                                                              \
 NNRT_CLONES                                                                                \
 static void nnrt_bn_bwd_sums_cols_##SUF(const T *X, const T *dY, const T *S,               \
                                         const T *mean, double *s1, double *s2,             \
