@@ -69,10 +69,15 @@ cdef blas_set_t _blas_set = NULL
 cdef blas_get_t _blas_get = NULL
 cdef int _blas_last = -1     # the count this policy set last (-1: none)
 cdef int _blas_ceiling = 1   # the count anyone else set last
-# the GEMM learner's latest verdict: 1 when more threads won, 0 when one did, -1 none
-# yet; the element-wise split follows it in the default policy (a second core that a
-# GEMM cannot use, e.g. busy with other processes, does not help a kernel either)
+# the GEMM learner's latest verdict on a GEMM of at least _VERDICT_MIN_MACS: 1 when
+# more threads won, 0 when one did, -1 none yet; the element-wise split follows it in
+# the default policy (a second core that a large GEMM cannot use, e.g. busy with other
+# processes, does not help a kernel either). Smaller GEMMs do not vote: one thread wins
+# there on a quiet machine too (a batch-1 GEMV, a 10-wide output layer), and the last
+# of them vetoed every split that followed (the frozen session's panels at 2 threads
+# ran on one: large, batch 16, 449 us against 243 us split)
 cdef int _verdict = -1
+cdef double _VERDICT_MIN_MACS = 16e6
 _blas_name = None
 
 
@@ -156,7 +161,8 @@ cdef inline int _choose(_Slot* s) noexcept nogil:
         s.retry = _RETRY_MIN * 8
     global _verdict
     cdef int best = 0 if s.t[0] <= s.t[1] else 1
-    _verdict = best
+    if <double>s.m * <double>s.n * <double>s.k >= _VERDICT_MIN_MACS:
+        _verdict = best
     if best != s.best:
         s.best = best
         s.retry = _RETRY_MIN  # the winner changed: watch more closely

@@ -317,6 +317,13 @@ def test_auto_policy_small_gemms_one_thread_large_ones_learnt() -> None:
     assert _parallel.split_threads("stream", t) == 2
     assert _parallel.split_threads("stream", t - 1) == 1
     assert _parallel.split_threads("stream", t // 4 + 1, 4) == 2
+    # a small GEMM where one thread wins (a batch-1 GEMV streaming its weights) uses one
+    # thread, but does not turn the element-wise split off
+    for _ in range(4):
+        _parallel._gemm_learn(1, 1024, 1024, one=0.5, many=3.0)
+    assert _parallel.gemm_threads(1, 1024, 1024) == 1
+    assert _parallel.policy()["gemm_verdict"] == "more threads"
+    assert _parallel.split_threads("stream", 10**9) == 2
     # one thread measured faster (e.g. the other core is busy): GEMMs and kernels follow
     for _ in range(4):
         _parallel._gemm_learn(1024, 1024, 1024, one=0.5, many=3.0)
