@@ -419,59 +419,41 @@ static void nnrt_gemm_s_d(const double *X, ptrdiff_t xi, ptrdiff_t xk, const dou
                           ptrdiff_t ldw, double *Y, ptrdiff_t ldy, int acc_y, ptrdiff_t m,
                           ptrdiff_t k, ptrdiff_t n);
 
-static void nnrt_smallm_f(const float *X, const float *W, float *Y, ptrdiff_t m,
-                          ptrdiff_t k, ptrdiff_t n, ptrdiff_t kc) {
-    if (kc <= 0) kc = nnrt_smallm_kc(n, sizeof(float));
-    if (nnrt_copy_pays(W, n, sizeof(float), m, k, n)) { /* through an aligned copy of W */
-        nnrt_gemm_s_f(X, k, 1, W, n, Y, n, 0, m, k, n);
-        return;
-    }
-    /* one row streams W in order when W does not fit in L2 (the blocked kernel's
-     * registers then wait on memory); the same sums either way */
-    int row = (size_t)k * (size_t)n * sizeof(float) > NNRT_SMALLM_ROW_BYTES;
+/* Y (m x n) = X (m x k) W (k x n), all row-major and contiguous: the eval forward's
+ * small-M entry (float: nnrt_smallm_f, double: nnrt_smallm_d). */
 #ifdef NNRT_SMALLM_X86
-    int level = nnrt_smallm_level();
-    if (level == 2) {
-        if (m == 1 && row) nnrt_smallm_row_f_avx512(X, W, Y, k, n);
-        else nnrt_smallm_f_avx512(X, W, Y, m, k, n, kc);
-        return;
+#define NNRT_SMALLM_ENTRY_X86(S)                                                           \
+    int level = nnrt_smallm_level();                                                       \
+    if (level == 2) {                                                                      \
+        if (m == 1 && row) nnrt_smallm_row_##S##_avx512(X, W, Y, k, n);                    \
+        else nnrt_smallm_##S##_avx512(X, W, Y, m, k, n, kc);                               \
+        return;                                                                            \
+    }                                                                                      \
+    if (level == 1) {                                                                      \
+        if (m == 1 && row) nnrt_smallm_row_##S##_avx2(X, W, Y, k, n);                      \
+        else nnrt_smallm_##S##_avx2(X, W, Y, m, k, n, kc);                                 \
+        return;                                                                            \
     }
-    if (level == 1) {
-        if (m == 1 && row) nnrt_smallm_row_f_avx2(X, W, Y, k, n);
-        else nnrt_smallm_f_avx2(X, W, Y, m, k, n, kc);
-        return;
-    }
+#else
+#define NNRT_SMALLM_ENTRY_X86(S)
 #endif
-    if (m == 1 && row) nnrt_smallm_row_f_base(X, W, Y, k, n);
-    else nnrt_smallm_f_base(X, W, Y, m, k, n, kc);
+#define NNRT_SMALLM_ENTRY(T, S)                                                            \
+static void nnrt_smallm_##S(const T *X, const T *W, T *Y, ptrdiff_t m, ptrdiff_t k,        \
+                            ptrdiff_t n, ptrdiff_t kc) {                                   \
+    if (kc <= 0) kc = nnrt_smallm_kc(n, sizeof(T));                                        \
+    if (nnrt_copy_pays(W, n, sizeof(T), m, k, n)) { /* through an aligned copy of W */     \
+        nnrt_gemm_s_##S(X, k, 1, W, n, Y, n, 0, m, k, n);                                  \
+        return;                                                                            \
+    }                                                                                      \
+    /* one row streams W in order when W does not fit in L2 (the blocked kernel's          \
+     * registers then wait on memory); the same sums either way */                         \
+    int row = (size_t)k * (size_t)n * sizeof(T) > NNRT_SMALLM_ROW_BYTES;                   \
+    NNRT_SMALLM_ENTRY_X86(S)                                                               \
+    if (m == 1 && row) nnrt_smallm_row_##S##_base(X, W, Y, k, n);                          \
+    else nnrt_smallm_##S##_base(X, W, Y, m, k, n, kc);                                     \
 }
-
-static void nnrt_smallm_d(const double *X, const double *W, double *Y, ptrdiff_t m,
-                          ptrdiff_t k, ptrdiff_t n, ptrdiff_t kc) {
-    if (kc <= 0) kc = nnrt_smallm_kc(n, sizeof(double));
-    if (nnrt_copy_pays(W, n, sizeof(double), m, k, n)) { /* through an aligned copy of W */
-        nnrt_gemm_s_d(X, k, 1, W, n, Y, n, 0, m, k, n);
-        return;
-    }
-    /* one row streams W in order when W does not fit in L2 (the blocked kernel's
-     * registers then wait on memory); the same sums either way */
-    int row = (size_t)k * (size_t)n * sizeof(double) > NNRT_SMALLM_ROW_BYTES;
-#ifdef NNRT_SMALLM_X86
-    int level = nnrt_smallm_level();
-    if (level == 2) {
-        if (m == 1 && row) nnrt_smallm_row_d_avx512(X, W, Y, k, n);
-        else nnrt_smallm_d_avx512(X, W, Y, m, k, n, kc);
-        return;
-    }
-    if (level == 1) {
-        if (m == 1 && row) nnrt_smallm_row_d_avx2(X, W, Y, k, n);
-        else nnrt_smallm_d_avx2(X, W, Y, m, k, n, kc);
-        return;
-    }
-#endif
-    if (m == 1 && row) nnrt_smallm_row_d_base(X, W, Y, k, n);
-    else nnrt_smallm_d_base(X, W, Y, m, k, n, kc);
-}
+NNRT_SMALLM_ENTRY(float, f)
+NNRT_SMALLM_ENTRY(double, d)
 
 /* nnrt_gemm_s_{f,d}: Y (m x n, row stride ldy) = op(X) (m x k) @ W (k x n, row stride
  * ldw), X element (i, p) at X[i * xi + p * xk], plus Y itself when acc_y (else Y is
