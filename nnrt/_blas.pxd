@@ -22,3 +22,11 @@ cdef void dgemv_rm(bint trans, int m, int n, double alpha, const double* a, int 
 # that backend has no C thread control (then threadpoolctl, from Python, is the way)
 cdef int blas_get_threads() noexcept nogil
 cdef int blas_set_threads(int n) noexcept nogil
+
+# This thread's background prefetch queue (nnrt/_smallm.h: the training kernel prefetches
+# one queued line every few steps of its inner loop): rows[0..n) of base, row_bytes each
+# (the offsets are copied; base is only prefetched, never read). Returns the lines queued,
+# -1 if out of memory. prefetch_clear(release): empty it (and free its offsets).
+cdef Py_ssize_t prefetch_set(const char* base, const Py_ssize_t* rows, Py_ssize_t n,
+                             Py_ssize_t row_bytes) noexcept nogil
+cdef void prefetch_clear(int release) noexcept nogil

@@ -3,6 +3,8 @@ of nnrt's GEMM/GEMV helpers."""
 
 from typing import Any
 
+import numpy as np
+
 BACKENDS: tuple[str, ...]
 KERNEL_MODES: tuple[str, ...]
 
@@ -40,3 +42,12 @@ def info() -> dict[str, Any]:
 def _set_split(mode: int | None = None, chunks: int | None = None) -> tuple[int, int]:
     """Change how nnrt's GEMM kernel is split over two threads (measurements): mode 0
     rows, 1 rows (columns for few rows), 2 columns; returns the previous (mode, chunks)."""
+
+def prefetch_rows(src: np.ndarray, rows: np.ndarray) -> int:
+    """Queue rows of ``src`` for this thread's kernel GEMMs to prefetch; lines queued."""
+
+def prefetch_left() -> int:
+    """Cache lines this thread's prefetch queue still holds."""
+
+def prefetch_clear(release: bool = False) -> None:
+    """Empty this thread's prefetch queue."""

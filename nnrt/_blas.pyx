@@ -42,13 +42,17 @@ import os
 import sys
 import threading
 
+import numpy as np
+
+cimport numpy as cnp
 from cython cimport floating
 from libc.stdint cimport int64_t, uintptr_t
 from scipy.linalg.cython_blas cimport dgemm, dgemv, sgemm, sgemv
 
 from nnrt._smallm cimport (nnrt_aligned_alloc, nnrt_aligned_free, nnrt_aligned_ld,
-                           nnrt_gemm_s_d, nnrt_gemm_s_f, nnrt_smallm_d, nnrt_smallm_f,
-                           nnrt_smallm_isa_name, nnrt_transpose_d, nnrt_transpose_f)
+                           nnrt_bgpf_clear, nnrt_bgpf_left, nnrt_bgpf_set, nnrt_gemm_s_d,
+                           nnrt_gemm_s_f, nnrt_smallm_d, nnrt_smallm_f, nnrt_smallm_isa_name,
+                           nnrt_transpose_d, nnrt_transpose_f)
 
 __all__ = ["BACKENDS", "KERNEL_MODES", "available", "find_mkl", "find_numpy_openblas", "info",
            "resolve", "set_threads", "thread_control_addresses", "threads", "use",
@@ -315,6 +319,63 @@ cdef void _kernel_split(const floating* a, Py_ssize_t xi, Py_ssize_t xk, const f
         _kjob_f(&job, 0, m)
     else:
         _kjob_d(&job, 0, m)
+
+
+# ------------------------------------------------------------- background prefetch
+cdef Py_ssize_t prefetch_set(const char* base, const Py_ssize_t* rows, Py_ssize_t n,
+                             Py_ssize_t row_bytes) noexcept nogil:
+    return nnrt_bgpf_set(base, rows, n, row_bytes)
+
+
+cdef void prefetch_clear(int release) noexcept nogil:
+    nnrt_bgpf_clear(release)
+
+
+def prefetch_rows(object src, object rows):
+    """Queue rows ``rows`` of ``src`` to be prefetched by this thread's kernel GEMMs.
+
+    nnrt/_smallm.h's training kernel issues one prefetch of the queue every few steps
+    of its inner loop, overlapping the loads with its arithmetic (fit queues the next
+    batch's rows while this one trains: the gather then copies from cache, not from
+    memory). ``src``: a C-contiguous ndarray of at least one dimension; ``rows``: a
+    1-D intp array of row indices in ``[0, len(src))`` (IndexError otherwise; nothing
+    queued). Replaces what this thread had queued; returns the number of cache lines
+    queued (0 where the kernel has no prefetch). Changes no result: the queue holds
+    its own copy of the offsets, and ``src``'s memory is only ever prefetched, never
+    read, so it may be freed or resized while queued.
+    """
+    if not isinstance(src, np.ndarray) or not isinstance(rows, np.ndarray):
+        raise TypeError("prefetch_rows: src and rows must be numpy arrays")
+    cdef cnp.ndarray s = <cnp.ndarray>src
+    cdef cnp.ndarray r = <cnp.ndarray>rows
+    if cnp.PyArray_NDIM(s) < 1 or not cnp.PyArray_IS_C_CONTIGUOUS(s):
+        raise ValueError("prefetch_rows: src must be C-contiguous with at least one dimension")
+    if (cnp.PyArray_TYPE(r) != cnp.NPY_INTP or cnp.PyArray_NDIM(r) != 1
+            or not cnp.PyArray_IS_C_CONTIGUOUS(r)):
+        raise ValueError("prefetch_rows: rows must be a contiguous 1-D intp array")
+    cdef Py_ssize_t n = cnp.PyArray_DIM(r, 0), nrows = cnp.PyArray_DIM(s, 0), i
+    cdef const Py_ssize_t* ip = <const Py_ssize_t*>cnp.PyArray_DATA(r)
+    for i in range(n):
+        if ip[i] < 0 or ip[i] >= nrows:
+            raise IndexError(f"prefetch_rows: row {ip[i]} is out of bounds for {nrows} rows")
+    if nrows == 0:
+        nnrt_bgpf_clear(0)
+        return 0
+    cdef Py_ssize_t row = cnp.PyArray_NBYTES(s) // nrows
+    cdef Py_ssize_t lines = nnrt_bgpf_set(<const char*>cnp.PyArray_DATA(s), ip, n, row)
+    if lines < 0:
+        raise MemoryError("prefetch_rows: no memory for the row offsets")
+    return lines
+
+
+def prefetch_left():
+    """Cache lines this thread's prefetch queue still holds (tests, measurements)."""
+    return nnrt_bgpf_left()
+
+
+def prefetch_clear(bint release=False):
+    """Empty this thread's prefetch queue (``release``: free its offsets too)."""
+    nnrt_bgpf_clear(release)
 
 
 # The NT route's transposed B, kept between calls (grown to the largest seen up to

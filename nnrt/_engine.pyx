@@ -17,6 +17,7 @@ from libc.math cimport isfinite
 from libc.stdint cimport uint32_t, uint64_t
 from libc.string cimport memcpy
 
+from nnrt._blas cimport prefetch_clear, prefetch_set
 from nnrt._kernels cimport (backward_chain, count_correct, dtypes_are, forward_chain,
                             params_held, same_items, sgd_step, softmax_cross_entropy)
 
@@ -162,33 +163,43 @@ def take_rows(object src, object idx, object out, bint check=False):
     """
     if not (_rows_of(src) and _rows_of(out) and type(idx) is np.ndarray):
         return False
-    cdef cnp.ndarray s = <cnp.ndarray>src, o = <cnp.ndarray>out, ix = <cnp.ndarray>idx
+    cdef cnp.ndarray ix = <cnp.ndarray>idx
     if (cnp.PyArray_TYPE(ix) != cnp.NPY_INTP or cnp.PyArray_NDIM(ix) != 1
-            or not cnp.PyArray_IS_C_CONTIGUOUS(ix) or not cnp.PyArray_ISWRITEABLE(o)
+            or not cnp.PyArray_IS_C_CONTIGUOUS(ix)):
+        return False
+    return _take(<cnp.ndarray>src, <const cnp.npy_intp*>cnp.PyArray_DATA(ix),
+                 cnp.PyArray_DIM(ix, 0), <cnp.ndarray>out, check) == 1
+
+
+cdef int _take(cnp.ndarray s, const cnp.npy_intp* ip, Py_ssize_t m, cnp.ndarray o,
+               bint check) except -1:
+    # take_rows for C-contiguous s and o (the caller checked) and m indices at ip: 1 when
+    # done, 0 when the arrays do not qualify (nothing copied). Everything about s and o is
+    # read here, at each call, under the GIL: no other thread can resize them meanwhile.
+    if (not cnp.PyArray_ISWRITEABLE(o)
             or cnp.PyArray_TYPE(s) != cnp.PyArray_TYPE(o)
             or cnp.PyArray_ITEMSIZE(s) != cnp.PyArray_ITEMSIZE(o)
             or not (cnp.PyArray_ISNUMBER(s) or cnp.PyArray_ISBOOL(s))  # never objects
             or not (cnp.PyArray_ISNOTSWAPPED(s) and cnp.PyArray_ISNOTSWAPPED(o))
             or cnp.PyArray_NDIM(s) != cnp.PyArray_NDIM(o)):
-        return False
+        return 0
     cdef int typ = cnp.PyArray_TYPE(s)
     if check and not (cnp.PyArray_ISALIGNED(o) and cnp.PyArray_ISALIGNED(s)
                       and (typ == cnp.NPY_FLOAT32 or typ == cnp.NPY_FLOAT64)):
-        return False
+        return 0
     cdef int d
     for d in range(1, cnp.PyArray_NDIM(s)):
         if cnp.PyArray_DIM(s, d) != cnp.PyArray_DIM(o, d):
-            return False
-    cdef Py_ssize_t m = cnp.PyArray_DIM(ix, 0), nrows = cnp.PyArray_DIM(s, 0)
+            return 0
+    cdef Py_ssize_t nrows = cnp.PyArray_DIM(s, 0)
     if cnp.PyArray_DIM(o, 0) != m:
-        return False
-    cdef const cnp.npy_intp* ip = <const cnp.npy_intp*>cnp.PyArray_DATA(ix)
+        return 0
     cdef Py_ssize_t i, k, pre
     for i in range(m):
         if ip[i] < 0 or ip[i] >= nrows:
             raise IndexError(f"take_rows: index {ip[i]} is out of bounds for {nrows} rows")
     if m == 0 or nrows == 0:
-        return True
+        return 1
     cdef Py_ssize_t row = cnp.PyArray_NBYTES(s) // nrows
     cdef const char* sp = <const char*>cnp.PyArray_DATA(s)
     cdef char* op = <char*>cnp.PyArray_DATA(o)
@@ -211,7 +222,7 @@ def take_rows(object src, object idx, object out, bint check=False):
                                     <const uint64_t*>(sp + ip[i] * row), items)
         if bad:
             raise NonFinite(ip[i])
-    return True
+    return 1
 
 
 # ------------------------------------------------------------------ the step
@@ -306,3 +317,70 @@ def sgd_sce_run(list batches, object net, object opt, object loss_fn, object on_
         total += value * n
         correct += <Py_ssize_t>(<tuple>r)[1]
     return m, total, correct, None
+
+
+# data sets at least this large have their next batch's rows prefetched during a step
+# (smaller ones stay in the caches between epochs)
+cdef Py_ssize_t _PREFETCH_MIN_BYTES = 4 << 20
+
+
+def sgd_sce_epoch(object net, object opt, object loss_fn, object on_stale, object lock,
+                  object X, object y, object rows, Py_ssize_t b0, object Xbuf, object ybuf,
+                  bint check, double total, Py_ssize_t correct):
+    """The training engine's epoch for the compiled case (``sgd_sce_step``): batch ``b``
+    (from ``b0`` on) is the rows ``rows[b]`` of ``X`` and ``y`` (``rows``: a C-contiguous
+    (batches, batch size) intp array the caller owns and leaves alone), gathered into
+    ``Xbuf`` and ``ybuf`` (the caller's buffers of one batch) and trained on, one step
+    under ``lock`` each, without a Python frame per batch.
+
+    ``check``: X's rows are tested for NaN/Inf as they are gathered (``NonFinite``, as
+    ``take_rows``). While a batch trains on a data set larger than the caches, the next
+    batch's rows are queued for nnrt's GEMM kernel to prefetch (``nnrt._blas``), so that
+    its gather copies from cache rather than from memory.
+
+    Returns ``(done, total, correct, bad)`` as :func:`sgd_sce_run`: ``done`` is the
+    index of the first batch not done (``len(rows)`` when all are). A batch the
+    compiled case or the gather does not take stops the run with ``bad`` None.
+    """
+    if not (_rows_of(X) and _rows_of(y) and _rows_of(Xbuf) and _rows_of(ybuf)
+            and type(rows) is np.ndarray):
+        return b0, total, correct, None
+    cdef cnp.ndarray R = <cnp.ndarray>rows
+    if (cnp.PyArray_TYPE(R) != cnp.NPY_INTP or cnp.PyArray_NDIM(R) != 2
+            or not cnp.PyArray_IS_C_CONTIGUOUS(R)):
+        return b0, total, correct, None
+    cdef cnp.ndarray Xs = <cnp.ndarray>X, ys = <cnp.ndarray>y
+    cdef cnp.ndarray Xo = <cnp.ndarray>Xbuf, yo = <cnp.ndarray>ybuf
+    cdef Py_ssize_t nb = cnp.PyArray_DIM(R, 0), bs = cnp.PyArray_DIM(R, 1), b
+    cdef const cnp.npy_intp* ip = <const cnp.npy_intp*>cnp.PyArray_DATA(R)
+    cdef bint ahead = cnp.PyArray_NBYTES(Xs) >= _PREFETCH_MIN_BYTES
+    cdef double value
+    try:
+        for b in range(b0, nb):
+            if (not _take(Xs, ip + b * bs, bs, Xo, check)
+                    or not _take(ys, ip + b * bs, bs, yo, False)):
+                return b, total, correct, None
+            if ahead and b + 1 < nb and cnp.PyArray_DIM(Xs, 0) > 0:
+                # X's address and row length read now, under the GIL; the queue only
+                # prefetches them (never reads), and holds its own copy of the indices
+                # (checked against X's length by the gather of that batch, not here:
+                # a prefetch of any address is harmless)
+                prefetch_set(<const char*>cnp.PyArray_DATA(Xs),
+                             <const Py_ssize_t*>(ip + (b + 1) * bs), bs,
+                             cnp.PyArray_NBYTES(Xs) // cnp.PyArray_DIM(Xs, 0))
+            lock.acquire()
+            try:
+                r = sgd_sce_step(net, opt, Xbuf, ybuf, True, loss_fn, on_stale)
+            finally:
+                lock.release()
+            if r is None:
+                return b, total, correct, None
+            value = (<tuple>r)[0]
+            if not isfinite(value):
+                return b, total, correct, r
+            total += value * bs
+            correct += <Py_ssize_t>(<tuple>r)[1]
+    finally:
+        if ahead:
+            prefetch_clear(0)
+    return nb, total, correct, None

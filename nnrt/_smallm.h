@@ -114,6 +114,79 @@ static ptrdiff_t nnrt_aligned_ld(ptrdiff_t n, size_t elsize) {
     ptrdiff_t lines = (n + per - 1) / per;
     return (lines | 1) * per;
 }
+/* Background prefetch (the training GEMM route only): lines the calling thread will
+ * read soon, e.g. the rows of fit's next batch, scattered over a data set larger than
+ * the caches. A burst of prefetches stalls the core as a copy does (the miss buffers
+ * fill); one prefetch every NNRT_BGPF_EVERY steps of k of the kernel's inner loop
+ * overlaps them with the FMAs instead, so that the next gather copies from L2/L3
+ * rather than from memory. Per thread: the queue (nnrt/_blas.pyx sets and clears it)
+ * holds its own copy of the rows' byte offsets; the base address is only prefetched,
+ * never read (a prefetch does not fault). A prefetch changes no result. */
+typedef struct {
+    const char *base;
+    ptrdiff_t *off;       /* byte offsets of the rows from base (owned, malloc'd) */
+    ptrdiff_t cap, n, i;  /* entries allocated, queued; the next row */
+    ptrdiff_t row, o;     /* bytes per row; the next offset within row i */
+} nnrt_bgpf_t;
+#if defined(__GNUC__) || defined(__clang__)
+static __thread nnrt_bgpf_t nnrt_bgpf;
+#define NNRT_BGPF_GET() (&nnrt_bgpf)
+#else
+#define NNRT_BGPF_GET() ((nnrt_bgpf_t *)NULL)
+#endif
+#ifndef NNRT_BGPF_EVERY
+#define NNRT_BGPF_EVERY 16
+#endif
+/* Queue rows[0..n) of base (each row_bytes long; rows holds row indices) for this
+ * thread's kernel GEMMs to prefetch, replacing what was queued; returns the number of
+ * lines queued, -1 if the offsets could not be allocated (nothing queued then). */
+static ptrdiff_t nnrt_bgpf_set(const char *base, const ptrdiff_t *rows, ptrdiff_t n,
+                               ptrdiff_t row_bytes) {
+    nnrt_bgpf_t *q = NNRT_BGPF_GET();
+    if (q == NULL) return 0;
+    q->n = q->i = q->o = 0;
+    if (n <= 0 || row_bytes <= 0) return 0;
+    if (n > q->cap) {
+        ptrdiff_t *off = (ptrdiff_t *)realloc(q->off, (size_t)n * sizeof(ptrdiff_t));
+        if (off == NULL) return -1;
+        q->off = off;
+        q->cap = n;
+    }
+    for (ptrdiff_t i = 0; i < n; i++) q->off[i] = rows[i] * row_bytes;
+    q->base = base;
+    q->row = row_bytes;
+    q->n = n;
+    return n * ((row_bytes + 63) / 64);
+}
+/* Lines still queued on this thread (the first of them partly done). */
+static ptrdiff_t nnrt_bgpf_left(void) {
+    nnrt_bgpf_t *q = NNRT_BGPF_GET();
+    if (q == NULL || q->i >= q->n) return 0;
+    return (q->n - q->i) * ((q->row + 63) / 64) - q->o / 64;
+}
+/* Empty the queue; release != 0 frees its offsets too. */
+static void nnrt_bgpf_clear(int release) {
+    nnrt_bgpf_t *q = NNRT_BGPF_GET();
+    if (q == NULL) return;
+    q->n = q->i = q->o = 0;
+    q->base = NULL;
+    if (release) {
+        free(q->off);
+        q->off = NULL;
+        q->cap = 0;
+    }
+}
+#define NNRT_BGPF_TICK(q, p)                                                              \
+    do {                                                                                  \
+        if (((p) & (NNRT_BGPF_EVERY - 1)) == 0 && (q) != NULL && (q)->i < (q)->n) {       \
+            __builtin_prefetch((q)->base + (q)->off[(q)->i] + (q)->o, 0, 1);              \
+            if (((q)->o += 64) >= (q)->row) {                                             \
+                (q)->o = 0;                                                               \
+                (q)->i++;                                                                 \
+            }                                                                             \
+        }                                                                                 \
+    } while (0)
+
 #ifdef NNRT_SMALLM_VECTOR
 /* One block: rows i0 .. i0+MR-1, columns j .. j+NV*L-1, k in [k0, k1); the first
  * block of k starts from 0, the others add to Y. */
@@ -127,6 +200,7 @@ static ptrdiff_t nnrt_aligned_ld(ptrdiff_t n, size_t elsize) {
         const T *wp = W + k0 * ldw + j;                                                   \
         const T *xp = X + i0 * xi;                                                        \
         for (ptrdiff_t p = k0; p < k1; p++, wp += ldw) {                                  \
+            NNRT_BGPF_TICK(bg, p);                                                        \
             V w[NV];                                                                      \
             for (int v = 0; v < NV; v++) w[v] = *(const VU *)(wp + v * L);                \
             for (int r = 0; r < MR; r++) {                                                \
@@ -216,6 +290,7 @@ ATTR static void NAME(const T *X, const T *W, T *Y, ptrdiff_t m, ptrdiff_t k,   
                       ptrdiff_t n, ptrdiff_t kc) {                                        \
     const ptrdiff_t xi = k, xk = 1, ldw = n, ldy = n;                                     \
     const int acc_y = 0;                                                                  \
+    nnrt_bgpf_t *const bg = NULL; /* the eval kernel: no background prefetch */        \
     NNRT_SMALLM_LOOPS(T, V, VU, L, H, HU, MR, NV)                                         \
 }
 
@@ -227,6 +302,7 @@ ATTR static void NAME(const T *X, const T *W, T *Y, ptrdiff_t m, ptrdiff_t k,   
 ATTR static void NAME(const T *X, ptrdiff_t xi, ptrdiff_t xk, const T *W, ptrdiff_t ldw, \
                       T *Y, ptrdiff_t ldy, int acc_y, ptrdiff_t m, ptrdiff_t k,           \
                       ptrdiff_t n, ptrdiff_t kc) {                                        \
+    nnrt_bgpf_t *const bg = NNRT_BGPF_GET();                                              \
     NNRT_SMALLM_LOOPS(T, V, VU, L, H, HU, MR, NV)                                         \
 }
 

@@ -26,4 +26,8 @@ cdef extern from "nnrt/_smallm.h" nogil:
                          const double* center, const double* scale, const double* shift,
                          int act)
     int nnrt_smallm_enabled()
+    Py_ssize_t nnrt_bgpf_set(const char* base, const Py_ssize_t* rows, Py_ssize_t n,
+                             Py_ssize_t row_bytes)
+    Py_ssize_t nnrt_bgpf_left()
+    void nnrt_bgpf_clear(int release)
     const char* nnrt_smallm_isa_name()

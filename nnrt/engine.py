@@ -53,6 +53,7 @@ import numpy as np
 
 from nnrt import _locks
 from nnrt._engine import NonFinite, n_correct, take_rows
+from nnrt._engine import sgd_sce_epoch as _sgd_sce_epoch
 from nnrt._engine import sgd_sce_run as _sgd_sce_run
 from nnrt._engine import sgd_sce_step as _sgd_sce_step
 from nnrt._kernels import backward_chain as _backward_chain
@@ -499,6 +500,30 @@ class TrainStep:
             right, bad = correct, (None if bad is None else (bad[0], 0))
         return done, total, right, bad
 
+    def run_epoch(
+        self, batches: _Batches, order: np.ndarray, check: bool
+    ) -> tuple[int, float, int, tuple[float, int] | None]:
+        """The epoch's full batches in one compiled loop that gathers each batch and
+        steps on it (``nnrt._engine.sgd_sce_epoch``), where the compiled case applies
+        and the batches are plain rows of X and y (no shard, cast or columns).
+
+        Returns ``(done, total, correct, bad)`` as :meth:`run`, counted from batch 0 of
+        the epoch: the caller steps through the batches from ``done`` on.
+        """
+        rows = batches.sorted_rows(order)
+        if rows is None or not (self._fast and type(self.optimizer) is SGD):
+            return 0, 0.0, 0, None
+        if self._lock[0] != _locks.generation:
+            self._lock = (_locks.generation, state_lock(self.net))
+        Xb, yb = batches.first_buffers(rows.shape[1])
+        done, total, right, bad = _sgd_sce_epoch(
+            self.net, self.optimizer, softmax_cross_entropy, _check_live, self._lock[1],
+            batches.Xs.arr, batches.ys.arr, rows, 0, Xb, yb, check, 0.0, 0,
+        )  # fmt: skip
+        if not self.count_correct:
+            right, bad = 0, (None if bad is None else (bad[0], 0))
+        return done, total, right, bad
+
 
 # ---------------------------------------------------------------- fit
 def fit(
@@ -635,7 +660,11 @@ def _fit(
             if check and n_used < n and not Xs.all_finite(order[n_used:]):  # skipped rows
                 Xall.check_finite()
             total, correct, b = 0.0, 0, 0
-            for chunk in batches.chunks(order, check):
+            if not per_batch:  # the common case: gather and step in compiled code
+                b, total, correct, bad = step.run_epoch(batches, order, check)
+                if bad is not None:
+                    _non_finite(bad[0], step, rewind, batches, epoch, b)
+            for chunk in batches.chunks(order, check and b == 0, start=b):
                 done = 0
                 if not per_batch:  # the common case: the chunk's steps in compiled code
                     done, total, correct, bad = step.run(chunk, total, correct)
@@ -741,13 +770,31 @@ class _Batches:
         for chunk in self.chunks(order, check):
             yield from chunk
 
+    def sorted_rows(self, order: np.ndarray) -> np.ndarray | None:
+        """Each full batch's rows in increasing order, a (full batches, batch size) intp
+        array (as :meth:`chunks` gathers them); None where a batch is not plain rows of
+        X and y (a shard of it, a cast, columns)."""
+        Xs, ys, bs = self.Xs, self.ys, self.bs
+        if self.sync is not None or not (Xs.direct and ys.direct):
+            return None
+        full = min(self.steps, order.shape[0] // bs)
+        if full == 0:
+            return None
+        rows = np.sort(order[: full * bs].reshape(full, bs), axis=1)
+        return rows if rows.dtype == np.intp else rows.astype(np.intp)
+
+    def first_buffers(self, m: int) -> tuple[np.ndarray, np.ndarray]:
+        """The first ``m`` rows of the gather buffers (one batch)."""
+        return self.Xbuf[0][:m], self.ybuf[0][:m]
+
     def chunks(
-        self, order: np.ndarray, check: bool = False
+        self, order: np.ndarray, check: bool = False, start: int = 0
     ) -> Iterator[list[tuple[np.ndarray, np.ndarray, int]]]:
-        """The batches of :meth:`epoch`, a list per gathered chunk (valid until the next)."""
+        """The batches of :meth:`epoch` from batch ``start`` on, a list per gathered chunk
+        (valid until the next)."""
         bs, n, w = self.bs, order.shape[0], self.w
         lo, hi = self._shard(bs)
-        for c0 in range(0, self.steps, self.k):
+        for c0 in range(start, self.steps, self.k):
             c1 = min(c0 + self.k, self.steps)
             f1 = min(c1, n // bs)  # batches c0..f1 are full, batch f1 < c1 is the short last
             full = order[c0 * bs : f1 * bs].reshape(-1, bs)[:, lo:hi]

@@ -656,3 +656,61 @@ def test_gemm_shapes_benchmark_runs() -> None:
     assert proc.returncode == 0, proc.stderr
     rows = [line for line in proc.stdout.splitlines() if line.startswith("tiny L")]
     assert len(rows) == 8, proc.stdout  # 3 layers: NN, TN each, NT for the last two
+
+
+# ----------------------------------------------------------- background prefetch
+def test_prefetch_queue_drains_under_kernel_gemms_and_changes_nothing(kernel_on: str) -> None:
+    """fit queues its next batch's rows for the kernel to prefetch while a batch trains
+    (nnrt/_smallm.h): the queue counts cache lines, drains as kernel GEMMs run, and a
+    GEMM's result is the same bits with or without it."""
+    import threading
+
+    _blas.prefetch_clear()
+    rng = np.random.default_rng(3)
+    src = rng.standard_normal((300, 1000)).astype(np.float32)  # rows of 4000 bytes
+    rows = np.array([5, 299, 0, 17, 17], dtype=np.intp)
+    lines = _blas.prefetch_rows(src, rows)
+    assert lines == len(rows) * -(-4000 // 64)
+    assert _blas.prefetch_left() == lines
+    # a queue is per thread: another thread's is empty, and setting it leaves this one
+    seen: list[int] = []
+    t = threading.Thread(
+        target=lambda: seen.extend([_blas.prefetch_left(), _blas.prefetch_rows(src, rows[:1])])
+    )
+    t.start()
+    t.join()
+    assert seen == [0, 63] and _blas.prefetch_left() == lines
+    # bad arguments raise and leave the queue as it was
+    for args, exc in (
+        ((list(src), rows), TypeError),
+        ((np.asfortranarray(src), rows), ValueError),
+        ((src, rows.astype(np.int32)), ValueError),
+        ((src, rows.reshape(5, 1)), ValueError),
+        ((src, np.array([300], dtype=np.intp)), IndexError),
+        ((src, np.array([-1], dtype=np.intp)), IndexError),
+    ):
+        with pytest.raises(exc):
+            _blas.prefetch_rows(*args)
+        assert _blas.prefetch_left() == lines
+    # the kernel's GEMMs drain it; the results are those of an empty queue, bit for bit
+    m, n, k = 64, 256, 1024
+    A = rng.standard_normal((m, k)).astype(np.float32)
+    B = rng.standard_normal((k, n)).astype(np.float32)
+    with_queue = np.empty((m, n), dtype=np.float32)
+    before = _blas._kernel_calls()
+    cy.gemm_rm_call(False, False, m, n, k, 1.0, A, B, 0.0, with_queue)
+    assert _blas._kernel_calls() == before + 1
+    assert _blas.prefetch_left() == 0
+    plain = np.empty((m, n), dtype=np.float32)
+    cy.gemm_rm_call(False, False, m, n, k, 1.0, A, B, 0.0, plain)
+    assert with_queue.tobytes() == plain.tobytes()
+    _close(plain.astype(np.float64), A.astype(np.float64) @ B.astype(np.float64), 2e-4)
+    # a queue whose source is gone is harmless: only prefetched, never read
+    big = rng.standard_normal((64, 4096)).astype(np.float32)
+    assert _blas.prefetch_rows(big, np.arange(64, dtype=np.intp)) == 64 * 256
+    del big
+    cy.gemm_rm_call(False, False, m, n, k, 1.0, A, B, 0.0, with_queue)
+    assert with_queue.tobytes() == plain.tobytes()
+    _blas.prefetch_clear(release=True)
+    assert _blas.prefetch_left() == 0
+    assert _blas.prefetch_rows(src[:0], np.zeros(0, dtype=np.intp)) == 0

@@ -325,23 +325,30 @@ def test_progress_bar_names_the_held_out_data() -> None:
 
 # ----------------------------------------------------------- the epoch, step by step
 @pytest.mark.parametrize("momentum", [0.9, 0.0], ids=["python-step", "compiled-step"])
-@pytest.mark.parametrize("layout", ["c-contiguous", "fortran", "cast-from-float32", "int32-labels"])
+@pytest.mark.parametrize(
+    "layout", ["c-contiguous", "fortran", "cast-from-float32", "int32-labels", "large"]
+)
 def test_fit_is_the_hand_written_shuffled_loop(layout: str, momentum: float) -> None:
     # Reference: one generator seeded with the network's seed, a permutation per epoch,
     # batch b = the rows order[b*bs:(b+1)*bs] in increasing index order, a short last
     # batch of >= 2 rows kept; History's loss is the batch-size-weighted mean, accuracy
     # the argmax count of the training-mode outputs (numpy, before each update).
-    X, y = _blobs(77, seed=4)
+    # "large": a data set of several MB, whose next batch fit's compiled epoch has
+    # prefetched by nnrt's GEMM kernel while a batch trains (a prefetch changes nothing).
+    n_in = 2000 if layout == "large" else 6
+    X, y = _blobs(333 if layout == "large" else 77, n_in=n_in, seed=4)
     if layout == "fortran":
         X = np.asfortranarray(X)
     elif layout == "cast-from-float32":
         X = X.astype(np.float32)
     elif layout == "int32-labels":
         y = y.astype(np.int32)
-    net, ref = _bn_net("float64"), _bn_net("float64")
+    net, ref = _bn_net("float64", n_in), _bn_net("float64", n_in)
     opt = nnrt.optim.SGD(net, lr=0.1, momentum=momentum)
     ref_opt = nnrt.optim.SGD(ref, lr=0.1, momentum=momentum)
     bs, epochs = 16, 3
+    if layout == "large":
+        assert X.nbytes >= 4 << 20
     rng = np.random.default_rng(ref.seed)
     want_loss, want_acc = [], []
     for _ in range(epochs):
@@ -479,11 +486,12 @@ def _opt_bytes(state: Any) -> list[bytes]:
 
 
 @pytest.mark.filterwarnings("ignore::nnrt.TrainingWarning")
+@pytest.mark.parametrize("optimizer", ["adam", "sgd"])  # sgd: fit's compiled epoch
 @pytest.mark.parametrize(
     "case", ["last-batch", "first-batch", "skipped-row", "split-tail", "in-order", "cast"]
 )
 def test_nan_in_x_found_in_first_epoch_restores_network_and_optimizer(
-    case: str, monkeypatch: pytest.MonkeyPatch
+    case: str, optimizer: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # A NaN/Inf in X is found as the first epoch gathers its rows (or before, where the
     # rows are never gathered); fit raises ValueError naming the entry, and the network
@@ -494,7 +502,8 @@ def test_nan_in_x_found_in_first_epoch_restores_network_and_optimizer(
     X, y = _blobs(97)  # 97 = 3 batches of 32 + 1 row: skipped under batchnorm
     X = X.astype(np.float32)
     net = _bn_net()
-    opt = nnrt.optim.Adam(net, lr=0.01)
+    Opt = nnrt.optim.Adam if optimizer == "adam" else nnrt.optim.SGD
+    opt = Opt(net, lr=0.01)
     net.fit(X, y, optimizer=opt, epochs=2, progress=False)
     before, opt_before = net.state_dict(), copy.deepcopy(opt.state_dict())
     kwargs: dict[str, Any] = {}
@@ -531,7 +540,7 @@ def test_nan_in_x_found_in_first_epoch_restores_network_and_optimizer(
     X[row, col] = 0.0
     ref = _bn_net()
     ref.load_state_dict(before)
-    ref_opt = nnrt.optim.Adam(ref, lr=0.01)
+    ref_opt = Opt(ref, lr=0.01)
     ref_opt.load_state_dict(opt_before)
     net.fit(X, y, optimizer=opt, epochs=1, progress=False, **kwargs)
     ref.fit(X, y, optimizer=ref_opt, epochs=1, progress=False, **kwargs)
