@@ -41,6 +41,7 @@ The rules every caller gets from here:
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 import os
@@ -738,20 +739,35 @@ class _Batches:
         self.Xs, self.ys, self.bs, self.steps, self.sync = Xs, ys, batch_size, steps, sync
         batch_bytes = batch_size * max(1, math.prod(Xs.shape[1:])) * Xs.dtype.itemsize
         self.k = max(1, min(steps, _CHUNK_BYTES // batch_bytes))
-        self.Xbuf, self.ybuf = Xs.buffer(self.k * batch_size), ys.buffer(self.k * batch_size)
+        lo, hi = self._shard(batch_size)
+        self.w = hi - lo
+        self._one: tuple[np.ndarray, np.ndarray] | None = None
+
+    # NOTE: the chunk buffers and their views are made on first use: fit's compiled
+    # epoch (TrainStep.run_epoch) gathers one batch at a time into first_buffers, and
+    # needs neither (a tiny fit's set-up was ~10 us of views it never used)
+    @functools.cached_property
+    def Xbuf(self) -> tuple[np.ndarray, np.ndarray | None]:
+        return self.Xs.buffer(self.k * self.bs)
+
+    @functools.cached_property
+    def ybuf(self) -> tuple[np.ndarray, np.ndarray | None]:
+        return self.ys.buffer(self.k * self.bs)
+
+    @functools.cached_property
+    def views(self) -> list[tuple[np.ndarray, np.ndarray, int]]:
         # NOTE: each chunk is gathered into the same buffers, so the full batches are
         # the same views every time: made once (slicing per step is ~0.3 us of 30),
         # by iterating a (batches, rows, ...) reshape (C-level views: 4x faster than
         # slicing, which was 10 us of a tiny fit's set-up)
-        lo, hi = self._shard(batch_size)
-        self.w = w = hi - lo
+        w = self.w
         Xo, yo = self.Xbuf[0], self.ybuf[0]
         nv = min(self.k, Xo.shape[0] // max(w, 1))
-        self.views = list(
+        return list(
             zip(
                 Xo[: nv * w].reshape(nv, w, *Xo.shape[1:]),
                 yo[: nv * w].reshape(nv, w, *yo.shape[1:]),
-                itertools.repeat(batch_size, nv),
+                itertools.repeat(self.bs, nv),
                 strict=True,
             )
         )
@@ -784,8 +800,13 @@ class _Batches:
         return rows if rows.dtype == np.intp else rows.astype(np.intp)
 
     def first_buffers(self, m: int) -> tuple[np.ndarray, np.ndarray]:
-        """The first ``m`` rows of the gather buffers (one batch)."""
-        return self.Xbuf[0][:m], self.ybuf[0][:m]
+        """Buffers for one batch of ``m`` rows (the compiled epoch's): the chunk buffers'
+        first rows where they exist, else buffers of one batch (kept for later calls)."""
+        if "Xbuf" in self.__dict__:
+            return self.Xbuf[0][:m], self.ybuf[0][:m]
+        if self._one is None or self._one[0].shape[0] < m:
+            self._one = self.Xs.buffer(m)[0], self.ys.buffer(m)[0]
+        return self._one[0][:m], self._one[1][:m]
 
     def chunks(
         self, order: np.ndarray, check: bool = False, start: int = 0
