@@ -281,6 +281,17 @@ cpdef object sgd_sce_step(object net, object opt, object Xb, object yb, bint tru
     return value, correct
 
 
+cdef inline object _locked_step(object net, object opt, object Xb, object yb, bint trusted,
+                                object loss_fn, object on_stale, object lock):
+    # one sgd_sce_step under lock (taken and released per step, as TrainStep does: a
+    # predict from another thread sees the weights before or after a step)
+    lock.acquire()
+    try:
+        return sgd_sce_step(net, opt, Xb, yb, trusted, loss_fn, on_stale)
+    finally:
+        lock.release()
+
+
 def sgd_sce_run(list batches, object net, object opt, object loss_fn, object on_stale,
                 object lock, bint trusted, double total, Py_ssize_t correct):
     """``sgd_sce_step`` over ``batches`` (a list of ``(Xb, yb, n_global)``), each step
@@ -304,11 +315,7 @@ def sgd_sce_run(list batches, object net, object opt, object loss_fn, object on_
         Xb, yb, n = item
         if n != len(Xb):
             return i, total, correct, None
-        lock.acquire()
-        try:
-            r = sgd_sce_step(net, opt, Xb, yb, trusted, loss_fn, on_stale)
-        finally:
-            lock.release()
+        r = _locked_step(net, opt, Xb, yb, trusted, loss_fn, on_stale, lock)
         if r is None:
             return i, total, correct, None
         value = (<tuple>r)[0]
@@ -368,11 +375,7 @@ def sgd_sce_epoch(object net, object opt, object loss_fn, object on_stale, objec
                 prefetch_set(<const char*>cnp.PyArray_DATA(Xs),
                              <const Py_ssize_t*>(ip + (b + 1) * bs), bs,
                              cnp.PyArray_NBYTES(Xs) // cnp.PyArray_DIM(Xs, 0))
-            lock.acquire()
-            try:
-                r = sgd_sce_step(net, opt, Xbuf, ybuf, True, loss_fn, on_stale)
-            finally:
-                lock.release()
+            r = _locked_step(net, opt, Xbuf, ybuf, True, loss_fn, on_stale, lock)
             if r is None:
                 return b, total, correct, None
             value = (<tuple>r)[0]
