@@ -11,7 +11,8 @@ and the eval forward runs the NN product through nnrt's eval kernel (nnrt/_small
 ``nnrt_smallm``). Contenders, float32, one thread:
 
   nnrt      the GEMM as nnrt/_blas.pyx runs it with the kernel route on: nnrt's kernel
-            where the shape qualifies (n >= 32, a multiple of 8), else the backend
+            where the shape qualifies (n >= 32 and a multiple of 8; NN/TN outputs of 9-31
+            columns padded, from 64K multiply-adds), else the backend
   eval      the eval path's kernel (NN rows only)
   blas      the BLAS backend nnrt uses (numpy's OpenBLAS by default), same C loop
   jax       jax.jit of the product (x @ w, x.T @ dy, dy @ w.T), block_until_ready
@@ -79,9 +80,12 @@ def shapes(config: str) -> list[tuple[str, int, int, int, bool, bool]]:
     return out
 
 
-def qualifies(n: int) -> bool:
-    """nnrt/_blas.pyx's kernel route takes outputs >= 32 wide and a multiple of 8."""
-    return n >= 32 and n % 8 == 0
+def qualifies(m: int, n: int, k: int, trans_b: bool) -> bool:
+    """nnrt/_blas.pyx's kernel route takes outputs >= 32 wide and a multiple of 8, and
+    (NN, TN) outputs of 9-31 columns on padded copies from 64K multiply-adds."""
+    if n >= 32:
+        return n % 8 == 0
+    return not trans_b and n > 8 and m * n * k >= 65536
 
 
 def aligned_copy(a: np.ndarray) -> np.ndarray:
@@ -118,7 +122,8 @@ class Shape:
         self.calls = max(1, int(SAMPLE * 100e9 / self.flops))  # ~20 ms at 100 GFLOP/s
 
     def route(self) -> str:
-        return "kernel" if qualifies(self.n) and not (self.ta and self.tb) else "blas"
+        ok = qualifies(self.m, self.n, self.k, self.tb) and not (self.ta and self.tb)
+        return "kernel" if ok else "blas"
 
 
 def make_runner(

@@ -34,6 +34,10 @@ The rules every caller gets from here:
   checked as the first epoch gathers them (and the state rewound to the
   epoch's copy), the rest (y, validation data, unused rows, X where the rewind
   or the fused check cannot apply) is scanned before training, in chunks.
+  In the common case (compiled layers, the built-in loss, plain SGD, one
+  process, no cast) a whole epoch runs in one compiled loop that gathers each
+  batch and steps on it; on a data set larger than the caches the GEMM kernel
+  prefetches the next batch's rows while a batch trains.
 - Threads. ``fit`` holds the network's training lock throughout (a second
   ``fit`` raises) and its inference lock around each step, so ``predict`` or
   ``save`` from another thread sees whole steps.
