@@ -109,6 +109,29 @@ cdef void dense_backward(const floating* X, const floating* W, const floating* d
                 <int>n_out, 0, dX, <int>n_in)
 
 
+cdef void _forward_any(bint dbl, void* X, void* W, void* b, void* Y, Py_ssize_t rows,
+                       Py_ssize_t n_in, Py_ssize_t n_out, bint use_bias) noexcept nogil:
+    # dense_forward for the layer's dtype (float64 when dbl), on validated pointers
+    if dbl:
+        dense_forward(<double*>X, <double*>W, <double*>b, <double*>Y, rows, n_in, n_out,
+                      use_bias)
+    else:
+        dense_forward(<float*>X, <float*>W, <float*>b, <float*>Y, rows, n_in, n_out,
+                      use_bias)
+
+
+cdef void _backward_any(bint dbl, void* X, void* W, void* dY, void* dX, void* dW, void* db,
+                        Py_ssize_t rows, Py_ssize_t n_in, Py_ssize_t n_out,
+                        bint use_bias) noexcept nogil:
+    # dense_backward for the layer's dtype; dX NULL: no input gradient
+    if dbl:
+        dense_backward(<double*>X, <double*>W, <double*>dY, <double*>dX, <double*>dW,
+                       <double*>db, rows, n_in, n_out, use_bias)
+    else:
+        dense_backward(<float*>X, <float*>W, <float*>dY, <float*>dX, <float*>dW,
+                       <float*>db, rows, n_in, n_out, use_bias)
+
+
 # ------------------------------------------------------------- eval forward
 # NOTE: at a batch of a few rows a BLAS GEMM spends most of its time packing W (the
 # whole weight matrix, on every call); nnrt/_smallm.h reads W in place. Which of the two
@@ -135,6 +158,10 @@ SMALL_M_ENABLED = bool(_SMALL_M_ON)
 # Below this many multiply-adds the kernel runs without releasing the GIL (releasing
 # and taking it back costs more than the work).
 cdef Py_ssize_t _NOGIL_MIN = 32768
+# the training forward and backward release the GIL from this many multiply-adds (about
+# 1 us of work; below, releasing and taking it back, ~70 ns a call, is a few % of a tiny
+# network's step: 3-4 % of tiny's 20 us step went to the GIL's mutex)
+cdef Py_ssize_t _TRAIN_NOGIL_MIN = 262144
 
 # depth of the small-M kernel's blocks of k (0: by the layer's width, nnrt/_smallm.h)
 cdef Py_ssize_t _small_m_kc = 0
@@ -579,18 +606,19 @@ cdef class Dense(Layer):
         cdef bint use_bias = self.use_bias
         # the thread policy (nnrt._parallel) picks the BLAS threads and learns the time
         cdef int policy = blas_threads_for(rows, n_out, n_in, 0)
-        cdef double t0 = par_now()
-        if t == cnp.NPY_FLOAT32:
+        # the time only where the policy learns from it (a GEMM it may split)
+        cdef double t0 = par_now() if policy >= 0 else 0.0
+        cdef void* px = cnp.PyArray_DATA(Xa)
+        cdef void* pw = cnp.PyArray_DATA(W)
+        cdef void* pb = cnp.PyArray_DATA(b)
+        cdef void* py = cnp.PyArray_DATA(Y)
+        cdef bint dbl = t != cnp.NPY_FLOAT32
+        if rows * n_in * n_out >= _TRAIN_NOGIL_MIN:
             with nogil:
-                dense_forward(<float*>cnp.PyArray_DATA(Xa), <float*>cnp.PyArray_DATA(W),
-                              <float*>cnp.PyArray_DATA(b), <float*>cnp.PyArray_DATA(Y),
-                              rows, n_in, n_out, use_bias)
+                _forward_any(dbl, px, pw, pb, py, rows, n_in, n_out, use_bias)
         else:
-            with nogil:
-                dense_forward(<double*>cnp.PyArray_DATA(Xa), <double*>cnp.PyArray_DATA(W),
-                              <double*>cnp.PyArray_DATA(b), <double*>cnp.PyArray_DATA(Y),
-                              rows, n_in, n_out, use_bias)
-        blas_threads_done(policy, par_now() - t0)
+            _forward_any(dbl, px, pw, pb, py, rows, n_in, n_out, use_bias)
+        blas_threads_done(policy, par_now() - t0 if policy >= 0 else 0.0)
         return Y
 
     cdef object _backward(self, object dY, bint input_grad):
@@ -621,22 +649,20 @@ cdef class Dense(Layer):
         cdef bint use_bias = self.use_bias
         # the thread policy (nnrt._parallel) picks the BLAS threads and learns the time
         cdef int policy = blas_threads_for(n_in, n_out, rows, 1)
-        cdef double t0 = par_now()
-        if t == cnp.NPY_FLOAT32:
+        cdef double t0 = par_now() if policy >= 0 else 0.0
+        cdef void* px = cnp.PyArray_DATA(X)
+        cdef void* pw = cnp.PyArray_DATA(W)
+        cdef void* pdy = cnp.PyArray_DATA(dYa)
+        cdef void* pdx = cnp.PyArray_DATA(dX) if input_grad else NULL
+        cdef void* pdw = cnp.PyArray_DATA(dW)
+        cdef void* pdb = cnp.PyArray_DATA(db)
+        cdef bint dbl = t != cnp.NPY_FLOAT32
+        if rows * n_in * n_out >= _TRAIN_NOGIL_MIN:
             with nogil:
-                dense_backward(<float*>cnp.PyArray_DATA(X), <float*>cnp.PyArray_DATA(W),
-                               <float*>cnp.PyArray_DATA(dYa),
-                               <float*>cnp.PyArray_DATA(dX) if input_grad else NULL,
-                               <float*>cnp.PyArray_DATA(dW), <float*>cnp.PyArray_DATA(db),
-                               rows, n_in, n_out, use_bias)
+                _backward_any(dbl, px, pw, pdy, pdx, pdw, pdb, rows, n_in, n_out, use_bias)
         else:
-            with nogil:
-                dense_backward(<double*>cnp.PyArray_DATA(X), <double*>cnp.PyArray_DATA(W),
-                               <double*>cnp.PyArray_DATA(dYa),
-                               <double*>cnp.PyArray_DATA(dX) if input_grad else NULL,
-                               <double*>cnp.PyArray_DATA(dW), <double*>cnp.PyArray_DATA(db),
-                               rows, n_in, n_out, use_bias)
-        blas_threads_done(policy, par_now() - t0)
+            _backward_any(dbl, px, pw, pdy, pdx, pdw, pdb, rows, n_in, n_out, use_bias)
+        blas_threads_done(policy, par_now() - t0 if policy >= 0 else 0.0)
         return dX
 
     cpdef object backward(self, object dY):
