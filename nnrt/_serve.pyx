@@ -63,6 +63,9 @@ cdef Py_ssize_t _PACKED_MIN_BYTES = 524288
 # Work of one panel for the two-thread split (par_for, "stream" kind: elements of W
 # streamed at one row; from 9 rows on, the multiply-adds count in eighths)
 cdef Py_ssize_t _SPLIT_ROWS = 8
+# fewer panels than this split by rows from _SPLIT_ROWS_MIN rows (_run_packed)
+cdef Py_ssize_t _SPLIT_PANELS_MIN = 4
+cdef Py_ssize_t _SPLIT_ROWS_MIN = 32
 
 
 ctypedef struct _PackedJob:
@@ -86,12 +89,39 @@ cdef void _packed_job_d(void* ctx, Py_ssize_t q0, Py_ssize_t q1) noexcept nogil:
                   q1, <const double*>j.b, j.act)
 
 
+cdef void _packed_rows_f(void* ctx, Py_ssize_t b0, Py_ssize_t b1) noexcept nogil:
+    # blocks b0 .. b1-1 of _SPLIT_ROWS rows, every panel
+    cdef _PackedJob* j = <_PackedJob*>ctx
+    cdef Py_ssize_t r0 = b0 * _SPLIT_ROWS, r1 = min(b1 * _SPLIT_ROWS, j.m)
+    nnrt_packed_f(<const float*>j.X + r0 * j.k, <const float*>j.Wp, <float*>j.Y + r0 * j.n,
+                  r1 - r0, j.k, j.n, 0, nnrt_panels_f(j.n), <const float*>j.b, j.act)
+
+
+cdef void _packed_rows_d(void* ctx, Py_ssize_t b0, Py_ssize_t b1) noexcept nogil:
+    cdef _PackedJob* j = <_PackedJob*>ctx
+    cdef Py_ssize_t r0 = b0 * _SPLIT_ROWS, r1 = min(b1 * _SPLIT_ROWS, j.m)
+    nnrt_packed_d(<const double*>j.X + r0 * j.k, <const double*>j.Wp,
+                  <double*>j.Y + r0 * j.n, r1 - r0, j.k, j.n, 0, nnrt_panels_d(j.n),
+                  <const double*>j.b, j.act)
+
+
 cdef void _run_packed(_PackedJob* job, bint dbl) noexcept nogil:
     # panels split over nnrt's helper thread when the policy allows two threads and the
-    # layer is large enough (every panel computed by the same code: the same bits)
+    # layer is large enough (every panel computed by the same code: the same bits); a
+    # layer of fewer than _SPLIT_PANELS_MIN panels (128 columns: one of 96 and one of
+    # 32) splits into 3:1 or worse, so from _SPLIT_ROWS_MIN rows its rows are split
+    # instead, in blocks of _SPLIT_ROWS (a row's result does not depend on the rows
+    # that share its call; each thread reads all of W, which such a layer keeps in L2)
     cdef Py_ssize_t panels = nnrt_panels_d(job.n) if dbl else nnrt_panels_f(job.n)
+    cdef Py_ssize_t blocks = (job.m + _SPLIT_ROWS - 1) // _SPLIT_ROWS
+    if panels < _SPLIT_PANELS_MIN and job.m >= _SPLIT_ROWS_MIN:
+        if dbl:
+            par_for(PAR_STREAM, <par_fn>_packed_rows_d, job, blocks, job.k * job.n)
+        else:
+            par_for(PAR_STREAM, <par_fn>_packed_rows_f, job, blocks, job.k * job.n)
+        return
     cdef Py_ssize_t cols = (job.n + panels - 1) // panels
-    cdef Py_ssize_t unit = job.k * cols * ((job.m + _SPLIT_ROWS - 1) // _SPLIT_ROWS)
+    cdef Py_ssize_t unit = job.k * cols * blocks
     if dbl:
         par_for(PAR_STREAM, <par_fn>_packed_job_d, job, panels, unit)
     else:
