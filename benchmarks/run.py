@@ -63,8 +63,9 @@ default 1: set through threadpoolctl for both OpenBLAS copies, numpy's and
 scipy's, torch.set_num_threads, onnxruntime's session options and XLA's flags). Each BLAS copy is warmed with a large
 GEMM first. Contenders are interleaved in rounds (the order rotates); each
 timed sample is a loop of n calls preceded by an untimed pre-roll of the same
-contender (with threaded BLAS, idle OpenBLAS workers spin for ~0.1 s after a
-call and would slow the next contender). Reported: median and min/max of the
+contender, with more than one thread at least 0.15 s long (idle OpenBLAS, OpenMP,
+onnxruntime and XLA workers spin for ~0.1 s after a call and would slow the next
+contender: in the fit row and the serving table too). Reported: median and min/max of the
 per-call sample times, and ratios of medians from this one run.
 """
 
@@ -509,7 +510,7 @@ def time_fit(cfg: str, rounds: int, sample_s: float, threads: int) -> dict[str, 
     samples: dict[str, list[float]] = {name: [] for name in names}
     for r in range(rounds):
         for name in names[r % len(names) :] + names[: r % len(names)]:
-            cons[name]()  # pre-roll
+            preroll(cons[name], 1, threads)
             tick = keras_clock if name == "keras" else clock
             t0 = tick()
             for _ in range(ns[name]):
@@ -547,6 +548,25 @@ def _loop(fn: Fn, n: int) -> float:
     return (time.perf_counter() - t0) / n
 
 
+PREROLL_S = 0.15  # with threads: longer than idle BLAS/OpenMP/XLA workers spin
+
+
+def preroll(fn: Fn, calls: int, threads: int) -> None:
+    """Untimed calls of ``fn`` before a timed sample: ``calls`` of them, and with more
+    than one thread for at least PREROLL_S, so that the previous contender's idle
+    worker threads (OpenBLAS's, torch's OpenMP pool, onnxruntime's and XLA's) have
+    stopped spinning on the other core before this one is timed. The rounds rotate
+    the order, so each contender always follows the same one: without this the
+    one after a threaded peer paid for its spinning in every round (the fit row's
+    nnrt fit, which follows keras: 2-thread fit/step 1.11-1.12 on tiny)."""
+    t0 = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    if threads > 1:
+        while time.perf_counter() - t0 < PREROLL_S:
+            fn()
+
+
 def calibrate(fn: Fn, target_s: float) -> int:
     fn()
     t = _loop(fn, 1)
@@ -572,14 +592,7 @@ def time_config(cfg: str, rounds: int, sample_s: float, threads: int) -> dict[st
             for name in order:
                 fn = cons[name][mode]
                 n = ns[name]
-                # untimed pre-roll: a quarter of a sample, and >= 0.15 s with threaded BLAS
-                pre = max(1, n // 4)
-                t0 = time.perf_counter()
-                for _ in range(pre):
-                    fn()
-                if threads > 1:
-                    while time.perf_counter() - t0 < 0.15:
-                        fn()
+                preroll(fn, max(1, n // 4), threads)
                 samples[name].append(_loop(fn, n))
         res: dict[str, Any] = {}
         for name in CONTENDERS:
@@ -675,8 +688,7 @@ def time_serving(cfg: str, rounds: int, sample_s: float, threads: int) -> dict[s
         for r in range(rounds):
             for name in names[r % len(names) :] + names[: r % len(names)]:
                 fn, n = fns[name], ns[name]
-                for _ in range(max(1, n // 4)):  # untimed pre-roll
-                    fn()
+                preroll(fn, max(1, n // 4), threads)
                 tick = time.perf_counter if name == "jax" else clock
                 t0 = tick()
                 for _ in range(n):
