@@ -385,5 +385,5 @@ def sgd_sce_epoch(object net, object opt, object loss_fn, object on_stale, objec
             correct += <Py_ssize_t>(<tuple>r)[1]
     finally:
         if ahead:
-            prefetch_clear(0)
+            prefetch_clear(1)  # and free the offsets: nothing left behind by a thread
     return nb, total, correct, None
