@@ -294,6 +294,20 @@ cdef inline object _locked_step(object net, object opt, object Xb, object yb, bi
         lock.release()
 
 
+cdef inline bint _tally(object r, Py_ssize_t n, double* total, Py_ssize_t* correct):
+    # a step's (loss, correct count) added to the sums, the loss weighted by the global
+    # batch's n rows: True; False, nothing added, when the compiled step declined (r
+    # None) or the loss is not finite
+    if r is None:
+        return False
+    cdef double value = (<tuple>r)[0]
+    if not isfinite(value):
+        return False
+    total[0] += value * n
+    correct[0] += <Py_ssize_t>(<tuple>r)[1]
+    return True
+
+
 def sgd_sce_run(list batches, object net, object opt, object loss_fn, object on_stale,
                 object lock, bint trusted, double total, Py_ssize_t correct):
     """``sgd_sce_step`` over ``batches`` (a list of ``(Xb, yb, n_global)``), each step
@@ -310,7 +324,6 @@ def sgd_sce_run(list batches, object net, object opt, object loss_fn, object on_
     runs it and the rest.
     """
     cdef Py_ssize_t i, m = len(batches), n
-    cdef double value
     cdef tuple item
     for i in range(m):
         item = <tuple?>batches[i]
@@ -318,13 +331,8 @@ def sgd_sce_run(list batches, object net, object opt, object loss_fn, object on_
         if n != len(Xb):
             return i, total, correct, None
         r = _locked_step(net, opt, Xb, yb, trusted, loss_fn, on_stale, lock)
-        if r is None:
-            return i, total, correct, None
-        value = (<tuple>r)[0]
-        if not isfinite(value):
-            return i, total, correct, r
-        total += value * n
-        correct += <Py_ssize_t>(<tuple>r)[1]
+        if not _tally(r, n, &total, &correct):
+            return i, total, correct, r  # None: declined; else the non-finite step's
     return m, total, correct, None
 
 
@@ -363,7 +371,6 @@ def sgd_sce_epoch(object net, object opt, object loss_fn, object on_stale, objec
     cdef Py_ssize_t nb = cnp.PyArray_DIM(R, 0), bs = cnp.PyArray_DIM(R, 1), b
     cdef const cnp.npy_intp* ip = <const cnp.npy_intp*>cnp.PyArray_DATA(R)
     cdef bint ahead = cnp.PyArray_NBYTES(Xs) >= _PREFETCH_MIN_BYTES
-    cdef double value
     try:
         for b in range(b0, nb):
             if (not _take(Xs, ip + b * bs, bs, Xo, check)
@@ -378,13 +385,8 @@ def sgd_sce_epoch(object net, object opt, object loss_fn, object on_stale, objec
                              <const Py_ssize_t*>(ip + (b + 1) * bs), bs,
                              cnp.PyArray_NBYTES(Xs) // cnp.PyArray_DIM(Xs, 0))
             r = _locked_step(net, opt, Xbuf, ybuf, True, loss_fn, on_stale, lock)
-            if r is None:
-                return b, total, correct, None
-            value = (<tuple>r)[0]
-            if not isfinite(value):
+            if not _tally(r, bs, &total, &correct):
                 return b, total, correct, r
-            total += value * bs
-            correct += <Py_ssize_t>(<tuple>r)[1]
     finally:
         if ahead:
             prefetch_clear(1)  # and free the offsets: nothing left behind by a thread
