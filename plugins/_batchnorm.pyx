@@ -206,6 +206,72 @@ cdef inline int _affine_kind(int t, bint sig) noexcept nogil:
     return PAR_EXPF if t == cnp.NPY_FLOAT32 else PAR_EXP
 
 
+# The kernels run without the GIL from this many elements (n x f); below it, releasing
+# and taking it back (~70-150 ns a pair) was a few % of a tiny network's step
+cdef Py_ssize_t _NOGIL_MIN = 16384
+
+
+cdef void _forward_run(bint dbl, bint training, bint local, _ColJob* cjob, _RowJob* job,
+                       int kind, Py_ssize_t n, Py_ssize_t f, Py_ssize_t count, double momentum,
+                       double eps, double* m, double* v, double* istd, void* pg, void* pb,
+                       void* psc, void* pmt, void* psh, void* prm, void* prv) noexcept nogil:
+    # the forward's kernels on checked pointers: batch statistics (training, local),
+    # the per-feature constants, then the affine (+ sigmoid) pass into job.out
+    if training:
+        if local:
+            if dbl:
+                par_for(PAR_STREAM, <par_fn>_stats_d, cjob, f, n)
+            else:
+                par_for(PAR_STREAM, <par_fn>_stats_f, cjob, f, n)
+        if dbl:
+            nnrt_bn_fold_train_d(f, count, momentum, eps, m, v, istd, <double*>pg,
+                                 <double*>pb, <double*>psc, <double*>pmt, <double*>psh,
+                                 <double*>prm, <double*>prv)
+        else:
+            nnrt_bn_fold_train_f(f, count, momentum, eps, m, v, istd, <float*>pg,
+                                 <float*>pb, <float*>psc, <float*>pmt, <float*>psh,
+                                 <float*>prm, <float*>prv)
+        job.center = pmt
+        job.p2 = psh
+    else:
+        if dbl:
+            nnrt_bn_fold_eval_d(f, eps, <double*>pg, <double*>prv, <double*>psc)
+        else:
+            nnrt_bn_fold_eval_f(f, eps, <float*>pg, <float*>prv, <float*>psc)
+        job.center = prm
+        job.p2 = pb
+    if dbl:
+        par_for(kind, <par_fn>_affine_d, job, n, f)
+    else:
+        par_for(kind, <par_fn>_affine_f, job, n, f)
+
+
+cdef void _backward_run(bint dbl, int phase, _ColJob* cjob, _RowJob* job, Py_ssize_t n,
+                        Py_ssize_t f, Py_ssize_t count, double* m, double* istd, double* s1,
+                        double* s2, void* pmt, void* pg, void* pdg, void* pdb, void* pa,
+                        void* pbb, void* pc) noexcept nogil:
+    # the backward's kernels on checked pointers: the sums (phase 0, 1), the folded
+    # per-feature constants, dx (phase 0, 2)
+    if phase != 2:
+        if dbl:
+            par_for(PAR_STREAM, <par_fn>_sums_d, cjob, f, n)
+        else:
+            par_for(PAR_STREAM, <par_fn>_sums_f, cjob, f, n)
+    if dbl:
+        nnrt_bn_fold_backward_d(f, count, m, istd, s1, s2, <double*>pmt, <double*>pg,
+                                <double*>pdg, <double*>pdb, <double*>pa, <double*>pbb,
+                                <double*>pc)
+    else:
+        nnrt_bn_fold_backward_f(f, count, m, istd, s1, s2, <float*>pmt, <float*>pg,
+                                <float*>pdg, <float*>pdb, <float*>pa, <float*>pbb,
+                                <float*>pc)
+    if phase != 1:
+        if dbl:
+            par_for(PAR_STREAM, <par_fn>_dx_d, job, n, f)
+        else:
+            par_for(PAR_STREAM, <par_fn>_dx_f, job, n, f)
+
+
 cdef cnp.ndarray _message(cnp.ndarray buf, Py_ssize_t size):
     # buf if it is still a writeable C-contiguous float64 vector of size elements,
     # else a new one: a message buffer goes out to a communicator (Python code),
@@ -405,8 +471,6 @@ cdef class BatchNorm(Layer):
         cdef void* pmt = _data(mean_t)
         cdef void* psc = _data(scale_t)
         cdef void* psh = _data(shift_t)
-        cdef void* center
-        cdef void* shift
         cdef _RowJob job
         job.x = x
         job.out = y
@@ -419,46 +483,15 @@ cdef class BatchNorm(Layer):
         cjob.v = v
         cjob.n = n
         cjob.f = f
-        if t == cnp.NPY_FLOAT32:
+        cdef bint dbl = t != cnp.NPY_FLOAT32
+        cdef int kind = _affine_kind(t, sig)
+        if n * f >= _NOGIL_MIN:
             with nogil:
-                if training:
-                    if local:
-                        par_for(PAR_STREAM, <par_fn>_stats_f, &cjob, f, n)
-                    nnrt_bn_fold_train_f(f, count, momentum, eps, m, v, istd,
-                                         <float*>pg, <float*>pb,
-                                         <float*>psc, <float*>pmt,
-                                         <float*>psh, <float*>prm,
-                                         <float*>prv)
-                    center = pmt
-                    shift = psh
-                else:
-                    nnrt_bn_fold_eval_f(f, eps, <float*>pg, <float*>prv,
-                                        <float*>psc)
-                    center = prm
-                    shift = pb
-                job.center = center
-                job.p2 = shift
-                par_for(_affine_kind(t, sig), <par_fn>_affine_f, &job, n, f)
+                _forward_run(dbl, training, local, &cjob, &job, kind, n, f, count, momentum,
+                             eps, m, v, istd, pg, pb, psc, pmt, psh, prm, prv)
         else:
-            with nogil:
-                if training:
-                    if local:
-                        par_for(PAR_STREAM, <par_fn>_stats_d, &cjob, f, n)
-                    nnrt_bn_fold_train_d(f, count, momentum, eps, m, v, istd,
-                                         <double*>pg, <double*>pb,
-                                         <double*>psc, <double*>pmt,
-                                         <double*>psh, <double*>prm,
-                                         <double*>prv)
-                    center = pmt
-                    shift = psh
-                else:
-                    nnrt_bn_fold_eval_d(f, eps, <double*>pg, <double*>prv,
-                                        <double*>psc)
-                    center = prm
-                    shift = pb
-                job.center = center
-                job.p2 = shift
-                par_for(_affine_kind(t, sig), <par_fn>_affine_d, &job, n, f)
+            _forward_run(dbl, training, local, &cjob, &job, kind, n, f, count, momentum, eps,
+                         m, v, istd, pg, pb, psc, pmt, psh, prm, prv)
         return 0
 
     cdef int _check_train_batch(self, cnp.ndarray Xa) except -1:
@@ -668,26 +701,14 @@ cdef class BatchNorm(Layer):
         cjob.v = s2
         cjob.n = n
         cjob.f = f
-        if t == cnp.NPY_FLOAT32:
+        cdef bint dbl = t != cnp.NPY_FLOAT32
+        if n * f >= _NOGIL_MIN:
             with nogil:
-                if phase != 2:
-                    par_for(PAR_STREAM, <par_fn>_sums_f, &cjob, f, n)
-                nnrt_bn_fold_backward_f(f, count, m, istd, s1, s2, <float*>pmt,
-                                        <float*>pg, <float*>pdg,
-                                        <float*>pdb, <float*>pa,
-                                        <float*>pbb, <float*>pc)
-                if phase != 1:
-                    par_for(PAR_STREAM, <par_fn>_dx_f, &job, n, f)
+                _backward_run(dbl, phase, &cjob, &job, n, f, count, m, istd, s1, s2, pmt, pg,
+                              pdg, pdb, pa, pbb, pc)
         else:
-            with nogil:
-                if phase != 2:
-                    par_for(PAR_STREAM, <par_fn>_sums_d, &cjob, f, n)
-                nnrt_bn_fold_backward_d(f, count, m, istd, s1, s2, <double*>pmt,
-                                        <double*>pg, <double*>pdg,
-                                        <double*>pdb, <double*>pa,
-                                        <double*>pbb, <double*>pc)
-                if phase != 1:
-                    par_for(PAR_STREAM, <par_fn>_dx_d, &job, n, f)
+            _backward_run(dbl, phase, &cjob, &job, n, f, count, m, istd, s1, s2, pmt, pg, pdg,
+                          pdb, pa, pbb, pc)
         return 0
 
     cdef cnp.ndarray _grad_for_kernel(self, object dY):
