@@ -211,7 +211,7 @@ cdef extern from "nnrt/_eval.h" nogil:
 # all of X and runs narrower panels. Measured on AMD Zen 5 (AVX-512), float32, two
 # threads: docs/performance.md "Where the time goes". Below it, columns (few rows are
 # bound by reading W, which a split of columns shares between the cores' caches).
-cdef Py_ssize_t _SPLIT_ROWS_MIN = 128
+cdef Py_ssize_t _SPLIT_ROWS_MIN = 32
 cdef Py_ssize_t _SPLIT_ROW_PIECES = 4
 # narrow outputs (fewer than _SMALL_M_MIN_COLS columns, e.g. a 10-class head): nnrt/_eval.h's
 # masked-vector kernel (W read in place) where it runs, on CPUs where the small-M kernel
