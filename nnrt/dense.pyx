@@ -111,11 +111,13 @@ cdef void dense_backward(const floating* X, const floating* W, const floating* d
 
 # ------------------------------------------------------------- eval forward
 # NOTE: at a batch of a few rows a BLAS GEMM spends most of its time packing W (the
-# whole weight matrix, on every call); nnrt/_smallm.h reads W in place. Which of the two
-# runs depends on the layer (its width, the CPU), never on the batch size, so a row's
-# result is the same whatever batch it comes in. The bias, and the per-feature affine
-# and sigmoid of the layers that follow (when the eval chain fuses them,
-# nnrt/_kernels.pyx), are then applied in one pass over the output.
+# whole weight matrix, on every call); nnrt/_smallm.h reads W in place, and so does
+# nnrt/_eval.h's kernel for narrow outputs (fewer than 32 columns). Which one runs depends
+# on the layer (its width, the CPU), never on the batch size, so a row's result is the
+# same whatever batch it comes in. The bias, and the per-feature affine and sigmoid of the
+# layers that follow (when the eval chain fuses them, nnrt/_kernels.pyx), are then
+# applied by nnrt/_eval.h's epilogue to the rows a thread computed, with the bits of the
+# layers run one by one.
 from nnrt._smallm cimport (nnrt_aligned_alloc, nnrt_aligned_free, nnrt_aligned_ld,
                            nnrt_gemm_s_d, nnrt_gemm_s_f, nnrt_smallm_d, nnrt_smallm_enabled,
                            nnrt_smallm_f, nnrt_smallm_isa_name)
