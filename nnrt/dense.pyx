@@ -253,6 +253,20 @@ ctypedef struct _EvalJob:
     int act
 
 
+ctypedef struct _CopyJob:
+    const char* src  # rows of n bytes, contiguous
+    char* dst        # rows ld bytes apart
+    Py_ssize_t n, ld
+
+
+cdef void _copy_rows(void* ctx, Py_ssize_t r0, Py_ssize_t r1) noexcept nogil:
+    # rows [r0, r1) of W into the aligned copy (par_for: both threads on a large W)
+    cdef _CopyJob* j = <_CopyJob*>ctx
+    cdef Py_ssize_t r
+    for r in range(r0, r1):
+        memcpy(j.dst + r * j.ld, j.src + r * j.n, j.n)
+
+
 cdef inline void _eval_epilogue(const floating* S, Py_ssize_t lds, floating* Y,
                                 Py_ssize_t ldy, Py_ssize_t m, Py_ssize_t w,
                                 const floating* b, const floating* c, const floating* sc,
@@ -367,7 +381,8 @@ cdef void dense_eval(const floating* X, const floating* W, const floating* b,
     # NOTE: by the layer's width only, as `small`: a row's bits never depend on its batch
     cdef bint narrow = mode == 0 and _NARROW_ON and n_out < _SMALL_M_MIN_COLS
     cdef _EvalJob job
-    cdef Py_ssize_t blocks, units, lanes = 16 if floating is float else 8, p, ld
+    cdef _CopyJob cjob
+    cdef Py_ssize_t blocks, units, lanes = 16 if floating is float else 8, ld
     cdef floating* copy = NULL
     cdef par_fn fn
     if not small and not narrow:
@@ -400,8 +415,11 @@ cdef void dense_eval(const floating* X, const floating* W, const floating* b,
         ld = nnrt_aligned_ld(n_out, sizeof(floating))
         copy = <floating*>nnrt_aligned_alloc(<size_t>(n_in * ld) * sizeof(floating))
         if copy != NULL:
-            for p in range(n_in):
-                memcpy(&copy[p * ld], &W[p * n_out], n_out * sizeof(floating))
+            cjob.src = <const char*>W
+            cjob.dst = <char*>copy
+            cjob.n = n_out * sizeof(floating)
+            cjob.ld = ld * sizeof(floating)
+            par_for(PAR_STREAM, <par_fn>_copy_rows, &cjob, n_in, n_out)  # rows of W
             job.W = copy
             job.ldw = ld
     fn = <par_fn>(_eval_rows_f if floating is float else _eval_rows_d)
