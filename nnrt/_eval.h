@@ -213,6 +213,11 @@ static void nnrt_ev_epilogue_d(const double *S, ptrdiff_t lds, double *Y, ptrdif
         ptrdiff_t i0 = 0;                                                                 \
         for (; i0 + MR <= m; i0 += MR)                                                    \
             NNRT_EV_NARROW_BLOCK(V, VU, L, MR, NV, LOADM, STOREM);                        \
+        /* the rows left in blocks of 4 and 2: a row is one chain of k dependent FMAs, */ \
+        /* so a block's rows run side by side in the time of one */                       \
+        if (MR > 4)                                                                       \
+            for (; i0 + 4 <= m; i0 += 4) NNRT_EV_NARROW_BLOCK(V, VU, L, 4, NV, LOADM, STOREM); \
+        for (; i0 + 2 <= m; i0 += 2) NNRT_EV_NARROW_BLOCK(V, VU, L, 2, NV, LOADM, STOREM); \
         for (; i0 < m; i0++) NNRT_EV_NARROW_BLOCK(V, VU, L, 1, NV, LOADM, STOREM);        \
     }
 #define NNRT_EV_NARROW(SUF, T, V, VU, L, MASKT, LOADM, STOREM)                                \
