@@ -24,7 +24,7 @@
  * Every output element is one chain of fused multiply-adds over p = 0 .. k-1 in order,
  *   whatever block, panel, copy or call computes it: a row's result does not depend on
  *   the rows that share its call (batch size, the row split over threads).
- * The eval forward's epilogue (bias, a following affine, sigmoid) is nnrt/_eval_epi.h.
+ * The eval forward's epilogue (bias, a following affine, sigmoid) is nnrt/_eval.h.
  */
 #ifndef NNRT_SMALLM_H
 #define NNRT_SMALLM_H
