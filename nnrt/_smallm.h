@@ -24,12 +24,7 @@
  * Every output element is one chain of fused multiply-adds over p = 0 .. k-1 in order,
  *   whatever block, panel, copy or call computes it: a row's result does not depend on
  *   the rows that share its call (batch size, the row split over threads).
- * nnrt_epilogue_{f,d}: in one pass over Y (m x n): y = y + b; then
- *   y = (y - center) * scale + shift (a following layer's eval-mode per-feature
- *   affine, e.g. a normalisation with running statistics); then y = sigmoid(y). Any part
- *   may be absent (NULL / act 0). The affine and the sigmoid are written exactly as
- *   the separate layers' kernels (nnrt/_vmath.h), so the fused result equals the
- *   unfused one up to the GEMM's own rounding.
+ * The eval forward's epilogue (bias, a following affine, sigmoid) is nnrt/_eval.h.
  */
 #ifndef NNRT_SMALLM_H
 #define NNRT_SMALLM_H
@@ -635,42 +630,6 @@ static void nnrt_transpose_##SUF(const T *B, ptrdiff_t ldb, ptrdiff_t n, ptrdiff
 }
 NNRT_TRANSPOSE_PLAIN(float, f)
 NNRT_TRANSPOSE_PLAIN(double, d)
-#endif
-
-#if defined(__GNUC__) && !defined(__clang__)
-/* as nnrt/_vmath.h: vectorisable selects, and no FMA contraction so that the affine
- * rounds exactly as the normalisation plugin's own kernel */
-#pragma GCC push_options
-#pragma GCC optimize("no-trapping-math")
-#pragma GCC optimize("fp-contract=off")
-#endif
-
-#define NNRT_EPILOGUE(T, SUF, SIGMOID)                                                    \
-NNRT_CLONES                                                                               \
-static void nnrt_epilogue_##SUF(T *Y, ptrdiff_t m, ptrdiff_t n, const T *bias,            \
-                                const T *center, const T *scale, const T *shift,          \
-                                int act) {                                                \
-    for (ptrdiff_t i = 0; i < m; i++) {                                                   \
-        T *y = Y + i * n;                                                                 \
-        if (bias)                                                                         \
-            for (ptrdiff_t j = 0; j < n; j++) y[j] = y[j] + bias[j];                      \
-        if (center && act == 1) {                                                         \
-            for (ptrdiff_t j = 0; j < n; j++)                                             \
-                y[j] = SIGMOID((y[j] - center[j]) * scale[j] + shift[j]);                 \
-        } else if (center) {                                                              \
-            for (ptrdiff_t j = 0; j < n; j++)                                             \
-                y[j] = (y[j] - center[j]) * scale[j] + shift[j];                          \
-        } else if (act == 1) {                                                            \
-            for (ptrdiff_t j = 0; j < n; j++) y[j] = SIGMOID(y[j]);                       \
-        }                                                                                 \
-    }                                                                                     \
-}
-
-NNRT_EPILOGUE(float, f, nnrt_sigmoidf)
-NNRT_EPILOGUE(double, d, nnrt_sigmoid)
-
-#if defined(__GNUC__) && !defined(__clang__)
-#pragma GCC pop_options
 #endif
 
 #endif /* NNRT_SMALLM_H */

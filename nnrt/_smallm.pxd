@@ -20,11 +20,6 @@ cdef extern from "nnrt/_smallm.h" nogil:
                           float* BT, Py_ssize_t ldt)
     void nnrt_transpose_d(const double* B, Py_ssize_t ldb, Py_ssize_t n, Py_ssize_t k,
                           double* BT, Py_ssize_t ldt)
-    void nnrt_epilogue_f(float* Y, Py_ssize_t m, Py_ssize_t n, const float* bias,
-                         const float* center, const float* scale, const float* shift, int act)
-    void nnrt_epilogue_d(double* Y, Py_ssize_t m, Py_ssize_t n, const double* bias,
-                         const double* center, const double* scale, const double* shift,
-                         int act)
     int nnrt_smallm_enabled()
     Py_ssize_t nnrt_bgpf_set(const char* base, const Py_ssize_t* rows, Py_ssize_t n,
                              Py_ssize_t row_bytes)

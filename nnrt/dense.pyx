@@ -134,14 +134,16 @@ cdef void _backward_any(bint dbl, void* X, void* W, void* dY, void* dX, void* dW
 
 # ------------------------------------------------------------- eval forward
 # NOTE: at a batch of a few rows a BLAS GEMM spends most of its time packing W (the
-# whole weight matrix, on every call); nnrt/_smallm.h reads W in place. Which of the two
-# runs depends on the layer (its width, the CPU), never on the batch size, so a row's
-# result is the same whatever batch it comes in. The bias, and the per-feature affine
-# and sigmoid of the layers that follow (when the eval chain fuses them,
-# nnrt/_kernels.pyx), are then applied in one pass over the output.
-from nnrt._smallm cimport (nnrt_epilogue_d, nnrt_epilogue_f, nnrt_gemm_s_d, nnrt_gemm_s_f,
-                           nnrt_smallm_d, nnrt_smallm_enabled, nnrt_smallm_f,
-                           nnrt_smallm_isa_name)
+# whole weight matrix, on every call); nnrt/_smallm.h reads W in place, and so does
+# nnrt/_eval.h's kernel for narrow outputs (fewer than 32 columns). Which one runs depends
+# on the layer (its width, the CPU), never on the batch size, so a row's result is the
+# same whatever batch it comes in. The bias, and the per-feature affine and sigmoid of the
+# layers that follow (when the eval chain fuses them, nnrt/_kernels.pyx), are then
+# applied by nnrt/_eval.h's epilogue to the rows a thread computed, with the bits of the
+# layers run one by one.
+from nnrt._smallm cimport (nnrt_aligned_alloc, nnrt_aligned_free, nnrt_aligned_ld,
+                           nnrt_gemm_s_d, nnrt_gemm_s_f, nnrt_smallm_d, nnrt_smallm_enabled,
+                           nnrt_smallm_f, nnrt_smallm_isa_name)
 
 # Kernel choice of the eval forward: 0 by layer shape (below), 1 always GEMM, 2 always
 # the small-M kernel (tests and benchmarks force them).
@@ -213,24 +215,149 @@ cdef Py_ssize_t _ROWS_MAX = 4
 cdef Py_ssize_t _ROWS_MIN_BYTES = 524288
 
 
+cdef extern from "nnrt/_eval.h" nogil:
+    void nnrt_ev_epilogue_f(const float* S, Py_ssize_t lds, float* Y, Py_ssize_t ldy,
+                            Py_ssize_t m, Py_ssize_t w, const float* bias,
+                            const float* center, const float* scale, const float* shift,
+                            int act)
+    void nnrt_ev_epilogue_d(const double* S, Py_ssize_t lds, double* Y, Py_ssize_t ldy,
+                            Py_ssize_t m, Py_ssize_t w, const double* bias,
+                            const double* center, const double* scale, const double* shift,
+                            int act)
+    void nnrt_ev_narrow_f(const float* X, const float* W, float* Y, Py_ssize_t m,
+                          Py_ssize_t k, Py_ssize_t n)
+    void nnrt_ev_narrow_d(const double* X, const double* W, double* Y, Py_ssize_t m,
+                          Py_ssize_t k, Py_ssize_t n)
+    int nnrt_ev_narrow_ok()
+    int nnrt_copy_pays(const void* W, Py_ssize_t ldw, size_t elsize, Py_ssize_t m,
+                       Py_ssize_t k, Py_ssize_t n)
+
+# two threads, from _SPLIT_ROWS_MIN rows on: the rows in _SPLIT_ROW_PIECES pieces of whole
+# 8-row blocks (claimed one at a time by either thread), each piece its GEMM and then its
+# epilogue, so the epilogue is split with the GEMM. Rows, not columns, as the training
+# GEMM route (nnrt/_blas.pyx): a piece of rows keeps the kernel's full-width column
+# panels and an aligned copy of W made once for all pieces; a piece of columns re-reads
+# all of X and runs narrower panels. Measured on AMD Zen 5 (AVX-512), float32, two
+# threads: docs/performance.md "Where the time goes". Below it, columns (few rows are
+# bound by reading W, which a split of columns shares between the cores' caches).
+cdef Py_ssize_t _SPLIT_ROWS_MIN = 32
+cdef Py_ssize_t _SPLIT_ROW_PIECES = 4
+# narrow outputs (fewer than _SMALL_M_MIN_COLS columns, e.g. a 10-class head): nnrt/_eval.h's
+# masked-vector kernel (W read in place) where it runs, on CPUs where the small-M kernel
+# serves; the BLAS GEMM otherwise
+cdef bint _NARROW_ON = _SMALL_M_ON and nnrt_ev_narrow_ok() != 0
+
+
+def _set_eval_split(Py_ssize_t rows_min=-1, Py_ssize_t pieces=-1):
+    """Rows from which two threads split the eval GEMM by rows, and into how many pieces
+    (measurements); -1 leaves a value; returns the previous ``(rows_min, pieces)``."""
+    global _SPLIT_ROWS_MIN, _SPLIT_ROW_PIECES
+    old = (_SPLIT_ROWS_MIN, _SPLIT_ROW_PIECES)
+    if pieces != -1 and not 2 <= pieces <= 64:
+        raise ValueError(f"pieces must be in [2, 64], got {pieces}")
+    if rows_min != -1:
+        if rows_min < 16:
+            raise ValueError(f"rows_min must be >= 16, got {rows_min}")
+        _SPLIT_ROWS_MIN = rows_min
+    if pieces != -1:
+        _SPLIT_ROW_PIECES = pieces
+    return old
+
+
 ctypedef struct _EvalJob:
     const void* X
-    const void* W
-    void* Y
+    const void* W    # the weight the kernel reads: the layer's, an aligned or a padded copy
+    void* Y          # the output (m x n)
     const void* b
     const void* center
     const void* scale
     const void* shift
     Py_ssize_t m, k, n
-    Py_ssize_t lanes  # columns per unit of the split (whole vectors)
+    Py_ssize_t ldw   # W's row stride (n: the layer's own W)
+    bint narrow      # nnrt_ev_narrow computes the product
+    Py_ssize_t lanes  # columns per unit of a column split (whole vectors)
+    Py_ssize_t rows   # rows per unit of a row split (whole 8-row blocks)
     int act
+
+
+ctypedef struct _CopyJob:
+    const char* src  # rows of n bytes, contiguous
+    char* dst        # rows ld bytes apart
+    Py_ssize_t n, ld
+
+
+cdef void _copy_rows(void* ctx, Py_ssize_t r0, Py_ssize_t r1) noexcept nogil:
+    # rows [r0, r1) of W into the aligned copy (par_for: both threads on a large W)
+    cdef _CopyJob* j = <_CopyJob*>ctx
+    cdef Py_ssize_t r
+    for r in range(r0, r1):
+        memcpy(j.dst + r * j.ld, j.src + r * j.n, j.n)
+
+
+cdef inline void _eval_epilogue(const floating* S, Py_ssize_t lds, floating* Y,
+                                Py_ssize_t ldy, Py_ssize_t m, Py_ssize_t w,
+                                const floating* b, const floating* c, const floating* sc,
+                                const floating* sh, int act) noexcept nogil:
+    if floating is float:
+        nnrt_ev_epilogue_f(S, lds, Y, ldy, m, w, b, c, sc, sh, act)
+    else:
+        nnrt_ev_epilogue_d(S, lds, Y, ldy, m, w, b, c, sc, sh, act)
+
+
+cdef inline void _eval_kernel(const floating* X, const floating* W, Py_ssize_t ldw,
+                              floating* Y, Py_ssize_t m, Py_ssize_t k,
+                              Py_ssize_t n) noexcept nogil:
+    # Y (m x n, row stride n) = X (m x k) @ W (k x n, row stride ldw): the small-M kernel
+    # (the same sums whichever entry runs it, nnrt/_smallm.h)
+    if ldw == n:
+        if floating is float:
+            nnrt_smallm_f(X, W, Y, m, k, n, _small_m_kc)
+        else:
+            nnrt_smallm_d(X, W, Y, m, k, n, _small_m_kc)
+    elif floating is float:
+        nnrt_gemm_s_f(X, k, 1, W, ldw, Y, n, 0, m, k, n)
+    else:
+        nnrt_gemm_s_d(X, k, 1, W, ldw, Y, n, 0, m, k, n)
+
+
+cdef void _eval_rows(_EvalJob* j, Py_ssize_t u0, Py_ssize_t u1,
+                     const floating* tag) noexcept nogil:
+    # rows [u0 * rows, u1 * rows) (the last unit ends at m): their GEMM, then their
+    # epilogue while they are in L2
+    cdef Py_ssize_t r0 = u0 * j.rows, r1 = min(u1 * j.rows, j.m)
+    cdef const floating* X = <const floating*>j.X
+    cdef const floating* W = <const floating*>j.W
+    cdef floating* Y = <floating*>j.Y
+    cdef const floating* b = <const floating*>j.b
+    cdef const floating* c = <const floating*>j.center
+    cdef const floating* sc = <const floating*>j.scale
+    cdef const floating* sh = <const floating*>j.shift
+    if r0 >= r1:
+        return
+    if j.narrow:
+        if floating is float:
+            nnrt_ev_narrow_f(X + r0 * j.k, W, Y + r0 * j.n, r1 - r0, j.k, j.n)
+        else:
+            nnrt_ev_narrow_d(X + r0 * j.k, W, Y + r0 * j.n, r1 - r0, j.k, j.n)
+    else:
+        _eval_kernel(X + r0 * j.k, W, j.ldw, Y + r0 * j.n, r1 - r0, j.k, j.n)
+    if b != NULL or c != NULL or j.act != 0:
+        _eval_epilogue(Y + r0 * j.n, j.n, Y + r0 * j.n, j.n, r1 - r0, j.n, b, c, sc, sh, j.act)
+
+
+cdef void _eval_rows_f(void* ctx, Py_ssize_t u0, Py_ssize_t u1) noexcept nogil:
+    _eval_rows(<_EvalJob*>ctx, u0, u1, <const float*>NULL)
+
+
+cdef void _eval_rows_d(void* ctx, Py_ssize_t u0, Py_ssize_t u1) noexcept nogil:
+    _eval_rows(<_EvalJob*>ctx, u0, u1, <const double*>NULL)
 
 
 cdef void _eval_cols(_EvalJob* j, Py_ssize_t c0, Py_ssize_t c1,
                      const floating* tag) noexcept nogil:
     # columns [c0 * lanes, c1 * lanes) of every row (the last unit ends at n), then
     # their epilogue
-    cdef Py_ssize_t j0 = c0 * j.lanes, j1 = min(c1 * j.lanes, j.n), i
+    cdef Py_ssize_t j0 = c0 * j.lanes, j1 = min(c1 * j.lanes, j.n)
     cdef const floating* X = <const floating*>j.X
     cdef const floating* W = <const floating*>j.W
     cdef floating* Y = <floating*>j.Y
@@ -244,45 +371,22 @@ cdef void _eval_cols(_EvalJob* j, Py_ssize_t c0, Py_ssize_t c1,
     cdef bint stream = (2 <= j.m and j.m <= _ROWS_MAX
                         and j.k * j.n * <Py_ssize_t>sizeof(floating) > _ROWS_MIN_BYTES)
     if j0 == 0 and j1 == j.n and not stream:
-        # the whole layer on one thread (par_for did not split): the whole kernel, then
-        # one pass of the epilogue
-        if floating is float:
-            nnrt_smallm_f(X, W, Y, j.m, j.k, j.n, _small_m_kc)
-        else:
-            nnrt_smallm_d(X, W, Y, j.m, j.k, j.n, _small_m_kc)
-        if b != NULL or c != NULL or j.act != 0:
-            if floating is float:
-                nnrt_epilogue_f(Y, j.m, j.n, b, c, sc, sh, j.act)
-            else:
-                nnrt_epilogue_d(Y, j.m, j.n, b, c, sc, sh, j.act)
-        return
-    if stream:
+        # the whole layer on one thread (par_for did not split)
+        _eval_kernel(X, W, j.n, Y, j.m, j.k, j.n)
+    elif stream:
         if floating is float:
             nnrt_rows_cols_f(X, W, Y, j.m, j.k, j.n, j0, j1)
         else:
             nnrt_rows_cols_d(X, W, Y, j.m, j.k, j.n, j0, j1)
+    elif floating is float:
+        nnrt_gemm_s_f(X, j.k, 1, W + j0, j.n, Y + j0, j.n, 0, j.m, j.k, j1 - j0)
     else:
-        if floating is float:
-            nnrt_gemm_s_f(X, j.k, 1, W + j0, j.n, Y + j0, j.n, 0, j.m, j.k, j1 - j0)
-        else:
-            nnrt_gemm_s_d(X, j.k, 1, W + j0, j.n, Y + j0, j.n, 0, j.m, j.k, j1 - j0)
+        nnrt_gemm_s_d(X, j.k, 1, W + j0, j.n, Y + j0, j.n, 0, j.m, j.k, j1 - j0)
     if b == NULL and c == NULL and j.act == 0:
         return
-    cdef const floating* pb = NULL
-    cdef const floating* pc = NULL
-    cdef const floating* psc = NULL
-    cdef const floating* psh = NULL
-    if b != NULL:
-        pb = b + j0
-    if c != NULL:
-        pc = c + j0
-        psc = sc + j0
-        psh = sh + j0
-    for i in range(j.m):
-        if floating is float:
-            nnrt_epilogue_f(Y + i * j.n + j0, 1, j1 - j0, pb, pc, psc, psh, j.act)
-        else:
-            nnrt_epilogue_d(Y + i * j.n + j0, 1, j1 - j0, pb, pc, psc, psh, j.act)
+    _eval_epilogue(Y + j0, j.n, Y + j0, j.n, j.m, j1 - j0, b + j0 if b != NULL else NULL,
+                   c + j0 if c != NULL else NULL, sc + j0 if c != NULL else NULL,
+                   sh + j0 if c != NULL else NULL, j.act)
 
 
 cdef void _eval_cols_f(void* ctx, Py_ssize_t c0, Py_ssize_t c1) noexcept nogil:
@@ -301,56 +405,80 @@ cdef void dense_eval(const floating* X, const floating* W, const floating* b,
     # non-NULL), then sigmoid (act 1)
     cdef bint small = mode == 2 or (mode == 0 and _SMALL_M_ON and n_out >= _SMALL_M_MIN_COLS
                                     and n_out % 8 == 0)
+    # NOTE: by the layer's width only, as `small`: a row's bits never depend on its batch
+    cdef bint narrow = mode == 0 and _NARROW_ON and n_out < _SMALL_M_MIN_COLS
     cdef _EvalJob job
-    cdef Py_ssize_t blocks, units
+    cdef _CopyJob cjob
+    cdef Py_ssize_t blocks, units, lanes = 16 if floating is float else 8, ld
+    cdef floating* copy = NULL
     cdef par_fn fn
-    if small and _SPLIT_ON and (batch >= _SPLIT_MIN_ROWS or (
+    if not small and not narrow:
+        gemm_rm(False, False, <int>batch, <int>n_out, <int>n_in, 1, X, <int>n_in, W,
+                <int>n_out, 0, Y, <int>n_out)
+        if b != NULL or center != NULL or act != 0:
+            _eval_epilogue(Y, n_out, Y, n_out, batch, n_out, b, center, scale, shift, act)
+        return
+    job.X = X
+    job.W = W
+    job.Y = Y
+    job.b = b
+    job.center = center
+    job.scale = scale
+    job.shift = shift
+    job.m = batch
+    job.k = n_in
+    job.n = n_out
+    job.ldw = n_out
+    job.narrow = False
+    job.lanes = lanes
+    job.rows = batch
+    job.act = act
+    if narrow:
+        job.narrow = True
+    elif (_SPLIT_ON and batch >= _SPLIT_ROWS_MIN
+            and nnrt_copy_pays(W, n_out, sizeof(floating), batch, n_in, n_out)):
+        # the aligned copy the kernel would make for these rows (nnrt/_smallm.h), made once
+        # here so that every piece of a row split reads it (the same sums)
+        ld = nnrt_aligned_ld(n_out, sizeof(floating))
+        copy = <floating*>nnrt_aligned_alloc(<size_t>(n_in * ld) * sizeof(floating))
+        if copy != NULL:
+            cjob.src = <const char*>W
+            cjob.dst = <char*>copy
+            cjob.n = n_out * sizeof(floating)
+            cjob.ld = ld * sizeof(floating)
+            par_for(PAR_STREAM, <par_fn>_copy_rows, &cjob, n_in, n_out)  # rows of W
+            job.W = copy
+            job.ldw = ld
+    fn = <par_fn>(_eval_rows_f if floating is float else _eval_rows_d)
+    if _SPLIT_ON and batch >= _SPLIT_ROWS_MIN:
+        # pieces of whole 8-row blocks, the work of each counted as its multiply-adds in
+        # eighths (as the column split below); par_for runs them all on this thread when
+        # it does not split
+        units = min(_SPLIT_ROW_PIECES, max(1, batch // 8))
+        job.rows = ((batch + 7) // 8 + units - 1) // units * 8
+        units = (batch + job.rows - 1) // job.rows
+        par_for(PAR_STREAM, fn, &job, units, n_in * n_out * (job.rows // 8))
+    elif small and _SPLIT_ON and (batch >= _SPLIT_MIN_ROWS or (
             2 <= batch and batch <= _ROWS_MAX
             and n_in * n_out * <Py_ssize_t>sizeof(floating) > _ROWS_MIN_BYTES)):
-        job.X = X
-        job.W = W
-        job.Y = Y
-        job.b = b
-        job.center = center
-        job.scale = scale
-        job.shift = shift
-        job.m = batch
-        job.k = n_in
-        job.n = n_out
-        job.act = act
-        if floating is float:
-            job.lanes = 16
-            fn = <par_fn>_eval_cols_f
-        else:
-            job.lanes = 8
-            fn = <par_fn>_eval_cols_d
+        fn = <par_fn>(_eval_cols_f if floating is float else _eval_cols_d)
         if batch < _SPLIT_MIN_ROWS:
             # 2-4 rows of a W beyond L2: W streamed in order, on this thread
             job.lanes = n_out
             fn(&job, 0, 1)
-            return
-        # chunks of at least 1 KB of every row of W (whole vectors, 2 to 8 chunks, claimed
-        # one at a time by either thread)
-        blocks = (n_out + job.lanes - 1) // job.lanes
-        units = min(8, max(2, n_out * <Py_ssize_t>sizeof(floating) // 1024))
-        job.lanes *= (blocks + units - 1) // units  # columns per chunk
-        units = (n_out + job.lanes - 1) // job.lanes
-        # par_for runs the whole range on this thread when it does not split
-        par_for(PAR_STREAM, fn, &job, units, n_in * job.lanes * ((batch + 7) // 8))
-        return
-    if small:
-        if floating is float:
-            nnrt_smallm_f(X, W, Y, batch, n_in, n_out, _small_m_kc)
         else:
-            nnrt_smallm_d(X, W, Y, batch, n_in, n_out, _small_m_kc)
+            # chunks of at least 1 KB of every row of W (whole vectors, 2 to 8 chunks,
+            # claimed one at a time by either thread)
+            blocks = (n_out + lanes - 1) // lanes
+            units = min(8, max(2, n_out * <Py_ssize_t>sizeof(floating) // 1024))
+            job.lanes *= (blocks + units - 1) // units  # columns per chunk
+            units = (n_out + job.lanes - 1) // job.lanes
+            # par_for runs the whole range on this thread when it does not split
+            par_for(PAR_STREAM, fn, &job, units, n_in * job.lanes * ((batch + 7) // 8))
     else:
-        gemm_rm(False, False, <int>batch, <int>n_out, <int>n_in, 1, X, <int>n_in, W,
-                <int>n_out, 0, Y, <int>n_out)
-    if b != NULL or center != NULL or act != 0:
-        if floating is float:
-            nnrt_epilogue_f(Y, batch, n_out, b, center, scale, shift, act)
-        else:
-            nnrt_epilogue_d(Y, batch, n_out, b, center, scale, shift, act)
+        fn(&job, 0, 1)  # every row on this thread
+    if copy != NULL:
+        nnrt_aligned_free(copy)
 
 
 cdef inline int _check_output_size(Layer layer, object X, Py_ssize_t rows,
