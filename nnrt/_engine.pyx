@@ -18,6 +18,7 @@ from libc.stdint cimport uint32_t, uint64_t
 from libc.string cimport memcpy
 
 from nnrt._blas cimport prefetch_clear, prefetch_set
+from nnrt._parallel cimport PAR_STREAM, par_fn, par_for
 from nnrt._kernels cimport (backward_chain, count_correct, dtypes_are, forward_chain,
                             params_held, same_items, sgd_step, softmax_cross_entropy)
 
@@ -173,6 +174,44 @@ def take_rows(object src, object idx, object out, bint check=False):
                  cnp.PyArray_DIM(ix, 0), <cnp.ndarray>out, check) == 1
 
 
+ctypedef struct _Gather:
+    # take_rows' copy: rows ip[lo..hi) of sp into rows lo..hi of op, row bytes each;
+    # check 0: copy, 1: float32 and 2: float64 tested for NaN/Inf (bad set to 1 by a
+    # piece that copied one: every writer writes 1)
+    const char* sp
+    char* op
+    const cnp.npy_intp* ip
+    Py_ssize_t row, items
+    int check
+    int bad
+
+
+cdef inline bint _copy_row(_Gather* j, Py_ssize_t i) noexcept nogil:
+    if j.check == 0:
+        memcpy(j.op + i * j.row, j.sp + j.ip[i] * j.row, j.row)
+        return False
+    if j.check == 1:
+        return nnrt_copy_check32(<uint32_t*>(j.op + i * j.row),
+                                 <const uint32_t*>(j.sp + j.ip[i] * j.row), j.items)
+    return nnrt_copy_check64(<uint64_t*>(j.op + i * j.row),
+                             <const uint64_t*>(j.sp + j.ip[i] * j.row), j.items)
+
+
+cdef void _gather_rows(void* ctx, Py_ssize_t lo, Py_ssize_t hi) noexcept nogil:
+    cdef _Gather* j = <_Gather*>ctx
+    cdef Py_ssize_t i, k
+    cdef Py_ssize_t pre = j.row if j.row < _PREFETCH_BYTES else _PREFETCH_BYTES
+    cdef bint bad = False
+    for i in range(lo, hi):
+        if i + _AHEAD < hi:
+            for k in range(0, pre, 64):
+                NNRT_PREFETCH(j.sp + j.ip[i + _AHEAD] * j.row + k)
+        if _copy_row(j, i):
+            bad = True
+    if bad:
+        j.bad = 1
+
+
 cdef int _take(cnp.ndarray s, const cnp.npy_intp* ip, Py_ssize_t m, cnp.ndarray o,
                bint check) except -1:
     # take_rows for C-contiguous s and o (the caller checked) and m indices at ip: 1 when
@@ -196,33 +235,28 @@ cdef int _take(cnp.ndarray s, const cnp.npy_intp* ip, Py_ssize_t m, cnp.ndarray 
     cdef Py_ssize_t nrows = cnp.PyArray_DIM(s, 0)
     if cnp.PyArray_DIM(o, 0) != m:
         return 0
-    cdef Py_ssize_t i, k, pre
+    cdef Py_ssize_t i
     for i in range(m):
         if ip[i] < 0 or ip[i] >= nrows:
             raise IndexError(f"take_rows: index {ip[i]} is out of bounds for {nrows} rows")
     if m == 0 or nrows == 0:
         return 1
-    cdef Py_ssize_t row = cnp.PyArray_NBYTES(s) // nrows
-    cdef const char* sp = <const char*>cnp.PyArray_DATA(s)
-    cdef char* op = <char*>cnp.PyArray_DATA(o)
-    cdef Py_ssize_t items = row // cnp.PyArray_ITEMSIZE(s)
-    cdef bint bad
-    pre = row if row < _PREFETCH_BYTES else _PREFETCH_BYTES
-    # the GIL stays held: no other thread can resize src or out while they are read
-    for i in range(m):
-        if i + _AHEAD < m:
-            for k in range(0, pre, 64):
-                NNRT_PREFETCH(sp + ip[i + _AHEAD] * row + k)
-        if not check:
-            memcpy(op + i * row, sp + ip[i] * row, row)
-            continue
-        if typ == cnp.NPY_FLOAT32:
-            bad = nnrt_copy_check32(<uint32_t*>(op + i * row),
-                                    <const uint32_t*>(sp + ip[i] * row), items)
-        else:
-            bad = nnrt_copy_check64(<uint64_t*>(op + i * row),
-                                    <const uint64_t*>(sp + ip[i] * row), items)
-        if bad:
+    cdef _Gather job
+    job.sp = <const char*>cnp.PyArray_DATA(s)
+    job.op = <char*>cnp.PyArray_DATA(o)
+    job.ip = ip
+    job.row = cnp.PyArray_NBYTES(s) // nrows
+    job.items = job.row // cnp.PyArray_ITEMSIZE(s)
+    job.check = 0 if not check else (1 if typ == cnp.NPY_FLOAT32 else 2)
+    job.bad = 0
+    # the GIL stays held: no other thread can resize src or out while they are read;
+    # with two threads allowed the rows are split with nnrt's helper thread (a
+    # "stream" job: a row counts as its bytes)
+    par_for(PAR_STREAM, <par_fn>_gather_rows, &job, m, job.row)
+    if not job.bad:
+        return 1
+    for i in range(m):  # a NaN/Inf was copied: the first row holding one
+        if _copy_row(&job, i):
             raise NonFinite(ip[i])
     return 1
 

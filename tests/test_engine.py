@@ -474,6 +474,38 @@ def test_take_rows_check_finds_every_non_finite_row() -> None:
     assert take_rows(rng.normal(size=(12, 4)), idx, raw, True) is False
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+def test_take_rows_split_over_two_threads_copies_and_checks_like_one(threads: int) -> None:
+    # a gather large enough to be split with nnrt's helper thread (when two threads are
+    # allowed): the same bytes as np.take, and the first bad row in index order named
+    from nnrt import _parallel
+    from nnrt._engine import NonFinite, take_rows
+
+    rng = np.random.default_rng(8)
+    src = rng.normal(size=(600, 1024)).astype(np.float32)  # rows of 4 KB
+    idx = np.sort(rng.choice(600, size=256, replace=False)).astype(np.intp)
+    out = np.empty((256, 1024), dtype=np.float32)
+    try:
+        nnrt.set_num_threads(threads)
+        jobs = _parallel.stats()["jobs"]
+        for check in (False, True):
+            out[:] = np.nan
+            assert take_rows(src, idx, out, check) is True
+            assert out.tobytes() == src[idx].tobytes()
+        if threads == 2:
+            assert _parallel.stats()["jobs"] > jobs  # the split ran
+        # NaN/Inf in two gathered rows, one in each half: the first in idx order is named
+        for first, second in ((10, 200), (200, 250), (0, 255)):
+            bad = src.copy()
+            bad[idx[first], 5] = np.nan
+            bad[idx[second], 1023] = np.inf
+            with pytest.raises(NonFinite) as exc:
+                take_rows(bad, idx, out, True)
+            assert exc.value.row == idx[first]
+    finally:
+        nnrt.set_num_threads(None)
+
+
 def _opt_bytes(state: Any) -> list[bytes]:
     # an optimizer's state_dict, flattened to bytes (keys and arrays, in order)
     if isinstance(state, dict):
