@@ -320,6 +320,21 @@ cdef inline void _eval_kernel(const floating* X, const floating* W, Py_ssize_t l
         nnrt_gemm_s_d(X, k, 1, W, ldw, Y, n, 0, m, k, n)
 
 
+cdef inline void _job_epilogue(_EvalJob* j, Py_ssize_t r0, Py_ssize_t r1, Py_ssize_t j0,
+                               Py_ssize_t j1, const floating* tag) noexcept nogil:
+    # the job's epilogue, in place, on rows [r0, r1) x columns [j0, j1) of its Y (the
+    # scale and shift are read only with a center)
+    cdef const floating* b = <const floating*>j.b
+    cdef const floating* c = <const floating*>j.center
+    if b == NULL and c == NULL and j.act == 0:
+        return
+    cdef floating* Y = <floating*>j.Y + r0 * j.n + j0
+    _eval_epilogue(Y, j.n, Y, j.n, r1 - r0, j1 - j0, b + j0 if b != NULL else NULL,
+                   c + j0 if c != NULL else NULL,
+                   <const floating*>j.scale + j0 if c != NULL else NULL,
+                   <const floating*>j.shift + j0 if c != NULL else NULL, j.act)
+
+
 cdef void _eval_rows(_EvalJob* j, Py_ssize_t u0, Py_ssize_t u1,
                      const floating* tag) noexcept nogil:
     # rows [u0 * rows, u1 * rows) (the last unit ends at m): their GEMM, then their
@@ -328,10 +343,6 @@ cdef void _eval_rows(_EvalJob* j, Py_ssize_t u0, Py_ssize_t u1,
     cdef const floating* X = <const floating*>j.X
     cdef const floating* W = <const floating*>j.W
     cdef floating* Y = <floating*>j.Y
-    cdef const floating* b = <const floating*>j.b
-    cdef const floating* c = <const floating*>j.center
-    cdef const floating* sc = <const floating*>j.scale
-    cdef const floating* sh = <const floating*>j.shift
     if r0 >= r1:
         return
     if j.narrow:
@@ -341,8 +352,7 @@ cdef void _eval_rows(_EvalJob* j, Py_ssize_t u0, Py_ssize_t u1,
             nnrt_ev_narrow_d(X + r0 * j.k, W, Y + r0 * j.n, r1 - r0, j.k, j.n)
     else:
         _eval_kernel(X + r0 * j.k, W, j.ldw, Y + r0 * j.n, r1 - r0, j.k, j.n)
-    if b != NULL or c != NULL or j.act != 0:
-        _eval_epilogue(Y + r0 * j.n, j.n, Y + r0 * j.n, j.n, r1 - r0, j.n, b, c, sc, sh, j.act)
+    _job_epilogue(j, r0, r1, 0, j.n, tag)
 
 
 cdef void _eval_rows_f(void* ctx, Py_ssize_t u0, Py_ssize_t u1) noexcept nogil:
@@ -361,10 +371,6 @@ cdef void _eval_cols(_EvalJob* j, Py_ssize_t c0, Py_ssize_t c1,
     cdef const floating* X = <const floating*>j.X
     cdef const floating* W = <const floating*>j.W
     cdef floating* Y = <floating*>j.Y
-    cdef const floating* b = <const floating*>j.b
-    cdef const floating* c = <const floating*>j.center
-    cdef const floating* sc = <const floating*>j.scale
-    cdef const floating* sh = <const floating*>j.shift
     if j0 >= j1:
         return
     # 2-4 rows of a W beyond L2: W streamed in order (nnrt_rows_cols)
@@ -382,11 +388,7 @@ cdef void _eval_cols(_EvalJob* j, Py_ssize_t c0, Py_ssize_t c1,
         nnrt_gemm_s_f(X, j.k, 1, W + j0, j.n, Y + j0, j.n, 0, j.m, j.k, j1 - j0)
     else:
         nnrt_gemm_s_d(X, j.k, 1, W + j0, j.n, Y + j0, j.n, 0, j.m, j.k, j1 - j0)
-    if b == NULL and c == NULL and j.act == 0:
-        return
-    _eval_epilogue(Y + j0, j.n, Y + j0, j.n, j.m, j1 - j0, b + j0 if b != NULL else NULL,
-                   c + j0 if c != NULL else NULL, sc + j0 if c != NULL else NULL,
-                   sh + j0 if c != NULL else NULL, j.act)
+    _job_epilogue(j, 0, j.m, j0, j1, tag)
 
 
 cdef void _eval_cols_f(void* ctx, Py_ssize_t c0, Py_ssize_t c1) noexcept nogil:

@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from test_serve import reference as _reference  # the float64 eval forward in numpy
 
 import nnrt
 import nnrt._kernels as kernels
@@ -48,21 +49,6 @@ def _one_by_one(net: nnrt.Sequential, X: np.ndarray) -> np.ndarray:
     for layer in net.layers:
         h = layer.forward(h, False)
     return np.array(h)
-
-
-def _reference(net: nnrt.Sequential, X: np.ndarray) -> np.ndarray:
-    Y = np.asarray(X, dtype=np.float64)
-    for layer in net.layers:
-        p = {k: v.astype(np.float64) for k, v in layer.params().items()}
-        b = {k: v.astype(np.float64) for k, v in layer.buffers().items()}
-        if "running_var" in b:
-            scale = p["gamma"] / np.sqrt(b["running_var"] + layer.eps)
-            Y = (Y - b["running_mean"]) * scale + p["beta"]
-        elif "weight" in p:
-            Y = Y @ p["weight"] + p.get("bias", 0.0)
-        else:
-            Y = 1.0 / (1.0 + np.exp(-Y))
-    return Y
 
 
 # ------------------------------------------------------------------- the epilogue
