@@ -33,24 +33,36 @@ cdef inline bint _plain(object a, int ndim) noexcept:
 cdef Py_ssize_t count_correct(const floating* Y, const cnp.int64_t* labels,
                               Py_ssize_t n, Py_ssize_t c) noexcept nogil:
     # prediction of row i: argmax_j Y[i, j] (the first maximum; a NaN wins, as
-    # numpy's argmax), or Y[i, 0] > 0 when there is one column
-    cdef Py_ssize_t i, j, best, right = 0
+    # numpy's argmax), or Y[i, 0] > 0 when there is one column.
+    # NOTE: the label's value v is tested against the row instead of finding the
+    # argmax: the row's argmax is the label exactly when every value before it is
+    # < v and every value after it is <= v (a NaN anywhere fails these), or, for a
+    # NaN v, when no NaN comes before it. No branch depends on the data but that
+    # rare NaN: an argmax loop's branches mispredicted on shuffled batches (~1.2 us
+    # of a 165 us small fit step, 64 rows of 10)
+    cdef Py_ssize_t i, j, lab, right = 0
     cdef const floating* row
+    cdef floating v
+    cdef int wrong
     for i in range(n):
         row = &Y[i * c]
+        lab = labels[i]
         if c == 1:
-            best = 1 if row[0] > 0 else 0
+            right += (lab == (1 if row[0] > 0 else 0))
+            continue
+        if <size_t>lab >= <size_t>c:  # never the argmax (negative ones too)
+            continue
+        v = row[lab]
+        wrong = 0
+        if v == v:
+            for j in range(lab):
+                wrong |= not (row[j] < v)
+            for j in range(lab + 1, c):
+                wrong |= not (row[j] <= v)
         else:
-            best = 0
-            if row[0] == row[0]:
-                for j in range(1, c):
-                    if row[j] != row[j]:
-                        best = j
-                        break
-                    if row[j] > row[best]:
-                        best = j
-        if labels[i] == best:
-            right += 1
+            for j in range(lab):
+                wrong |= row[j] != row[j]
+        right += 1 - wrong
     return right
 
 

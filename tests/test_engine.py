@@ -373,6 +373,7 @@ def test_fit_is_the_hand_written_shuffled_loop(layout: str, momentum: float) -> 
 # ----------------------------------------------------------- compiled helpers
 def test_n_correct_counts_like_numpy_argmax() -> None:
     from nnrt._engine import n_correct
+    from nnrt._kernels import softmax_cross_entropy
 
     rng = np.random.default_rng(5)
     for dtype in (np.float32, np.float64):
@@ -386,6 +387,21 @@ def test_n_correct_counts_like_numpy_argmax() -> None:
             assert n_correct(Y, labels) == want
             assert n_correct(np.asfortranarray(Y), labels.astype(np.int32)) == want
             assert n_correct(Y[::-1], labels[::-1]) == want
+    # every row of 3 values from {-inf, -1, 0, 1, inf, nan} (ties, NaN before, at and
+    # after the label, infinities) against every label, out-of-range ones included
+    vals = np.array([-np.inf, -1.0, 0.0, 1.0, np.inf, np.nan])
+    grid = np.array(np.meshgrid(vals, vals, vals, indexing="ij")).reshape(3, -1).T
+    for dtype in (np.float32, np.float64):
+        Y = np.repeat(grid, 5, axis=0).astype(dtype)
+        labels = np.tile(np.arange(-1, 4), len(grid))
+        want = int(np.sum(Y.argmax(axis=1) == labels))
+        assert n_correct(Y, labels) == want
+        # the same through the loss kernel (which takes in-range labels only)
+        keep = (labels >= 0) & (labels < 3)
+        Yk, lk = np.ascontiguousarray(Y[keep]), labels[keep]
+        with np.errstate(all="ignore"):
+            got = softmax_cross_entropy(Yk, lk, True)
+        assert got is not None and got[2] == int(np.sum(Yk.argmax(axis=1) == lk))
     assert n_correct(np.zeros((0, 3)), np.zeros(0, dtype=np.int64)) == 0
     with pytest.raises(ValueError, match="labels must be 1-D with 3 entries"):
         n_correct(np.zeros((3, 2)), np.zeros(4, dtype=np.int64))
