@@ -173,7 +173,9 @@ def check_trains(opt: Any, net: Any, where: str) -> None:
     if not params:
         return
     why = _stale(opt)
-    if why is None:
+    bound = opt.__dict__.get("_bound")
+    if why is None and not (bound is not None and bound[0] is net):
+        # (an optimizer built over this network and not stale updates its live arrays)
         arrays = list(net.params().values())
         ids = {id(a) for a in arrays}
         # the same objects (the common case), else the same memory (a plugin's new views)

@@ -595,6 +595,54 @@ def test_nan_in_x_found_in_first_epoch_restores_network_and_optimizer(
     assert _same_state(net, ref)
 
 
+def test_repeated_fits_reuse_their_workspace_and_stay_the_hand_written_loop() -> None:
+    # fit keeps its seeded generator, rewind copy and batch buffers on the network for
+    # the next call (nnrt.engine._Workspace): every call still starts the stream of
+    # np.random.default_rng(seed) afresh, and a call of another batch size, seed, dtype
+    # or layer list gets buffers of its own shape. Reference: the hand-written loop.
+    X, y = _blobs(70, seed=9)
+    net, ref = _bn_net("float64"), _bn_net("float64")
+    opt = nnrt.optim.SGD(net, lr=0.1)
+    ref_opt = nnrt.optim.SGD(ref, lr=0.1)
+
+    def ref_epoch(seed: int, bs: int) -> float:
+        order = np.random.default_rng(seed).permutation(len(X))
+        total = 0.0
+        for b in range(0, len(X), bs):
+            rows = np.sort(order[b : b + bs])
+            value, dY = nnrt.losses.softmax_cross_entropy(
+                ref.forward(X[rows], training=True), y[rows]
+            )
+            total += value * len(rows)
+            ref.backward(dY)
+            ref_opt.step()
+        return total / len(X)
+
+    for seed, bs in [(None, 16), (None, 16), (3, 16), (None, 10), (None, 16), (3, 16)]:
+        want = ref_epoch(ref.seed if seed is None else seed, bs)
+        hist = net.fit(X, y, optimizer=opt, batch_size=bs, seed=seed, progress=False)
+        assert hist.history["loss"] == [want]
+        assert _same_state(net, ref)
+    space = net.__dict__["_fit_workspace"]
+    assert space.arrays is not None and space.batch is not None
+    kept = [a.ctypes.data for a in space.arrays]
+    net.fit(X, y, optimizer=opt, batch_size=16, progress=False)
+    assert [a.ctypes.data for a in space.arrays] == kept  # reused, not reallocated
+    ref_epoch(ref.seed, 16)
+    # another layer list: new arrays of the new shapes (and a new optimizer)
+    for m in (net, ref):
+        m.layers[-1] = nnrt.layer("dense_nobias", 8, 3)
+    ref.load_state_dict(net.state_dict())
+    opt, ref_opt = nnrt.optim.SGD(net, lr=0.1), nnrt.optim.SGD(ref, lr=0.1)
+    want = ref_epoch(ref.seed, 16)
+    assert net.fit(X, y, optimizer=opt, batch_size=16, progress=False).history["loss"] == [want]
+    assert _same_state(net, ref)
+    assert len(space.arrays) == len(kept) - 1
+    # private: neither pickled nor copied
+    assert "_fit_workspace" not in copy.deepcopy(net).__dict__
+    assert "_fit_workspace" not in copy.copy(net).__dict__
+
+
 def test_softmax_ce_kernel_counts_like_numpy_argmax() -> None:
     # the training step's fused loss + accuracy call: the count is numpy's argmax count
     # (ties: the first maximum; a NaN row predicts its NaN's column), and the loss and
