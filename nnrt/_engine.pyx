@@ -18,7 +18,7 @@ from libc.stdint cimport uint32_t, uint64_t
 from libc.string cimport memcpy
 
 from nnrt._blas cimport prefetch_clear, prefetch_set
-from nnrt._parallel cimport PAR_STREAM, par_fn, par_for
+from nnrt._parallel cimport PAR_STREAM, par_fn, par_for, par_join, par_post
 from nnrt._kernels cimport (backward_chain, count_correct, dtypes_are, forward_chain,
                             params_held, same_items, sgd_step, softmax_cross_entropy)
 
@@ -212,11 +212,12 @@ cdef void _gather_rows(void* ctx, Py_ssize_t lo, Py_ssize_t hi) noexcept nogil:
         j.bad = 1
 
 
-cdef int _take(cnp.ndarray s, const cnp.npy_intp* ip, Py_ssize_t m, cnp.ndarray o,
-               bint check) except -1:
-    # take_rows for C-contiguous s and o (the caller checked) and m indices at ip: 1 when
-    # done, 0 when the arrays do not qualify (nothing copied). Everything about s and o is
-    # read here, at each call, under the GIL: no other thread can resize them meanwhile.
+cdef int _gather_job(_Gather* job, cnp.ndarray s, const cnp.npy_intp* ip, Py_ssize_t m,
+                     cnp.ndarray o, bint check, bint strict) except -1:
+    # take_rows' copy of m rows ip of s into o (C-contiguous: the caller checked), set up
+    # in job: 1 ready, 0 the arrays do not qualify (or, not strict, an index is out of
+    # bounds), 2 nothing to copy. Everything about s and o is read here, under the GIL:
+    # job holds C copies of what the copy trusts.
     if (not cnp.PyArray_ISWRITEABLE(o)
             or cnp.PyArray_TYPE(s) != cnp.PyArray_TYPE(o)
             or cnp.PyArray_ITEMSIZE(s) != cnp.PyArray_ITEMSIZE(o)
@@ -238,10 +239,11 @@ cdef int _take(cnp.ndarray s, const cnp.npy_intp* ip, Py_ssize_t m, cnp.ndarray 
     cdef Py_ssize_t i
     for i in range(m):
         if ip[i] < 0 or ip[i] >= nrows:
+            if not strict:
+                return 0
             raise IndexError(f"take_rows: index {ip[i]} is out of bounds for {nrows} rows")
     if m == 0 or nrows == 0:
-        return 1
-    cdef _Gather job
+        return 2
     job.sp = <const char*>cnp.PyArray_DATA(s)
     job.op = <char*>cnp.PyArray_DATA(o)
     job.ip = ip
@@ -249,16 +251,33 @@ cdef int _take(cnp.ndarray s, const cnp.npy_intp* ip, Py_ssize_t m, cnp.ndarray 
     job.items = job.row // cnp.PyArray_ITEMSIZE(s)
     job.check = 0 if not check else (1 if typ == cnp.NPY_FLOAT32 else 2)
     job.bad = 0
+    return 1
+
+
+cdef int _gather_done(_Gather* job, Py_ssize_t m) except -1:
+    # after a job's copy: NonFinite for the first row holding a NaN/Inf, if one did
+    if not job.bad:
+        return 1
+    cdef Py_ssize_t i
+    for i in range(m):
+        if _copy_row(job, i):
+            raise NonFinite(job.ip[i])
+    return 1
+
+
+cdef int _take(cnp.ndarray s, const cnp.npy_intp* ip, Py_ssize_t m, cnp.ndarray o,
+               bint check) except -1:
+    # take_rows for C-contiguous s and o (the caller checked) and m indices at ip: 1 when
+    # done, 0 when the arrays do not qualify (nothing copied)
+    cdef _Gather job
+    cdef int ready = _gather_job(&job, s, ip, m, o, check, True)
+    if ready != 1:
+        return 1 if ready == 2 else 0
     # the GIL stays held: no other thread can resize src or out while they are read;
     # with two threads allowed the rows are split with nnrt's helper thread (a
     # "stream" job: a row counts as its bytes)
     par_for(PAR_STREAM, <par_fn>_gather_rows, &job, m, job.row)
-    if not job.bad:
-        return 1
-    for i in range(m):  # a NaN/Inf was copied: the first row holding one
-        if _copy_row(&job, i):
-            raise NonFinite(ip[i])
-    return 1
+    return _gather_done(&job, m)
 
 
 # ------------------------------------------------------------------ the step
@@ -373,11 +392,15 @@ def sgd_sce_run(list batches, object net, object opt, object loss_fn, object on_
 # data sets at least this large have their next batch's rows prefetched during a step
 # (smaller ones stay in the caches between epochs)
 cdef Py_ssize_t _PREFETCH_MIN_BYTES = 4 << 20
+# batches of X at least this large are gathered on nnrt's helper thread while the
+# previous batch trains, when the thread policy allows two threads
+cdef Py_ssize_t _BACKGROUND_MIN_BYTES = 64 << 10
+BACKGROUND_MIN_BYTES = _BACKGROUND_MIN_BYTES  # (nnrt/engine.py sizes its buffers by it)
 
 
 def sgd_sce_epoch(object net, object opt, object loss_fn, object on_stale, object lock,
                   object X, object y, object rows, Py_ssize_t b0, object Xbuf, object ybuf,
-                  bint check, double total, Py_ssize_t correct):
+                  bint check, double total, Py_ssize_t correct, object Xbuf2=None):
     """The training engine's epoch for the compiled case (``sgd_sce_step``): batch ``b``
     (from ``b0`` on) is the rows ``rows[b]`` of ``X`` and ``y`` (``rows``: a C-contiguous
     (batches, batch size) intp array the caller owns and leaves alone), gathered into
@@ -385,9 +408,13 @@ def sgd_sce_epoch(object net, object opt, object loss_fn, object on_stale, objec
     under ``lock`` each, without a Python frame per batch.
 
     ``check``: X's rows are tested for NaN/Inf as they are gathered (``NonFinite``, as
-    ``take_rows``). While a batch trains on a data set larger than the caches, the next
-    batch's rows are queued for nnrt's GEMM kernel to prefetch (``nnrt._blas``), so that
-    its gather copies from cache rather than from memory.
+    ``take_rows``, raised when the batch holding the row is due). ``Xbuf2``, a second
+    buffer like ``Xbuf`` (or None): with two threads allowed, each batch of X from
+    ``_BACKGROUND_MIN_BYTES`` on is gathered into one buffer by nnrt's helper thread
+    while the previous one trains from the other. Otherwise, while a batch trains on a
+    data set larger than the caches, the next batch's rows are queued for nnrt's GEMM
+    kernel to prefetch (``nnrt._blas``), so that its gather copies from cache rather
+    than from memory.
 
     Returns ``(done, total, correct, bad)`` as :func:`sgd_sce_run`: ``done`` is the
     index of the first batch not done (``len(rows)`` when all are). A batch the
@@ -402,15 +429,36 @@ def sgd_sce_epoch(object net, object opt, object loss_fn, object on_stale, objec
         return b0, total, correct, None
     cdef cnp.ndarray Xs = <cnp.ndarray>X, ys = <cnp.ndarray>y
     cdef cnp.ndarray Xo = <cnp.ndarray>Xbuf, yo = <cnp.ndarray>ybuf
+    cdef cnp.ndarray Xcur = Xo, Xother = None
     cdef Py_ssize_t nb = cnp.PyArray_DIM(R, 0), bs = cnp.PyArray_DIM(R, 1), b
     cdef const cnp.npy_intp* ip = <const cnp.npy_intp*>cnp.PyArray_DATA(R)
     cdef bint ahead = cnp.PyArray_NBYTES(Xs) >= _PREFETCH_MIN_BYTES
+    if (Xbuf2 is not None and Xbuf2 is not Xbuf and _rows_of(Xbuf2)
+            and cnp.PyArray_NBYTES(Xo) >= _BACKGROUND_MIN_BYTES):
+        Xother = <cnp.ndarray>Xbuf2
+    # NOTE: the background gather's job holds C copies of X's data pointer, row length
+    # and the batch's row indices (bounds-checked under the GIL when it is posted) and
+    # writes only into the buffer no step is reading; X stays referenced here, and the
+    # job is always joined before this returns or raises. It reads X without the GIL,
+    # as numpy's own ufunc loops do: only X.resize(refcheck=False) from another thread
+    # meanwhile, which numpy documents as unsafe, could pull X's memory from under it.
+    cdef _Gather job
+    cdef bint posted = False
     try:
         for b in range(b0, nb):
-            if (not _take(Xs, ip + b * bs, bs, Xo, check)
-                    or not _take(ys, ip + b * bs, bs, yo, False)):
+            if posted:  # this batch was gathered in the background, into Xcur
+                posted = False
+                par_join()
+                _gather_done(&job, bs)
+            elif not _take(Xs, ip + b * bs, bs, Xcur, check):
                 return b, total, correct, None
-            if ahead and b + 1 < nb and cnp.PyArray_DIM(Xs, 0) > 0:
+            if not _take(ys, ip + b * bs, bs, yo, False):
+                return b, total, correct, None
+            if b + 1 < nb and Xother is not None:
+                # the next batch into the other buffer, on the helper thread
+                if _gather_job(&job, Xs, ip + (b + 1) * bs, bs, Xother, check, False) == 1:
+                    posted = par_post(<par_fn>_gather_rows, &job, bs) == 1
+            if ahead and not posted and b + 1 < nb and cnp.PyArray_DIM(Xs, 0) > 0:
                 # X's address and row length read now, under the GIL; the queue only
                 # prefetches them (never reads), and holds its own copy of the indices
                 # (checked against X's length by the gather of that batch, not here:
@@ -418,10 +466,14 @@ def sgd_sce_epoch(object net, object opt, object loss_fn, object on_stale, objec
                 prefetch_set(<const char*>cnp.PyArray_DATA(Xs),
                              <const Py_ssize_t*>(ip + (b + 1) * bs), bs,
                              cnp.PyArray_NBYTES(Xs) // cnp.PyArray_DIM(Xs, 0))
-            r = _locked_step(net, opt, Xbuf, ybuf, True, loss_fn, on_stale, lock)
+            r = _locked_step(net, opt, Xcur, ybuf, True, loss_fn, on_stale, lock)
             if not _tally(r, bs, &total, &correct):
                 return b, total, correct, r
+            if posted:
+                Xcur, Xother = Xother, Xcur
     finally:
+        if posted:
+            par_join()
         if ahead:
             prefetch_clear(1)  # and free the offsets: nothing left behind by a thread
     return nb, total, correct, None

@@ -66,6 +66,11 @@ static int nnrt_par_run(nnrt_par_fn fn, void *ctx, ptrdiff_t n, long nchunks,
 }
 static long nnrt_par_stat(int which) { (void)which; return 0; }
 static void nnrt_par_set_spin(long spin_us) { (void)spin_us; }
+static int nnrt_par_post(nnrt_par_fn fn, void *ctx, ptrdiff_t n) {
+    (void)fn; (void)ctx; (void)n;
+    return 0;
+}
+static void nnrt_par_join(void) {}
 #else
 #include <pthread.h>
 #include <sched.h>
@@ -88,11 +93,33 @@ typedef struct {
     long nchunks;
     long spin_us;            /* how long (us) the helper polls, yielding, before it sleeps */
     long jobs, wakeups, helped;  /* statistics: jobs, of which woke the helper; chunks it ran */
+    /* the background job (nnrt_par_post/nnrt_par_join): one at a time, owned by the
+     * thread that posted it (bg_owner held from post to join) */
+    pthread_mutex_t bg_owner;
+    int bg_state;            /* NNRT_BG_NONE, _POSTED, _RUNNING (claimed) or _DONE */
+    nnrt_par_fn bg_fn;
+    void *bg_ctx;
+    ptrdiff_t bg_n;
+    long bg_jobs, bg_helped; /* statistics: background jobs posted, of which the helper ran */
 } nnrt_par_pool;
+
+enum { NNRT_BG_NONE = 0, NNRT_BG_POSTED = 1, NNRT_BG_RUNNING = 2, NNRT_BG_DONE = 3 };
 
 static nnrt_par_pool nnrt_par = {PTHREAD_MUTEX_INITIALIZER, PTHREAD_COND_INITIALIZER,
                                  PTHREAD_MUTEX_INITIALIZER, 0, 0, 0, 0, 0, 0, NULL, NULL,
-                                 0, 1, 0, 300, 0, 0, 0};
+                                 0, 1, 0, 300, 0, 0, 0,
+                                 PTHREAD_MUTEX_INITIALIZER, 0, NULL, NULL, 0, 0, 0};
+
+/* Run the posted background job here if nobody has claimed it yet; 1 if it ran. */
+static int nnrt_par_bg_claim(void) {
+    int posted = NNRT_BG_POSTED;
+    if (!__atomic_compare_exchange_n(&nnrt_par.bg_state, &posted, NNRT_BG_RUNNING, 0,
+                                     __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE))
+        return 0;
+    nnrt_par.bg_fn(nnrt_par.bg_ctx, 0, nnrt_par.bg_n);
+    __atomic_store_n(&nnrt_par.bg_state, NNRT_BG_DONE, __ATOMIC_RELEASE);
+    return 1;
+}
 
 /* start of chunk c of nnrt_par's current job */
 static ptrdiff_t nnrt_par_bound(long c) {
@@ -129,21 +156,33 @@ static void *nnrt_par_main(void *unused) {
         long g;
         /* a brief yielding poll: the next split kernel of a training step usually
          * follows within tens of us, and a sleeping helper costs a wake-up (a futex
-         * and, on an idle core of a VM, a halted vCPU: 10-100 us) */
+         * and, on an idle core of a VM, a halted vCPU: 10-100 us). A posted
+         * background job is run on the way (and the poll starts again after it). */
         double until = nnrt_par_now() +
                        1e-6 * (double)__atomic_load_n(&nnrt_par.spin_us, __ATOMIC_RELAXED);
-        while (__atomic_load_n(&nnrt_par.gen, __ATOMIC_ACQUIRE) == seen &&
-               nnrt_par_now() < until)
+        for (;;) {
+            if (__atomic_load_n(&nnrt_par.bg_state, __ATOMIC_ACQUIRE) == NNRT_BG_POSTED &&
+                nnrt_par_bg_claim()) {
+                __atomic_add_fetch(&nnrt_par.bg_helped, 1, __ATOMIC_RELAXED);
+                until = nnrt_par_now() + 1e-6 * (double)__atomic_load_n(&nnrt_par.spin_us,
+                                                                        __ATOMIC_RELAXED);
+            }
+            if (__atomic_load_n(&nnrt_par.gen, __ATOMIC_ACQUIRE) != seen) break;
+            if (nnrt_par_now() >= until) {
+                pthread_mutex_lock(&nnrt_par.mu);
+                __atomic_store_n(&nnrt_par.sleeping, 1, __ATOMIC_SEQ_CST);
+                while (__atomic_load_n(&nnrt_par.gen, __ATOMIC_SEQ_CST) == seen &&
+                       __atomic_load_n(&nnrt_par.bg_state, __ATOMIC_SEQ_CST) != NNRT_BG_POSTED)
+                    pthread_cond_wait(&nnrt_par.cv, &nnrt_par.mu);
+                __atomic_store_n(&nnrt_par.sleeping, 0, __ATOMIC_SEQ_CST);
+                pthread_mutex_unlock(&nnrt_par.mu);
+                until = nnrt_par_now() + 1e-6 * (double)__atomic_load_n(&nnrt_par.spin_us,
+                                                                        __ATOMIC_RELAXED);
+                continue;
+            }
             sched_yield();
-        g = __atomic_load_n(&nnrt_par.gen, __ATOMIC_ACQUIRE);
-        if (g == seen) {
-            pthread_mutex_lock(&nnrt_par.mu);
-            __atomic_store_n(&nnrt_par.sleeping, 1, __ATOMIC_SEQ_CST);
-            while ((g = __atomic_load_n(&nnrt_par.gen, __ATOMIC_SEQ_CST)) == seen)
-                pthread_cond_wait(&nnrt_par.cv, &nnrt_par.mu);
-            __atomic_store_n(&nnrt_par.sleeping, 0, __ATOMIC_SEQ_CST);
-            pthread_mutex_unlock(&nnrt_par.mu);
         }
+        g = __atomic_load_n(&nnrt_par.gen, __ATOMIC_ACQUIRE);
         seen = g;
         __atomic_add_fetch(&nnrt_par.helped, nnrt_par_work((unsigned long long)g),
                            __ATOMIC_RELAXED);
@@ -157,7 +196,9 @@ static void nnrt_par_atfork_child(void) {
     pthread_cond_t c = PTHREAD_COND_INITIALIZER;
     nnrt_par.mu = m;
     nnrt_par.busy = m;
+    nnrt_par.bg_owner = m;
     nnrt_par.cv = c;
+    nnrt_par.bg_state = NNRT_BG_NONE;
     nnrt_par.started = 0;
     nnrt_par.sleeping = 0;
     nnrt_par.gen = 0;
@@ -234,11 +275,61 @@ static int nnrt_par_run(nnrt_par_fn fn, void *ctx, ptrdiff_t n, long nchunks,
     return 1;
 }
 
-/* 0: jobs run in parallel; 1: of which woke the sleeping helper; 2: helper started */
+/* Post fn(ctx, 0, n) as the background job: the helper thread runs it while the
+ * caller goes on, and the caller must call nnrt_par_join() before it touches what fn
+ * writes or lets go of what fn reads. Returns 1 when posted, 0 when not (another
+ * thread's background job is in flight, or there is no helper): the caller then runs
+ * fn itself. While it waits to be run, or runs, the caller's split jobs (nnrt_par_run)
+ * go on as usual, the helper joining them when it is done. fn runs without the GIL. */
+static int nnrt_par_post(nnrt_par_fn fn, void *ctx, ptrdiff_t n) {
+    if (pthread_mutex_trylock(&nnrt_par.bg_owner) != 0) return 0;
+    if (!__atomic_load_n(&nnrt_par.started, __ATOMIC_ACQUIRE)) {
+        int ok;
+        if (pthread_mutex_trylock(&nnrt_par.busy) != 0) {
+            pthread_mutex_unlock(&nnrt_par.bg_owner);
+            return 0;
+        }
+        ok = nnrt_par_start();
+        pthread_mutex_unlock(&nnrt_par.busy);
+        if (!ok) {
+            pthread_mutex_unlock(&nnrt_par.bg_owner);
+            return 0;
+        }
+    }
+    nnrt_par.bg_fn = fn;
+    nnrt_par.bg_ctx = ctx;
+    nnrt_par.bg_n = n;
+    nnrt_par.bg_jobs++;
+    __atomic_store_n(&nnrt_par.bg_state, NNRT_BG_POSTED, __ATOMIC_SEQ_CST);
+    if (__atomic_load_n(&nnrt_par.sleeping, __ATOMIC_SEQ_CST)) {
+        pthread_mutex_lock(&nnrt_par.mu);
+        pthread_cond_signal(&nnrt_par.cv);
+        pthread_mutex_unlock(&nnrt_par.mu);
+    }
+    return 1;
+}
+
+/* Wait for the background job this thread posted (running it here if the helper has
+ * not started it: a late or descheduled helper costs only the job's own time). */
+static void nnrt_par_join(void) {
+    long spins = 0;
+    if (!nnrt_par_bg_claim()) {
+        while (__atomic_load_n(&nnrt_par.bg_state, __ATOMIC_ACQUIRE) != NNRT_BG_DONE) {
+            if (++spins > 64) sched_yield();
+        }
+    }
+    __atomic_store_n(&nnrt_par.bg_state, NNRT_BG_NONE, __ATOMIC_RELEASE);
+    pthread_mutex_unlock(&nnrt_par.bg_owner);
+}
+
+/* 0: jobs run in parallel; 1: of which woke the sleeping helper; 2: helper started;
+ * 3: chunks the helper ran; 4: background jobs posted; 5: of which the helper ran */
 static long nnrt_par_stat(int which) {
     if (which == 0) return nnrt_par.jobs;
     if (which == 1) return nnrt_par.wakeups;
     if (which == 2) return nnrt_par.started;
+    if (which == 4) return nnrt_par.bg_jobs;
+    if (which == 5) return __atomic_load_n(&nnrt_par.bg_helped, __ATOMIC_RELAXED);
     return __atomic_load_n(&nnrt_par.helped, __ATOMIC_RELAXED);
 }
 

@@ -29,6 +29,13 @@ cdef enum:
     PAR_NKINDS = 4
 
 cdef int par_for(int kind, par_fn fn, void* ctx, Py_ssize_t n, Py_ssize_t unit) noexcept nogil
+# fn(ctx, 0, n) on the helper thread while the caller goes on (the policy allowing two
+# threads): 1 when posted, and the caller must then call par_join() before it touches
+# what fn writes or lets go of what it reads; 0 when not (another thread's background job
+# is in flight, one thread, no helper): the caller runs fn itself. The caller's
+# par_for/par_gemm jobs meanwhile run as usual. One background job per caller at a time.
+cdef int par_post(par_fn fn, void* ctx, Py_ssize_t n) noexcept nogil
+cdef void par_join() noexcept nogil
 cdef int par_gemm(par_fn fn, void* ctx, Py_ssize_t n, long nchunks,
                   Py_ssize_t align) noexcept nogil
 cdef int blas_threads_for(Py_ssize_t m, Py_ssize_t n, Py_ssize_t k, int op) noexcept nogil

@@ -36,6 +36,8 @@ from nnrt._blas cimport blas_get_threads, blas_set_threads
 cdef extern from "nnrt/_parallel.h" nogil:
     ctypedef void (*nnrt_par_fn)(void* ctx, Py_ssize_t begin, Py_ssize_t end) noexcept nogil
     int nnrt_par_run(nnrt_par_fn fn, void* ctx, Py_ssize_t n, long nchunks, Py_ssize_t align)
+    int nnrt_par_post(nnrt_par_fn fn, void* ctx, Py_ssize_t n)
+    void nnrt_par_join()
     long nnrt_par_stat(int which)
     double nnrt_par_now()
     void nnrt_par_set_spin(long spin)
@@ -81,8 +83,24 @@ cdef double _VERDICT_MIN_MACS = 16e6
 _blas_name = None
 
 
+cdef inline int _threads() noexcept nogil:
+    # the element-wise jobs' thread count (par_for's, before its size threshold)
+    return _user if _user > 0 else (1 if _verdict == 0 else _avail)
+
+
+cdef int par_post(par_fn fn, void* ctx, Py_ssize_t n) noexcept nogil:
+    # the background job: posted to the helper when the policy allows two threads
+    if _threads() < 2:
+        return 0
+    return nnrt_par_post(<nnrt_par_fn>fn, ctx, n)
+
+
+cdef void par_join() noexcept nogil:
+    nnrt_par_join()
+
+
 cdef int par_for(int kind, par_fn fn, void* ctx, Py_ssize_t n, Py_ssize_t unit) noexcept nogil:
-    cdef int threads = _user if _user > 0 else (1 if _verdict == 0 else _avail)
+    cdef int threads = _threads()
     cdef double elements = <double>n * <double>unit, chunk
     cdef long nchunks
     if threads >= 2 and n >= 2 and 0 <= kind < PAR_NKINDS and elements >= <double>_thr[kind]:
@@ -443,9 +461,12 @@ def policy():
 
 def stats():
     """Helper-thread counters: jobs run on two threads, of which woke the helper,
-    and the chunks the helper ran."""
+    and the chunks the helper ran; background jobs posted (``par_post``: fit's gather
+    of the next batch), and of which the helper ran (the poster ran the others)."""
     return {"jobs": int(nnrt_par_stat(0)), "wakeups": int(nnrt_par_stat(1)),
-            "started": bool(nnrt_par_stat(2)), "helper_chunks": int(nnrt_par_stat(3))}
+            "started": bool(nnrt_par_stat(2)), "helper_chunks": int(nnrt_par_stat(3)),
+            "background_jobs": int(nnrt_par_stat(4)),
+            "background_helped": int(nnrt_par_stat(5))}
 
 
 def _set_thresholds(gemm_min_macs=None, **split_min_elements):

@@ -57,7 +57,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import numpy as np
 
 from nnrt import _locks
-from nnrt._engine import NonFinite, n_correct, take_rows
+from nnrt._engine import BACKGROUND_MIN_BYTES, NonFinite, n_correct, take_rows
 from nnrt._engine import sgd_sce_epoch as _sgd_sce_epoch
 from nnrt._engine import sgd_sce_run as _sgd_sce_run
 from nnrt._engine import sgd_sce_step as _sgd_sce_step
@@ -527,6 +527,7 @@ class TrainStep:
         done, total, right, bad = _sgd_sce_epoch(
             self.net, self.optimizer, softmax_cross_entropy, _check_live, self._lock[1],
             batches.Xs.arr, batches.ys.arr, rows, 0, Xb, yb, check, 0.0, 0,
+            batches.second_buffer(rows.shape[1]),
         )  # fmt: skip
         if not self.count_correct:
             right, bad = 0, (None if bad is None else (bad[0], 0))
@@ -757,6 +758,7 @@ class _Batches:
         lo, hi = self._shard(batch_size)
         self.w = hi - lo
         self._one: tuple[np.ndarray, np.ndarray] | None = None
+        self._two: np.ndarray | None = None
 
     # NOTE: the chunk buffers and their views are made on first use: fit's compiled
     # epoch (TrainStep.run_epoch) gathers one batch at a time into first_buffers, and
@@ -827,6 +829,18 @@ class _Batches:
                 self._one = Xs.buffer(m)[0], ys.buffer(m)[0]
         return self._one[0][:m], self._one[1][:m]
 
+    def second_buffer(self, m: int) -> np.ndarray | None:
+        """A second X buffer like :meth:`first_buffers`' (the compiled epoch gathers the
+        next batch into it in the background), for batches of at least
+        ``_BACKGROUND_MIN_BYTES``; None for smaller ones."""
+        if m * max(1, math.prod(self.Xs.shape[1:])) * self.Xs.dtype.itemsize < BACKGROUND_MIN_BYTES:
+            return None
+        if self.space is not None:
+            return self.space.second(m, self.Xs.shape[1:], self.Xs.dtype)
+        if self._two is None or self._two.shape[0] < m:
+            self._two = self.Xs.buffer(m)[0]
+        return self._two[:m]
+
     def chunks(
         self, order: np.ndarray, check: bool = False, start: int = 0
     ) -> Iterator[list[tuple[np.ndarray, np.ndarray, int]]]:
@@ -871,6 +885,7 @@ class _Workspace:
         self.rng: tuple[int, np.random.Generator, Mapping[str, Any]] | None = None
         self.arrays: list[np.ndarray] | None = None
         self.batch: tuple[tuple[Any, ...], np.ndarray, np.ndarray] | None = None
+        self.batch2: tuple[tuple[Any, ...], np.ndarray] | None = None
 
     @staticmethod
     def of(net: Network) -> _Workspace:
@@ -920,6 +935,16 @@ class _Workspace:
         yb = _aligned_empty((m, *yshape), ydtype)
         self.batch = (key, Xb, yb) if Xb.nbytes + yb.nbytes <= _KEEP_BYTES else None
         return Xb, yb
+
+    def second(self, m: int, xshape: tuple[int, ...], xdtype: np.dtype) -> np.ndarray:
+        """A second aligned X buffer of one batch (the compiled epoch's background
+        gather), the last call's when it matches."""
+        key = (m, xshape, xdtype)
+        if self.batch2 is not None and self.batch2[0] == key:
+            return self.batch2[1]
+        Xb = _aligned_empty((m, *xshape), xdtype)
+        self.batch2 = (key, Xb) if Xb.nbytes <= _KEEP_BYTES else None
+        return Xb
 
 
 @dataclass

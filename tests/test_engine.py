@@ -595,6 +595,100 @@ def test_nan_in_x_found_in_first_epoch_restores_network_and_optimizer(
     assert _same_state(net, ref)
 
 
+def _wide_net(n_in: int) -> nnrt.Sequential:
+    return nnrt.Sequential(
+        [nnrt.layer("dense_nobias", n_in, 16), nnrt.layer("batchnorm", 16),
+         nnrt.layer("sigmoid"), nnrt.layer("dense", 16, 3)],
+        seed=0, dtype="float64",
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_background_gather_of_the_next_batch_is_the_hand_written_loop(threads: int) -> None:
+    # batches of >= 64 KB of X: with two threads the compiled epoch gathers each next
+    # batch on nnrt's helper thread into a second buffer while one trains. Same bits as
+    # the hand-written loop; a NaN in a batch gathered so is reported at that batch,
+    # with the network and optimizer back to their state before fit.
+    from nnrt import _parallel
+
+    X, y = _blobs(32 * 10 + 5, n_in=300, seed=3)  # 32 x 300 float64 = 75 KB a batch
+    net, ref = _wide_net(300), _wide_net(300)
+    opt, ref_opt = nnrt.optim.SGD(net, lr=0.05), nnrt.optim.SGD(ref, lr=0.05)
+    rng = np.random.default_rng(ref.seed)
+    want = []
+    for _ in range(2):
+        order = rng.permutation(len(X))
+        total = 0.0
+        for b in range(0, len(X), 32):
+            rows = np.sort(order[b : b + 32])
+            value, dY = nnrt.losses.softmax_cross_entropy(
+                ref.forward(X[rows], training=True), y[rows]
+            )
+            total += value * len(rows)
+            ref.backward(dY)
+            ref_opt.step()
+        want.append(total / len(X))
+    try:
+        nnrt.set_num_threads(threads)
+        posted = _parallel.stats()["background_jobs"]
+        hist = net.fit(X, y, optimizer=opt, epochs=2, batch_size=32, progress=False)
+        posted = _parallel.stats()["background_jobs"] - posted
+        assert hist.history["loss"] == want
+        assert _same_state(net, ref)
+        assert posted == (2 * 9 if threads == 2 else 0)  # every full batch but the first
+        # a NaN in the 5th batch of the next fit's first epoch
+        before, opt_before = net.state_dict(), copy.deepcopy(opt.state_dict())
+        order = np.random.default_rng(net.seed).permutation(len(X))
+        row = int(np.sort(order[4 * 32 : 5 * 32])[7])
+        X[row, 123] = np.nan
+        with pytest.raises(ValueError, match=rf"fit: X: contains 1 non-finite .* \({row}, 123\)"):
+            net.fit(X, y, optimizer=opt, epochs=2, batch_size=32, progress=False)
+        assert all(v.tobytes() == net.state_dict()[k].tobytes() for k, v in before.items())
+        assert _opt_bytes(opt.state_dict()) == _opt_bytes(opt_before)
+    finally:
+        nnrt.set_num_threads(None)
+
+
+def test_background_gathers_of_two_threads_fits_at_once() -> None:
+    # two Python threads fit two networks at once with two nnrt threads allowed: one
+    # background gather at a time (the other thread gathers its batch itself); every
+    # network ends with the bits of the same fit run alone
+    import threading
+
+    X, y = _blobs(32 * 12, n_in=300, seed=5)
+    alone = []
+    for seed in range(4):
+        net = _wide_net(300)
+        net.seed = seed
+        net.fit(X, y, optimizer=nnrt.optim.SGD(net, lr=0.05), epochs=2, batch_size=32,
+                progress=False)  # fmt: skip
+        alone.append(net.state_dict())
+    nets = [_wide_net(300) for _ in range(4)]
+    errors: list[BaseException] = []
+
+    def run(i: int) -> None:
+        try:
+            nets[i].seed = i
+            nets[i].fit(X, y, optimizer=nnrt.optim.SGD(nets[i], lr=0.05), epochs=2,
+                        batch_size=32, progress=False)  # fmt: skip
+        except BaseException as exc:  # noqa: BLE001 (reported below)
+            errors.append(exc)
+
+    try:
+        nnrt.set_num_threads(2)
+        threads = [threading.Thread(target=run, args=(i,)) for i in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    finally:
+        nnrt.set_num_threads(None)
+    assert not errors
+    for net, want in zip(nets, alone, strict=True):
+        got = net.state_dict()
+        assert all(got[k].tobytes() == want[k].tobytes() for k in want)
+
+
 def test_repeated_fits_reuse_their_workspace_and_stay_the_hand_written_loop() -> None:
     # fit keeps its seeded generator, rewind copy and batch buffers on the network for
     # the next call (nnrt.engine._Workspace): every call still starts the stream of
