@@ -182,8 +182,10 @@ ctypedef struct _Gather:
     char* op
     const cnp.npy_intp* ip
     Py_ssize_t row, items
+    Py_ssize_t m  # rows (the whole job's)
     int check
     int bad
+    int done  # (a job run inside a step, _step's pre)
 
 
 cdef inline bint _copy_row(_Gather* j, Py_ssize_t i) noexcept nogil:
@@ -251,6 +253,8 @@ cdef int _gather_job(_Gather* job, cnp.ndarray s, const cnp.npy_intp* ip, Py_ssi
     job.items = job.row // cnp.PyArray_ITEMSIZE(s)
     job.check = 0 if not check else (1 if typ == cnp.NPY_FLOAT32 else 2)
     job.bad = 0
+    job.m = m
+    job.done = 0
     return 1
 
 
@@ -284,6 +288,11 @@ cdef int _take(cnp.ndarray s, const cnp.npy_intp* ip, Py_ssize_t m, cnp.ndarray 
 
 cpdef object sgd_sce_step(object net, object opt, object Xb, object yb, bint trusted,
                           object loss_fn, object on_stale):
+    return _step(net, opt, Xb, yb, trusted, loss_fn, on_stale, NULL)
+
+
+cdef object _step(object net, object opt, object Xb, object yb, bint trusted,
+                  object loss_fn, object on_stale, _Gather* pre):
     """``nnrt.engine.TrainStep``'s step for its most common case, without a Python frame
     per part (~1.5 us of a 22 us tiny step), or None, having done nothing, when the
     case does not apply.
@@ -319,6 +328,12 @@ cpdef object sgd_sce_step(object net, object opt, object Xb, object yb, bint tru
     else:
         loss, dY, correct = fused
     backward_chain(layers, dY, first, False, fuse)
+    if pre != NULL:
+        # the epoch's next batch, gathered now that nothing reads this one (the SGD
+        # update does not): its rows, prefetched during this step's GEMMs, are still
+        # in L2, which the update's pass over the weights and gradients would evict
+        par_for(PAR_STREAM, <par_fn>_gather_rows, pre, pre.m, pre.row)
+        pre.done = 1
     cdef double value = loss
     if not isfinite(value):
         return value, correct
@@ -337,12 +352,14 @@ cpdef object sgd_sce_step(object net, object opt, object Xb, object yb, bint tru
 
 
 cdef inline object _locked_step(object net, object opt, object Xb, object yb, bint trusted,
-                                object loss_fn, object on_stale, object lock):
+                                object loss_fn, object on_stale, object lock,
+                                _Gather* pre=NULL):
     # one sgd_sce_step under lock (taken and released per step, as TrainStep does: a
-    # predict from another thread sees the weights before or after a step)
+    # predict from another thread sees the weights before or after a step); pre: a
+    # gather to run between its backward and its update (_step)
     lock.acquire()
     try:
-        return sgd_sce_step(net, opt, Xb, yb, trusted, loss_fn, on_stale)
+        return _step(net, opt, Xb, yb, trusted, loss_fn, on_stale, pre)
     finally:
         lock.release()
 
@@ -443,6 +460,7 @@ def sgd_sce_epoch(object net, object opt, object loss_fn, object on_stale, objec
     # as numpy's own ufunc loops do: only X.resize(refcheck=False) from another thread
     # meanwhile, which numpy documents as unsafe, could pull X's memory from under it.
     cdef _Gather job
+    cdef _Gather* pre = NULL
     cdef bint posted = False
     try:
         for b in range(b0, nb):
@@ -450,14 +468,21 @@ def sgd_sce_epoch(object net, object opt, object loss_fn, object on_stale, objec
                 posted = False
                 par_join()
                 _gather_done(&job, bs)
+            elif pre != NULL and pre.done:  # gathered inside the last step, into Xcur
+                _gather_done(pre, bs)
             elif not _take(Xs, ip + b * bs, bs, Xcur, check):
                 return b, total, correct, None
+            pre = NULL
             if not _take(ys, ip + b * bs, bs, yo, False):
                 return b, total, correct, None
             if b + 1 < nb and Xother is not None:
                 # the next batch into the other buffer, on the helper thread
                 if _gather_job(&job, Xs, ip + (b + 1) * bs, bs, Xother, check, False) == 1:
                     posted = par_post(<par_fn>_gather_rows, &job, bs) == 1
+            if b + 1 < nb and not posted:
+                # else into this one, between this step's backward and its update
+                if _gather_job(&job, Xs, ip + (b + 1) * bs, bs, Xcur, check, False) == 1:
+                    pre = &job
             if ahead and not posted and b + 1 < nb and cnp.PyArray_DIM(Xs, 0) > 0:
                 # X's address and row length read now, under the GIL; the queue only
                 # prefetches them (never reads), and holds its own copy of the indices
@@ -466,7 +491,7 @@ def sgd_sce_epoch(object net, object opt, object loss_fn, object on_stale, objec
                 prefetch_set(<const char*>cnp.PyArray_DATA(Xs),
                              <const Py_ssize_t*>(ip + (b + 1) * bs), bs,
                              cnp.PyArray_NBYTES(Xs) // cnp.PyArray_DIM(Xs, 0))
-            r = _locked_step(net, opt, Xcur, ybuf, True, loss_fn, on_stale, lock)
+            r = _locked_step(net, opt, Xcur, ybuf, True, loss_fn, on_stale, lock, pre)
             if not _tally(r, bs, &total, &correct):
                 return b, total, correct, r
             if posted:
