@@ -16,6 +16,10 @@
  * a job that finds it asleep pays one wake-up (~10-40 us, which the size thresholds
  * account for).
  *
+ * nnrt_par_post(fn, ctx, n) / nnrt_par_join() run one background job (fit's gather of
+ * the next batch) on the helper while the caller goes on; the caller's split jobs run
+ * meanwhile as usual, the helper joining them once the background job is done.
+ *
  * One caller at a time: a second thread calling while a job runs (two Python threads
  * in two networks' kernels) gets 0 back and runs its job alone. After fork() the
  * child has no helper thread; the pthread_atfork handler resets the state so the
