@@ -10,6 +10,8 @@ stays held: ``labels`` may be the caller's array, and no other thread may
 resize it (``resize(refcheck=False)``) while the kernel reads it.
 """
 
+import weakref
+
 import numpy as np
 cimport numpy as cnp
 
@@ -406,6 +408,18 @@ def sgd_sce_run(list batches, object net, object opt, object loss_fn, object on_
     return m, total, correct, None
 
 
+cdef object _pin(object a):
+    # A weak reference to the ndarray that owns a's memory: numpy refuses to resize an
+    # array something holds a weak reference to, even with refcheck=False, so its memory
+    # stays where it is while the reference lives. None when no ndarray owns it (a
+    # memory map's mmap, a bytes object: the buffer export numpy holds pins those).
+    while isinstance(a, np.ndarray):
+        if cnp.PyArray_CHKFLAGS(<cnp.ndarray>a, cnp.NPY_ARRAY_OWNDATA):
+            return weakref.ref(a)
+        a = getattr(a, "base")
+    return None
+
+
 # data sets at least this large have their next batch's rows prefetched during a step
 # (smaller ones stay in the caches between epochs)
 cdef Py_ssize_t _PREFETCH_MIN_BYTES = 4 << 20
@@ -453,12 +467,14 @@ def sgd_sce_epoch(object net, object opt, object loss_fn, object on_stale, objec
     if (Xbuf2 is not None and Xbuf2 is not Xbuf and _rows_of(Xbuf2)
             and cnp.PyArray_NBYTES(Xo) >= _BACKGROUND_MIN_BYTES):
         Xother = <cnp.ndarray>Xbuf2
-    # NOTE: the background gather's job holds C copies of X's data pointer, row length
-    # and the batch's row indices (bounds-checked under the GIL when it is posted) and
-    # writes only into the buffer no step is reading; X stays referenced here, and the
-    # job is always joined before this returns or raises. It reads X without the GIL,
-    # as numpy's own ufunc loops do: only X.resize(refcheck=False) from another thread
-    # meanwhile, which numpy documents as unsafe, could pull X's memory from under it.
+    # NOTE: a gather's job holds C copies of X's data pointer, row length and the
+    # batch's row indices (bounds-checked under the GIL when it is set up), and runs
+    # later: in the background, without the GIL, or inside the step, after GEMMs that
+    # released it. What could move X's memory or a buffer's meanwhile is a resize from
+    # another thread (with refcheck=False, or of an owner nothing else references): the
+    # weak references in pins make numpy refuse any resize of them until this returns.
+    # The background job is always joined before this returns or raises.
+    pins = [_pin(Xs), _pin(Xo), _pin(Xother)]
     cdef _Gather job
     cdef _Gather* pre = NULL
     cdef bint posted = False
@@ -501,4 +517,5 @@ def sgd_sce_epoch(object net, object opt, object loss_fn, object on_stale, objec
             par_join()
         if ahead:
             prefetch_clear(1)  # and free the offsets: nothing left behind by a thread
+        del pins  # (held to here)
     return nb, total, correct, None

@@ -649,6 +649,64 @@ def test_background_gather_of_the_next_batch_is_the_hand_written_loop(threads: i
         nnrt.set_num_threads(None)
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+def test_compiled_epoch_pins_x_and_its_buffers_against_resizing(threads: int) -> None:
+    # the compiled epoch's gathers run after their set-up (in the background, or inside
+    # the step after GEMMs that released the GIL): another thread resizing X or a batch
+    # buffer meanwhile, even with refcheck=False, would move memory from under them.
+    # numpy refuses while the epoch holds a weak reference to each owner. The "lock"
+    # handed to the epoch tries the resizes at every step (from the stepping thread:
+    # the same refusal as from another one) and the training still matches fit's.
+    from nnrt._engine import sgd_sce_epoch
+    from nnrt.engine import softmax_cross_entropy
+    from nnrt.optim import _check_live
+
+    X, y = _blobs(32 * 6, n_in=300, seed=2)
+    order = np.random.default_rng(0).permutation(len(X))
+    rows = np.sort(order.reshape(6, 32), axis=1)
+    bufs = [nnrt.engine._aligned_empty((32, 300), np.dtype(np.float64)) for _ in range(2)]
+    yb = np.empty(32, dtype=y.dtype)
+
+    def owner(a: np.ndarray) -> np.ndarray:
+        while not a.flags.owndata:
+            a = a.base
+        return a
+
+    owners = [owner(X), owner(bufs[0]), owner(bufs[1])]
+    refused: list[str] = []
+
+    class ResizingLock:
+        def acquire(self) -> None:
+            for o in owners:
+                try:
+                    o.resize(o.shape[0] // 2, refcheck=False)
+                    refused.append("resized")
+                except ValueError:
+                    refused.append("refused")
+
+        def release(self) -> None:
+            pass
+
+    net, ref = _wide_net(300), _wide_net(300)
+    opt, ref_opt = nnrt.optim.SGD(net, lr=0.05), nnrt.optim.SGD(ref, lr=0.05)
+    try:
+        nnrt.set_num_threads(threads)
+        done, _, _, bad = sgd_sce_epoch(
+            net, opt, softmax_cross_entropy, _check_live, ResizingLock(), X, y, rows, 0,
+            bufs[0], yb, True, 0.0, 0, bufs[1],
+        )  # fmt: skip
+    finally:
+        nnrt.set_num_threads(None)
+    assert (done, bad) == (6, None)
+    assert refused == ["refused"] * 18
+    for r in rows:
+        _, dY = nnrt.losses.softmax_cross_entropy(ref.forward(X[r], training=True), y[r])
+        ref.backward(dY)
+        ref_opt.step()
+    assert _same_state(net, ref)
+    X.resize(10, 300, refcheck=False)  # released when the epoch returned
+
+
 def test_background_gathers_of_two_threads_fits_at_once() -> None:
     # two Python threads fit two networks at once with two nnrt threads allowed: one
     # background gather at a time (the other thread gathers its batch itself); every
