@@ -17,6 +17,7 @@ cimport numpy as cnp
 
 from libc.math cimport isfinite
 from libc.stdint cimport uint32_t, uint64_t
+from libc.stdlib cimport free, malloc
 from libc.string cimport memcpy
 
 from nnrt._blas cimport prefetch_clear, prefetch_set
@@ -478,6 +479,11 @@ def sgd_sce_epoch(object net, object opt, object loss_fn, object on_stale, objec
     cdef _Gather job
     cdef _Gather* pre = NULL
     cdef bint posted = False
+    # the next batch's row indices, copied when its gather is set up (and bounds-checked
+    # there): the job never reads rows, which another thread could change meanwhile
+    cdef cnp.npy_intp* nxt = <cnp.npy_intp*>malloc(max(bs, 1) * sizeof(cnp.npy_intp))
+    if nxt == NULL:
+        raise MemoryError("sgd_sce_epoch: no memory for a batch's row indices")
     try:
         for b in range(b0, nb):
             if posted:  # this batch was gathered in the background, into Xcur
@@ -491,13 +497,15 @@ def sgd_sce_epoch(object net, object opt, object loss_fn, object on_stale, objec
             pre = NULL
             if not _take(ys, ip + b * bs, bs, yo, False):
                 return b, total, correct, None
+            if b + 1 < nb:
+                memcpy(nxt, ip + (b + 1) * bs, bs * sizeof(cnp.npy_intp))
             if b + 1 < nb and Xother is not None:
                 # the next batch into the other buffer, on the helper thread
-                if _gather_job(&job, Xs, ip + (b + 1) * bs, bs, Xother, check, False) == 1:
+                if _gather_job(&job, Xs, nxt, bs, Xother, check, False) == 1:
                     posted = par_post(<par_fn>_gather_rows, &job, bs) == 1
             if b + 1 < nb and not posted:
                 # else into this one, between this step's backward and its update
-                if _gather_job(&job, Xs, ip + (b + 1) * bs, bs, Xcur, check, False) == 1:
+                if _gather_job(&job, Xs, nxt, bs, Xcur, check, False) == 1:
                     pre = &job
             if ahead and not posted and b + 1 < nb and cnp.PyArray_DIM(Xs, 0) > 0:
                 # X's address and row length read now, under the GIL; the queue only
@@ -517,5 +525,6 @@ def sgd_sce_epoch(object net, object opt, object loss_fn, object on_stale, objec
             par_join()
         if ahead:
             prefetch_clear(1)  # and free the offsets: nothing left behind by a thread
+        free(nxt)
         del pins  # (held to here)
     return nb, total, correct, None

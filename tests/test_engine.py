@@ -704,6 +704,24 @@ def test_compiled_epoch_pins_x_and_its_buffers_against_resizing(threads: int) ->
         ref.backward(dY)
         ref_opt.step()
     assert _same_state(net, ref)
+    # the row indices: a gather copies its batch's when it is set up, so rows changed
+    # meanwhile (here: made out of bounds at each step) end in a clean IndexError at
+    # the next batch's y, never in a read outside X
+    owners.clear()
+
+    class RowsLock(ResizingLock):
+        def acquire(self) -> None:
+            rows[1:] = 10**9
+
+    try:
+        nnrt.set_num_threads(threads)
+        with pytest.raises(IndexError, match="out of bounds"):
+            sgd_sce_epoch(
+                net, opt, softmax_cross_entropy, _check_live, RowsLock(), X, y, rows, 0,
+                bufs[0], yb, True, 0.0, 0, bufs[1],
+            )  # fmt: skip
+    finally:
+        nnrt.set_num_threads(None)
     X.resize(10, 300, refcheck=False)  # released when the epoch returned
 
 
