@@ -50,6 +50,7 @@ import itertools
 import math
 import os
 import sys
+import weakref
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
@@ -1310,7 +1311,8 @@ class _Rows:
 
 
 def _aligned_empty(shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
-    """``np.empty(shape, dtype)`` starting on a 64-byte (cache line) boundary.
+    """``np.empty(shape, dtype)`` starting on a 64-byte (cache line) boundary, in memory
+    numpy refuses to resize (``_PINNED``).
 
     NOTE: numpy's large allocations start 16 bytes past a page boundary, so every
     row of a gathered batch (256 bytes on tiny) straddled cache lines and the first
@@ -1319,8 +1321,22 @@ def _aligned_empty(shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
     dt = np.dtype(dtype)
     nbytes = math.prod(shape) * dt.itemsize
     raw = np.empty(nbytes + 64, dtype=np.uint8)
+    key = id(raw)
+    _PINNED[key] = weakref.ref(raw, functools.partial(_unpin, key))
     start = -raw.ctypes.data % 64
     return raw[start : start + nbytes].view(dt).reshape(shape)
+
+
+# NOTE: the batch buffers fit hands to the first layer as trusted batches are read by
+# GEMMs that release the GIL, and a user can reach them (a layer's cached input); numpy
+# refuses to resize an array something holds a weak reference to, even with
+# refcheck=False, so their memory never moves while it is read (an entry leaves this
+# dict as its array dies)
+_PINNED: dict[int, weakref.ref[np.ndarray]] = {}
+
+
+def _unpin(key: int, _: object) -> None:
+    _PINNED.pop(key, None)
 
 
 class _Desc:

@@ -723,6 +723,10 @@ def test_compiled_epoch_pins_x_and_its_buffers_against_resizing(threads: int) ->
     finally:
         nnrt.set_num_threads(None)
     X.resize(10, 300, refcheck=False)  # released when the epoch returned
+    # fit's own buffers (the chunk loop's too, which the first layer may keep) stay pinned
+    for buf in bufs + [nnrt.engine._Rows(X[:4], net, "X").buffer(2)[0]]:
+        with pytest.raises(ValueError, match="cannot resize"):
+            owner(buf).resize(1, refcheck=False)
 
 
 def test_background_gathers_of_two_threads_fits_at_once() -> None:
