@@ -825,7 +825,10 @@ class _Batches:
         if self._one is None or self._one[0].shape[0] < m:
             Xs, ys = self.Xs, self.ys
             if self.space is not None:
-                self._one = self.space.buffers(m, Xs.shape[1:], Xs.dtype, ys.shape[1:], ys.dtype)
+                self._one = (
+                    self.space.buffer("X", (m, *Xs.shape[1:]), Xs.dtype),
+                    self.space.buffer("y", (m, *ys.shape[1:]), ys.dtype),
+                )
             else:
                 self._one = Xs.buffer(m)[0], ys.buffer(m)[0]
         return self._one[0][:m], self._one[1][:m]
@@ -837,7 +840,7 @@ class _Batches:
         if m * max(1, math.prod(self.Xs.shape[1:])) * self.Xs.dtype.itemsize < BACKGROUND_MIN_BYTES:
             return None
         if self.space is not None:
-            return self.space.second(m, self.Xs.shape[1:], self.Xs.dtype)
+            return self.space.buffer("X2", (m, *self.Xs.shape[1:]), self.Xs.dtype)
         if self._two is None or self._two.shape[0] < m:
             self._two = self.Xs.buffer(m)[0]
         return self._two[:m]
@@ -885,8 +888,7 @@ class _Workspace:
     def __init__(self) -> None:
         self.rng: tuple[int, np.random.Generator, Mapping[str, Any]] | None = None
         self.arrays: list[np.ndarray] | None = None
-        self.batch: tuple[tuple[Any, ...], np.ndarray, np.ndarray] | None = None
-        self.batch2: tuple[tuple[Any, ...], np.ndarray] | None = None
+        self.kept: dict[str, np.ndarray] = {}
 
     @staticmethod
     def of(net: Network) -> _Workspace:
@@ -923,29 +925,19 @@ class _Workspace:
         self.arrays = arrays if sum(a.nbytes for a in arrays) <= _KEEP_BYTES else None
         return arrays
 
-    def buffers(
-        self, m: int, xshape: tuple[int, ...], xdtype: np.dtype, yshape: tuple[int, ...],
-        ydtype: np.dtype,
-    ) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
-        """Aligned buffers of one batch of ``m`` rows of X and y, the last call's when they
-        match."""
-        key = (m, xshape, xdtype, yshape, ydtype)
-        if self.batch is not None and self.batch[0] == key:
-            return self.batch[1], self.batch[2]
-        Xb = _aligned_empty((m, *xshape), xdtype)
-        yb = _aligned_empty((m, *yshape), ydtype)
-        self.batch = (key, Xb, yb) if Xb.nbytes + yb.nbytes <= _KEEP_BYTES else None
-        return Xb, yb
-
-    def second(self, m: int, xshape: tuple[int, ...], xdtype: np.dtype) -> np.ndarray:
-        """A second aligned X buffer of one batch (the compiled epoch's background
-        gather), the last call's when it matches."""
-        key = (m, xshape, xdtype)
-        if self.batch2 is not None and self.batch2[0] == key:
-            return self.batch2[1]
-        Xb = _aligned_empty((m, *xshape), xdtype)
-        self.batch2 = (key, Xb) if Xb.nbytes <= _KEEP_BYTES else None
-        return Xb
+    def buffer(self, name: str, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+        """An aligned buffer (``_aligned_empty``) for ``name`` (the compiled epoch's
+        ``"X"``, ``"y"`` and background ``"X2"`` batches): the last call's when its shape
+        and dtype match."""
+        kept = self.kept.get(name)
+        if kept is not None and kept.shape == shape and kept.dtype == dtype:
+            return kept
+        buf = _aligned_empty(shape, dtype)
+        if buf.nbytes <= _KEEP_BYTES:
+            self.kept[name] = buf
+        else:
+            self.kept.pop(name, None)
+        return buf
 
 
 @dataclass

@@ -798,7 +798,7 @@ def test_repeated_fits_reuse_their_workspace_and_stay_the_hand_written_loop() ->
         assert hist.history["loss"] == [want]
         assert _same_state(net, ref)
     space = net.__dict__["_fit_workspace"]
-    assert space.arrays is not None and space.batch is not None
+    assert space.arrays is not None and set(space.kept) == {"X", "y"}
     kept = [a.ctypes.data for a in space.arrays]
     net.fit(X, y, optimizer=opt, batch_size=16, progress=False)
     assert [a.ctypes.data for a in space.arrays] == kept  # reused, not reallocated
