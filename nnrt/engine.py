@@ -750,7 +750,7 @@ class _Batches:
         batch_size: int,
         steps: int,
         sync: GradientSync | None,
-        space: _Workspace | None = None,
+        space: _Workspace,
     ) -> None:
         self.Xs, self.ys, self.bs, self.steps, self.sync = Xs, ys, batch_size, steps, sync
         self.space = space
@@ -758,8 +758,6 @@ class _Batches:
         self.k = max(1, min(steps, _CHUNK_BYTES // batch_bytes))
         lo, hi = self._shard(batch_size)
         self.w = hi - lo
-        self._one: tuple[np.ndarray, np.ndarray] | None = None
-        self._two: np.ndarray | None = None
 
     # NOTE: the chunk buffers and their views are made on first use: fit's compiled
     # epoch (TrainStep.run_epoch) gathers one batch at a time into first_buffers, and
@@ -822,16 +820,11 @@ class _Batches:
         first rows where they exist, else buffers of one batch (kept for later calls)."""
         if "Xbuf" in self.__dict__:
             return self.Xbuf[0][:m], self.ybuf[0][:m]
-        if self._one is None or self._one[0].shape[0] < m:
-            Xs, ys = self.Xs, self.ys
-            if self.space is not None:
-                self._one = (
-                    self.space.buffer("X", (m, *Xs.shape[1:]), Xs.dtype),
-                    self.space.buffer("y", (m, *ys.shape[1:]), ys.dtype),
-                )
-            else:
-                self._one = Xs.buffer(m)[0], ys.buffer(m)[0]
-        return self._one[0][:m], self._one[1][:m]
+        Xs, ys = self.Xs, self.ys
+        return (
+            self.space.buffer("X", (m, *Xs.shape[1:]), Xs.dtype),
+            self.space.buffer("y", (m, *ys.shape[1:]), ys.dtype),
+        )
 
     def second_buffer(self, m: int) -> np.ndarray | None:
         """A second X buffer like :meth:`first_buffers`' (the compiled epoch gathers the
@@ -839,11 +832,7 @@ class _Batches:
         ``_BACKGROUND_MIN_BYTES``; None for smaller ones."""
         if m * max(1, math.prod(self.Xs.shape[1:])) * self.Xs.dtype.itemsize < BACKGROUND_MIN_BYTES:
             return None
-        if self.space is not None:
-            return self.space.buffer("X2", (m, *self.Xs.shape[1:]), self.Xs.dtype)
-        if self._two is None or self._two.shape[0] < m:
-            self._two = self.Xs.buffer(m)[0]
-        return self._two[:m]
+        return self.space.buffer("X2", (m, *self.Xs.shape[1:]), self.Xs.dtype)
 
     def chunks(
         self, order: np.ndarray, check: bool = False, start: int = 0
@@ -910,7 +899,7 @@ class _Workspace:
         self.rng = (key, gen, gen.bit_generator.state)
         return gen
 
-    def snapshot(self, live: list[np.ndarray]) -> list[np.ndarray] | None:
+    def snapshot(self, live: list[np.ndarray]) -> list[np.ndarray]:
         """Arrays shaped as ``live`` (the rewind copy's), the last call's when they match."""
         kept = self.arrays
         if (
@@ -959,7 +948,7 @@ class _Rewind:
     cannot be replayed: the epoch's copy is restored as it is.
     """
 
-    def __init__(self, net: Network, optimizer: Any, space: _Workspace | None = None) -> None:
+    def __init__(self, net: Network, optimizer: Any, space: _Workspace) -> None:
         self.net = net
         self.live = list(net.params().values()) + list(net.buffers().values())
         self.optimizer = optimizer
@@ -972,7 +961,7 @@ class _Rewind:
     def epoch_start(self, order: np.ndarray) -> None:
         recycled = self.previous.arrays if self.previous is not None else None
         self.previous = self.current
-        if recycled is None and self.current is None and self.space is not None:
+        if recycled is None and self.current is None:
             recycled = self.space.snapshot(self.live)  # the last fit's, when it matches
         arrays = recycled or [np.empty_like(a) for a in self.live]
         for dst, src in zip(arrays, self.live, strict=True):
